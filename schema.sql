@@ -1,0 +1,138 @@
+-- sandbox-snapshots: the SQLite schema.
+--
+-- Applied on open by src/store/migrate.rs. Each "-- migration: N" section
+-- runs once, in order, inside one transaction, and PRAGMA user_version
+-- records the last section applied. Released sections are never edited; a
+-- change is a new section at the end.
+--
+-- Conventions: ids are 16-byte UUID blobs; times are Unix milliseconds;
+-- enumerations are lowercase text checked against their allowed values.
+
+-- migration: 1
+
+CREATE TABLE hosts (
+    id             BLOB    NOT NULL PRIMARY KEY CHECK (length(id) = 16),
+    address        TEXT    NOT NULL DEFAULT '',
+    status         TEXT    NOT NULL
+                   CHECK (status IN ('pending', 'online', 'unreachable', 'draining', 'offline')),
+    last_heartbeat INTEGER,
+    created_at     INTEGER NOT NULL,
+    updated_at     INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE sandboxes (
+    id         BLOB    NOT NULL PRIMARY KEY CHECK (length(id) = 16),
+    team_id    BLOB    NOT NULL CHECK (length(team_id) = 16),
+    host_id    BLOB    REFERENCES hosts (id),
+    status     TEXT    NOT NULL
+               CHECK (status IN ('pending', 'starting', 'running', 'paused', 'snapshotting',
+                                 'stopped', 'missing', 'error')),
+    vcpus      INTEGER NOT NULL DEFAULT 0 CHECK (vcpus >= 0),
+    memory_mb  INTEGER NOT NULL DEFAULT 0 CHECK (memory_mb >= 0),
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+) STRICT;
+
+CREATE INDEX sandboxes_by_team ON sandboxes (team_id);
+CREATE INDEX sandboxes_by_host ON sandboxes (host_id);
+
+-- Lifecycle: creating -> ready -> deleting -> purged (SPEC 4a). Only ready
+-- rows are visible. `replaces` is set on a creating row that will take over
+-- the name of that (ready) template when it becomes ready: an overwrite.
+CREATE TABLE templates (
+    id                BLOB    NOT NULL PRIMARY KEY CHECK (length(id) = 16),
+    team_id           BLOB    NOT NULL CHECK (length(team_id) = 16),
+    name              TEXT    NOT NULL,
+    type              TEXT    NOT NULL CHECK (type IN ('base', 'snapshot')),
+    state             TEXT    NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
+    vcpus             INTEGER NOT NULL DEFAULT 0 CHECK (vcpus >= 0),
+    memory_mb         INTEGER NOT NULL DEFAULT 0 CHECK (memory_mb >= 0),
+    size_bytes        INTEGER NOT NULL DEFAULT 0 CHECK (size_bytes >= 0),
+    source_sandbox_id BLOB,
+    replaces          BLOB,
+    created_at        INTEGER NOT NULL,
+    updated_at        INTEGER NOT NULL
+) STRICT;
+
+-- A name belongs to at most one template per team, counting creates in
+-- flight but not templates being deleted. A pending overwrite does not hold
+-- the name itself (the template it replaces does) ...
+CREATE UNIQUE INDEX templates_name_per_team
+    ON templates (team_id, name) WHERE state <> 'deleting' AND replaces IS NULL;
+-- ... and there is at most one pending overwrite per template.
+CREATE UNIQUE INDEX templates_one_overwrite
+    ON templates (replaces) WHERE replaces IS NOT NULL;
+-- Listing: a team's visible templates, newest first.
+CREATE INDEX templates_visible
+    ON templates (team_id, created_at DESC, id DESC) WHERE state = 'ready';
+-- Platform names are reserved for every team: find a name across teams.
+CREATE INDEX templates_by_name
+    ON templates (name) WHERE state <> 'deleting';
+
+-- Which hosts hold which template's files. present -> deleting -> purged
+-- when the host confirms. A row whose template row is gone is a tombstone:
+-- a (possibly half-written) key still to be deleted, which is why
+-- template_id is not a foreign key.
+CREATE TABLE placements (
+    template_id  BLOB    NOT NULL CHECK (length(template_id) = 16),
+    host_id      BLOB    NOT NULL REFERENCES hosts (id),
+    team_id      BLOB    NOT NULL CHECK (length(team_id) = 16),
+    state        TEXT    NOT NULL CHECK (state IN ('present', 'deleting')),
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    created_at   INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL,
+    PRIMARY KEY (template_id, host_id)
+) STRICT, WITHOUT ROWID;
+
+CREATE INDEX placements_due ON placements (next_attempt) WHERE state = 'deleting';
+CREATE INDEX placements_by_host ON placements (host_id, state);
+
+-- The operations journal: one row per multi-step operation in flight,
+-- written in the same transaction as its first state change and deleted in
+-- the same transaction as its last. A row found at start-up is an
+-- interrupted operation. phase: 'started' (the host may be working on it),
+-- 'resolving' (rolled back; the sandbox's real status is still to be asked
+-- from its host).
+CREATE TABLE operations (
+    id            INTEGER NOT NULL PRIMARY KEY,
+    kind          TEXT    NOT NULL CHECK (kind IN ('create')),
+    phase         TEXT    NOT NULL CHECK (phase IN ('started', 'resolving')),
+    template_id   BLOB    NOT NULL UNIQUE,
+    team_id       BLOB    NOT NULL,
+    template_name TEXT    NOT NULL,
+    sandbox_id    BLOB    NOT NULL,
+    host_id       BLOB    NOT NULL,
+    prev_status   TEXT    NOT NULL,
+    replaces      BLOB,
+    actor_type    TEXT    NOT NULL,
+    actor_id      TEXT,
+    actor_name    TEXT,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_attempt  INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL
+) STRICT;
+
+-- One operation per sandbox at a time.
+CREATE UNIQUE INDEX operations_one_per_sandbox ON operations (sandbox_id);
+
+CREATE TABLE audit_log (
+    seq           INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+    id            BLOB    NOT NULL UNIQUE,
+    team_id       BLOB    NOT NULL,
+    actor_type    TEXT    NOT NULL,
+    actor_id      TEXT,
+    actor_name    TEXT,
+    action        TEXT    NOT NULL,
+    resource_type TEXT    NOT NULL,
+    resource_id   TEXT    NOT NULL,
+    outcome       TEXT    NOT NULL CHECK (outcome IN ('success', 'failure')),
+    error_code    TEXT,
+    metadata      TEXT    NOT NULL DEFAULT '{}',
+    created_at    INTEGER NOT NULL
+) STRICT;
+
+CREATE INDEX audit_log_by_team ON audit_log (team_id, seq);

@@ -1,0 +1,364 @@
+//! An in-memory host agent with fault injection, for the quickstart and tests.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use super::{
+    AgentCode, AgentError, CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest,
+    HostAgent, SandboxInfo, SandboxList, SnapshotInfo,
+};
+use crate::ids::SandboxId;
+use crate::model::Timestamp;
+
+/// The calls of [`HostAgent`], for aiming faults and counting calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AgentOp {
+    /// `CreateSnapshot`.
+    CreateSnapshot,
+    /// `DeleteSnapshot`.
+    DeleteSnapshot,
+    /// `ListSandboxes`.
+    ListSandboxes,
+    /// `ListSnapshots`.
+    ListSnapshots,
+}
+
+/// A fault to inject into one call of a [`MemoryHostAgent`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Fault {
+    /// Answer with this error without doing anything.
+    Fail(AgentError),
+    /// Do the work, then answer with this error: the caller cannot tell the
+    /// work happened (a lost reply, an undecodable answer, a crash after the
+    /// write).
+    FailAfter(AgentError),
+    /// Take this long. For `CreateSnapshot` the VM is paused first and the
+    /// files are written after the wait, so a call cancelled during the wait
+    /// leaves a paused VM and no files.
+    Delay(Duration),
+    /// Like [`Fault::Delay`], but wait until the [`Hold`] is released.
+    Hold(Hold),
+}
+
+/// A gate that stops calls until released, for deterministic interleavings.
+#[derive(Debug, Clone)]
+pub struct Hold {
+    released: watch::Sender<bool>,
+    arrived: Arc<watch::Sender<usize>>,
+}
+
+impl Default for Hold {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Hold {
+    /// A closed gate.
+    pub fn new() -> Self {
+        Self {
+            released: watch::channel(false).0,
+            arrived: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    /// Lets every waiting and future call through.
+    pub fn release(&self) {
+        self.released.send_replace(true);
+    }
+
+    /// Waits until at least `n` calls have reached the gate.
+    pub async fn arrived(&self, n: usize) {
+        let mut rx = self.arrived.subscribe();
+        // The sender lives in `self`, so the channel cannot close here.
+        let _ = rx.wait_for(|count| *count >= n).await;
+    }
+
+    async fn pass(&self) {
+        self.arrived.send_modify(|c| *c += 1);
+        let mut rx = self.released.subscribe();
+        let _ = rx.wait_for(|open| *open).await;
+    }
+}
+
+struct Injected {
+    fault: Fault,
+    remaining: Option<usize>,
+}
+
+#[derive(Default)]
+struct State {
+    sandboxes: BTreeMap<String, SandboxInfo>,
+    snapshots: BTreeMap<String, SnapshotInfo>,
+}
+
+/// A host agent that keeps sandboxes and snapshots in memory.
+///
+/// Snapshot sizes are `(memory_mb + 16) MiB`. Faults are injected per call
+/// kind with [`MemoryHostAgent::inject`]; [`MemoryHostAgent::set_unavailable`]
+/// makes the whole agent unreachable.
+#[derive(Default)]
+pub struct MemoryHostAgent {
+    state: Mutex<State>,
+    faults: Mutex<HashMap<AgentOp, VecDeque<Injected>>>,
+    unavailable: std::sync::atomic::AtomicBool,
+    calls: Mutex<HashMap<AgentOp, usize>>,
+    in_flight: AtomicUsize,
+    list_snapshots_unsupported: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for MemoryHostAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryHostAgent").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl MemoryHostAgent {
+    /// An agent with no sandboxes, no snapshots and no faults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts (or replaces) a sandbox on this host.
+    pub fn add_sandbox(&self, id: SandboxId, status: &str, vcpus: u32, memory_mb: u32) {
+        let mut info = SandboxInfo::new(id.to_string(), status);
+        info.vcpus = vcpus;
+        info.memory_mb = memory_mb;
+        lock(&self.state).sandboxes.insert(id.to_string(), info);
+    }
+
+    /// Removes a sandbox from this host.
+    pub fn remove_sandbox(&self, id: SandboxId) {
+        lock(&self.state).sandboxes.remove(&id.to_string());
+    }
+
+    /// The host-side status of a sandbox.
+    pub fn sandbox_status(&self, id: SandboxId) -> Option<String> {
+        lock(&self.state)
+            .sandboxes
+            .get(&id.to_string())
+            .map(|s| s.status.clone())
+    }
+
+    /// Sets the host-side status of a sandbox.
+    pub fn set_sandbox_status(&self, id: SandboxId, status: &str) {
+        if let Some(s) = lock(&self.state).sandboxes.get_mut(&id.to_string()) {
+            s.status = status.to_owned();
+        }
+    }
+
+    /// The snapshot keys on this host, sorted.
+    pub fn snapshot_keys(&self) -> Vec<String> {
+        lock(&self.state).snapshots.keys().cloned().collect()
+    }
+
+    /// Whether `key` is stored here.
+    pub fn has_snapshot(&self, key: &str) -> bool {
+        lock(&self.state).snapshots.contains_key(key)
+    }
+
+    /// Stores a snapshot directly (as if written by someone else).
+    pub fn put_snapshot(&self, key: &str, size_bytes: u64, created_at: Option<Timestamp>) {
+        lock(&self.state).snapshots.insert(
+            key.to_owned(),
+            SnapshotInfo::new(key, size_bytes, created_at),
+        );
+    }
+
+    /// Injects `fault` into every following call of `op` (until cleared).
+    pub fn inject(&self, op: AgentOp, fault: Fault) {
+        self.push_fault(op, fault, None);
+    }
+
+    /// Injects `fault` into the next `times` calls of `op`.
+    pub fn inject_times(&self, op: AgentOp, fault: Fault, times: usize) {
+        self.push_fault(op, fault, Some(times));
+    }
+
+    fn push_fault(&self, op: AgentOp, fault: Fault, remaining: Option<usize>) {
+        lock(&self.faults)
+            .entry(op)
+            .or_default()
+            .push_back(Injected { fault, remaining });
+    }
+
+    /// Removes every injected fault.
+    pub fn clear_faults(&self) {
+        lock(&self.faults).clear();
+    }
+
+    /// Makes every call fail as unavailable (a host that is down).
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.unavailable.store(unavailable, Ordering::SeqCst);
+    }
+
+    /// Makes `ListSnapshots` answer Unimplemented, like an older agent.
+    pub fn set_list_snapshots_supported(&self, supported: bool) {
+        self.list_snapshots_unsupported
+            .store(!supported, Ordering::SeqCst);
+    }
+
+    /// How many calls of `op` reached this agent (including failed ones).
+    pub fn calls(&self, op: AgentOp) -> usize {
+        lock(&self.calls).get(&op).copied().unwrap_or(0)
+    }
+
+    /// Calls currently executing.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Counts the call and picks the fault that applies to it.
+    fn enter(&self, op: AgentOp) -> Result<Option<Fault>, AgentError> {
+        *lock(&self.calls).entry(op).or_default() += 1;
+        if self.unavailable.load(Ordering::SeqCst) {
+            return Err(AgentError::unavailable("host agent is down (injected)"));
+        }
+        let mut faults = lock(&self.faults);
+        let Some(queue) = faults.get_mut(&op) else {
+            return Ok(None);
+        };
+        let Some(front) = queue.front_mut() else {
+            return Ok(None);
+        };
+        let fault = front.fault.clone();
+        if let Some(remaining) = front.remaining.as_mut() {
+            *remaining = remaining.saturating_sub(1);
+            if *remaining == 0 {
+                queue.pop_front();
+            }
+        }
+        match fault {
+            Fault::Fail(err) => Err(err),
+            other => Ok(Some(other)),
+        }
+    }
+
+    async fn wait(fault: &Option<Fault>) {
+        match fault {
+            Some(Fault::Delay(d)) => tokio::time::sleep(*d).await,
+            Some(Fault::Hold(hold)) => hold.pass().await,
+            _ => {}
+        }
+    }
+
+    fn finish<T>(fault: Option<Fault>, value: T) -> Result<T, AgentError> {
+        match fault {
+            Some(Fault::FailAfter(err)) => Err(err),
+            _ => Ok(value),
+        }
+    }
+}
+
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl HostAgent for MemoryHostAgent {
+    async fn create_snapshot(
+        &self,
+        req: CreateSnapshotRequest,
+    ) -> Result<CreateSnapshotResponse, AgentError> {
+        let _guard = InFlight::new(&self.in_flight);
+        let fault = self.enter(AgentOp::CreateSnapshot)?;
+        let sandbox_key = req.sandbox_id.to_string();
+        let memory_mb = {
+            let mut state = lock(&self.state);
+            if state.snapshots.contains_key(req.key.as_str()) {
+                return Err(AgentError::rejected(
+                    AgentCode::AlreadyExists,
+                    format!("snapshot {} already exists", req.key),
+                ));
+            }
+            let sandbox = state.sandboxes.get_mut(&sandbox_key).ok_or_else(|| {
+                AgentError::rejected(
+                    AgentCode::NotFound,
+                    format!("sandbox {sandbox_key} not found"),
+                )
+            })?;
+            if sandbox.status != "running" && sandbox.status != "paused" {
+                return Err(AgentError::rejected(
+                    AgentCode::FailedPrecondition,
+                    format!("sandbox {sandbox_key} is {}", sandbox.status),
+                ));
+            }
+            // The VM is paused before its memory is written out.
+            sandbox.status = "paused".to_owned();
+            sandbox.memory_mb
+        };
+        Self::wait(&fault).await;
+        let size_bytes = (u64::from(memory_mb) + 16) * 1024 * 1024;
+        lock(&self.state).snapshots.insert(
+            req.key.as_str().to_owned(),
+            SnapshotInfo::new(req.key.as_str(), size_bytes, Some(Timestamp::now())),
+        );
+        Self::finish(
+            fault,
+            CreateSnapshotResponse::new(req.key.as_str(), size_bytes),
+        )
+    }
+
+    async fn delete_snapshot(&self, req: DeleteSnapshotRequest) -> Result<(), AgentError> {
+        let _guard = InFlight::new(&self.in_flight);
+        let fault = self.enter(AgentOp::DeleteSnapshot)?;
+        Self::wait(&fault).await;
+        let removed = lock(&self.state).snapshots.remove(req.key.as_str());
+        if removed.is_none() {
+            return Err(AgentError::rejected(
+                AgentCode::NotFound,
+                format!("snapshot {} not found", req.key),
+            ));
+        }
+        Self::finish(fault, ())
+    }
+
+    async fn list_sandboxes(&self) -> Result<SandboxList, AgentError> {
+        let _guard = InFlight::new(&self.in_flight);
+        let fault = self.enter(AgentOp::ListSandboxes)?;
+        Self::wait(&fault).await;
+        let sandboxes = lock(&self.state).sandboxes.values().cloned().collect();
+        Self::finish(
+            fault,
+            SandboxList {
+                sandboxes,
+                auto_paused_sandbox_ids: Vec::new(),
+            },
+        )
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, AgentError> {
+        let _guard = InFlight::new(&self.in_flight);
+        let fault = self.enter(AgentOp::ListSnapshots)?;
+        if self.list_snapshots_unsupported.load(Ordering::SeqCst) {
+            return Err(AgentError::rejected(
+                AgentCode::Unimplemented,
+                "ListSnapshots is not implemented",
+            ));
+        }
+        Self::wait(&fault).await;
+        let snapshots = lock(&self.state).snapshots.values().cloned().collect();
+        Self::finish(fault, snapshots)
+    }
+}

@@ -1,0 +1,405 @@
+//! Host agents and the transports that reach them.
+//!
+//! [`HostAgent`] is the host-agent service (SPEC §5) in domain types: the
+//! same trait is implemented by agents (the in-memory one here, a real one
+//! on a host) and by clients that reach a remote agent. An
+//! [`AgentTransport`] hands out a client for a given host.
+
+mod in_process;
+mod memory;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::ids::{HostId, SandboxId, TeamId, TemplateId};
+use crate::model::Timestamp;
+use crate::names::{NameError, TemplateName};
+
+pub use in_process::InProcessTransport;
+pub use memory::{AgentOp, Fault, Hold, MemoryHostAgent};
+
+/// Status codes a host agent answers with (gRPC/Connect codes). Unavailable
+/// and DeadlineExceeded are not here: they are [`AgentError::Unavailable`]
+/// and [`AgentError::Timeout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AgentCode {
+    /// The operation was cancelled.
+    Cancelled,
+    /// Unknown error.
+    Unknown,
+    /// The request is malformed.
+    InvalidArgument,
+    /// The sandbox or snapshot does not exist.
+    NotFound,
+    /// The snapshot key already exists.
+    AlreadyExists,
+    /// The caller may not do this.
+    PermissionDenied,
+    /// A quota or disk ran out.
+    ResourceExhausted,
+    /// The target is not in a state that allows the operation.
+    FailedPrecondition,
+    /// Aborted by a concurrent operation.
+    Aborted,
+    /// A value is out of range.
+    OutOfRange,
+    /// The agent does not implement the call.
+    Unimplemented,
+    /// An internal agent error.
+    Internal,
+    /// Unrecoverable data loss.
+    DataLoss,
+    /// Missing or wrong credentials.
+    Unauthenticated,
+}
+
+impl AgentCode {
+    /// The code's name in the Connect protocol (`not_found`, …).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Cancelled => "canceled",
+            Self::Unknown => "unknown",
+            Self::InvalidArgument => "invalid_argument",
+            Self::NotFound => "not_found",
+            Self::AlreadyExists => "already_exists",
+            Self::PermissionDenied => "permission_denied",
+            Self::ResourceExhausted => "resource_exhausted",
+            Self::FailedPrecondition => "failed_precondition",
+            Self::Aborted => "aborted",
+            Self::OutOfRange => "out_of_range",
+            Self::Unimplemented => "unimplemented",
+            Self::Internal => "internal",
+            Self::DataLoss => "data_loss",
+            Self::Unauthenticated => "unauthenticated",
+        }
+    }
+}
+
+impl fmt::Display for AgentCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed host-agent call, classified by what the caller should do next.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The agent could not be reached; retry later.
+    #[error("host agent unavailable: {message}")]
+    Unavailable {
+        /// What went wrong (for logs).
+        message: String,
+    },
+    /// No answer within the deadline; the call may or may not have happened.
+    #[error("host agent call timed out")]
+    Timeout,
+    /// The agent answered with an error code.
+    #[error("host agent rejected the call ({code}): {message}")]
+    Rejected {
+        /// The agent's code.
+        code: AgentCode,
+        /// The agent's message (for logs; never shown to end users).
+        message: String,
+    },
+    /// The answer could not be understood.
+    #[error("host agent protocol error: {message}")]
+    Protocol {
+        /// What went wrong (for logs).
+        message: String,
+    },
+}
+
+impl AgentError {
+    /// An [`AgentError::Rejected`] with `code`.
+    pub fn rejected(code: AgentCode, message: impl Into<String>) -> Self {
+        Self::Rejected {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// An [`AgentError::Unavailable`].
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::Unavailable {
+            message: message.into(),
+        }
+    }
+
+    /// The agent's code, when it answered with one.
+    pub fn code(&self) -> Option<AgentCode> {
+        match self {
+            Self::Rejected { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether the agent definitely did not act on the request: it refused
+    /// it up front (bad argument, unknown sandbox, wrong state, …). Anything
+    /// else (internal errors, timeouts, lost connections, undecodable
+    /// answers) leaves the host's state unknown.
+    pub fn is_definite_rejection(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(
+                AgentCode::InvalidArgument
+                    | AgentCode::NotFound
+                    | AgentCode::AlreadyExists
+                    | AgentCode::PermissionDenied
+                    | AgentCode::FailedPrecondition
+                    | AgentCode::OutOfRange
+                    | AgentCode::Unimplemented
+                    | AgentCode::Unauthenticated
+            )
+        )
+    }
+}
+
+/// The key under which a host stores a snapshot's files (the wire's `name`
+/// field). Ours are template ids (`tpl-…`); keys follow the template-name
+/// rule, so a key can never name a path outside the agent's directory.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SnapshotKey(String);
+
+impl SnapshotKey {
+    /// The key of a template's files.
+    pub fn for_template(id: TemplateId) -> Self {
+        Self(id.to_string())
+    }
+
+    /// Validates a key received from the wire.
+    pub fn parse(input: &str) -> Result<Self, NameError> {
+        TemplateName::parse(input).map(|n| Self(n.as_str().to_owned()))
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The template this key belongs to, when it is in our key format.
+    pub fn template_id(&self) -> Option<TemplateId> {
+        TemplateId::parse(&self.0).ok()
+    }
+}
+
+impl fmt::Display for SnapshotKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for SnapshotKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// Asks an agent to snapshot a sandbox into `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CreateSnapshotRequest {
+    /// The sandbox to snapshot.
+    pub sandbox_id: SandboxId,
+    /// Where to store the files.
+    pub key: SnapshotKey,
+    /// The team that owns the template (informational for the agent).
+    pub team_id: Option<TeamId>,
+    /// The template being created (informational for the agent).
+    pub template_id: Option<TemplateId>,
+}
+
+impl CreateSnapshotRequest {
+    /// A request to snapshot `sandbox_id` under `key`.
+    pub fn new(sandbox_id: SandboxId, key: SnapshotKey) -> Self {
+        Self {
+            sandbox_id,
+            key,
+            team_id: None,
+            template_id: None,
+        }
+    }
+
+    /// The request the manager sends for a template.
+    pub fn for_template(sandbox_id: SandboxId, team_id: TeamId, template_id: TemplateId) -> Self {
+        Self {
+            sandbox_id,
+            key: SnapshotKey::for_template(template_id),
+            team_id: Some(team_id),
+            template_id: Some(template_id),
+        }
+    }
+}
+
+/// A snapshot the agent wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CreateSnapshotResponse {
+    /// The key the files were stored under.
+    pub key: String,
+    /// Bytes allocated on disk.
+    pub size_bytes: u64,
+}
+
+impl CreateSnapshotResponse {
+    /// A response for `key` holding `size_bytes`.
+    pub fn new(key: impl Into<String>, size_bytes: u64) -> Self {
+        Self {
+            key: key.into(),
+            size_bytes,
+        }
+    }
+}
+
+/// Asks an agent to delete the files under `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeleteSnapshotRequest {
+    /// The files to delete.
+    pub key: SnapshotKey,
+    /// The owning team (informational).
+    pub team_id: Option<TeamId>,
+    /// The template (informational).
+    pub template_id: Option<TemplateId>,
+}
+
+impl DeleteSnapshotRequest {
+    /// A request to delete `key`.
+    pub fn new(key: SnapshotKey) -> Self {
+        Self {
+            key,
+            team_id: None,
+            template_id: None,
+        }
+    }
+}
+
+/// A sandbox as its host reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct SandboxInfo {
+    /// Its id, as the agent spells it.
+    pub sandbox_id: String,
+    /// Its status on the host (`running`, `paused`, …).
+    pub status: String,
+    /// The template it was started from.
+    pub template: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mb: u32,
+    /// Its IP on the host network.
+    pub host_ip: String,
+    /// Creation time, Unix seconds.
+    pub created_at_unix: i64,
+    /// Last activity, Unix seconds.
+    pub last_active_at_unix: i64,
+    /// Idle timeout in seconds.
+    pub timeout_sec: i32,
+}
+
+impl SandboxInfo {
+    /// A sandbox with an id and a status; other fields zero.
+    pub fn new(sandbox_id: impl Into<String>, status: impl Into<String>) -> Self {
+        Self {
+            sandbox_id: sandbox_id.into(),
+            status: status.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// What `ListSandboxes` returns.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct SandboxList {
+    /// The sandboxes on the host.
+    pub sandboxes: Vec<SandboxInfo>,
+    /// Sandboxes the host paused on its own (idle timeout).
+    pub auto_paused_sandbox_ids: Vec<String>,
+}
+
+/// One snapshot held by a host (our `ListSnapshots` extension).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SnapshotInfo {
+    /// Its key.
+    pub key: String,
+    /// Bytes allocated on disk.
+    pub size_bytes: u64,
+    /// When it was written, if the host knows.
+    pub created_at: Option<Timestamp>,
+}
+
+impl SnapshotInfo {
+    /// A snapshot entry.
+    pub fn new(key: impl Into<String>, size_bytes: u64, created_at: Option<Timestamp>) -> Self {
+        Self {
+            key: key.into(),
+            size_bytes,
+            created_at,
+        }
+    }
+}
+
+/// The host-agent service (SPEC §5), in domain types.
+///
+/// # Contract
+/// - `create_snapshot` writes the sandbox's state under `key` and leaves the
+///   VM paused. It either stores the whole snapshot under `key` or nothing;
+///   after an error other than a definite rejection
+///   ([`AgentError::is_definite_rejection`]) the caller must assume a partial
+///   key may exist and delete it.
+/// - `delete_snapshot` is idempotent in effect: a missing key answers
+///   `Rejected { code: NotFound }`, which callers treat as done.
+/// - `list_snapshots` is an extension; an agent without it answers
+///   `Rejected { code: Unimplemented }` (the default).
+/// - Implementations must be cancel-safe: a call whose future is dropped
+///   either happened or did not, and `create_snapshot` may leave a partial key.
+#[async_trait]
+pub trait HostAgent: Send + Sync + 'static {
+    /// Snapshots a sandbox.
+    async fn create_snapshot(
+        &self,
+        req: CreateSnapshotRequest,
+    ) -> Result<CreateSnapshotResponse, AgentError>;
+
+    /// Deletes a snapshot's files.
+    async fn delete_snapshot(&self, req: DeleteSnapshotRequest) -> Result<(), AgentError>;
+
+    /// Lists the sandboxes on the host.
+    async fn list_sandboxes(&self) -> Result<SandboxList, AgentError>;
+
+    /// Lists the snapshot keys held by the host.
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, AgentError> {
+        Err(AgentError::rejected(
+            AgentCode::Unimplemented,
+            "ListSnapshots is not implemented by this agent",
+        ))
+    }
+}
+
+/// Where a host's agent listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostTarget {
+    /// The host.
+    pub id: HostId,
+    /// Its agent's address as registered.
+    pub address: String,
+}
+
+/// Reaches host agents.
+///
+/// # Contract
+/// - `agent` is cheap and does no I/O: connections are made lazily on the
+///   first call and cached per host; a changed address replaces the cached
+///   connection.
+/// - Errors from the returned client are classified as [`AgentError`]; a
+///   transport never panics on a bad answer.
+pub trait AgentTransport: Send + Sync + 'static {
+    /// A client for the agent on `host`.
+    fn agent(&self, host: &HostTarget) -> Result<Arc<dyn HostAgent>, AgentError>;
+}

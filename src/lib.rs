@@ -1,0 +1,86 @@
+//! Snapshot management for a microVM sandbox platform's control plane.
+//!
+//! A [`SnapshotManager`] records snapshot *templates* per team in SQLite,
+//! asks the host agent that runs a sandbox to snapshot it, lists what a team
+//! can see, and deletes templates together with their files on the hosts —
+//! without losing or leaking a snapshot when a host, the network or the
+//! process fails on the way.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use sandbox_snapshots::*;
+//!
+//! # async fn demo() -> Result<(), Error> {
+//! // One host, served in-process by the in-memory agent.
+//! let agent = Arc::new(MemoryHostAgent::new());
+//! let transport = Arc::new(InProcessTransport::new());
+//! let host = HostId::new();
+//! transport.add_host(host, agent.clone());
+//!
+//! let manager =
+//!     SqliteSnapshotManager::open("data/snapshots.db", transport, ManagerOptions::default())
+//!         .await?;
+//! let registry = manager.registry();
+//! registry.register_host(host, "in-process", HostStatus::Online).await?;
+//!
+//! let team = TeamId::new();
+//! let sandbox = SandboxId::new();
+//! agent.add_sandbox(sandbox, "running", 2, 512);
+//! registry
+//!     .register_sandbox(Sandbox::new(sandbox, team, Some(host), SandboxStatus::Running, 2, 512))
+//!     .await?;
+//!
+//! let caller = Caller::new(team, Actor::System);
+//! let template = manager
+//!     .create(&caller, NewSnapshot::parse(&sandbox.to_string(), "before-upgrade")?)
+//!     .await?;
+//! let page = manager.list(&caller, ListQuery::new()).await?;
+//! assert_eq!(page.items[0].id, template.id);
+//! manager.delete(&caller, &template.name).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`ids`], [`names`]: validated identifiers and template names, parsed
+//!   once at the boundary.
+//! - `model`: hosts, sandboxes, templates, callers, timestamps.
+//! - `error`: [`Error`] with a stable [`ErrorCode`] and HTTP status.
+//! - `manager`: the [`SnapshotManager`] trait and [`SqliteSnapshotManager`].
+//! - `registry`: [`Registry`] of hosts and sandboxes.
+//! - `store`: the SQLite [`Store`] (writer thread, read pool, migrations, SQL).
+//! - [`agent`]: the [`HostAgent`] service, the [`AgentTransport`] trait, the
+//!   in-process transport and the in-memory agent.
+//! - `janitor`: the background worker and start-up recovery.
+//! - `audit`: the audit log.
+
+pub mod agent;
+mod audit;
+mod error;
+pub mod ids;
+mod janitor;
+mod manager;
+mod model;
+pub mod names;
+mod registry;
+mod store;
+
+pub use agent::{
+    AgentCode, AgentError, AgentTransport, HostAgent, HostTarget, InProcessTransport,
+    MemoryHostAgent,
+};
+pub use audit::{AuditEntry, AuditOutcome, AuditQuery, RESOURCE_TEMPLATE, actions};
+pub use error::{Error, ErrorCode, Result};
+pub use ids::{ApiKeyId, AuditLogId, HostId, IdError, SandboxId, TeamId, TemplateId};
+pub use janitor::WorkReport;
+pub use manager::{
+    Deleted, ListQuery, MAX_PAGE_SIZE, ManagerOptions, NewSnapshot, Page, Placement,
+    SnapshotManager, SqliteSnapshotManager,
+};
+pub use model::{
+    Actor, Caller, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateState, TemplateType,
+    Timestamp,
+};
+pub use names::{NameError, TemplateName};
+pub use registry::{NewTemplate, Registry};
+pub use store::sql::PendingDeletion;
+pub use store::{SCHEMA_VERSION, Store, StoreError, StoreErrorKind, StoreOptions, Synchronous};

@@ -1,0 +1,876 @@
+//! The [`SnapshotManager`] trait and its default implementation over the
+//! SQLite store, [`SqliteSnapshotManager`].
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::agent::{
+    AgentCode, AgentError, AgentTransport, CreateSnapshotRequest, DeleteSnapshotRequest,
+    SnapshotKey,
+};
+use crate::audit::{AuditEntry, AuditQuery, audit_cursor};
+use crate::error::{Error, ErrorCode, Result};
+use crate::ids::{HostId, SandboxId, TemplateId};
+use crate::model::{Caller, SandboxStatus, Template, TemplateType, Timestamp};
+use crate::names::TemplateName;
+use crate::registry::Registry;
+use crate::store::sql::{
+    self, CreateInput, CreateOp, Deletion, ListPosition, PendingDeletion, SandboxOutcome,
+};
+use crate::store::{Store, StoreOptions};
+
+/// Largest page a list may ask for.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// What to snapshot and under which name, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSnapshot {
+    sandbox_id: SandboxId,
+    name: TemplateName,
+    overwrite: bool,
+}
+
+impl NewSnapshot {
+    /// A snapshot of `sandbox_id` named `name` (a generated
+    /// `template-xxxxxxxx` name when `None`).
+    pub fn new(sandbox_id: SandboxId, name: Option<TemplateName>) -> Self {
+        Self {
+            sandbox_id,
+            name: name.unwrap_or_else(TemplateName::generate),
+            overwrite: false,
+        }
+    }
+
+    /// Validates raw input as an API receives it (SPEC §3): an empty
+    /// `sandbox_id` is "sandbox_id is required", one that does not parse is
+    /// "invalid sandbox_id", a bad name is "invalid snapshot name: …", an
+    /// empty name is replaced by a generated one.
+    pub fn parse(sandbox_id: &str, name: &str) -> Result<Self> {
+        if sandbox_id.is_empty() {
+            return Err(Error::invalid_request("sandbox_id is required"));
+        }
+        let sandbox_id = SandboxId::parse(sandbox_id)
+            .map_err(|_| Error::invalid_request("invalid sandbox_id"))?;
+        let name = if name.is_empty() {
+            None
+        } else {
+            Some(TemplateName::parse(name)?)
+        };
+        Ok(Self::new(sandbox_id, name))
+    }
+
+    /// Replace a template of the same name if one exists.
+    pub fn overwrite(mut self, overwrite: bool) -> Self {
+        self.overwrite = overwrite;
+        self
+    }
+
+    /// The sandbox to snapshot.
+    pub fn sandbox_id(&self) -> SandboxId {
+        self.sandbox_id
+    }
+
+    /// The template name.
+    pub fn name(&self) -> &TemplateName {
+        &self.name
+    }
+}
+
+/// Filters and paging for [`SnapshotManager::list`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListQuery {
+    /// Only templates of this type.
+    pub template_type: Option<TemplateType>,
+    /// Most templates per page (1..=[`MAX_PAGE_SIZE`]); `None` returns all.
+    pub limit: Option<u32>,
+    /// Continue after this cursor from a previous page.
+    pub cursor: Option<String>,
+}
+
+impl ListQuery {
+    /// Everything visible, newest first.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Only templates of `template_type`.
+    pub fn template_type(mut self, template_type: TemplateType) -> Self {
+        self.template_type = Some(template_type);
+        self
+    }
+
+    /// At most `limit` per page.
+    pub fn limit(mut self, limit: u32) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
+    /// Continue from `cursor`.
+    pub fn cursor(mut self, cursor: impl Into<String>) -> Self {
+        self.cursor = Some(cursor.into());
+        self
+    }
+}
+
+/// One page of results.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    /// The items, in order.
+    pub items: Vec<T>,
+    /// Pass this as the cursor to get the next page; `None` on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Deleted {
+    /// The template as it was.
+    pub template: Template,
+    /// Hosts that confirmed its files are gone.
+    pub hosts_confirmed: Vec<HostId>,
+    /// Hosts still to confirm; the background worker retries them.
+    pub hosts_pending: Vec<HostId>,
+}
+
+/// Where a template's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Placement {
+    /// The host.
+    pub host: HostId,
+    /// `present`, or `deleting` while a deletion is queued.
+    pub state: String,
+}
+
+/// Snapshot management for one control plane (SPEC §3, §4).
+///
+/// # Contract
+/// - Every call is scoped to the caller's team: a team sees, overwrites and
+///   deletes only its own templates, sees platform templates, and cannot
+///   take a platform template's name.
+/// - `create` runs to completion even if its future is dropped; its result
+///   is recorded either way. On success the template is visible, the
+///   sandbox is `paused`, and an overwritten template is gone; on failure
+///   nothing is visible, the previous template (if any) is intact, and no
+///   files are left on a host beyond the deletion queue.
+/// - `delete` makes the template invisible and its name free atomically;
+///   its files are removed from every host that holds them, now or later.
+/// - Errors carry the stable codes of [`ErrorCode`].
+#[async_trait]
+pub trait SnapshotManager: Send + Sync {
+    /// Snapshots a sandbox into a template.
+    async fn create(&self, caller: &Caller, snapshot: NewSnapshot) -> Result<Template>;
+
+    /// The template the caller sees under `name`.
+    async fn get(&self, caller: &Caller, name: &TemplateName) -> Result<Template>;
+
+    /// The caller's templates and platform templates, newest first.
+    async fn list(&self, caller: &Caller, query: ListQuery) -> Result<Page<Template>>;
+
+    /// Deletes the caller's template `name` and its files.
+    async fn delete(&self, caller: &Caller, name: &TemplateName) -> Result<Deleted>;
+}
+
+/// Tuning for [`SqliteSnapshotManager`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ManagerOptions {
+    /// How the SQLite file is opened.
+    pub store: StoreOptions,
+    /// Longest a host agent may take to create a snapshot. Default 5 min.
+    pub create_timeout: Duration,
+    /// Longest a `DeleteSnapshot` call may take. Default 30 s.
+    pub delete_timeout: Duration,
+    /// Longest `delete` waits for the hosts before returning (the deletion
+    /// goes on in the background). Default 10 s.
+    pub delete_wait: Duration,
+    /// Longest a `ListSandboxes` call may take. Default 10 s.
+    pub list_timeout: Duration,
+    /// First retry delay of queued work; doubles per attempt. Default 1 s.
+    pub retry_base: Duration,
+    /// Longest retry delay. Default 5 min.
+    pub retry_max: Duration,
+    /// Longest the background worker sleeps between scans. Default 30 s.
+    pub janitor_interval: Duration,
+    /// Whether to run the background worker. Default true.
+    pub run_janitor: bool,
+}
+
+impl Default for ManagerOptions {
+    fn default() -> Self {
+        Self {
+            store: StoreOptions::default(),
+            create_timeout: Duration::from_secs(300),
+            delete_timeout: Duration::from_secs(30),
+            delete_wait: Duration::from_secs(10),
+            list_timeout: Duration::from_secs(10),
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            janitor_interval: Duration::from_secs(30),
+            run_janitor: true,
+        }
+    }
+}
+
+/// The default [`SnapshotManager`]: templates in an SQLite file, host
+/// agents through an [`AgentTransport`], a background worker that finishes
+/// deletions. Cheap to clone.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use sandbox_snapshots::{
+///     Actor, Caller, InProcessTransport, ManagerOptions, NewSnapshot, SnapshotManager,
+///     SqliteSnapshotManager, TeamId,
+/// };
+///
+/// # async fn demo() -> Result<(), sandbox_snapshots::Error> {
+/// let transport = Arc::new(InProcessTransport::new());
+/// let manager =
+///     SqliteSnapshotManager::open("data/snapshots.db", transport, ManagerOptions::default())
+///         .await?;
+/// let caller = Caller::new(TeamId::new(), Actor::System);
+/// let request = NewSnapshot::parse("sb-0000000000000000000000001", "my-snapshot")?;
+/// let template = manager.create(&caller, request).await?;
+/// println!("{} is {} bytes", template.name, template.size_bytes);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SqliteSnapshotManager {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    pub(crate) transport: Arc<dyn AgentTransport>,
+    pub(crate) options: ManagerOptions,
+    /// Detached operation tasks, awaited by `shutdown`.
+    tasks: TaskTracker,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) wake: Arc<Notify>,
+    /// Templates whose create is being driven by a task of this process;
+    /// recovery leaves them alone.
+    in_flight: Mutex<HashSet<TemplateId>>,
+    janitor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    _lock: File,
+}
+
+impl std::fmt::Debug for SqliteSnapshotManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteSnapshotManager")
+            .field("store", &self.inner.store)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// One manager per store file: open journal entries are taken to be
+/// interrupted operations, which is only true if nobody else drives them.
+fn take_lock(db: &Path) -> Result<File> {
+    let path = lock_path(db);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| {
+            Error::new(
+                ErrorCode::DbError,
+                format!("cannot open {}", path.display()),
+            )
+            .with_source(e)
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::new(
+            ErrorCode::DbError,
+            format!("{} is in use by another snapshot manager", db.display()),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::new(
+            ErrorCode::DbError,
+            format!("cannot lock {}", path.display()),
+        )
+        .with_source(e)),
+    }
+}
+
+impl SqliteSnapshotManager {
+    /// Opens the store at `path` (creating it if needed), finishes or rolls
+    /// back operations a previous process left open, and starts the
+    /// background worker. One manager may use a store file at a time.
+    pub async fn open(
+        path: impl AsRef<Path>,
+        transport: Arc<dyn AgentTransport>,
+        options: ManagerOptions,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                Error::new(
+                    ErrorCode::DbError,
+                    format!("cannot create {}", parent.display()),
+                )
+                .with_source(e)
+            })?;
+        }
+        let lock = take_lock(path)?;
+        let store = Store::open(path, options.store.clone()).await?;
+        let manager = Self {
+            inner: Arc::new(Inner {
+                store,
+                transport,
+                options,
+                tasks: TaskTracker::new(),
+                shutdown: CancellationToken::new(),
+                wake: Arc::new(Notify::new()),
+                in_flight: Mutex::new(HashSet::new()),
+                janitor: Mutex::new(None),
+                _lock: lock,
+            }),
+        };
+        let report = crate::janitor::recover(&manager.inner).await?;
+        if report.resolved > 0 {
+            tracing::info!(
+                resolved = report.resolved,
+                "recovered interrupted operations"
+            );
+        }
+        if manager.inner.options.run_janitor {
+            let handle = crate::janitor::spawn(Arc::downgrade(&manager.inner));
+            *lock_unpoisoned(&manager.inner.janitor) = Some(handle);
+        }
+        Ok(manager)
+    }
+
+    /// The host and sandbox registry the embedding application feeds.
+    pub fn registry(&self) -> Registry {
+        Registry::new(self.inner.store.clone(), self.inner.wake.clone())
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The team's audit entries, newest first.
+    pub async fn audit_log(&self, caller: &Caller, query: AuditQuery) -> Result<Page<AuditEntry>> {
+        let before = query.cursor_seq()?;
+        let limit = check_limit(query.limit)?;
+        let team = caller.team();
+        let rows = self
+            .inner
+            .store
+            .read(move |c| {
+                sql::list_audit(
+                    c,
+                    team,
+                    before,
+                    query.resource_type.as_deref(),
+                    query.action.as_deref(),
+                    limit.map(|l| l + 1),
+                )
+            })
+            .await?;
+        Ok(paginate(
+            rows,
+            limit,
+            |(seq, _)| audit_cursor(*seq),
+            |(_, e)| e,
+        ))
+    }
+
+    /// Where the files of the caller's template `name` are.
+    pub async fn placements(&self, caller: &Caller, name: &TemplateName) -> Result<Vec<Placement>> {
+        let template = self.get(caller, name).await?;
+        let rows = self
+            .inner
+            .store
+            .read(move |c| sql::placements_of(c, template.id))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(host, state)| Placement { host, state })
+            .collect())
+    }
+
+    /// Deletions waiting for a host to confirm, across all teams (operators).
+    pub async fn pending_deletions(&self) -> Result<Vec<PendingDeletion>> {
+        self.inner.store.read(sql::pending_deletions).await
+    }
+
+    /// Runs the background worker's work that is due now, once, and says
+    /// what it did. The worker does this by itself; this is for operators
+    /// and tests.
+    pub async fn run_pending_work(&self) -> Result<crate::janitor::WorkReport> {
+        crate::janitor::tick(&self.inner).await
+    }
+
+    /// Stops the background worker and waits for operations in flight to
+    /// record their result. Everything left queued resumes on the next open.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        let handle = lock_unpoisoned(&self.inner.janitor).take();
+        if let Some(handle) = handle {
+            let _ = handle.await;
+        }
+    }
+}
+
+pub(crate) fn lock_unpoisoned<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn check_limit(limit: Option<u32>) -> Result<Option<u32>> {
+    match limit {
+        Some(0) => Err(Error::invalid_request("limit must be at least 1")),
+        Some(n) if n > MAX_PAGE_SIZE => Err(Error::invalid_request(format!(
+            "limit must be at most {MAX_PAGE_SIZE}"
+        ))),
+        other => Ok(other),
+    }
+}
+
+/// Cuts `rows` (fetched with `limit + 1`) to a page with its next cursor.
+fn paginate<R, T>(
+    mut rows: Vec<R>,
+    limit: Option<u32>,
+    cursor_of: impl Fn(&R) -> String,
+    item: impl Fn(R) -> T,
+) -> Page<T> {
+    let mut next_cursor = None;
+    if let Some(limit) = limit.and_then(|l| usize::try_from(l).ok())
+        && rows.len() > limit
+    {
+        rows.truncate(limit);
+        next_cursor = rows.last().map(&cursor_of);
+    }
+    Page {
+        items: rows.into_iter().map(item).collect(),
+        next_cursor,
+    }
+}
+
+fn parse_list_cursor(cursor: &str) -> Result<ListPosition> {
+    let invalid = || Error::invalid_request("invalid cursor");
+    let (ms, id) = cursor.split_once('.').ok_or_else(invalid)?;
+    Ok(ListPosition {
+        created_at: ms.parse().map_err(|_| invalid())?,
+        id: TemplateId::parse(id).map_err(|_| invalid())?,
+    })
+}
+
+fn list_cursor(t: &Template) -> String {
+    format!("{}.{}", t.created_at.unix_millis(), t.id)
+}
+
+/// Logs an error once, at the boundary, with its hidden cause.
+fn log_failure(operation: &str, err: &Error) {
+    let cause = std::error::Error::source(err).map(ToString::to_string);
+    if err.http_status() >= 500 {
+        tracing::error!(operation, code = %err.code(), cause, "{}", err.message());
+    } else {
+        tracing::info!(operation, code = %err.code(), cause, "{}", err.message());
+    }
+}
+
+#[async_trait]
+impl SnapshotManager for SqliteSnapshotManager {
+    async fn create(&self, caller: &Caller, snapshot: NewSnapshot) -> Result<Template> {
+        let span = tracing::info_span!(
+            "snapshot.create",
+            team = %caller.team(),
+            sandbox = %snapshot.sandbox_id,
+            name = %snapshot.name,
+            overwrite = snapshot.overwrite,
+        );
+        let result = async {
+            if caller.team().is_platform() && !caller.is_admin() {
+                return Err(Error::forbidden(
+                    "only administrators may create platform templates",
+                ));
+            }
+            // The whole operation runs on its own task: a caller that goes
+            // away does not abort it, and its result is still recorded.
+            let (tx, rx) = oneshot::channel();
+            let inner = self.inner.clone();
+            let caller = caller.clone();
+            self.inner.tasks.spawn(
+                async move {
+                    let _ = tx.send(run_create(&inner, &caller, snapshot).await);
+                }
+                .in_current_span(),
+            );
+            rx.await.unwrap_or_else(|_| {
+                Err(Error::new(
+                    ErrorCode::DbError,
+                    "the snapshot task stopped unexpectedly",
+                ))
+            })
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(err) = &result {
+            span.in_scope(|| log_failure("create", err));
+        }
+        result
+    }
+
+    async fn get(&self, caller: &Caller, name: &TemplateName) -> Result<Template> {
+        let team = caller.team();
+        let name = name.clone();
+        self.inner
+            .store
+            .read(move |c| sql::find_visible(c, team, &name))
+            .await?
+            .ok_or_else(|| Error::not_found("template not found"))
+    }
+
+    async fn list(&self, caller: &Caller, query: ListQuery) -> Result<Page<Template>> {
+        let limit = check_limit(query.limit)?;
+        let after = query.cursor.as_deref().map(parse_list_cursor).transpose()?;
+        let team = caller.team();
+        let kind = query.template_type;
+        let rows = self
+            .inner
+            .store
+            .read(move |c| sql::list_visible(c, team, kind, after, limit.map(|l| l + 1)))
+            .await?;
+        Ok(paginate(rows, limit, list_cursor, |t| t))
+    }
+
+    async fn delete(&self, caller: &Caller, name: &TemplateName) -> Result<Deleted> {
+        let span = tracing::info_span!("snapshot.delete", team = %caller.team(), name = %name);
+        let result = async {
+            let (committed_tx, committed_rx) = oneshot::channel();
+            let (done_tx, done_rx) = oneshot::channel();
+            let inner = self.inner.clone();
+            let caller = caller.clone();
+            let name = name.clone();
+            self.inner.tasks.spawn(
+                async move {
+                    let now = Timestamp::now();
+                    let lease = after(now, inner.options.delete_timeout * 2);
+                    let actor = caller.actor().clone();
+                    let (team, admin) = (caller.team(), caller.is_admin());
+                    let begun = inner
+                        .store
+                        .write(move |c| {
+                            sql::begin_delete(c, &actor, team, admin, &name, lease, now)
+                        })
+                        .await;
+                    let (template, targets) = match begun {
+                        Ok(v) => v,
+                        Err(err) => {
+                            let _ = committed_tx.send(Err(err));
+                            return;
+                        }
+                    };
+                    let _ = committed_tx.send(Ok(template));
+                    let outcome = delete_files(&inner, targets).await;
+                    let _ = done_tx.send(outcome);
+                }
+                .in_current_span(),
+            );
+            let template = committed_rx.await.unwrap_or_else(|_| {
+                Err(Error::new(
+                    ErrorCode::DbError,
+                    "the delete task stopped unexpectedly",
+                ))
+            })?;
+            let (hosts_confirmed, hosts_pending) =
+                match tokio::time::timeout(self.inner.options.delete_wait, done_rx).await {
+                    Ok(Ok(outcome)) => outcome,
+                    // Still running: whatever is not confirmed is retried.
+                    _ => (Vec::new(), Vec::new()),
+                };
+            Ok(Deleted {
+                template,
+                hosts_confirmed,
+                hosts_pending,
+            })
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(err) = &result {
+            span.in_scope(|| log_failure("delete", err));
+        }
+        result
+    }
+}
+
+pub(crate) fn after(now: Timestamp, d: Duration) -> Timestamp {
+    let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    Timestamp::from_unix_millis(now.unix_millis().saturating_add(ms))
+}
+
+/// The delay before attempt `attempts + 1`: exponential from `retry_base`,
+/// capped at `retry_max`, with up to 20% jitter so hosts that come back
+/// together are not hit at once.
+pub(crate) fn backoff(options: &ManagerOptions, attempts: u32) -> Duration {
+    let exp = options
+        .retry_base
+        .saturating_mul(1u32.checked_shl(attempts.min(20)).unwrap_or(u32::MAX));
+    let capped = exp.min(options.retry_max);
+    let jitter_pct = u64::from(uuid::Uuid::new_v4().as_bytes()[0] % 21);
+    capped + capped.mul_f64(jitter_pct as f64 / 100.0)
+}
+
+struct InFlightGuard<'a> {
+    inner: &'a Inner,
+    id: TemplateId,
+}
+
+impl<'a> InFlightGuard<'a> {
+    fn new(inner: &'a Inner, id: TemplateId) -> Self {
+        lock_unpoisoned(&inner.in_flight).insert(id);
+        Self { inner, id }
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        lock_unpoisoned(&self.inner.in_flight).remove(&self.id);
+    }
+}
+
+impl Inner {
+    pub(crate) fn is_in_flight(&self, id: TemplateId) -> bool {
+        lock_unpoisoned(&self.in_flight).contains(&id)
+    }
+
+    /// Asks the host how the sandbox is doing after an ambiguous failure.
+    pub(crate) async fn ask_sandbox_status(
+        &self,
+        op: &CreateOp,
+    ) -> Result<SandboxStatus, AgentError> {
+        let agent = self.transport.agent(&op.host)?;
+        let list = tokio::time::timeout(self.options.list_timeout, agent.list_sandboxes())
+            .await
+            .map_err(|_| AgentError::Timeout)??;
+        let wanted = op.sandbox_id.to_string();
+        let status = list
+            .sandboxes
+            .iter()
+            .find(|s| s.sandbox_id == wanted)
+            .map_or(SandboxStatus::Missing, |s| {
+                match s.status.parse::<SandboxStatus>() {
+                    Ok(SandboxStatus::Snapshotting) | Err(_) => SandboxStatus::Error,
+                    Ok(status) => status,
+                }
+            });
+        Ok(status)
+    }
+}
+
+async fn run_create(
+    inner: &Arc<Inner>,
+    caller: &Caller,
+    snapshot: NewSnapshot,
+) -> Result<Template> {
+    let template_id = TemplateId::new();
+    let _guard = InFlightGuard::new(inner, template_id);
+    let now = Timestamp::now();
+    let input = CreateInput {
+        actor: caller.actor().clone(),
+        team: caller.team(),
+        sandbox_id: snapshot.sandbox_id,
+        name: snapshot.name,
+        overwrite: snapshot.overwrite,
+        template_id,
+    };
+    let (op, _sandbox) = inner
+        .store
+        .write(move |c| sql::begin_create(c, &input, now))
+        .await?;
+    tracing::debug!(template = %template_id, host = %op.host.id, "snapshot started");
+
+    let request = CreateSnapshotRequest::for_template(op.sandbox_id, op.team, template_id);
+    let called = async {
+        let agent = inner.transport.agent(&op.host)?;
+        tokio::time::timeout(inner.options.create_timeout, agent.create_snapshot(request))
+            .await
+            .map_err(|_| AgentError::Timeout)?
+    }
+    .await;
+    match called {
+        Ok(response) => finish_success(inner, &op, response.size_bytes).await,
+        Err(err) => Err(finish_failure(inner, &op, err).await),
+    }
+}
+
+async fn finish_success(inner: &Arc<Inner>, op: &CreateOp, size_bytes: u64) -> Result<Template> {
+    let mut attempt = 0u32;
+    let done = loop {
+        let now = Timestamp::now();
+        let lease = after(now, inner.options.delete_timeout * 2);
+        let op_for_tx = op.clone();
+        let result = inner
+            .store
+            .write(move |c| sql::finish_create(c, &op_for_tx, size_bytes, lease, now))
+            .await;
+        match result {
+            Ok(done) => break done,
+            Err(err) if err.code() == ErrorCode::DbError && attempt < 3 => {
+                // The snapshot exists; losing it to a transient store error
+                // would leak it. Retry a few times, then leave the journal
+                // entry for recovery.
+                attempt += 1;
+                tracing::warn!(attempt, error = ?err, "recording a finished snapshot failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            }
+            Err(err) if err.code() == ErrorCode::Conflict => {
+                // Lost the name to another template meanwhile: undo ours.
+                let outcome = SandboxOutcome::Known(SandboxStatus::Paused);
+                let op = op.clone();
+                let code = err.code().as_str();
+                let detail = err.message().to_owned();
+                let now = Timestamp::now();
+                if let Err(db) = inner
+                    .store
+                    .write(move |c| sql::fail_create(c, &op, outcome, code, &detail, now))
+                    .await
+                {
+                    tracing::error!(error = ?db, "rolling back a conflicting snapshot failed");
+                }
+                inner.wake.notify_one();
+                return Err(err);
+            }
+            Err(err) => return Err(err),
+        }
+    };
+    tracing::info!(template = %done.template.id, size_bytes, "snapshot ready");
+    if !done.replaced.is_empty() {
+        let targets = done.replaced;
+        let inner2 = inner.clone();
+        inner.tasks.spawn(
+            async move {
+                delete_files(&inner2, targets).await;
+            }
+            .in_current_span(),
+        );
+    }
+    Ok(done.template)
+}
+
+/// Records a failed create and returns what the caller sees.
+async fn finish_failure(inner: &Arc<Inner>, op: &CreateOp, err: AgentError) -> Error {
+    tracing::warn!(template = %op.template_id, error = %err, "host agent failed to snapshot");
+    let user_error = Error::from_create_failure(err.clone());
+    let outcome = if err.is_definite_rejection() {
+        SandboxOutcome::Known(op.prev_status)
+    } else {
+        match inner.ask_sandbox_status(op).await {
+            Ok(status) => SandboxOutcome::Known(status),
+            Err(list_err) => {
+                tracing::warn!(error = %list_err, "cannot ask the host for the sandbox's status; will retry");
+                SandboxOutcome::Unknown {
+                    retry_at: after(Timestamp::now(), backoff(&inner.options, 0)),
+                }
+            }
+        }
+    };
+    let op = op.clone();
+    let code = user_error.code().as_str();
+    let detail = err.to_string();
+    let now = Timestamp::now();
+    if let Err(db) = inner
+        .store
+        .write(move |c| sql::fail_create(c, &op, outcome, code, &detail, now))
+        .await
+    {
+        tracing::error!(error = ?db, "recording a failed snapshot failed; recovery will finish it");
+    }
+    inner.wake.notify_one();
+    user_error
+}
+
+/// Deletes files on their hosts in parallel and records each answer.
+/// Returns the hosts that confirmed and those left to the worker.
+pub(crate) async fn delete_files(
+    inner: &Arc<Inner>,
+    targets: Vec<Deletion>,
+) -> (Vec<HostId>, Vec<HostId>) {
+    let mut calls = JoinSet::new();
+    for target in targets {
+        let inner = inner.clone();
+        calls.spawn(async move {
+            let result = delete_on_host(&inner, &target).await;
+            (target, result)
+        });
+    }
+    let mut confirmed = Vec::new();
+    let mut pending = Vec::new();
+    while let Some(joined) = calls.join_next().await {
+        let Ok((target, result)) = joined else {
+            continue;
+        };
+        let now = Timestamp::now();
+        let recorded = match &result {
+            Ok(()) => {
+                let t = target.clone();
+                inner
+                    .store
+                    .write(move |c| sql::deletion_confirmed(c, &t))
+                    .await
+            }
+            Err(err) => {
+                let next = after(now, backoff(&inner.options, target.attempts));
+                let t = target.clone();
+                let text = err.to_string();
+                inner
+                    .store
+                    .write(move |c| sql::deletion_failed(c, &t, &text, next, now))
+                    .await
+            }
+        };
+        if let Err(db) = recorded {
+            tracing::error!(error = ?db, "recording a deletion result failed; it will be retried");
+        }
+        match result {
+            Ok(()) => confirmed.push(target.host.id),
+            Err(err) => {
+                tracing::warn!(host = %target.host.id, template = %target.template_id, error = %err,
+                    "deleting snapshot files failed; queued for retry");
+                pending.push(target.host.id);
+            }
+        }
+    }
+    inner.wake.notify_one();
+    (confirmed, pending)
+}
+
+/// One `DeleteSnapshot` call; NotFound counts as done.
+async fn delete_on_host(inner: &Inner, target: &Deletion) -> Result<(), AgentError> {
+    let mut request = DeleteSnapshotRequest::new(SnapshotKey::for_template(target.template_id));
+    request.team_id = Some(target.team);
+    request.template_id = Some(target.template_id);
+    let agent = inner.transport.agent(&target.host)?;
+    let result = tokio::time::timeout(inner.options.delete_timeout, agent.delete_snapshot(request))
+        .await
+        .map_err(|_| AgentError::Timeout)?;
+    match result {
+        Err(AgentError::Rejected {
+            code: AgentCode::NotFound,
+            ..
+        }) => Ok(()),
+        other => other,
+    }
+}

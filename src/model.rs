@@ -1,0 +1,348 @@
+//! Domain records: hosts, sandboxes, templates, callers, timestamps.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::Error;
+use crate::ids::{ApiKeyId, HostId, SandboxId, TeamId, TemplateId};
+use crate::names::TemplateName;
+
+/// A point in time with millisecond precision (Unix epoch based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(i64);
+
+impl Timestamp {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        let millis = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        Self(millis)
+    }
+
+    /// From milliseconds since the Unix epoch.
+    pub const fn from_unix_millis(millis: i64) -> Self {
+        Self(millis)
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub const fn unix_millis(self) -> i64 {
+        self.0
+    }
+
+    /// RFC 3339 with second precision in UTC, e.g. `2026-11-28T13:57:52Z`
+    /// (the format of Go's `time.RFC3339` that existing clients parse).
+    pub fn to_rfc3339(self) -> String {
+        let seconds = self.0.div_euclid(1000);
+        let format =
+            time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+        time::OffsetDateTime::from_unix_timestamp(seconds)
+            .ok()
+            .and_then(|t| t.format(&format).ok())
+            .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_rfc3339())
+    }
+}
+
+macro_rules! string_enum {
+    ($(#[$doc:meta])* $name:ident, $what:literal { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The lowercase text form.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self, Error> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(Error::invalid_request(format!(
+                        concat!("invalid ", $what, " {:?}: expected one of {}"),
+                        s,
+                        [$($text),+].join(", ")
+                    ))),
+                }
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Lifecycle of a sandbox as the control plane sees it.
+    SandboxStatus, "sandbox status" {
+        /// Accepted, not yet placed.
+        Pending = "pending",
+        /// Booting on its host.
+        Starting = "starting",
+        /// Running.
+        Running = "running",
+        /// Paused (the state a snapshot leaves it in).
+        Paused = "paused",
+        /// A snapshot operation owns the sandbox.
+        Snapshotting = "snapshotting",
+        /// Stopped.
+        Stopped = "stopped",
+        /// Its host no longer reports it.
+        Missing = "missing",
+        /// Failed.
+        Error = "error",
+    }
+);
+
+string_enum!(
+    /// Health of a host as the embedding application reports it.
+    HostStatus, "host status" {
+        /// Registered, not yet seen alive.
+        Pending = "pending",
+        /// Serving.
+        Online = "online",
+        /// Missed heartbeats.
+        Unreachable = "unreachable",
+        /// Serving existing sandboxes, taking no new ones.
+        Draining = "draining",
+        /// Out of service.
+        Offline = "offline",
+    }
+);
+
+string_enum!(
+    /// Kind of template. The `type` filter of a list accepts these values.
+    TemplateType, "type filter" {
+        /// A base image provided by the platform or a team.
+        Base = "base",
+        /// A snapshot of a sandbox.
+        Snapshot = "snapshot",
+    }
+);
+
+string_enum!(
+    /// Lifecycle of a template row (SPEC §4a).
+    TemplateState, "template state" {
+        /// The host agent is writing its files; invisible.
+        Creating = "creating",
+        /// Visible and usable.
+        Ready = "ready",
+        /// Deleted; files are being removed from hosts; invisible.
+        Deleting = "deleting",
+    }
+);
+
+impl HostStatus {
+    /// Whether new snapshots may be taken on a host in this status.
+    pub fn accepts_snapshots(self) -> bool {
+        matches!(self, HostStatus::Online | HostStatus::Draining)
+    }
+}
+
+/// A registered host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Host {
+    /// Its id.
+    pub id: HostId,
+    /// Where its agent listens (`host:port`, a URL, or an in-process name);
+    /// empty when not known yet.
+    pub address: String,
+    /// Its status.
+    pub status: HostStatus,
+    /// When it last reported in.
+    pub last_heartbeat: Option<Timestamp>,
+}
+
+/// A registered sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Sandbox {
+    /// Its id.
+    pub id: SandboxId,
+    /// The team that owns it.
+    pub team: TeamId,
+    /// The host it runs on, if placed.
+    pub host: Option<HostId>,
+    /// Its status.
+    pub status: SandboxStatus,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mb: u32,
+}
+
+impl Sandbox {
+    /// A sandbox record for [`crate::Registry::register_sandbox`].
+    pub fn new(
+        id: SandboxId,
+        team: TeamId,
+        host: Option<HostId>,
+        status: SandboxStatus,
+        vcpus: u32,
+        memory_mb: u32,
+    ) -> Self {
+        Self {
+            id,
+            team,
+            host,
+            status,
+            vcpus,
+            memory_mb,
+        }
+    }
+}
+
+/// A template (a snapshot is a template of type [`TemplateType::Snapshot`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Template {
+    /// Its id; also the key of its files on hosts.
+    pub id: TemplateId,
+    /// The owning team ([`TeamId::PLATFORM`] for platform templates).
+    pub team: TeamId,
+    /// Its name, unique within the team.
+    pub name: TemplateName,
+    /// Base or snapshot.
+    pub template_type: TemplateType,
+    /// Virtual CPUs (0 when unknown).
+    pub vcpus: u32,
+    /// Memory in MiB (0 when unknown).
+    pub memory_mb: u32,
+    /// Bytes allocated on disk by its files.
+    pub size_bytes: u64,
+    /// When it became visible.
+    pub created_at: Timestamp,
+    /// The sandbox it was taken from (snapshots only).
+    pub source_sandbox: Option<SandboxId>,
+}
+
+impl Template {
+    /// Whether it belongs to the platform team.
+    pub fn is_platform(&self) -> bool {
+        self.team.is_platform()
+    }
+}
+
+/// Who performs an action, for scoping and the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Actor {
+    /// A signed-in user.
+    User {
+        /// The user's id in the embedding application.
+        id: String,
+        /// Display name.
+        name: String,
+    },
+    /// An API key.
+    ApiKey {
+        /// The key's id.
+        id: ApiKeyId,
+        /// The key's label.
+        name: String,
+    },
+    /// The library or the embedding application itself.
+    System,
+}
+
+impl Actor {
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Actor::User { .. } => "user",
+            Actor::ApiKey { .. } => "api_key",
+            Actor::System => "system",
+        }
+    }
+
+    pub(crate) fn id_text(&self) -> Option<String> {
+        match self {
+            Actor::User { id, .. } => Some(id.clone()),
+            Actor::ApiKey { id, .. } => Some(id.to_string()),
+            Actor::System => None,
+        }
+    }
+
+    pub(crate) fn name_text(&self) -> Option<&str> {
+        match self {
+            Actor::User { name, .. } | Actor::ApiKey { name, .. } => Some(name),
+            Actor::System => None,
+        }
+    }
+}
+
+/// Who is asking: every operation is scoped to the caller's team.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    team: TeamId,
+    actor: Actor,
+    admin: bool,
+}
+
+impl Caller {
+    /// A regular (non-admin) member of `team`.
+    pub fn new(team: TeamId, actor: Actor) -> Self {
+        Self {
+            team,
+            actor,
+            admin: false,
+        }
+    }
+
+    /// An administrator acting for `team`. Only admins may act for the
+    /// platform team.
+    pub fn admin(team: TeamId, actor: Actor) -> Self {
+        Self {
+            team,
+            actor,
+            admin: true,
+        }
+    }
+
+    /// The library acting on its own behalf (recovery, sweeps).
+    pub fn system(team: TeamId) -> Self {
+        Self::admin(team, Actor::System)
+    }
+
+    /// The team the caller acts for.
+    pub fn team(&self) -> TeamId {
+        self.team
+    }
+
+    /// Who the caller is.
+    pub fn actor(&self) -> &Actor {
+        &self.actor
+    }
+
+    /// Whether the caller is an administrator.
+    pub fn is_admin(&self) -> bool {
+        self.admin
+    }
+}

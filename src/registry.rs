@@ -1,0 +1,220 @@
+//! The host and sandbox registry: what the embedding application tells the
+//! library about its fleet, because snapshot flows read and change it.
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use crate::error::Result;
+use crate::ids::{HostId, SandboxId, TeamId, TemplateId};
+use crate::model::{Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateType, Timestamp};
+use crate::names::TemplateName;
+use crate::store::Store;
+use crate::store::sql;
+
+/// A template whose files already exist on hosts (a base image, or files
+/// copied by other means), for [`Registry::register_template`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct NewTemplate {
+    /// Owner; [`TeamId::PLATFORM`] for a platform template.
+    pub team: TeamId,
+    /// Its name.
+    pub name: TemplateName,
+    /// Base or snapshot.
+    pub template_type: TemplateType,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mb: u32,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+    /// Hosts that hold its files under its id as key.
+    pub hosts: Vec<HostId>,
+}
+
+impl NewTemplate {
+    /// A template named `name` of `team`; other fields zero.
+    pub fn new(team: TeamId, name: TemplateName, template_type: TemplateType) -> Self {
+        Self {
+            team,
+            name,
+            template_type,
+            vcpus: 0,
+            memory_mb: 0,
+            size_bytes: 0,
+            hosts: Vec::new(),
+        }
+    }
+
+    /// Sets the machine shape.
+    pub fn shape(mut self, vcpus: u32, memory_mb: u32) -> Self {
+        self.vcpus = vcpus;
+        self.memory_mb = memory_mb;
+        self
+    }
+
+    /// Sets the size on disk.
+    pub fn size_bytes(mut self, size_bytes: u64) -> Self {
+        self.size_bytes = size_bytes;
+        self
+    }
+
+    /// Sets the hosts that hold the files.
+    pub fn on_hosts(mut self, hosts: impl IntoIterator<Item = HostId>) -> Self {
+        self.hosts = hosts.into_iter().collect();
+        self
+    }
+}
+
+/// Registers and updates hosts and sandboxes. Obtained from
+/// [`crate::SqliteSnapshotManager::registry`]; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    store: Store,
+    wake: Arc<Notify>,
+}
+
+impl Registry {
+    pub(crate) fn new(store: Store, wake: Arc<Notify>) -> Self {
+        Self { store, wake }
+    }
+
+    /// Registers a host, or updates its address and status.
+    pub async fn register_host(
+        &self,
+        id: HostId,
+        address: impl Into<String>,
+        status: HostStatus,
+    ) -> Result<Host> {
+        let address = address.into();
+        let host = self
+            .store
+            .write(move |c| sql::upsert_host(c, id, &address, status, Timestamp::now()))
+            .await?;
+        self.wake.notify_one();
+        Ok(host)
+    }
+
+    /// Changes a host's status. A host that comes back online has its
+    /// queued deletions retried at once.
+    pub async fn set_host_status(&self, id: HostId, status: HostStatus) -> Result<()> {
+        self.update_host(id, Some(status), None, None).await
+    }
+
+    /// Changes a host's agent address.
+    pub async fn set_host_address(&self, id: HostId, address: impl Into<String>) -> Result<()> {
+        self.update_host(id, None, Some(address.into()), None).await
+    }
+
+    /// Records a heartbeat: the host is online as of now.
+    pub async fn heartbeat(&self, id: HostId) -> Result<()> {
+        self.update_host(id, Some(HostStatus::Online), None, Some(Timestamp::now()))
+            .await
+    }
+
+    async fn update_host(
+        &self,
+        id: HostId,
+        status: Option<HostStatus>,
+        address: Option<String>,
+        heartbeat: Option<Timestamp>,
+    ) -> Result<()> {
+        let previous = self
+            .store
+            .write(move |c| {
+                sql::update_host(
+                    c,
+                    id,
+                    status,
+                    address.as_deref(),
+                    heartbeat,
+                    Timestamp::now(),
+                )
+            })
+            .await?;
+        if status == Some(HostStatus::Online) && previous != HostStatus::Online {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// A host by id.
+    pub async fn host(&self, id: HostId) -> Result<Option<Host>> {
+        self.store.read(move |c| sql::get_host(c, id)).await
+    }
+
+    /// Every host.
+    pub async fn hosts(&self) -> Result<Vec<Host>> {
+        self.store.read(sql::list_hosts).await
+    }
+
+    /// Registers a sandbox or replaces its record. Refused with 409 while a
+    /// snapshot owns the sandbox.
+    pub async fn register_sandbox(&self, sandbox: Sandbox) -> Result<()> {
+        self.store
+            .write(move |c| sql::upsert_sandbox(c, &sandbox, Timestamp::now()))
+            .await
+    }
+
+    /// A sandbox by id (any team: this is the application's view).
+    pub async fn sandbox(&self, id: SandboxId) -> Result<Option<Sandbox>> {
+        self.store.read(move |c| sql::get_sandbox(c, id)).await
+    }
+
+    /// Sets a sandbox's status. While a snapshot owns the sandbox
+    /// (`snapshotting`) this answers 409 `conflict`: a pause or stop must
+    /// not race a snapshot.
+    pub async fn set_sandbox_status(
+        &self,
+        id: SandboxId,
+        status: SandboxStatus,
+    ) -> Result<Sandbox> {
+        self.store
+            .write(move |c| sql::set_sandbox_status(c, id, None, status, Timestamp::now()))
+            .await
+    }
+
+    /// Sets a sandbox's status only if it is `expected` now (409
+    /// `invalid_state` otherwise).
+    pub async fn compare_and_set_sandbox_status(
+        &self,
+        id: SandboxId,
+        expected: SandboxStatus,
+        status: SandboxStatus,
+    ) -> Result<Sandbox> {
+        self.store
+            .write(move |c| {
+                sql::set_sandbox_status(c, id, Some(expected), status, Timestamp::now())
+            })
+            .await
+    }
+
+    /// Forgets a sandbox. Refused with 409 while a snapshot owns it.
+    pub async fn remove_sandbox(&self, id: SandboxId) -> Result<()> {
+        self.store.write(move |c| sql::remove_sandbox(c, id)).await
+    }
+
+    /// Records a ready template whose files already exist on its hosts.
+    /// The name rules of creates apply (409 when taken or reserved).
+    pub async fn register_template(&self, template: NewTemplate) -> Result<Template> {
+        let now = Timestamp::now();
+        let record = Template {
+            id: TemplateId::new(),
+            team: template.team,
+            name: template.name,
+            template_type: template.template_type,
+            vcpus: template.vcpus,
+            memory_mb: template.memory_mb,
+            size_bytes: template.size_bytes,
+            created_at: now,
+            source_sandbox: None,
+        };
+        let hosts = template.hosts;
+        let stored = record.clone();
+        self.store
+            .write(move |c| sql::insert_ready_template(c, &stored, &hosts, now))
+            .await?;
+        Ok(record)
+    }
+}

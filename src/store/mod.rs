@@ -1,0 +1,306 @@
+//! The SQLite store: one writer thread that owns the only write connection,
+//! and an r2d2 pool of read-only connections used from `spawn_blocking`.
+//!
+//! No SQLite call runs on an async worker thread. Writes are closures sent
+//! to the writer thread; it runs each in its own savepoint and commits the
+//! jobs that arrived together in one transaction (group commit), replying
+//! only after the commit is durable.
+
+mod error;
+mod migrate;
+pub(crate) mod sql;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::oneshot;
+
+pub use error::{StoreError, StoreErrorKind};
+pub use migrate::SCHEMA_VERSION;
+
+/// SQLite's `synchronous` setting for the write connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Synchronous {
+    /// Sync the WAL on every commit: survives power loss (the default).
+    Full,
+    /// Sync at checkpoints only: survives a process crash, may lose the last
+    /// commits on power loss.
+    Normal,
+    /// Never sync (tests and benchmarks only).
+    Off,
+}
+
+impl Synchronous {
+    fn pragma(self) -> &'static str {
+        match self {
+            Self::Full => "FULL",
+            Self::Normal => "NORMAL",
+            Self::Off => "OFF",
+        }
+    }
+}
+
+/// How the store opens its SQLite file.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StoreOptions {
+    /// Durability of commits. Default [`Synchronous::Full`].
+    pub synchronous: Synchronous,
+    /// How long a connection waits for a lock held by another connection
+    /// (or process) before failing with `db_error`. Default 5 s.
+    pub busy_timeout: Duration,
+    /// Read connections in the pool. Default 4.
+    pub read_connections: u32,
+    /// Most write jobs committed in one transaction. Default 64.
+    pub max_batch: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            synchronous: Synchronous::Full,
+            busy_timeout: Duration::from_secs(5),
+            read_connections: 4,
+            max_batch: 64,
+        }
+    }
+}
+
+type ReadPool = r2d2::Pool<SqliteConnectionManager>;
+
+/// A finished job's reply, sent once the batch's commit is known.
+type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+/// A write job: runs inside its savepoint (or is told why it cannot run) and
+/// says whether it succeeded, plus how to reply once the commit is known.
+type Job = Box<dyn FnOnce(Result<&Connection, StoreError>) -> Option<(bool, Completion)> + Send>;
+
+/// A handle to the store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: mpsc::Sender<Job>,
+    readers: ReadPool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite file at `path`, applies the
+    /// schema, and starts the writer thread.
+    ///
+    /// A file that is not an SQLite database, or whose schema is newer than
+    /// this build knows, is refused without being changed.
+    pub async fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let opened = {
+            let path = path.clone();
+            let options = options.clone();
+            tokio::task::spawn_blocking(move || open_blocking(&path, &options))
+                .await
+                .map_err(|e| StoreError::internal(format!("open task failed: {e}")))??
+        };
+        let (writer, readers) = opened;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let max_batch = options.max_batch.max(1);
+        std::thread::Builder::new()
+            .name("sqlite-writer".to_owned())
+            .spawn(move || writer_loop(writer, rx, max_batch))
+            .map_err(|e| StoreError::internal(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path,
+                writer: tx,
+                readers,
+            }),
+        })
+    }
+
+    /// The SQLite file's path.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` on the writer thread inside a transaction. When `f` returns
+    /// `Err`, everything it wrote is rolled back; `Ok` is returned only after
+    /// the commit. The job runs to the end even if this future is dropped.
+    pub(crate) async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    {
+        let (reply_tx, reply_rx) = oneshot::channel::<Result<T, E>>();
+        let job: Job = Box::new(move |conn| {
+            let conn = match conn {
+                Ok(conn) => conn,
+                Err(err) => {
+                    let _ = reply_tx.send(Err(E::from(err)));
+                    return None;
+                }
+            };
+            let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(conn))) {
+                Ok(result) => result,
+                Err(_) => Err(E::from(StoreError::internal("a write job panicked"))),
+            };
+            let ok = result.is_ok();
+            let completion: Completion = Box::new(move |commit| {
+                let reply = match (result, commit) {
+                    (Ok(value), Ok(())) => Ok(value),
+                    (Ok(_), Err(err)) => Err(E::from(err)),
+                    (Err(err), _) => Err(err),
+                };
+                let _ = reply_tx.send(reply);
+            });
+            Some((ok, completion))
+        });
+        self.inner
+            .writer
+            .send(job)
+            .map_err(|_| E::from(StoreError::writer_gone()))?;
+        reply_rx
+            .await
+            .unwrap_or_else(|_| Err(E::from(StoreError::writer_gone())))
+    }
+
+    /// Runs `f` on a pooled read-only connection on a blocking thread.
+    pub(crate) async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    {
+        let pool = self.inner.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.get().map_err(StoreError::from)?;
+            f(&conn)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(E::from(StoreError::internal(format!(
+                "read task failed: {e}"
+            ))))
+        })
+    }
+}
+
+fn open_blocking(
+    path: &Path,
+    options: &StoreOptions,
+) -> Result<(Connection, ReadPool), StoreError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            StoreError::internal(format!("cannot create directory {}: {e}", parent.display()))
+        })?;
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(options.busy_timeout)?;
+    // Check what the file is before changing anything in it.
+    migrate::check_version(&conn, path)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::internal(format!(
+            "cannot switch {} to WAL mode (got {mode})",
+            path.display()
+        )));
+    }
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {}; PRAGMA foreign_keys = ON;",
+        options.synchronous.pragma()
+    ))?;
+    migrate::migrate(&mut conn)?;
+
+    let busy = options.busy_timeout;
+    let manager = SqliteConnectionManager::file(path)
+        .with_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .with_init(move |c| {
+            c.busy_timeout(busy)?;
+            c.execute_batch("PRAGMA foreign_keys = ON;")
+        });
+    let readers = r2d2::Pool::builder()
+        .max_size(options.read_connections.max(1))
+        .min_idle(Some(1))
+        .build(manager)?;
+    Ok((conn, readers))
+}
+
+/// Takes jobs in batches, runs each in a savepoint of one transaction,
+/// commits, then replies to every job of the batch.
+fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, max_batch: usize) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        run_batch(&conn, batch);
+    }
+}
+
+fn run_batch(conn: &Connection, batch: Vec<Job>) {
+    if let Err(err) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let err = StoreError::from(err);
+        for job in batch {
+            job(Err(err.clone()));
+        }
+        return;
+    }
+    let mut completions = Vec::with_capacity(batch.len());
+    let mut broken: Option<StoreError> = None;
+    for job in batch {
+        if let Some(err) = &broken {
+            job(Err(err.clone()));
+            continue;
+        }
+        if let Err(err) = conn.execute_batch("SAVEPOINT job") {
+            let err = StoreError::from(err);
+            job(Err(err.clone()));
+            broken = Some(err);
+            continue;
+        }
+        let Some((ok, completion)) = job(Ok(conn)) else {
+            continue;
+        };
+        let end = if ok {
+            conn.execute_batch("RELEASE job")
+        } else {
+            conn.execute_batch("ROLLBACK TO job; RELEASE job")
+        };
+        completions.push(completion);
+        if let Err(err) = end {
+            broken = Some(StoreError::from(err));
+        }
+    }
+    let outcome = match broken {
+        Some(err) => Err(err),
+        None => conn.execute_batch("COMMIT").map_err(StoreError::from),
+    };
+    if outcome.is_err()
+        && !conn.is_autocommit()
+        && let Err(err) = conn.execute_batch("ROLLBACK")
+    {
+        tracing::error!(error = %StoreError::from(err), "rollback after a failed batch failed");
+    }
+    for completion in completions {
+        completion(outcome.clone());
+    }
+}
