@@ -84,3 +84,8 @@ pub use names::{NameError, TemplateName};
 pub use registry::{NewTemplate, Registry};
 pub use store::sql::PendingDeletion;
 pub use store::{SCHEMA_VERSION, Store, StoreError, StoreErrorKind, StoreOptions, Synchronous};
+
+/// The README's examples are compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -193,8 +193,9 @@ pub struct ManagerOptions {
     pub create_timeout: Duration,
     /// Longest a `DeleteSnapshot` call may take. Default 30 s.
     pub delete_timeout: Duration,
-    /// Longest `delete` waits for the hosts before returning (the deletion
-    /// goes on in the background). Default 10 s.
+    /// Longest `delete` (and an overwriting `create`) waits for the hosts
+    /// to delete files before returning; the deletion goes on in the
+    /// background either way. Default 10 s.
     pub delete_wait: Duration,
     /// Longest a `ListSandboxes` call may take. Default 10 s.
     pub list_timeout: Duration,
@@ -283,6 +284,15 @@ fn lock_path(db: &Path) -> PathBuf {
 /// One manager per store file: open journal entries are taken to be
 /// interrupted operations, which is only true if nobody else drives them.
 fn take_lock(db: &Path) -> Result<File> {
+    if let Some(parent) = db.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            Error::new(
+                ErrorCode::DbError,
+                format!("cannot create {}", parent.display()),
+            )
+            .with_source(e)
+        })?;
+    }
     let path = lock_path(db);
     let file = File::options()
         .create(true)
@@ -583,13 +593,14 @@ impl SnapshotManager for SqliteSnapshotManager {
                             return;
                         }
                     };
-                    let _ = committed_tx.send(Ok(template));
+                    let hosts: Vec<HostId> = targets.iter().map(|d| d.host.id).collect();
+                    let _ = committed_tx.send(Ok((template, hosts)));
                     let outcome = delete_files(&inner, targets).await;
                     let _ = done_tx.send(outcome);
                 }
                 .in_current_span(),
             );
-            let template = committed_rx.await.unwrap_or_else(|_| {
+            let (template, hosts) = committed_rx.await.unwrap_or_else(|_| {
                 Err(Error::new(
                     ErrorCode::DbError,
                     "the delete task stopped unexpectedly",
@@ -598,8 +609,9 @@ impl SnapshotManager for SqliteSnapshotManager {
             let (hosts_confirmed, hosts_pending) =
                 match tokio::time::timeout(self.inner.options.delete_wait, done_rx).await {
                     Ok(Ok(outcome)) => outcome,
-                    // Still running: whatever is not confirmed is retried.
-                    _ => (Vec::new(), Vec::new()),
+                    // Still running: nothing is confirmed yet, and whatever
+                    // does not confirm is retried by the worker.
+                    _ => (Vec::new(), hosts),
                 };
             Ok(Deleted {
                 template,
@@ -758,14 +770,18 @@ async fn finish_success(inner: &Arc<Inner>, op: &CreateOp, size_bytes: u64) -> R
     };
     tracing::info!(template = %done.template.id, size_bytes, "snapshot ready");
     if !done.replaced.is_empty() {
+        // Delete the replaced files now, waiting a bounded time so that an
+        // overwrite usually returns with the old files gone; a slow or
+        // unreachable host is left to the worker.
         let targets = done.replaced;
         let inner2 = inner.clone();
-        inner.tasks.spawn(
+        let deleting = inner.tasks.spawn(
             async move {
                 delete_files(&inner2, targets).await;
             }
             .in_current_span(),
         );
+        let _ = tokio::time::timeout(inner.options.delete_wait, deleting).await;
     }
     Ok(done.template)
 }

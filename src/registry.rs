@@ -10,7 +10,7 @@ use crate::ids::{HostId, SandboxId, TeamId, TemplateId};
 use crate::model::{Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateType, Timestamp};
 use crate::names::TemplateName;
 use crate::store::Store;
-use crate::store::sql;
+use crate::store::sql::{self, HostChange};
 
 /// A template whose files already exist on hosts (a base image, or files
 /// copied by other means), for [`Registry::register_template`].
@@ -80,7 +80,8 @@ impl Registry {
         Self { store, wake }
     }
 
-    /// Registers a host, or updates its address and status.
+    /// Registers a host, or updates its address and status. A host that
+    /// comes (back) online has its queued work retried at once.
     pub async fn register_host(
         &self,
         id: HostId,
@@ -88,52 +89,60 @@ impl Registry {
         status: HostStatus,
     ) -> Result<Host> {
         let address = address.into();
-        let host = self
+        let (host, came_online) = self
             .store
             .write(move |c| sql::upsert_host(c, id, &address, status, Timestamp::now()))
             .await?;
-        self.wake.notify_one();
+        if came_online {
+            self.wake.notify_one();
+        }
         Ok(host)
     }
 
     /// Changes a host's status. A host that comes back online has its
-    /// queued deletions retried at once.
+    /// queued work retried at once.
     pub async fn set_host_status(&self, id: HostId, status: HostStatus) -> Result<()> {
-        self.update_host(id, Some(status), None, None).await
+        self.update_host(
+            id,
+            HostChange {
+                status: Some(status),
+                ..HostChange::default()
+            },
+        )
+        .await
     }
 
     /// Changes a host's agent address.
     pub async fn set_host_address(&self, id: HostId, address: impl Into<String>) -> Result<()> {
-        self.update_host(id, None, Some(address.into()), None).await
+        self.update_host(
+            id,
+            HostChange {
+                address: Some(address.into()),
+                ..HostChange::default()
+            },
+        )
+        .await
     }
 
-    /// Records a heartbeat: the host is online as of now.
+    /// Records a heartbeat. A `pending` or `unreachable` host becomes
+    /// online; a `draining` or `offline` one keeps its status.
     pub async fn heartbeat(&self, id: HostId) -> Result<()> {
-        self.update_host(id, Some(HostStatus::Online), None, Some(Timestamp::now()))
-            .await
+        self.update_host(
+            id,
+            HostChange {
+                heartbeat: true,
+                ..HostChange::default()
+            },
+        )
+        .await
     }
 
-    async fn update_host(
-        &self,
-        id: HostId,
-        status: Option<HostStatus>,
-        address: Option<String>,
-        heartbeat: Option<Timestamp>,
-    ) -> Result<()> {
-        let previous = self
+    async fn update_host(&self, id: HostId, change: HostChange) -> Result<()> {
+        let came_online = self
             .store
-            .write(move |c| {
-                sql::update_host(
-                    c,
-                    id,
-                    status,
-                    address.as_deref(),
-                    heartbeat,
-                    Timestamp::now(),
-                )
-            })
+            .write(move |c| sql::update_host(c, id, &change, Timestamp::now()))
             .await?;
-        if status == Some(HostStatus::Online) && previous != HostStatus::Online {
+        if came_online {
             self.wake.notify_one();
         }
         Ok(())

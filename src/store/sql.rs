@@ -83,20 +83,28 @@ fn host_row(row: &Row<'_>) -> rusqlite::Result<Host> {
     })
 }
 
+/// Registers a host or replaces its address and status. Returns the host
+/// and whether it just came online (its queued work is then due now).
 pub(crate) fn upsert_host(
     conn: &Connection,
     id: HostId,
     address: &str,
     status: HostStatus,
     now: Timestamp,
-) -> Result<Host> {
+) -> Result<(Host, bool)> {
+    let previous = get_host(conn, id)?.map(|h| h.status);
     conn.prepare_cached(
         "INSERT INTO hosts (id, address, status, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)
          ON CONFLICT (id) DO UPDATE SET address = excluded.address, status = excluded.status,
                                         updated_at = excluded.updated_at",
     )
     .and_then(|mut s| s.execute(params![id, address, status, now.unix_millis()]))?;
-    get_host(conn, id)?.ok_or_else(|| Error::not_found("host not found"))
+    let came_online = status == HostStatus::Online && previous != Some(HostStatus::Online);
+    if came_online {
+        make_host_work_due(conn, id, now)?;
+    }
+    let host = get_host(conn, id)?.ok_or_else(|| Error::not_found("host not found"))?;
+    Ok((host, came_online))
 }
 
 pub(crate) fn get_host(conn: &Connection, id: HostId) -> Result<Option<Host>> {
@@ -115,38 +123,51 @@ pub(crate) fn list_hosts(conn: &Connection) -> Result<Vec<Host>> {
     Ok(rows)
 }
 
-/// Updates a host's status and/or heartbeat. When the host becomes online,
-/// its queued work is made due now. Returns the host's previous status.
+/// A change to a registered host.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HostChange {
+    pub(crate) status: Option<HostStatus>,
+    pub(crate) address: Option<String>,
+    /// A heartbeat: records the time, and brings a `pending` or
+    /// `unreachable` host online (a `draining` or `offline` one stays so).
+    pub(crate) heartbeat: bool,
+}
+
+/// Applies `change` to a host. When the host becomes online, its queued
+/// work is made due now. Returns whether it just came online.
 pub(crate) fn update_host(
     conn: &Connection,
     id: HostId,
-    status: Option<HostStatus>,
-    address: Option<&str>,
-    heartbeat: Option<Timestamp>,
+    change: &HostChange,
     now: Timestamp,
-) -> Result<HostStatus> {
-    let previous: HostStatus = conn
-        .prepare_cached("SELECT status FROM hosts WHERE id = ?1")
-        .and_then(|mut s| s.query_row([id], |r| r.get(0)).optional())?
-        .ok_or_else(|| Error::not_found(format!("host {id} not found")))?;
+) -> Result<bool> {
+    let previous = get_host(conn, id)?
+        .ok_or_else(|| Error::not_found(format!("host {id} not found")))?
+        .status;
+    let mut status = change.status.unwrap_or(previous);
+    if change.heartbeat && matches!(status, HostStatus::Pending | HostStatus::Unreachable) {
+        status = HostStatus::Online;
+    }
     conn.prepare_cached(
-        "UPDATE hosts SET status = coalesce(?2, status), address = coalesce(?3, address),
-                          last_heartbeat = coalesce(?4, last_heartbeat), updated_at = ?5
+        "UPDATE hosts SET status = ?2, address = coalesce(?3, address),
+                          last_heartbeat = CASE WHEN ?4 THEN ?5 ELSE last_heartbeat END,
+                          updated_at = ?5
          WHERE id = ?1",
     )
     .and_then(|mut s| {
         s.execute(params![
             id,
             status,
-            address,
-            heartbeat.map(Timestamp::unix_millis),
+            change.address,
+            change.heartbeat,
             now.unix_millis()
         ])
     })?;
-    if status == Some(HostStatus::Online) && previous != HostStatus::Online {
+    let came_online = status == HostStatus::Online && previous != HostStatus::Online;
+    if came_online {
         make_host_work_due(conn, id, now)?;
     }
-    Ok(previous)
+    Ok(came_online)
 }
 
 fn make_host_work_due(conn: &Connection, host: HostId, now: Timestamp) -> Result<()> {
@@ -154,10 +175,8 @@ fn make_host_work_due(conn: &Connection, host: HostId, now: Timestamp) -> Result
         "UPDATE placements SET next_attempt = ?2 WHERE host_id = ?1 AND state = 'deleting'",
     )
     .and_then(|mut s| s.execute(params![host, now.unix_millis()]))?;
-    conn.prepare_cached(
-        "UPDATE operations SET next_attempt = ?2 WHERE host_id = ?1 AND phase = 'resolving'",
-    )
-    .and_then(|mut s| s.execute(params![host, now.unix_millis()]))?;
+    conn.prepare_cached("UPDATE operations SET next_attempt = ?2 WHERE host_id = ?1")
+        .and_then(|mut s| s.execute(params![host, now.unix_millis()]))?;
     Ok(())
 }
 

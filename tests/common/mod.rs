@@ -1,7 +1,7 @@
 //! Shared builders for the integration tests: a manager on a real SQLite
 //! file in a temp dir, one or more in-memory host agents behind the
 //! in-process transport.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -95,11 +95,19 @@ impl Env {
 
     pub async fn create(&self, team: TeamId, sandbox: SandboxId, name: &str) -> Result<Template> {
         self.manager
-            .create(&caller(team), NewSnapshot::parse(&sandbox.to_string(), name)?)
+            .create(
+                &caller(team),
+                NewSnapshot::parse(&sandbox.to_string(), name)?,
+            )
             .await
     }
 
-    pub async fn overwrite(&self, team: TeamId, sandbox: SandboxId, name: &str) -> Result<Template> {
+    pub async fn overwrite(
+        &self,
+        team: TeamId,
+        sandbox: SandboxId,
+        name: &str,
+    ) -> Result<Template> {
         self.manager
             .create(
                 &caller(team),
@@ -127,11 +135,9 @@ impl Env {
 }
 
 pub fn count(db: &Path, sql: &str) -> i64 {
-    let conn = rusqlite::Connection::open_with_flags(
-        db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
     conn.query_row(sql, [], |r| r.get(0)).unwrap()
 }
 

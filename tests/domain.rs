@@ -1,0 +1,343 @@
+//! Ids, names, and opening store files: parse and format rules (SPEC §2),
+//! the schema migrator, and files that must be refused untouched.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use sandbox_snapshots::*;
+use uuid::Uuid;
+
+#[test]
+fn ids_round_trip_for_every_prefix() {
+    for value in [
+        0u128,
+        1,
+        35,
+        36,
+        u128::from(u64::MAX),
+        u128::MAX / 3,
+        u128::MAX,
+    ] {
+        let uuid = Uuid::from_u128(value);
+        let sb = SandboxId::from_uuid(uuid);
+        let text = sb.to_string();
+        assert_eq!(text.len(), "sb-".len() + 25, "{text}");
+        assert_eq!(SandboxId::parse(&text).unwrap(), sb);
+        assert_eq!(
+            HostId::parse(&HostId::from_uuid(uuid).to_string())
+                .unwrap()
+                .as_uuid(),
+            uuid
+        );
+        assert_eq!(
+            TeamId::parse(&TeamId::from_uuid(uuid).to_string())
+                .unwrap()
+                .as_uuid(),
+            uuid
+        );
+        assert_eq!(
+            TemplateId::parse(&TemplateId::from_uuid(uuid).to_string())
+                .unwrap()
+                .as_uuid(),
+            uuid
+        );
+        assert_eq!(
+            ApiKeyId::parse(&ApiKeyId::from_uuid(uuid).to_string())
+                .unwrap()
+                .as_uuid(),
+            uuid
+        );
+        assert_eq!(
+            AuditLogId::parse(&AuditLogId::from_uuid(uuid).to_string())
+                .unwrap()
+                .as_uuid(),
+            uuid
+        );
+    }
+    assert_eq!(
+        SandboxId::from_uuid(Uuid::from_u128(1)).to_string(),
+        "sb-0000000000000000000000001"
+    );
+    assert_eq!(
+        SandboxId::from_uuid(Uuid::from_u128(35)).to_string(),
+        "sb-000000000000000000000000z"
+    );
+    assert_eq!(
+        TeamId::PLATFORM.to_string(),
+        "team-0000000000000000000000000"
+    );
+    assert!(
+        TeamId::parse("team-0000000000000000000000000")
+            .unwrap()
+            .is_platform()
+    );
+    // Random ids differ and survive serde as strings.
+    let (a, b) = (TemplateId::new(), TemplateId::new());
+    assert_ne!(a, b);
+    let json = serde_json::to_string(&a).unwrap();
+    assert_eq!(json, format!("\"{a}\""));
+    assert_eq!(serde_json::from_str::<TemplateId>(&json).unwrap(), a);
+    assert!(serde_json::from_str::<TemplateId>("\"sb-0000000000000000000000001\"").is_err());
+}
+
+#[test]
+fn ids_reject_wrong_prefix_length_case_characters_and_overflow() {
+    let good = "0000000000000000000000001";
+    assert!(matches!(
+        SandboxId::parse(&format!("host-{good}")),
+        Err(IdError::WrongPrefix { expected: "sb-" })
+    ));
+    assert!(matches!(
+        SandboxId::parse(good),
+        Err(IdError::WrongPrefix { .. })
+    ));
+    assert!(matches!(
+        SandboxId::parse(""),
+        Err(IdError::WrongPrefix { .. })
+    ));
+    assert!(matches!(
+        SandboxId::parse("SB-0000000000000000000000001"),
+        Err(IdError::WrongPrefix { .. })
+    ));
+    assert!(matches!(
+        SandboxId::parse("sb-"),
+        Err(IdError::WrongLength { found: 0 })
+    ));
+    assert!(matches!(
+        SandboxId::parse("sb-000000000000000000000001"),
+        Err(IdError::WrongLength { found: 24 })
+    ));
+    assert!(matches!(
+        SandboxId::parse("sb-00000000000000000000000001"),
+        Err(IdError::WrongLength { found: 26 })
+    ));
+    assert!(matches!(
+        SandboxId::parse("sb-000000000000000000000000A"),
+        Err(IdError::InvalidChar { position: 24 })
+    ));
+    assert!(matches!(
+        SandboxId::parse("sb-00000000000-0000000000000"),
+        Err(IdError::InvalidChar { .. })
+    ));
+    assert!(matches!(
+        SandboxId::parse("sb-0000000000000000000000 01"),
+        Err(IdError::InvalidChar { .. })
+    ));
+    // Multi-byte characters are counted as characters, never sliced.
+    assert!(SandboxId::parse("sb-000000000000000000000000é").is_err());
+    assert!(SandboxId::parse("sb-00000000000000000000000é").is_err());
+    // Above 2^128 - 1: an error, not a panic or a wrap-around.
+    assert_eq!(
+        SandboxId::parse("sb-zzzzzzzzzzzzzzzzzzzzzzzzz"),
+        Err(IdError::Overflow)
+    );
+    assert_eq!(
+        SandboxId::parse("sb-f5lxx1zz5pnorynqglhzmsp34"),
+        Err(IdError::Overflow)
+    );
+    assert!(
+        SandboxId::parse("sb-f5lxx1zz5pnorynqglhzmsp33").is_ok(),
+        "2^128 - 1 itself is fine"
+    );
+}
+
+#[test]
+fn template_name_rule_accept_and_reject_table() {
+    let max = "a".repeat(64);
+    for ok in [
+        "a",
+        "A",
+        "0",
+        "a..b",
+        "my-snap_1.2",
+        "Z.-_",
+        max.as_str(),
+        "template-0a1b2c3d",
+    ] {
+        assert_eq!(
+            TemplateName::parse(ok).unwrap().as_str(),
+            ok,
+            "{ok:?} should be accepted"
+        );
+    }
+    let too_long = "a".repeat(65);
+    let cases: &[(&str, NameError)] = &[
+        ("", NameError::Empty),
+        (".", NameError::BadStart),
+        ("..", NameError::BadStart),
+        (".x", NameError::BadStart),
+        ("-x", NameError::BadStart),
+        ("_x", NameError::BadStart),
+        ("~x", NameError::BadStart),
+        ("a/b", NameError::BadChar),
+        ("a b", NameError::BadChar),
+        ("a\0b", NameError::BadChar),
+        ("naïve", NameError::BadChar),
+        (too_long.as_str(), NameError::TooLong),
+    ];
+    for (bad, why) in cases {
+        assert_eq!(TemplateName::parse(bad), Err(why.clone()), "{bad:?}");
+    }
+    // Case-sensitive: two distinct names.
+    assert_ne!(
+        TemplateName::parse("Snap").unwrap(),
+        TemplateName::parse("snap").unwrap()
+    );
+    // Generated names follow the rule and the template-xxxxxxxx shape.
+    for _ in 0..100 {
+        let g = TemplateName::generate();
+        let text = g.as_str();
+        assert_eq!(text.len(), 17);
+        assert!(text.starts_with("template-"));
+        assert!(
+            text[9..]
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        );
+        assert_eq!(TemplateName::parse(text).unwrap(), g);
+    }
+}
+
+#[test]
+fn error_codes_and_statuses_are_stable() {
+    let table = [
+        (ErrorCode::InvalidRequest, "invalid_request", 400),
+        (ErrorCode::Unauthorized, "unauthorized", 401),
+        (ErrorCode::Forbidden, "forbidden", 403),
+        (ErrorCode::NotFound, "not_found", 404),
+        (ErrorCode::AlreadyExists, "already_exists", 409),
+        (ErrorCode::NameReserved, "name_reserved", 409),
+        (ErrorCode::InvalidState, "invalid_state", 409),
+        (ErrorCode::Conflict, "conflict", 409),
+        (ErrorCode::DbError, "db_error", 500),
+        (ErrorCode::AgentError, "agent_error", 502),
+        (ErrorCode::HostUnavailable, "host_unavailable", 503),
+    ];
+    for (code, text, status) in table {
+        assert_eq!(code.as_str(), text);
+        assert_eq!(code.http_status(), status);
+        let err = Error::new(code, "m");
+        assert_eq!(
+            (err.code(), err.http_status(), err.message()),
+            (code, status, "m")
+        );
+    }
+}
+
+#[test]
+fn timestamps_format_as_rfc3339_seconds() {
+    assert_eq!(
+        Timestamp::from_unix_millis(0).to_rfc3339(),
+        "1970-01-01T00:00:00Z"
+    );
+    assert_eq!(
+        Timestamp::from_unix_millis(1_795_874_272_999).to_rfc3339(),
+        "2026-11-28T13:57:52Z"
+    );
+}
+
+fn schema_of(db: &std::path::Path) -> (i64, Vec<String>) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let version = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    let mut stmt = conn
+        .prepare("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name")
+        .unwrap();
+    let sql = stmt
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<Vec<String>, _>>()
+        .unwrap();
+    (version, sql)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_applies_the_schema_once_and_reopening_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("nested/dir/s.db");
+    let store = Store::open(&db, StoreOptions::default()).await.unwrap();
+    drop(store);
+    let first = schema_of(&db);
+    assert_eq!(first.0, SCHEMA_VERSION);
+    assert!(first.1.iter().any(|s| s.contains("CREATE TABLE templates")));
+    assert!(
+        first
+            .1
+            .iter()
+            .any(|s| s.contains("templates_name_per_team"))
+    );
+
+    // Write a row, reopen, and find the same schema and the row.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(
+        "INSERT INTO hosts (id, address, status, created_at, updated_at)
+         VALUES (randomblob(16), 'a', 'online', 0, 0)",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let _store = Store::open(&db, StoreOptions::default()).await.unwrap();
+    assert_eq!(schema_of(&db), first);
+    assert_eq!(common::count(&db, "SELECT count(*) FROM hosts"), 1);
+    let mode: String = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_schema_is_refused_and_the_file_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("future.db");
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("CREATE TABLE t (x); PRAGMA user_version = 999;")
+            .unwrap();
+    }
+    let before = std::fs::read(&db).unwrap();
+    let err = Store::open(&db, StoreOptions::default()).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::NewerSchema);
+    assert!(err.to_string().contains("999"), "{err}");
+    assert_eq!(std::fs::read(&db).unwrap(), before);
+
+    // Through the manager it is a db_error with the same explanation.
+    let transport = std::sync::Arc::new(InProcessTransport::new());
+    let err = SqliteSnapshotManager::open(&db, transport, ManagerOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::DbError);
+    assert_eq!(std::fs::read(&db).unwrap(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_is_not_a_database_is_refused_and_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("notes.txt");
+    let content = b"these are my notes, not a database\n".repeat(200);
+    std::fs::write(&db, &content).unwrap();
+    let err = Store::open(&db, StoreOptions::default()).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::NotADatabase, "{err}");
+    assert!(err.to_string().contains("not an SQLite database"));
+    assert_eq!(std::fs::read(&db).unwrap(), content);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_manager_per_store_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let transport = std::sync::Arc::new(InProcessTransport::new());
+    let first = SqliteSnapshotManager::open(&db, transport.clone(), ManagerOptions::default())
+        .await
+        .unwrap();
+    let err = SqliteSnapshotManager::open(&db, transport.clone(), ManagerOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("in use"), "{err:?}");
+    first.shutdown().await;
+    drop(first);
+    SqliteSnapshotManager::open(&db, transport, ManagerOptions::default())
+        .await
+        .unwrap();
+}

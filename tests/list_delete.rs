@@ -1,0 +1,566 @@
+//! List, get, delete, team isolation, platform templates and the audit log,
+//! through the public API on a real SQLite file.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::*;
+use sandbox_snapshots::agent::AgentOp;
+use sandbox_snapshots::*;
+
+async fn platform_template(env: &Env, n: &str, kind: TemplateType) -> Template {
+    let t = env
+        .manager
+        .registry()
+        .register_template(
+            NewTemplate::new(TeamId::PLATFORM, name(n), kind)
+                .shape(1, 256)
+                .size_bytes(1000)
+                .on_hosts([env.host]),
+        )
+        .await
+        .unwrap();
+    env.agent.put_snapshot(&t.id.to_string(), 1000, None);
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_shows_own_and_platform_templates_newest_first() {
+    let env = Env::new().await;
+    let (a, b) = (TeamId::new(), TeamId::new());
+    let base = platform_template(&env, "ubuntu-24.04", TemplateType::Base).await;
+    let sa = env.sandbox(a).await;
+    let sb = env.sandbox(b).await;
+    env.create(a, sa, "a1").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    env.create(b, sb, "b1").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    env.create(a, sa, "a2").await.unwrap();
+
+    assert_eq!(env.names(a).await, vec!["a2", "a1", "ubuntu-24.04"]);
+    assert_eq!(env.names(b).await, vec!["b1", "ubuntu-24.04"]);
+    let all = env
+        .manager
+        .list(&caller(a), ListQuery::new())
+        .await
+        .unwrap();
+    assert!(
+        all.next_cursor.is_none(),
+        "an unpaginated call returns everything"
+    );
+    let platform: Vec<bool> = all.items.iter().map(Template::is_platform).collect();
+    assert_eq!(platform, vec![false, false, true]);
+    assert_eq!(all.items[2], base);
+
+    let snaps = env
+        .manager
+        .list(
+            &caller(a),
+            ListQuery::new().template_type(TemplateType::Snapshot),
+        )
+        .await
+        .unwrap();
+    assert_eq!(snaps.items.len(), 2);
+    let bases = env
+        .manager
+        .list(
+            &caller(a),
+            ListQuery::new().template_type(TemplateType::Base),
+        )
+        .await
+        .unwrap();
+    assert_eq!(bases.items, vec![base]);
+
+    // The filter value is validated where it is parsed.
+    let err = "image".parse::<TemplateType>().unwrap_err();
+    assert_eq!(
+        (err.code(), err.http_status()),
+        (ErrorCode::InvalidRequest, 400)
+    );
+    assert_eq!(
+        "snapshot".parse::<TemplateType>().unwrap(),
+        TemplateType::Snapshot
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pagination_walks_every_template_once() {
+    let env = Env::new().await;
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+    for i in 0..4 {
+        platform_template(&env, &format!("base-{i}"), TemplateType::Base).await;
+    }
+    for i in 0..23 {
+        env.create(team, sb, &format!("snap-{i}")).await.unwrap();
+    }
+    let all = env
+        .manager
+        .list(&caller(team), ListQuery::new())
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(all.len(), 27);
+
+    for page_size in [1, 5, 10, 27, 100] {
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut q = ListQuery::new().limit(page_size);
+            if let Some(c) = cursor.take() {
+                q = q.cursor(c);
+            }
+            let page = env.manager.list(&caller(team), q).await.unwrap();
+            assert!(page.items.len() <= page_size as usize);
+            seen.extend(page.items);
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(
+            seen, all,
+            "page size {page_size}: same order, no gaps or duplicates"
+        );
+    }
+
+    for bad in [
+        ListQuery::new().limit(0),
+        ListQuery::new().limit(MAX_PAGE_SIZE + 1),
+    ] {
+        let err = env.manager.list(&caller(team), bad).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidRequest);
+    }
+    for bad in ["", "x", "12.tpl-1", "abc.tpl-0000000000000000000000001"] {
+        let err = env
+            .manager
+            .list(&caller(team), ListQuery::new().limit(5).cursor(bad))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidRequest, "{bad}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_rows_of_the_spec_table() {
+    let env = Env::new().await;
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+    platform_template(&env, "base", TemplateType::Base).await;
+    let t = env.create(team, sb, "gone").await.unwrap();
+
+    // Invalid name: rejected where the name is parsed.
+    let err: Error = TemplateName::parse("../etc").unwrap_err().into();
+    assert_eq!(
+        (err.code(), err.http_status()),
+        (ErrorCode::InvalidRequest, 400)
+    );
+    assert!(err.message().starts_with("invalid snapshot name: "));
+
+    let err = env
+        .manager
+        .delete(&caller(team), &name("nope"))
+        .await
+        .unwrap_err();
+    assert_eq!((err.code(), err.http_status()), (ErrorCode::NotFound, 404));
+    assert_eq!(err.message(), "template not found");
+
+    let err = env
+        .manager
+        .delete(&caller(team), &name("base"))
+        .await
+        .unwrap_err();
+    assert_eq!((err.code(), err.http_status()), (ErrorCode::Forbidden, 403));
+    assert_eq!(err.message(), "platform templates cannot be deleted here");
+
+    let deleted = env
+        .manager
+        .delete(&caller(team), &name("gone"))
+        .await
+        .unwrap();
+    assert_eq!(deleted.template, t);
+    assert_eq!(deleted.hosts_confirmed, vec![env.host]);
+    assert!(deleted.hosts_pending.is_empty());
+    assert!(!env.agent.has_snapshot(&t.id.to_string()));
+    assert_eq!(env.names(team).await, vec!["base"]);
+    assert_eq!(
+        env.count("SELECT count(*) FROM templates WHERE team_id <> zeroblob(16)"),
+        0
+    );
+
+    let audit = env
+        .manager
+        .audit_log(
+            &caller(team),
+            AuditQuery::new().action(actions::SNAPSHOT_DELETE),
+        )
+        .await
+        .unwrap();
+    assert_eq!(audit.items.len(), 1);
+    assert_eq!(audit.items[0].resource_id, t.id.to_string());
+    assert_eq!(audit.items[0].metadata["name"], "gone");
+
+    // The name is free again.
+    env.create(team, sb, "gone").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teams_cannot_see_get_overwrite_or_delete_each_other() {
+    let env = Env::new().await;
+    let (a, b) = (TeamId::new(), TeamId::new());
+    let sa = env.sandbox(a).await;
+    let sb = env.sandbox(b).await;
+    let ta = env.create(a, sa, "shared-name").await.unwrap();
+
+    assert!(env.names(b).await.is_empty());
+    let err = env
+        .manager
+        .get(&caller(b), &name("shared-name"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotFound);
+    let err = env
+        .manager
+        .delete(&caller(b), &name("shared-name"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotFound);
+
+    // B's overwrite of "shared-name" makes B's own template; A's is untouched.
+    let tb = env.overwrite(b, sb, "shared-name").await.unwrap();
+    assert_ne!(ta.id, tb.id);
+    assert_eq!(
+        env.manager
+            .get(&caller(a), &name("shared-name"))
+            .await
+            .unwrap(),
+        ta
+    );
+    assert_eq!(
+        env.manager
+            .get(&caller(b), &name("shared-name"))
+            .await
+            .unwrap(),
+        tb
+    );
+    let keys: HashSet<String> = env.agent.snapshot_keys().into_iter().collect();
+    assert_eq!(keys, HashSet::from([ta.id.to_string(), tb.id.to_string()]));
+
+    // B cannot snapshot A's sandbox.
+    let err = env.create(b, sa, "steal").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotFound);
+
+    // B deleting its own leaves A's.
+    env.manager
+        .delete(&caller(b), &name("shared-name"))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.manager
+            .get(&caller(a), &name("shared-name"))
+            .await
+            .unwrap(),
+        ta
+    );
+    assert!(env.agent.has_snapshot(&ta.id.to_string()));
+
+    // Audit logs are per team.
+    let audit_b = env
+        .manager
+        .audit_log(&caller(b), AuditQuery::new())
+        .await
+        .unwrap();
+    assert!(audit_b.items.iter().all(|e| e.team == b));
+    assert!(
+        audit_b
+            .items
+            .iter()
+            .all(|e| e.resource_id != ta.id.to_string())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_templates_are_visible_undeletable_and_reserve_their_names() {
+    let env = Env::new().await;
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+    let base = platform_template(&env, "python-3.12", TemplateType::Base).await;
+
+    assert_eq!(
+        env.manager
+            .get(&caller(team), &name("python-3.12"))
+            .await
+            .unwrap(),
+        base
+    );
+    for overwrite in [false, true] {
+        let req = NewSnapshot::new(sb, Some(name("python-3.12"))).overwrite(overwrite);
+        let err = env.manager.create(&caller(team), req).await.unwrap_err();
+        assert_eq!(
+            (err.code(), err.http_status()),
+            (ErrorCode::NameReserved, 409)
+        );
+        assert_eq!(err.code().as_str(), "name_reserved");
+    }
+    assert_eq!(env.agent.calls(AgentOp::CreateSnapshot), 0);
+    let err = env
+        .manager
+        .delete(&caller(team), &name("python-3.12"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Forbidden);
+    // A team admin is still not the platform.
+    let admin = Caller::admin(team, Actor::System);
+    assert_eq!(
+        env.manager
+            .delete(&admin, &name("python-3.12"))
+            .await
+            .unwrap_err()
+            .code(),
+        ErrorCode::Forbidden
+    );
+    assert!(env.agent.has_snapshot(&base.id.to_string()));
+
+    // A platform name cannot shadow a team's template either.
+    env.create(team, sb, "mine").await.unwrap();
+    let err = env
+        .manager
+        .registry()
+        .register_template(NewTemplate::new(
+            TeamId::PLATFORM,
+            name("mine"),
+            TemplateType::Base,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.http_status(), 409);
+
+    // The platform admin can delete it, and files go too.
+    env.manager
+        .delete(&platform_admin(), &name("python-3.12"))
+        .await
+        .unwrap();
+    assert!(!env.agent.has_snapshot(&base.id.to_string()));
+    assert_eq!(env.names(team).await, vec!["mine"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_while_the_host_is_down_queues_the_files_until_it_is_back() {
+    let env = Env::new().await;
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+    let t = env.create(team, sb, "later").await.unwrap();
+    let key = t.id.to_string();
+
+    env.agent.set_unavailable(true);
+    let deleted = env
+        .manager
+        .delete(&caller(team), &name("later"))
+        .await
+        .unwrap();
+    assert_eq!(deleted.hosts_pending, vec![env.host]);
+    assert!(deleted.hosts_confirmed.is_empty());
+    // Gone from get/list at once, and the name is free.
+    assert!(env.names(team).await.is_empty());
+    assert_eq!(
+        env.manager
+            .get(&caller(team), &name("later"))
+            .await
+            .unwrap_err()
+            .code(),
+        ErrorCode::NotFound
+    );
+    // The files stay queued while the host is down; the worker keeps trying.
+    let before = env.agent.calls(AgentOp::DeleteSnapshot);
+    eventually("the worker retries", || async {
+        env.agent.calls(AgentOp::DeleteSnapshot) >= before + 2
+    })
+    .await;
+    assert!(env.agent.has_snapshot(&key));
+    let pending = env.manager.pending_deletions().await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].template_id, t.id);
+    assert_eq!(pending[0].host, env.host);
+    assert!(pending[0].attempts >= 1);
+    assert!(
+        pending[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("unavailable")
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM templates"),
+        1,
+        "row kept until confirmed"
+    );
+
+    env.agent.set_unavailable(false);
+    eventually("the worker deletes the files", || async {
+        !env.agent.has_snapshot(&key)
+    })
+    .await;
+    eventually("the row is purged", || async {
+        env.count("SELECT count(*) FROM templates") == 0
+    })
+    .await;
+    assert!(env.manager.pending_deletions().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_host_is_skipped_and_retried_when_it_comes_back_online() {
+    let mut options = fast_options();
+    // Long backoff: only the host coming back can make the retry prompt.
+    options.retry_base = std::time::Duration::from_secs(3600);
+    options.retry_max = std::time::Duration::from_secs(3600);
+    let env = Env::with_options(options).await;
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+    let t = env.create(team, sb, "x").await.unwrap();
+
+    env.agent.set_unavailable(true);
+    let registry = env.manager.registry();
+    env.manager.delete(&caller(team), &name("x")).await.unwrap();
+    registry
+        .set_host_status(env.host, HostStatus::Offline)
+        .await
+        .unwrap();
+    env.agent.set_unavailable(false);
+    let calls = env.agent.calls(AgentOp::DeleteSnapshot);
+    let report = env.manager.run_pending_work().await.unwrap();
+    assert_eq!(
+        report.deletions_confirmed + report.deletions_failed,
+        0,
+        "offline: skipped"
+    );
+    assert_eq!(env.agent.calls(AgentOp::DeleteSnapshot), calls);
+
+    registry
+        .set_host_status(env.host, HostStatus::Online)
+        .await
+        .unwrap();
+    eventually("deleted once the host is online", || async {
+        !env.agent.has_snapshot(&t.id.to_string())
+    })
+    .await;
+    eventually("purged", || async {
+        env.count("SELECT count(*) FROM templates") == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_talks_to_every_holding_host_in_parallel_and_only_to_them() {
+    let env = Env::new().await;
+    let registry = env.manager.registry();
+    let mut agents = Vec::new();
+    for _ in 0..5 {
+        let host = HostId::new();
+        let agent = std::sync::Arc::new(MemoryHostAgent::new());
+        env.transport.add_host(host, agent.clone());
+        registry
+            .register_host(host, "in-process", HostStatus::Online)
+            .await
+            .unwrap();
+        agents.push((host, agent));
+    }
+    let team = TeamId::new();
+    let holders: Vec<HostId> = agents[..3].iter().map(|(h, _)| *h).collect();
+    let t = registry
+        .register_template(
+            NewTemplate::new(team, name("fleet"), TemplateType::Base).on_hosts(holders.clone()),
+        )
+        .await
+        .unwrap();
+    // Every holder's call must be in flight at the same time: a sequential
+    // delete would never get all three to the gate.
+    let gate = sandbox_snapshots::agent::Hold::new();
+    for (_, agent) in &agents[..3] {
+        agent.put_snapshot(&t.id.to_string(), 10, None);
+        agent.inject(
+            AgentOp::DeleteSnapshot,
+            sandbox_snapshots::agent::Fault::Hold(gate.clone()),
+        );
+    }
+    let deleting = {
+        let m = env.manager.clone();
+        tokio::spawn(async move { m.delete(&caller(team), &name("fleet")).await })
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), gate.arrived(3))
+        .await
+        .expect("all three hosts are asked at once");
+    gate.release();
+    let deleted = deleting.await.unwrap().unwrap();
+    let mut confirmed = deleted.hosts_confirmed.clone();
+    confirmed.sort();
+    let mut expected = holders.clone();
+    expected.sort();
+    assert_eq!(confirmed, expected);
+    for (_, agent) in &agents[3..] {
+        assert_eq!(agent.calls(AgentOp::DeleteSnapshot), 0, "no broadcast");
+    }
+    for (_, agent) in &agents[..3] {
+        assert!(agent.snapshot_keys().is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_pages_by_cursor_and_filters() {
+    let env = Env::new().await;
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+    for i in 0..5 {
+        env.create(team, sb, &format!("s{i}")).await.unwrap();
+    }
+    env.manager
+        .delete(&caller(team), &name("s0"))
+        .await
+        .unwrap();
+    let _ = env.create(team, sb, "s1").await.unwrap_err(); // not audited: refused up front
+
+    let all = env
+        .manager
+        .audit_log(&caller(team), AuditQuery::new())
+        .await
+        .unwrap();
+    assert_eq!(all.items.len(), 6);
+    assert_eq!(
+        all.items[0].action,
+        actions::SNAPSHOT_DELETE,
+        "newest first"
+    );
+    let mut seen = Vec::new();
+    let mut q = AuditQuery::new().limit(4);
+    loop {
+        let page = env
+            .manager
+            .audit_log(&caller(team), q.clone())
+            .await
+            .unwrap();
+        seen.extend(page.items.into_iter().map(|e| e.id));
+        match page.next_cursor {
+            Some(c) => q = AuditQuery::new().limit(4).cursor(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, all.items.iter().map(|e| e.id).collect::<Vec<_>>());
+    let creates = env
+        .manager
+        .audit_log(
+            &caller(team),
+            AuditQuery::new()
+                .action(actions::SNAPSHOT_CREATE)
+                .resource_type(RESOURCE_TEMPLATE),
+        )
+        .await
+        .unwrap();
+    assert_eq!(creates.items.len(), 5);
+    let err = env
+        .manager
+        .audit_log(&caller(team), AuditQuery::new().cursor("bogus"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidRequest);
+}
