@@ -32,8 +32,6 @@ pub mod actions {
     pub const SNAPSHOT_CREATE: &str = "snapshot.create";
     /// A template was deleted.
     pub const SNAPSHOT_DELETE: &str = "snapshot.delete";
-    /// An interrupted operation was finished or rolled back at start-up.
-    pub const SNAPSHOT_RECOVER: &str = "snapshot.recover";
 }
 
 /// The resource type of template entries.

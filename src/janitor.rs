@@ -1,15 +1,22 @@
-//! The background worker: retries queued file deletions with backoff,
-//! resolves operations whose sandbox status is still unknown, and, at
-//! start-up, finishes or rolls back operations a crashed process left open.
+//! The background worker: finishes or rolls back creates nobody is driving
+//! any more (after a crash: its first pass is the start-up recovery),
+//! resolves sandboxes whose status after a failure is still unknown, and
+//! retries queued file deletions with backoff.
+//!
+//! Every step is safe to run twice or concurrently: each transaction
+//! applies only while the journal entry is still in the phase it read.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crate::agent::{AgentCode, AgentError};
+use crate::agent::{AgentCode, AgentError, HostTarget, SandboxList, SnapshotInfo};
 use crate::error::Result;
-use crate::manager::{Inner, after, backoff, delete_files};
-use crate::model::Timestamp;
-use crate::store::sql::{self, CreateOp, SandboxOutcome};
+use crate::ids::HostId;
+use crate::manager::{Inner, after, backoff, delete_files, reported_status};
+use crate::model::{HostStatus, SandboxStatus, Timestamp};
+use crate::store::sql::{self, CreateOp, Finish, SandboxOutcome};
 
 /// Most deletions claimed per round.
 const BATCH: u32 = 64;
@@ -22,14 +29,19 @@ pub struct WorkReport {
     pub deletions_confirmed: usize,
     /// Deletions that failed and were rescheduled.
     pub deletions_failed: usize,
-    /// Journal entries closed (finished or rolled back).
-    pub resolved: usize,
-    /// Journal entries that could not be resolved yet (host unreachable).
+    /// Interrupted creates rolled forward (the host had the snapshot).
+    pub rolled_forward: usize,
+    /// Interrupted creates rolled back.
+    pub rolled_back: usize,
+    /// Sandboxes whose status was settled from their host.
+    pub statuses_resolved: usize,
+    /// Journal entries that could not be settled yet (host unreachable).
     pub postponed: usize,
 }
 
 /// Starts the worker. It holds only a weak reference, so dropping every
-/// manager handle stops it.
+/// manager handle stops it. Its first pass runs at once: that is the
+/// start-up recovery.
 pub(crate) fn spawn(inner: Weak<Inner>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
@@ -39,8 +51,12 @@ pub(crate) fn spawn(inner: Weak<Inner>) -> tokio::task::JoinHandle<()> {
             if strong.shutdown.is_cancelled() {
                 return;
             }
-            if let Err(err) = tick(&strong).await {
-                tracing::warn!(error = ?err, "background work failed; will retry");
+            match tick(&strong).await {
+                Ok(report) if report != WorkReport::default() => {
+                    tracing::debug!(?report, "background work done");
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(error = ?err, "background work failed; will retry"),
             }
             let sleep = next_sleep(&strong).await;
             let wake = strong.wake.clone();
@@ -72,35 +88,102 @@ async fn next_sleep(inner: &Inner) -> Duration {
     }
 }
 
+/// What hosts said during one pass, so that each host is asked at most once
+/// per pass however many entries it has.
+#[derive(Default)]
+struct HostViews {
+    status: HashMap<HostId, Option<HostStatus>>,
+    sandboxes: HashMap<HostId, Result<SandboxList, AgentError>>,
+    snapshots: HashMap<HostId, Result<Vec<SnapshotInfo>, AgentError>>,
+}
+
+impl HostViews {
+    async fn offline(&mut self, inner: &Inner, host: HostId) -> Result<bool> {
+        let status = match self.status.entry(host) {
+            Entry::Occupied(e) => *e.get(),
+            Entry::Vacant(e) => {
+                let status = inner.store.read(move |c| sql::get_host(c, host)).await?;
+                *e.insert(status.map(|h| h.status))
+            }
+        };
+        Ok(status == Some(HostStatus::Offline))
+    }
+
+    async fn sandboxes(
+        &mut self,
+        inner: &Inner,
+        host: &HostTarget,
+    ) -> &Result<SandboxList, AgentError> {
+        match self.sandboxes.entry(host.id) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(inner.list_sandboxes(host).await),
+        }
+    }
+
+    async fn snapshots(
+        &mut self,
+        inner: &Inner,
+        host: &HostTarget,
+    ) -> &Result<Vec<SnapshotInfo>, AgentError> {
+        match self.snapshots.entry(host.id) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let answer = async {
+                    let agent = inner.transport.agent(host)?;
+                    tokio::time::timeout(inner.options.list_timeout, agent.list_snapshots())
+                        .await
+                        .map_err(|_| AgentError::Timeout)?
+                }
+                .await;
+                e.insert(answer)
+            }
+        }
+    }
+
+    /// The sandbox's status per its host, or `Unknown` if it cannot say yet.
+    async fn outcome(&mut self, inner: &Inner, op: &CreateOp) -> SandboxOutcome {
+        let retry_at = after(Timestamp::now(), backoff(&inner.options, op.attempts));
+        match self.sandboxes(inner, &op.host).await {
+            Ok(list) => reported_status(list, op.sandbox_id)
+                .map_or(SandboxOutcome::Unknown { retry_at }, SandboxOutcome::Known),
+            Err(_) => SandboxOutcome::Unknown { retry_at },
+        }
+    }
+}
+
 /// One pass over everything due now.
 pub(crate) async fn tick(inner: &Arc<Inner>) -> Result<WorkReport> {
     let mut report = WorkReport::default();
+    let mut views = HostViews::default();
     let now = Timestamp::now();
 
-    // Creates whose driving task is gone (a failed final write).
     let started = inner
         .store
         .read(move |c| sql::open_operations(c, "started", Some(now)))
         .await?;
     for op in started {
+        // A create driven by a task of this process is not interrupted.
         if inner.is_in_flight(op.template_id) {
             continue;
         }
-        resolve_interrupted(inner, &op, &mut report).await?;
+        if let Err(err) = resolve_interrupted(inner, &op, &mut views, &mut report).await {
+            tracing::warn!(template = %op.template_id, error = ?err, "cannot resolve an interrupted snapshot yet");
+        }
     }
 
-    // Failed creates whose sandbox status is still to be asked.
     let resolving = inner
         .store
         .read(move |c| sql::open_operations(c, "resolving", Some(now)))
         .await?;
     for op in resolving {
-        resolve_status(inner, &op, &mut report).await?;
+        if let Err(err) = resolve_status(inner, &op, &mut views, &mut report).await {
+            tracing::warn!(sandbox = %op.sandbox_id, error = ?err, "cannot resolve a sandbox status yet");
+        }
     }
 
     loop {
         let now = Timestamp::now();
-        let lease = after(now, inner.options.delete_timeout * 2);
+        let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
         let due = inner
             .store
             .write(move |c| sql::claim_due_deletions(c, now, lease, BATCH))
@@ -119,153 +202,130 @@ pub(crate) async fn tick(inner: &Arc<Inner>) -> Result<WorkReport> {
     Ok(report)
 }
 
-/// Finishes or rolls back every operation left open by a previous process.
-pub(crate) async fn recover(inner: &Arc<Inner>) -> Result<WorkReport> {
-    let mut report = WorkReport::default();
-    let started = inner
+async fn postpone(
+    inner: &Inner,
+    op: &CreateOp,
+    why: String,
+    report: &mut WorkReport,
+) -> Result<()> {
+    let (id, at, now) = (
+        op.template_id,
+        after(Timestamp::now(), backoff(&inner.options, op.attempts)),
+        Timestamp::now(),
+    );
+    inner
         .store
-        .read(|c| sql::open_operations(c, "started", None))
+        .write(move |c| sql::postpone_operation(c, id, &why, at, now))
         .await?;
-    for op in started {
-        resolve_interrupted(inner, &op, &mut report).await?;
-    }
-    let resolving = inner
-        .store
-        .read(|c| sql::open_operations(c, "resolving", None))
-        .await?;
-    for op in resolving {
-        resolve_status(inner, &op, &mut report).await?;
-    }
-    Ok(report)
-}
-
-fn postpone_at(inner: &Inner, op: &CreateOp) -> Timestamp {
-    after(Timestamp::now(), backoff(&inner.options, op.attempts))
+    report.postponed += 1;
+    Ok(())
 }
 
 /// A create that nobody is driving any more: the agent may or may not have
-/// written the snapshot. If the host holds the key, roll forward (the
-/// caller never got an answer, so either outcome is allowed, and keeping
-/// the work is kinder); otherwise roll back. An agent without
-/// `ListSnapshots` gets the conservative path: roll back and delete the key.
+/// written the snapshot. If the host lists the key (agents list only
+/// complete snapshots), roll forward: the caller never got an answer, so
+/// either outcome is allowed, and keeping the work is kinder. Otherwise
+/// roll back. An agent without `ListSnapshots` gets the conservative path:
+/// roll back and delete the key. A host marked offline cannot be asked:
+/// roll back, and the sandbox is `missing`.
 async fn resolve_interrupted(
     inner: &Arc<Inner>,
     op: &CreateOp,
+    views: &mut HostViews,
     report: &mut WorkReport,
 ) -> Result<()> {
-    let key = op.template_id.to_string();
-    let listed = async {
-        let agent = inner.transport.agent(&op.host)?;
-        tokio::time::timeout(inner.options.list_timeout, agent.list_snapshots())
-            .await
-            .map_err(|_| AgentError::Timeout)?
-    }
-    .await;
-    let held = match listed {
-        Ok(snapshots) => snapshots.into_iter().find(|s| s.key == key),
-        Err(AgentError::Rejected {
-            code: AgentCode::Unimplemented,
-            ..
-        }) => None,
-        Err(err) => {
-            tracing::warn!(template = %op.template_id, error = %err,
-                "cannot ask the host about an interrupted snapshot; will retry");
-            let (id, text, at, now) = (
-                op.template_id,
-                err.to_string(),
-                postpone_at(inner, op),
-                Timestamp::now(),
-            );
-            inner
-                .store
-                .write(move |c| sql::postpone_operation(c, id, &text, at, now))
-                .await?;
-            report.postponed += 1;
-            return Ok(());
-        }
-    };
-    if let Some(snapshot) = held {
-        let now = Timestamp::now();
-        let lease = after(now, inner.options.delete_timeout * 2);
-        let op2 = op.clone();
-        let done = inner
-            .store
-            .write(move |c| sql::finish_create(c, &op2, snapshot.size_bytes, lease, now))
-            .await;
-        match done {
-            Ok(done) => {
-                tracing::info!(template = %op.template_id, "rolled an interrupted snapshot forward");
-                report.resolved += 1;
-                if !done.replaced.is_empty() {
-                    delete_files(inner, done.replaced).await;
-                }
-                return Ok(());
-            }
-            Err(err) if err.code() == crate::error::ErrorCode::Conflict => {
-                // The name went to another template meanwhile: roll back.
-            }
-            Err(err) => return Err(err),
-        }
-    }
-    // Roll back: the key (if any) is queued for deletion; the sandbox gets
-    // whatever status its host reports.
-    let outcome = match inner.ask_sandbox_status(op).await {
-        Ok(status) => SandboxOutcome::Known(status),
-        Err(_) => SandboxOutcome::Unknown {
-            retry_at: postpone_at(inner, op),
-        },
-    };
-    let op2 = op.clone();
-    let now = Timestamp::now();
-    inner
-        .store
-        .write(move |c| {
-            sql::fail_create(
-                c,
-                &op2,
-                outcome,
-                "interrupted",
-                "interrupted before completion",
-                now,
-            )
-        })
-        .await?;
-    tracing::info!(template = %op.template_id, "rolled back an interrupted snapshot");
-    if matches!(outcome, SandboxOutcome::Known(_)) {
-        report.resolved += 1;
+    let outcome = if views.offline(inner, op.host.id).await? {
+        SandboxOutcome::Known(SandboxStatus::Missing)
     } else {
-        report.postponed += 1;
+        let key = op.template_id.to_string();
+        let held = match views.snapshots(inner, &op.host).await {
+            Ok(list) => list.iter().find(|s| s.key == key).map(|s| s.size_bytes),
+            Err(AgentError::Rejected {
+                code: AgentCode::Unimplemented,
+                ..
+            }) => None,
+            Err(err) => {
+                let why = format!("cannot list the host's snapshots: {err}");
+                return postpone(inner, op, why, report).await;
+            }
+        };
+        if let Some(size_bytes) = held {
+            let now = Timestamp::now();
+            let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
+            let op2 = op.clone();
+            let finished = inner
+                .store
+                .write(move |c| sql::finish_create(c, &op2, size_bytes, lease, now))
+                .await?;
+            match finished {
+                Finish::Done(done) => {
+                    tracing::info!(template = %op.template_id, "rolled an interrupted snapshot forward");
+                    report.rolled_forward += 1;
+                    if !done.replaced.is_empty() {
+                        delete_files(inner, done.replaced).await;
+                    }
+                    return Ok(());
+                }
+                Finish::AlreadyResolved => return Ok(()),
+                // The name went to another template meanwhile: roll back.
+                Finish::NameTaken => {}
+            }
+        }
+        views.outcome(inner, op).await
+    };
+    let applied = inner
+        .roll_back(
+            op,
+            outcome,
+            "interrupted",
+            "interrupted before completion".into(),
+            false,
+        )
+        .await?;
+    if applied {
+        tracing::info!(template = %op.template_id, "rolled back an interrupted snapshot");
+        report.rolled_back += 1;
+        if matches!(outcome, SandboxOutcome::Unknown { .. }) {
+            report.postponed += 1;
+        }
     }
-    inner.wake.notify_one();
     Ok(())
 }
 
 /// A rolled-back create whose sandbox status was unknown: ask again.
-async fn resolve_status(inner: &Arc<Inner>, op: &CreateOp, report: &mut WorkReport) -> Result<()> {
-    match inner.ask_sandbox_status(op).await {
-        Ok(status) => {
+async fn resolve_status(
+    inner: &Arc<Inner>,
+    op: &CreateOp,
+    views: &mut HostViews,
+    report: &mut WorkReport,
+) -> Result<()> {
+    let outcome = if views.offline(inner, op.host.id).await? {
+        SandboxOutcome::Known(SandboxStatus::Missing)
+    } else {
+        views.outcome(inner, op).await
+    };
+    match outcome {
+        SandboxOutcome::Known(status) => {
             let op2 = op.clone();
             let now = Timestamp::now();
-            inner
+            let closed = inner
                 .store
                 .write(move |c| sql::resolve_operation(c, &op2, status, now))
                 .await?;
-            tracing::info!(sandbox = %op.sandbox_id, %status, "sandbox status resolved from its host");
-            report.resolved += 1;
+            if closed {
+                tracing::info!(sandbox = %op.sandbox_id, %status, "sandbox status resolved from its host");
+                report.statuses_resolved += 1;
+            }
+            Ok(())
         }
-        Err(err) => {
-            let (id, text, at, now) = (
-                op.template_id,
-                err.to_string(),
-                postpone_at(inner, op),
-                Timestamp::now(),
-            );
-            inner
-                .store
-                .write(move |c| sql::postpone_operation(c, id, &text, at, now))
-                .await?;
-            report.postponed += 1;
+        SandboxOutcome::Unknown { .. } => {
+            postpone(
+                inner,
+                op,
+                "the host cannot report the sandbox yet".into(),
+                report,
+            )
+            .await
         }
     }
-    Ok(())
 }

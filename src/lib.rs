@@ -48,8 +48,12 @@
 //! - `manager`: the [`SnapshotManager`] trait and [`SqliteSnapshotManager`].
 //! - `registry`: [`Registry`] of hosts and sandboxes.
 //! - `store`: the SQLite [`Store`] (writer thread, read pool, migrations, SQL).
-//! - [`agent`]: the [`HostAgent`] service, the [`AgentTransport`] trait, the
-//!   in-process transport and the in-memory agent.
+//! - [`agent`]: the [`HostAgent`] service and the [`AgentTransport`] trait;
+//!   transports: in-process, gRPC ([`GrpcTransport`]) and Connect over
+//!   HTTP/1.1 ([`ConnectTransport`]); the gRPC server adapter
+//!   ([`HostAgentServer`]); agents: in-memory (with fault injection) and the
+//!   directory-backed reference agent. Protobuf types stay private in
+//!   `agent::pb`, generated from `proto/` at build time.
 //! - `janitor`: the background worker and start-up recovery.
 //! - `audit`: the audit log.
 
@@ -65,8 +69,9 @@ mod registry;
 mod store;
 
 pub use agent::{
-    AgentCode, AgentError, AgentTransport, HostAgent, HostTarget, InProcessTransport,
-    MemoryHostAgent,
+    AgentCode, AgentError, AgentTransport, BearerToken, ConnectConfig, ConnectTransport,
+    DirHostAgent, GrpcConfig, GrpcTransport, HostAgent, HostAgentServer, HostTarget,
+    InProcessTransport, MemoryHostAgent,
 };
 pub use audit::{AuditEntry, AuditOutcome, AuditQuery, RESOURCE_TEMPLATE, actions};
 pub use error::{Error, ErrorCode, Result};

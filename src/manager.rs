@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::agent::{
     AgentCode, AgentError, AgentTransport, CreateSnapshotRequest, DeleteSnapshotRequest,
-    SnapshotKey,
+    HostTarget, SandboxList, SnapshotKey,
 };
 use crate::audit::{AuditEntry, AuditQuery, audit_cursor};
 use crate::error::{Error, ErrorCode, Result};
@@ -25,7 +25,7 @@ use crate::model::{Caller, SandboxStatus, Template, TemplateType, Timestamp};
 use crate::names::TemplateName;
 use crate::registry::Registry;
 use crate::store::sql::{
-    self, CreateInput, CreateOp, Deletion, ListPosition, PendingDeletion, SandboxOutcome,
+    self, CreateInput, CreateOp, Deletion, Finish, ListPosition, PendingDeletion, SandboxOutcome,
 };
 use crate::store::{Store, StoreOptions};
 
@@ -199,6 +199,12 @@ pub struct ManagerOptions {
     pub delete_wait: Duration,
     /// Longest a `ListSandboxes` call may take. Default 10 s.
     pub list_timeout: Duration,
+    /// After an ambiguous create failure (a timeout, a lost reply, a crash),
+    /// how long the possibly half-written key is left alone before it is
+    /// deleted, so that the deletion does not race an agent still writing
+    /// it. Default 5 min (the default create timeout, which agents receive
+    /// as their deadline).
+    pub late_write_grace: Duration,
     /// First retry delay of queued work; doubles per attempt. Default 1 s.
     pub retry_base: Duration,
     /// Longest retry delay. Default 5 min.
@@ -217,6 +223,7 @@ impl Default for ManagerOptions {
             delete_timeout: Duration::from_secs(30),
             delete_wait: Duration::from_secs(10),
             list_timeout: Duration::from_secs(10),
+            late_write_grace: Duration::from_secs(300),
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             janitor_interval: Duration::from_secs(30),
@@ -321,9 +328,12 @@ fn take_lock(db: &Path) -> Result<File> {
 }
 
 impl SqliteSnapshotManager {
-    /// Opens the store at `path` (creating it if needed), finishes or rolls
-    /// back operations a previous process left open, and starts the
-    /// background worker. One manager may use a store file at a time.
+    /// Opens the store at `path` (creating it if needed) and starts the
+    /// background worker, whose first pass finishes or rolls back the
+    /// operations a previous process left open (without
+    /// [`ManagerOptions::run_janitor`], call
+    /// [`SqliteSnapshotManager::run_pending_work`] for that). One manager
+    /// may use a store file at a time.
     pub async fn open(
         path: impl AsRef<Path>,
         transport: Arc<dyn AgentTransport>,
@@ -354,13 +364,7 @@ impl SqliteSnapshotManager {
                 _lock: lock,
             }),
         };
-        let report = crate::janitor::recover(&manager.inner).await?;
-        if report.resolved > 0 {
-            tracing::info!(
-                resolved = report.resolved,
-                "recovered interrupted operations"
-            );
-        }
+        // The worker's first pass, at once, is the start-up recovery.
         if manager.inner.options.run_janitor {
             let handle = crate::janitor::spawn(Arc::downgrade(&manager.inner));
             *lock_unpoisoned(&manager.inner.janitor) = Some(handle);
@@ -577,7 +581,7 @@ impl SnapshotManager for SqliteSnapshotManager {
             self.inner.tasks.spawn(
                 async move {
                     let now = Timestamp::now();
-                    let lease = after(now, inner.options.delete_timeout * 2);
+                    let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
                     let actor = caller.actor().clone();
                     let (team, admin) = (caller.team(), caller.is_admin());
                     let begun = inner
@@ -663,32 +667,77 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
+/// The status a host reports for `sandbox`: `Ok(None)` while the host
+/// still reports it `snapshotting` (it is still working on it), `missing`
+/// when the host does not list it, `error` for a status we do not know.
+pub(crate) fn reported_status(list: &SandboxList, sandbox: SandboxId) -> Option<SandboxStatus> {
+    let wanted = sandbox.to_string();
+    match list.sandboxes.iter().find(|s| s.sandbox_id == wanted) {
+        None => Some(SandboxStatus::Missing),
+        Some(info) => match info.status.parse::<SandboxStatus>() {
+            Ok(SandboxStatus::Snapshotting) => None,
+            Ok(status) => Some(status),
+            Err(_) => Some(SandboxStatus::Error),
+        },
+    }
+}
+
 impl Inner {
     pub(crate) fn is_in_flight(&self, id: TemplateId) -> bool {
         lock_unpoisoned(&self.in_flight).contains(&id)
     }
 
-    /// Asks the host how the sandbox is doing after an ambiguous failure.
-    pub(crate) async fn ask_sandbox_status(
+    /// `ListSandboxes` on a host, within the list timeout.
+    pub(crate) async fn list_sandboxes(
+        &self,
+        host: &HostTarget,
+    ) -> Result<SandboxList, AgentError> {
+        let agent = self.transport.agent(host)?;
+        tokio::time::timeout(self.options.list_timeout, agent.list_sandboxes())
+            .await
+            .map_err(|_| AgentError::Timeout)?
+    }
+
+    /// What to do with the sandbox after an ambiguous failure: the status
+    /// its host reports, or wait until the host can say.
+    async fn sandbox_outcome(&self, op: &CreateOp) -> SandboxOutcome {
+        let retry_at = after(Timestamp::now(), backoff(&self.options, 0));
+        match self.list_sandboxes(&op.host).await {
+            Ok(list) => match reported_status(&list, op.sandbox_id) {
+                Some(status) => SandboxOutcome::Known(status),
+                None => SandboxOutcome::Unknown { retry_at },
+            },
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot ask the host for the sandbox's status; will retry");
+                SandboxOutcome::Unknown { retry_at }
+            }
+        }
+    }
+
+    /// Rolls a create back (see `sql::fail_create`). After an ambiguous
+    /// failure the key is deleted only after `late_write_grace`, so the
+    /// deletion does not race an agent still writing it.
+    pub(crate) async fn roll_back(
         &self,
         op: &CreateOp,
-    ) -> Result<SandboxStatus, AgentError> {
-        let agent = self.transport.agent(&op.host)?;
-        let list = tokio::time::timeout(self.options.list_timeout, agent.list_sandboxes())
-            .await
-            .map_err(|_| AgentError::Timeout)??;
-        let wanted = op.sandbox_id.to_string();
-        let status = list
-            .sandboxes
-            .iter()
-            .find(|s| s.sandbox_id == wanted)
-            .map_or(SandboxStatus::Missing, |s| {
-                match s.status.parse::<SandboxStatus>() {
-                    Ok(SandboxStatus::Snapshotting) | Err(_) => SandboxStatus::Error,
-                    Ok(status) => status,
-                }
-            });
-        Ok(status)
+        outcome: SandboxOutcome,
+        code: &'static str,
+        detail: String,
+        definite: bool,
+    ) -> Result<bool> {
+        let now = Timestamp::now();
+        let first_attempt = if definite {
+            now
+        } else {
+            after(now, self.options.late_write_grace)
+        };
+        let op = op.clone();
+        let applied = self
+            .store
+            .write(move |c| sql::fail_create(c, &op, outcome, code, &detail, first_attempt, now))
+            .await?;
+        self.wake.notify_one();
+        Ok(applied)
     }
 }
 
@@ -732,38 +781,47 @@ async fn finish_success(inner: &Arc<Inner>, op: &CreateOp, size_bytes: u64) -> R
     let mut attempt = 0u32;
     let done = loop {
         let now = Timestamp::now();
-        let lease = after(now, inner.options.delete_timeout * 2);
+        let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
         let op_for_tx = op.clone();
         let result = inner
             .store
             .write(move |c| sql::finish_create(c, &op_for_tx, size_bytes, lease, now))
             .await;
         match result {
-            Ok(done) => break done,
-            Err(err) if err.code() == ErrorCode::DbError && attempt < 3 => {
+            Ok(Finish::Done(done)) => break done,
+            Ok(Finish::NameTaken) => {
+                // Lost the name to another template meanwhile: undo ours.
+                // The agent answered, so the VM is paused and the key whole.
+                let err = Error::conflict(
+                    "another snapshot took this name while the snapshot was being created",
+                );
+                let outcome = SandboxOutcome::Known(SandboxStatus::Paused);
+                if let Err(db) = inner
+                    .roll_back(
+                        op,
+                        outcome,
+                        err.code().as_str(),
+                        err.message().to_owned(),
+                        true,
+                    )
+                    .await
+                {
+                    tracing::error!(error = ?db, "rolling back a conflicting snapshot failed; recovery will finish it");
+                }
+                return Err(err);
+            }
+            Ok(Finish::AlreadyResolved) => {
+                return Err(Error::conflict(
+                    "the snapshot operation was resolved elsewhere",
+                ));
+            }
+            Err(err) if attempt < 3 => {
                 // The snapshot exists; losing it to a transient store error
                 // would leak it. Retry a few times, then leave the journal
-                // entry for recovery.
+                // entry for the background worker.
                 attempt += 1;
                 tracing::warn!(attempt, error = ?err, "recording a finished snapshot failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-            }
-            Err(err) if err.code() == ErrorCode::Conflict => {
-                // Lost the name to another template meanwhile: undo ours.
-                let outcome = SandboxOutcome::Known(SandboxStatus::Paused);
-                let op = op.clone();
-                let code = err.code().as_str();
-                let detail = err.message().to_owned();
-                let now = Timestamp::now();
-                if let Err(db) = inner
-                    .store
-                    .write(move |c| sql::fail_create(c, &op, outcome, code, &detail, now))
-                    .await
-                {
-                    tracing::error!(error = ?db, "rolling back a conflicting snapshot failed");
-                }
-                inner.wake.notify_one();
-                return Err(err);
             }
             Err(err) => return Err(err),
         }
@@ -790,31 +848,24 @@ async fn finish_success(inner: &Arc<Inner>, op: &CreateOp, size_bytes: u64) -> R
 async fn finish_failure(inner: &Arc<Inner>, op: &CreateOp, err: AgentError) -> Error {
     tracing::warn!(template = %op.template_id, error = %err, "host agent failed to snapshot");
     let user_error = Error::from_create_failure(err.clone());
-    let outcome = if err.is_definite_rejection() {
+    let definite = err.is_definite_rejection();
+    let outcome = if definite {
         SandboxOutcome::Known(op.prev_status)
     } else {
-        match inner.ask_sandbox_status(op).await {
-            Ok(status) => SandboxOutcome::Known(status),
-            Err(list_err) => {
-                tracing::warn!(error = %list_err, "cannot ask the host for the sandbox's status; will retry");
-                SandboxOutcome::Unknown {
-                    retry_at: after(Timestamp::now(), backoff(&inner.options, 0)),
-                }
-            }
-        }
+        inner.sandbox_outcome(op).await
     };
-    let op = op.clone();
-    let code = user_error.code().as_str();
-    let detail = err.to_string();
-    let now = Timestamp::now();
     if let Err(db) = inner
-        .store
-        .write(move |c| sql::fail_create(c, &op, outcome, code, &detail, now))
+        .roll_back(
+            op,
+            outcome,
+            user_error.code().as_str(),
+            err.to_string(),
+            definite,
+        )
         .await
     {
-        tracing::error!(error = ?db, "recording a failed snapshot failed; recovery will finish it");
+        tracing::error!(error = ?db, "recording a failed snapshot failed; the worker will finish it");
     }
-    inner.wake.notify_one();
     user_error
 }
 

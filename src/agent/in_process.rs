@@ -3,14 +3,23 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use super::{AgentError, AgentTransport, HostAgent, HostTarget};
+use async_trait::async_trait;
+
+use super::{
+    AgentError, AgentTransport, CreateSnapshotRequest, CreateSnapshotResponse,
+    DeleteSnapshotRequest, HostAgent, HostTarget, SandboxList, SnapshotInfo,
+};
 use crate::ids::HostId;
 
+type Agents = Arc<RwLock<HashMap<HostId, Arc<dyn HostAgent>>>>;
+
 /// Routes calls for each host to an agent object in this process: the
-/// single-node deployment, and tests.
+/// single-node deployment, and tests. A host removed with
+/// [`InProcessTransport::remove_host`] is unavailable from then on, also to
+/// clients handed out before.
 #[derive(Default, Clone)]
 pub struct InProcessTransport {
-    agents: Arc<RwLock<HashMap<HostId, Arc<dyn HostAgent>>>>,
+    agents: Agents,
 }
 
 impl InProcessTransport {
@@ -51,11 +60,52 @@ impl std::fmt::Debug for InProcessTransport {
 
 impl AgentTransport for InProcessTransport {
     fn agent(&self, host: &HostTarget) -> Result<Arc<dyn HostAgent>, AgentError> {
+        let client = Routed {
+            agents: self.agents.clone(),
+            host: host.id,
+        };
+        client.current()?;
+        Ok(Arc::new(client))
+    }
+}
+
+/// A client that looks its host's agent up on every call.
+struct Routed {
+    agents: Agents,
+    host: HostId,
+}
+
+impl Routed {
+    fn current(&self) -> Result<Arc<dyn HostAgent>, AgentError> {
         self.agents
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(&host.id)
+            .get(&self.host)
             .cloned()
-            .ok_or_else(|| AgentError::unavailable(format!("no in-process agent for {}", host.id)))
+            .ok_or_else(|| {
+                AgentError::unavailable(format!("no in-process agent for {}", self.host))
+            })
+    }
+}
+
+#[async_trait]
+impl HostAgent for Routed {
+    async fn create_snapshot(
+        &self,
+        req: CreateSnapshotRequest,
+    ) -> Result<CreateSnapshotResponse, AgentError> {
+        self.current()?.create_snapshot(req).await
+    }
+
+    async fn delete_snapshot(&self, req: DeleteSnapshotRequest) -> Result<(), AgentError> {
+        self.current()?.delete_snapshot(req).await
+    }
+
+    async fn list_sandboxes(&self) -> Result<SandboxList, AgentError> {
+        self.current()?.list_sandboxes().await
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, AgentError> {
+        self.current()?.list_snapshots().await
     }
 }

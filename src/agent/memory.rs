@@ -44,6 +44,10 @@ pub enum Fault {
     Delay(Duration),
     /// Like [`Fault::Delay`], but wait until the [`Hold`] is released.
     Hold(Hold),
+    /// `CreateSnapshot` only: the work runs on a task of its own that waits
+    /// for the [`Hold`] and then writes the files, even if the caller gave
+    /// up meanwhile (an agent that ignores its deadline).
+    Detached(Hold),
 }
 
 /// A gate that stops calls until released, for deterministic interleavings.
@@ -105,7 +109,7 @@ struct State {
 /// makes the whole agent unreachable.
 #[derive(Default)]
 pub struct MemoryHostAgent {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
     faults: Mutex<HashMap<AgentOp, VecDeque<Injected>>>,
     unavailable: std::sync::atomic::AtomicBool,
     calls: Mutex<HashMap<AgentOp, usize>>,
@@ -308,12 +312,25 @@ impl HostAgent for MemoryHostAgent {
             sandbox.status = "paused".to_owned();
             sandbox.memory_mb
         };
-        Self::wait(&fault).await;
         let size_bytes = (u64::from(memory_mb) + 16) * 1024 * 1024;
-        lock(&self.state).snapshots.insert(
-            req.key.as_str().to_owned(),
-            SnapshotInfo::new(req.key.as_str(), size_bytes, Some(Timestamp::now())),
-        );
+        let snapshot = SnapshotInfo::new(req.key.as_str(), size_bytes, Some(Timestamp::now()));
+        if let Some(Fault::Detached(hold)) = &fault {
+            let (hold, state) = (hold.clone(), self.state.clone());
+            let write = tokio::spawn(async move {
+                hold.pass().await;
+                lock(&state)
+                    .snapshots
+                    .insert(snapshot.key.clone(), snapshot);
+            });
+            write
+                .await
+                .map_err(|e| AgentError::rejected(AgentCode::Internal, e.to_string()))?;
+        } else {
+            Self::wait(&fault).await;
+            lock(&self.state)
+                .snapshots
+                .insert(req.key.as_str().to_owned(), snapshot);
+        }
         Self::finish(
             fault,
             CreateSnapshotResponse::new(req.key.as_str(), size_bytes),

@@ -5,8 +5,13 @@
 //! on a host) and by clients that reach a remote agent. An
 //! [`AgentTransport`] hands out a client for a given host.
 
+mod connect;
+mod dir;
+mod grpc;
 mod in_process;
 mod memory;
+mod pb;
+mod server;
 
 use std::fmt;
 use std::sync::Arc;
@@ -17,8 +22,12 @@ use crate::ids::{HostId, SandboxId, TeamId, TemplateId};
 use crate::model::Timestamp;
 use crate::names::{NameError, TemplateName};
 
+pub use connect::{ConnectConfig, ConnectTransport};
+pub use dir::DirHostAgent;
+pub use grpc::{GrpcConfig, GrpcTransport, TlsConfig};
 pub use in_process::InProcessTransport;
 pub use memory::{AgentOp, Fault, Hold, MemoryHostAgent};
+pub use server::HostAgentServer;
 
 /// Status codes a host agent answers with (gRPC/Connect codes). Unavailable
 /// and DeadlineExceeded are not here: they are [`AgentError::Unavailable`]
@@ -356,7 +365,9 @@ impl SnapshotInfo {
 /// - `delete_snapshot` is idempotent in effect: a missing key answers
 ///   `Rejected { code: NotFound }`, which callers treat as done.
 /// - `list_snapshots` is an extension; an agent without it answers
-///   `Rejected { code: Unimplemented }` (the default).
+///   `Rejected { code: Unimplemented }` (the default). It lists only
+///   complete snapshots: a key being written is not listed, because
+///   recovery makes a template of every listed key it was waiting for.
 /// - Implementations must be cancel-safe: a call whose future is dropped
 ///   either happened or did not, and `create_snapshot` may leave a partial key.
 #[async_trait]
@@ -379,6 +390,44 @@ pub trait HostAgent: Send + Sync + 'static {
             AgentCode::Unimplemented,
             "ListSnapshots is not implemented by this agent",
         ))
+    }
+}
+
+/// A bearer token that authenticates the control plane to host agents.
+/// Never printed: `Debug` shows `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BearerToken(String);
+
+impl BearerToken {
+    /// Wraps a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The `authorization` header value: `Bearer <token>`.
+    pub(crate) fn header_value(&self) -> String {
+        format!("Bearer {}", self.0)
+    }
+
+    /// Whether an `authorization` header carries this token, compared in
+    /// constant time.
+    pub(crate) fn matches(&self, header: &[u8]) -> bool {
+        let expected = self.header_value();
+        let expected = expected.as_bytes();
+        if header.len() != expected.len() {
+            return false;
+        }
+        header
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BearerToken([redacted])")
     }
 }
 

@@ -788,6 +788,12 @@ fn mark_deleting(
 ) -> Result<Vec<Deletion>> {
     conn.prepare_cached("UPDATE templates SET state = 'deleting', updated_at = ?2 WHERE id = ?1")
         .and_then(|mut s| s.execute(params![template, now.unix_millis()]))?;
+    // A pending overwrite of this template now holds the name itself, so
+    // nobody else can take it before the overwrite finishes.
+    conn.prepare_cached(
+        "UPDATE templates SET replaces = NULL WHERE replaces = ?1 AND state = 'creating'",
+    )
+    .and_then(|mut s| s.execute([template]))?;
     conn.prepare_cached(
         "UPDATE placements SET state = 'deleting', attempts = 0, next_attempt = ?2, updated_at = ?3
          WHERE template_id = ?1",
@@ -836,29 +842,59 @@ fn purge_if_done(conn: &Connection, template: TemplateId) -> Result<()> {
 #[derive(Debug)]
 pub(crate) struct CreateDone {
     pub(crate) template: Template,
-    /// Files of the replaced template(s), to delete now.
+    /// Files of the replaced template, to delete now.
     pub(crate) replaced: Vec<Deletion>,
+}
+
+/// What the final transaction of a successful create did.
+#[derive(Debug)]
+pub(crate) enum Finish {
+    /// The template is ready.
+    Done(CreateDone),
+    /// Someone else already closed the journal entry (a recovery pass, or
+    /// a second resolver): nothing was written.
+    AlreadyResolved,
+    /// Another template holds the name: nothing was written; the caller
+    /// rolls this one back.
+    NameTaken,
+}
+
+/// Whether the journal entry of `template` is open in `phase`.
+fn operation_in_phase(conn: &Connection, template: TemplateId, phase: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM operations WHERE template_id = ?1 AND phase = ?2)",
+        )
+        .and_then(|mut s| s.query_row(params![template, phase], |r| r.get(0)))?)
 }
 
 /// The last step of a successful create, in one transaction: the template
 /// becomes `ready` with its placement, an overwritten template gives up its
 /// name and is queued for deletion, the sandbox is `paused`, the journal
-/// entry is closed, and the audit entry written.
+/// entry is closed, and the audit entry written. Only applies while the
+/// journal entry is open in phase `started`.
 pub(crate) fn finish_create(
     conn: &Connection,
     op: &CreateOp,
     size_bytes: u64,
     lease_until: Timestamp,
     now: Timestamp,
-) -> Result<CreateDone> {
-    if !delete_operation(conn, op.template_id)? {
-        return Err(Error::conflict(format!(
-            "operation for {} was already resolved",
-            op.template_id
-        )));
+) -> Result<Finish> {
+    if !operation_in_phase(conn, op.template_id, "started")? {
+        return Ok(Finish::AlreadyResolved);
     }
+    // When the replaced template was deleted meanwhile, its name was handed
+    // to this row (see `mark_deleting`), so the only holder can be us or
+    // the template we replace.
+    if let Some((holder, _)) = name_holder(conn, op.team, &op.name)?
+        && holder != op.template_id
+        && Some(holder) != op.replaces
+    {
+        return Ok(Finish::NameTaken);
+    }
+    delete_operation(conn, op.template_id)?;
     let mut replaced = Vec::new();
-    let mut replaced_ids = Vec::new();
+    let mut replaced_id = None;
     if let Some(old) = op.replaces {
         let still_ready: bool = conn
             .prepare_cached(
@@ -866,23 +902,9 @@ pub(crate) fn finish_create(
             )
             .and_then(|mut s| s.query_row([old], |r| r.get(0)))?;
         if still_ready {
-            replaced.extend(mark_deleting(conn, old, lease_until, now)?);
-            replaced_ids.push(old);
+            replaced = mark_deleting(conn, old, lease_until, now)?;
+            replaced_id = Some(old.to_string());
         }
-    }
-    // The replaced template may have been deleted meanwhile and the name
-    // taken by another template: an overwrite replaces a ready holder too;
-    // a create in flight keeps the name and this one loses.
-    if let Some((holder, state)) = name_holder(conn, op.team, &op.name)?
-        && holder != op.template_id
-    {
-        if op.replaces.is_none() || state != TemplateState::Ready {
-            return Err(Error::conflict(
-                "another snapshot took this name while the snapshot was being created",
-            ));
-        }
-        replaced.extend(mark_deleting(conn, holder, lease_until, now)?);
-        replaced_ids.push(holder);
     }
     let updated = conn
         .prepare_cached(
@@ -898,10 +920,13 @@ pub(crate) fn finish_create(
             ])
         })?;
     if updated != 1 {
-        return Err(Error::conflict(format!(
-            "template {} is no longer being created",
+        // The journal entry was open, so the row must be `creating`; a
+        // mismatch is damage, and the whole transaction is rolled back.
+        return Err(StoreError::corrupt(format!(
+            "template {} has an open journal entry but is not being created",
             op.template_id
-        )));
+        ))
+        .into());
     }
     insert_placement(conn, op.template_id, op.host.id, op.team, "present", now)?;
     release_sandbox(conn, op.sandbox_id, SandboxStatus::Paused, now)?;
@@ -910,7 +935,6 @@ pub(crate) fn finish_create(
             "SELECT {TEMPLATE_COLS} FROM templates WHERE id = ?1"
         ))
         .and_then(|mut s| s.query_row([op.template_id], template_row))?;
-    let replaced_text: Vec<String> = replaced_ids.iter().map(ToString::to_string).collect();
     insert_audit(
         conn,
         &NewAuditEntry {
@@ -925,12 +949,12 @@ pub(crate) fn finish_create(
                 "sandbox_id": op.sandbox_id.to_string(),
                 "host_id": op.host.id.to_string(),
                 "size_bytes": size_bytes,
-                "replaced": replaced_text,
+                "replaced": replaced_id,
             }),
         },
         now,
     )?;
-    Ok(CreateDone { template, replaced })
+    Ok(Finish::Done(CreateDone { template, replaced }))
 }
 
 /// What became of the sandbox after a failed create.
@@ -944,30 +968,29 @@ pub(crate) enum SandboxOutcome {
 }
 
 /// Rolls back a failed create in one transaction: the template row goes,
-/// the key is queued for deletion (it may be half written), the sandbox gets
-/// its status (or stays owned until its host answers), the failure is
-/// audited.
+/// the key is queued for deletion from `first_attempt` on (it may be half
+/// written, or still being written by an agent that has not noticed the
+/// deadline), the sandbox gets its status (or stays owned until its host
+/// answers), the failure is audited. Only applies while the journal entry
+/// is open in phase `started`; returns whether it did.
 pub(crate) fn fail_create(
     conn: &Connection,
     op: &CreateOp,
     sandbox: SandboxOutcome,
     error_code: &'static str,
     detail: &str,
+    first_attempt: Timestamp,
     now: Timestamp,
-) -> Result<()> {
-    conn.prepare_cached("DELETE FROM templates WHERE id = ?1 AND state = 'creating'")
-        .and_then(|mut s| s.execute([op.template_id]))?;
-    insert_placement(conn, op.template_id, op.host.id, op.team, "deleting", now)?;
-    match sandbox {
-        SandboxOutcome::Known(status) => {
-            release_sandbox(conn, op.sandbox_id, status, now)?;
-            delete_operation(conn, op.template_id)?;
-        }
-        SandboxOutcome::Unknown { retry_at } => {
-            conn.prepare_cached(
+) -> Result<bool> {
+    let claimed = match sandbox {
+        SandboxOutcome::Known(_) => conn
+            .prepare_cached("DELETE FROM operations WHERE template_id = ?1 AND phase = 'started'")
+            .and_then(|mut s| s.execute([op.template_id]))?,
+        SandboxOutcome::Unknown { retry_at } => conn
+            .prepare_cached(
                 "UPDATE operations SET phase = 'resolving', next_attempt = ?2, last_error = ?3,
                                        updated_at = ?4
-                 WHERE template_id = ?1",
+                 WHERE template_id = ?1 AND phase = 'started'",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -976,8 +999,29 @@ pub(crate) fn fail_create(
                     detail,
                     now.unix_millis()
                 ])
-            })?;
-        }
+            })?,
+    };
+    if claimed != 1 {
+        return Ok(false);
+    }
+    conn.prepare_cached("DELETE FROM templates WHERE id = ?1 AND state = 'creating'")
+        .and_then(|mut s| s.execute([op.template_id]))?;
+    conn.prepare_cached(
+        "INSERT INTO placements (template_id, host_id, team_id, state, next_attempt, created_at, updated_at)
+         VALUES (?1, ?2, ?3, 'deleting', ?4, ?5, ?5)
+         ON CONFLICT (template_id, host_id) DO NOTHING",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            op.template_id,
+            op.host.id,
+            op.team,
+            first_attempt.unix_millis(),
+            now.unix_millis()
+        ])
+    })?;
+    if let SandboxOutcome::Known(status) = sandbox {
+        release_sandbox(conn, op.sandbox_id, status, now)?;
     }
     insert_audit(
         conn,
@@ -996,19 +1040,24 @@ pub(crate) fn fail_create(
         },
         now,
     )?;
-    Ok(())
+    Ok(true)
 }
 
 /// Closes a `resolving` operation once the host reported the sandbox.
+/// Returns whether it was still open.
 pub(crate) fn resolve_operation(
     conn: &Connection,
     op: &CreateOp,
     status: SandboxStatus,
     now: Timestamp,
-) -> Result<()> {
-    release_sandbox(conn, op.sandbox_id, status, now)?;
-    delete_operation(conn, op.template_id)?;
-    Ok(())
+) -> Result<bool> {
+    let closed = conn
+        .prepare_cached("DELETE FROM operations WHERE template_id = ?1 AND phase = 'resolving'")
+        .and_then(|mut s| s.execute([op.template_id]))?;
+    if closed == 1 {
+        release_sandbox(conn, op.sandbox_id, status, now)?;
+    }
+    Ok(closed == 1)
 }
 
 // --------------------------------------------------------------- delete

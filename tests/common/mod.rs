@@ -3,6 +3,9 @@
 //! in-process transport.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod connect_server;
+pub mod wire;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +22,7 @@ pub fn fast_options() -> ManagerOptions {
     o.delete_timeout = Duration::from_secs(2);
     o.delete_wait = Duration::from_secs(2);
     o.list_timeout = Duration::from_secs(2);
+    o.late_write_grace = Duration::from_millis(50);
     o.retry_base = Duration::from_millis(20);
     o.retry_max = Duration::from_millis(200);
     o.janitor_interval = Duration::from_millis(200);

@@ -1,0 +1,692 @@
+//! The reference host agent: sandboxes and snapshots as directories under
+//! one root, for single-node self-hosters.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fmt;
+use std::fs::{self, DirBuilder, File, FileTimes, Metadata, OpenOptions, Permissions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::UNIX_EPOCH;
+
+use async_trait::async_trait;
+
+use super::{
+    AgentCode, AgentError, CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest,
+    HostAgent, SandboxInfo, SandboxList, SnapshotInfo, SnapshotKey,
+};
+use crate::ids::SandboxId;
+use crate::model::Timestamp;
+
+const SANDBOXES_DIR: &str = "sandboxes";
+const SNAPSHOTS_DIR: &str = "snapshots";
+/// Prefix of a snapshot being written.
+const TMP_PREFIX: &str = ".tmp-";
+/// Prefix of a snapshot being deleted.
+const TRASH_PREFIX: &str = ".trash-";
+const RUNNING: &str = "running";
+const PAUSED: &str = "paused";
+/// Granularity of hole detection in the plain copy.
+const HOLE_BLOCK: usize = 4096;
+/// Read buffer of the plain copy.
+const COPY_BUFFER: usize = 1 << 20;
+
+/// The reference host agent: a sandbox is a directory, a snapshot is a copy
+/// of it. Cheap to clone; clones share their state.
+///
+/// # Contract
+/// On-disk layout under the root given to [`DirHostAgent::open`]:
+///
+/// ```text
+/// <root>/sandboxes/<sandbox_id>/      a sandbox's state (`sb-…`), written by whatever runs it
+/// <root>/snapshots/<key>/             a complete snapshot: a copy of a sandbox directory
+/// <root>/snapshots/.tmp-<key>-<r>/    a snapshot being written
+/// <root>/snapshots/.trash-<key>-<r>/  a snapshot being deleted
+/// ```
+///
+/// - `create_snapshot` copies `sandboxes/<sandbox_id>/` into a `.tmp-`
+///   directory (a copy-on-write reflink where the filesystem supports it,
+///   otherwise a plain copy that keeps holes in sparse files), fsyncs every
+///   file and directory, then renames it to `snapshots/<key>/` and fsyncs
+///   `snapshots/`. `snapshots/<key>` is therefore complete or absent, also
+///   after a crash. A failed copy removes its `.tmp-` directory. The answer's
+///   `size_bytes` is the space allocated on disk (`st_blocks × 512` summed
+///   over regular files), not the apparent size.
+/// - What a snapshot holds: regular files (contents, permission bits without
+///   setuid/setgid/sticky, modification time); directories (permission bits,
+///   plus owner `rwx` so the agent can always delete them); symlinks,
+///   recreated with the same target and never followed. Sockets, FIFOs and
+///   device nodes are skipped: they hold no state a restore could use (a
+///   VMM's API socket, for one). Hard links become independent files.
+/// - `delete_snapshot` renames `snapshots/<key>` to a `.trash-` name, then
+///   removes it without following symlinks, so a crash never leaves a
+///   partial snapshot under its key.
+/// - `list_sandboxes` reports every directory under `sandboxes/` named by a
+///   sandbox id; `list_snapshots` every directory under `snapshots/` named by
+///   a valid [`SnapshotKey`], with its allocated size and its directory's
+///   modification time. Anything else is ignored.
+/// - Nothing outside the root is read or written because of a request: every
+///   path is a single checked component under `sandboxes/` or `snapshots/`
+///   (anything else answers `InvalidArgument`), symlinks are never followed,
+///   and a sandbox entry that is itself a symlink is not a sandbox. The
+///   sandbox directory must not change during the copy (its VM is paused);
+///   a regular file replaced mid-copy is detected and fails the call.
+/// - There is no VM: sandbox statuses live in memory. A sandbox directory
+///   without a recorded status is `running`; `create_snapshot` refuses a
+///   sandbox that is neither `running` nor `paused` (`FailedPrecondition`)
+///   and leaves it `paused`; [`DirHostAgent::set_sandbox_status`] changes it.
+/// - One agent per root: [`DirHostAgent::open`] removes `.tmp-` and
+///   `.trash-` leftovers, which would destroy another live agent's work. A
+///   second `create_snapshot` of a key while the first is still copying
+///   answers `AlreadyExists`.
+/// - All filesystem work runs on tokio's blocking pool. A call whose future
+///   is dropped still runs to its end, cleaning up after itself on failure.
+#[derive(Clone)]
+pub struct DirHostAgent {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    sandboxes: PathBuf,
+    snapshots: PathBuf,
+    statuses: Mutex<HashMap<SandboxId, String>>,
+    /// Keys whose `create_snapshot` is copying right now.
+    creating: Mutex<HashSet<SnapshotKey>>,
+}
+
+impl fmt::Debug for DirHostAgent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirHostAgent")
+            .field("root", &self.inner.root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DirHostAgent {
+    /// Opens the agent over `root`: creates `root/sandboxes` and
+    /// `root/snapshots` if missing and removes the `.tmp-*` and `.trash-*`
+    /// leftovers of interrupted creates and deletes under `snapshots/`.
+    ///
+    /// # Errors
+    /// The [`io::Error`] of a directory that cannot be created or read, or of
+    /// a leftover that cannot be removed; its message names the path.
+    pub async fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        let sandboxes = root.join(SANDBOXES_DIR);
+        let snapshots = root.join(SNAPSHOTS_DIR);
+        {
+            let sandboxes = sandboxes.clone();
+            let snapshots = snapshots.clone();
+            tokio::task::spawn_blocking(move || prepare(&sandboxes, &snapshots))
+                .await
+                .map_err(|e| io::Error::other(format!("host agent open task failed: {e}")))??;
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                root,
+                sandboxes,
+                snapshots,
+                statuses: Mutex::new(HashMap::new()),
+                creating: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Sets the status `list_sandboxes` reports for a sandbox (`running`,
+    /// `paused`, `stopped`, …). Only `running` and `paused` sandboxes can be
+    /// snapshotted. The status is kept in memory, also for a sandbox whose
+    /// directory does not exist (yet).
+    pub fn set_sandbox_status(&self, id: SandboxId, status: impl Into<String>) {
+        lock(&self.inner.statuses).insert(id, status.into());
+    }
+}
+
+#[async_trait]
+impl HostAgent for DirHostAgent {
+    async fn create_snapshot(
+        &self,
+        req: CreateSnapshotRequest,
+    ) -> Result<CreateSnapshotResponse, AgentError> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.create_snapshot(req.sandbox_id, &req.key)).await
+    }
+
+    async fn delete_snapshot(&self, req: DeleteSnapshotRequest) -> Result<(), AgentError> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.delete_snapshot(&req.key)).await
+    }
+
+    async fn list_sandboxes(&self) -> Result<SandboxList, AgentError> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.list_sandboxes()).await
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, AgentError> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.list_snapshots()).await
+    }
+}
+
+impl Inner {
+    fn create_snapshot(
+        &self,
+        sandbox_id: SandboxId,
+        key: &SnapshotKey,
+    ) -> Result<CreateSnapshotResponse, AgentError> {
+        let sandbox = sandbox_id.to_string();
+        let source = child_path(&self.sandboxes, &sandbox)?;
+        let target = child_path(&self.snapshots, key.as_str())?;
+        let temp = child_path(
+            &self.snapshots,
+            &format!("{TMP_PREFIX}{key}-{}", random_suffix()),
+        )?;
+
+        match fs::symlink_metadata(&source) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(AgentError::rejected(
+                    AgentCode::FailedPrecondition,
+                    format!("sandbox {sandbox} is not a directory"),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(AgentError::rejected(
+                    AgentCode::NotFound,
+                    format!("sandbox {sandbox} not found"),
+                ));
+            }
+            Err(e) => return Err(io_error(format!("sandbox {sandbox}: cannot read it"), &e)),
+        }
+
+        let _reservation = Reservation::take(&self.creating, key)?;
+        {
+            let mut statuses = lock(&self.statuses);
+            let status = statuses.get(&sandbox_id).map_or(RUNNING, String::as_str);
+            if status != RUNNING && status != PAUSED {
+                return Err(AgentError::rejected(
+                    AgentCode::FailedPrecondition,
+                    format!("sandbox {sandbox} is {status}"),
+                ));
+            }
+            match fs::symlink_metadata(&target) {
+                Ok(_) => {
+                    return Err(AgentError::rejected(
+                        AgentCode::AlreadyExists,
+                        format!("snapshot {key} already exists"),
+                    ));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(format!("snapshot {key}: cannot check it"), &e)),
+            }
+            // The VM is paused before its state is copied, and stays paused.
+            statuses.insert(sandbox_id, PAUSED.to_owned());
+        }
+
+        let written = copy_tree(&source, &temp)
+            .map_err(|e| e.into_agent_error(&format!("snapshot {key}: copying sandbox {sandbox}")))
+            .and_then(|()| {
+                allocated_size(&temp)
+                    .map_err(|e| e.into_agent_error(&format!("snapshot {key}: measuring its size")))
+            })
+            .and_then(|size| {
+                fs::rename(&temp, &target)
+                    .map(|()| size)
+                    .map_err(|e| io_error(format!("snapshot {key}: moving it into place"), &e))
+            });
+        let size_bytes = match written {
+            Ok(size) => size,
+            Err(err) => {
+                discard(&temp);
+                return Err(err);
+            }
+        };
+        // The files are durable; this makes the new name durable too. On
+        // failure the complete snapshot stays under its key for the caller
+        // to delete, as the contract allows.
+        sync_dir(&self.snapshots).map_err(|e| {
+            io_error(
+                format!("snapshot {key}: syncing the snapshots directory"),
+                &e,
+            )
+        })?;
+        Ok(CreateSnapshotResponse::new(key.as_str(), size_bytes))
+    }
+
+    fn delete_snapshot(&self, key: &SnapshotKey) -> Result<(), AgentError> {
+        let target = child_path(&self.snapshots, key.as_str())?;
+        let trash = child_path(
+            &self.snapshots,
+            &format!("{TRASH_PREFIX}{key}-{}", random_suffix()),
+        )?;
+        match fs::rename(&target, &trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(AgentError::rejected(
+                    AgentCode::NotFound,
+                    format!("snapshot {key} not found"),
+                ));
+            }
+            Err(e) => return Err(io_error(format!("snapshot {key}: moving it aside"), &e)),
+        }
+        sync_dir(&self.snapshots).map_err(|e| {
+            io_error(
+                format!("snapshot {key}: syncing the snapshots directory"),
+                &e,
+            )
+        })?;
+        // The key is gone; a failure here leaves only a `.trash-` directory,
+        // which the next `open` removes.
+        remove_entry(&trash)
+            .map_err(|e| io_error(format!("snapshot {key}: removing its files"), &e))
+    }
+
+    fn list_sandboxes(&self) -> Result<SandboxList, AgentError> {
+        let entries =
+            fs::read_dir(&self.sandboxes).map_err(|e| io_error("listing sandboxes".into(), &e))?;
+        let mut ids = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error("listing sandboxes".into(), &e))?;
+            let Some(id) = entry.file_name().to_str().and_then(canonical_sandbox_id) else {
+                continue;
+            };
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => ids.push(id),
+                Ok(_) => {}
+                // Removed while we were listing.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(format!("sandbox {id}: cannot read it"), &e)),
+            }
+        }
+        let statuses = lock(&self.statuses);
+        let mut sandboxes: Vec<SandboxInfo> = ids
+            .into_iter()
+            .map(|id| {
+                let status = statuses.get(&id).map_or(RUNNING, String::as_str);
+                SandboxInfo::new(id.to_string(), status)
+            })
+            .collect();
+        drop(statuses);
+        sandboxes.sort_by(|a, b| a.sandbox_id.cmp(&b.sandbox_id));
+        Ok(SandboxList {
+            sandboxes,
+            auto_paused_sandbox_ids: Vec::new(),
+        })
+    }
+
+    fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, AgentError> {
+        let entries =
+            fs::read_dir(&self.snapshots).map_err(|e| io_error("listing snapshots".into(), &e))?;
+        let mut snapshots = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error("listing snapshots".into(), &e))?;
+            // Keys never start with '.', so `.tmp-` and `.trash-` are skipped here.
+            let Some(key) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| SnapshotKey::parse(name).ok())
+            else {
+                continue;
+            };
+            let meta = match entry.metadata() {
+                Ok(meta) if meta.is_dir() => meta,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_error(format!("snapshot {key}: cannot read it"), &e)),
+            };
+            let size = match allocated_size(&entry.path()) {
+                Ok(size) => size,
+                // Deleted while we were measuring it.
+                Err(e) if e.source.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into_agent_error(&format!("snapshot {key}: measuring it"))),
+            };
+            let created_at = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .and_then(|d| i64::try_from(d.as_millis()).ok())
+                .map(Timestamp::from_unix_millis);
+            snapshots.push(SnapshotInfo::new(key.as_str(), size, created_at));
+        }
+        snapshots.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(snapshots)
+    }
+}
+
+/// Marks a key as being created until dropped.
+struct Reservation<'a> {
+    set: &'a Mutex<HashSet<SnapshotKey>>,
+    key: SnapshotKey,
+}
+
+impl<'a> Reservation<'a> {
+    fn take(set: &'a Mutex<HashSet<SnapshotKey>>, key: &SnapshotKey) -> Result<Self, AgentError> {
+        if !lock(set).insert(key.clone()) {
+            return Err(AgentError::rejected(
+                AgentCode::AlreadyExists,
+                format!("snapshot {key} is being created"),
+            ));
+        }
+        Ok(Self {
+            set,
+            key: key.clone(),
+        })
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.key);
+    }
+}
+
+/// An I/O failure on a path, which goes to the host's log only: answers
+/// name keys and sandboxes, never host paths.
+#[derive(Debug)]
+struct FsError {
+    path: PathBuf,
+    source: io::Error,
+}
+
+impl FsError {
+    fn at(path: &Path) -> impl FnOnce(io::Error) -> Self + '_ {
+        move |source| Self {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    fn into_agent_error(self, context: &str) -> AgentError {
+        tracing::warn!(path = %self.path.display(), error = %self.source, "{context} failed");
+        io_error(context.to_owned(), &self.source)
+    }
+}
+
+/// Runs filesystem work on the blocking pool.
+async fn blocking<T, F>(work: F) -> Result<T, AgentError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, AgentError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(AgentError::rejected(
+            AgentCode::Internal,
+            format!("host agent task failed: {e}"),
+        ))
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn io_error(context: String, err: &io::Error) -> AgentError {
+    let code = match err.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => AgentCode::ResourceExhausted,
+        _ => AgentCode::Internal,
+    };
+    AgentError::rejected(code, format!("{context}: {err}"))
+}
+
+/// `dir/name`, where `name` must be exactly one ordinary path component, so
+/// the result is a direct child of `dir`. Keys and ids are validated types
+/// already; this is the second line of defence.
+fn child_path(dir: &Path, name: &str) -> Result<PathBuf, AgentError> {
+    let mut components = Path::new(name).components();
+    let single = matches!(
+        (components.next(), components.next()),
+        (Some(Component::Normal(part)), None) if part == OsStr::new(name)
+    );
+    let path = dir.join(name);
+    if !single || name.contains('\0') || path.parent() != Some(dir) {
+        return Err(AgentError::rejected(
+            AgentCode::InvalidArgument,
+            format!("{name:?} is not a plain file name"),
+        ));
+    }
+    Ok(path)
+}
+
+/// The sandbox id `name` spells, if it is one in its canonical text form
+/// (the only form `create_snapshot` looks for).
+fn canonical_sandbox_id(name: &str) -> Option<SandboxId> {
+    SandboxId::parse(name)
+        .ok()
+        .filter(|id| id.to_string() == name)
+}
+
+fn random_suffix() -> String {
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    random[..16].to_owned()
+}
+
+/// Creates the two directories and removes leftovers of interrupted work.
+fn prepare(sandboxes: &Path, snapshots: &Path) -> io::Result<()> {
+    let with_path = |path: &Path| {
+        let path = path.display().to_string();
+        move |e: io::Error| io::Error::new(e.kind(), format!("{path}: {e}"))
+    };
+    fs::create_dir_all(sandboxes).map_err(with_path(sandboxes))?;
+    fs::create_dir_all(snapshots).map_err(with_path(snapshots))?;
+    for entry in fs::read_dir(snapshots).map_err(with_path(snapshots))? {
+        let entry = entry.map_err(with_path(snapshots))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(TMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
+            let path = entry.path();
+            tracing::info!(path = %path.display(), "removing the leftover of interrupted work");
+            remove_entry(&path).map_err(with_path(&path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes a file, symlink or directory tree without following symlinks
+/// (`remove_dir_all` unlinks symlinks, it does not descend into them).
+fn remove_entry(path: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(path)?.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    }
+}
+
+/// Best-effort removal of a failed create's temporary directory.
+fn discard(temp: &Path) {
+    match remove_entry(temp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(
+            path = %temp.display(),
+            error = %e,
+            "cannot remove a failed snapshot; the next open removes it"
+        ),
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Permission bits of a copied directory: the source's, plus owner `rwx`.
+fn dir_mode(meta: &Metadata) -> u32 {
+    (meta.mode() & 0o777) | 0o700
+}
+
+/// Copies the tree at `src_root` (a directory) to a new directory `dst_root`
+/// as described on [`DirHostAgent`], fsyncing everything it writes.
+fn copy_tree(src_root: &Path, dst_root: &Path) -> Result<(), FsError> {
+    let root_meta = fs::symlink_metadata(src_root).map_err(FsError::at(src_root))?;
+    let mut builder = DirBuilder::new();
+    // Owner-only while being written; final bits are set once it is full.
+    builder.mode(0o700);
+    builder.create(dst_root).map_err(FsError::at(dst_root))?;
+    // Directories in creation order; fixed up children first (reversed).
+    let mut dirs = vec![(dst_root.to_path_buf(), dir_mode(&root_meta))];
+    // An explicit stack, so deep trees cannot overflow the thread's stack.
+    let mut pending = vec![(src_root.to_path_buf(), dst_root.to_path_buf())];
+    while let Some((src_dir, dst_dir)) = pending.pop() {
+        for entry in fs::read_dir(&src_dir).map_err(FsError::at(&src_dir))? {
+            let entry = entry.map_err(FsError::at(&src_dir))?;
+            let src = entry.path();
+            let dst = dst_dir.join(entry.file_name());
+            // Does not follow symlinks.
+            let meta = entry.metadata().map_err(FsError::at(&src))?;
+            let kind = meta.file_type();
+            if kind.is_symlink() {
+                let target = fs::read_link(&src).map_err(FsError::at(&src))?;
+                std::os::unix::fs::symlink(&target, &dst).map_err(FsError::at(&dst))?;
+            } else if kind.is_dir() {
+                builder.create(&dst).map_err(FsError::at(&dst))?;
+                dirs.push((dst.clone(), dir_mode(&meta)));
+                pending.push((src, dst));
+            } else if kind.is_file() {
+                copy_file(&src, &meta, &dst)?;
+            } else {
+                tracing::debug!(path = %src.display(), "skipping a special file");
+            }
+        }
+    }
+    for (dir, mode) in dirs.iter().rev() {
+        fs::set_permissions(dir, Permissions::from_mode(*mode)).map_err(FsError::at(dir))?;
+        sync_dir(dir).map_err(FsError::at(dir))?;
+    }
+    Ok(())
+}
+
+/// Copies one regular file (`meta` is its `lstat`) to the new file `dst`.
+fn copy_file(src: &Path, meta: &Metadata, dst: &Path) -> Result<(), FsError> {
+    let from = File::open(src).map_err(FsError::at(src))?;
+    let opened = from.metadata().map_err(FsError::at(src))?;
+    // `open` follows symlinks: make sure we opened the file we inspected,
+    // not something swapped in since.
+    if !opened.is_file() || opened.dev() != meta.dev() || opened.ino() != meta.ino() {
+        return Err(FsError::at(src)(io::Error::other(
+            "a file changed while the sandbox was being copied",
+        )));
+    }
+    let to = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dst)
+        .map_err(FsError::at(dst))?;
+    if let Err(e) = reflink_copy::reflink_file(&from, &to) {
+        tracing::trace!(error = %e, "no reflink, copying");
+        plain_copy(&from, &to, &opened).map_err(FsError::at(dst))?;
+    }
+    // No setuid/setgid/sticky: the copy is owned by the agent's user.
+    to.set_permissions(Permissions::from_mode(meta.mode() & 0o777))
+        .map_err(FsError::at(dst))?;
+    let modified = opened.modified().map_err(FsError::at(src))?;
+    to.set_times(FileTimes::new().set_modified(modified))
+        .map_err(FsError::at(dst))?;
+    to.sync_all().map_err(FsError::at(dst))
+}
+
+/// Copies `from` into the empty file `to`. A file with fewer allocated
+/// blocks than its length is sparse: its zero blocks become holes again
+/// instead of allocated zeros.
+fn plain_copy(mut from: &File, mut to: &File, meta: &Metadata) -> io::Result<()> {
+    from.seek(SeekFrom::Start(0))?;
+    to.set_len(0)?;
+    to.seek(SeekFrom::Start(0))?;
+    if meta.blocks().saturating_mul(512) >= meta.len() {
+        io::copy(&mut from, &mut to)?;
+        return Ok(());
+    }
+    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut length: u64 = 0;
+    loop {
+        let filled = read_full(from, &mut buf)?;
+        if filled == 0 {
+            break;
+        }
+        let chunk = &buf[..filled];
+        let mut start = 0;
+        while start < filled {
+            let zero = is_zero_block(chunk, start);
+            let mut end = (start + HOLE_BLOCK).min(filled);
+            while end < filled && is_zero_block(chunk, end) == zero {
+                end = (end + HOLE_BLOCK).min(filled);
+            }
+            if zero {
+                let skip = i64::try_from(end - start).map_err(io::Error::other)?;
+                to.seek(SeekFrom::Current(skip))?;
+            } else {
+                to.write_all(&chunk[start..end])?;
+            }
+            start = end;
+        }
+        length = length.saturating_add(filled as u64);
+    }
+    // Covers a trailing hole, which no write extended the file over.
+    to.set_len(length)
+}
+
+fn is_zero_block(chunk: &[u8], start: usize) -> bool {
+    let end = (start + HOLE_BLOCK).min(chunk.len());
+    chunk[start..end].iter().all(|&b| b == 0)
+}
+
+/// Reads until `buf` is full or the file ends; returns the bytes read.
+fn read_full(mut from: &File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match from.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Bytes allocated to the regular files under `dir` (`st_blocks × 512`),
+/// without following symlinks.
+fn allocated_size(dir: &Path) -> Result<u64, FsError> {
+    let mut total: u64 = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).map_err(FsError::at(&dir))? {
+            let entry = entry.map_err(FsError::at(&dir))?;
+            let meta = entry.metadata().map_err(FsError::at(&entry.path()))?;
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else if meta.is_file() {
+                total = total.saturating_add(meta.blocks().saturating_mul(512));
+            }
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_path_accepts_only_one_plain_component() {
+        let dir = Path::new("/srv/agent/snapshots");
+        assert_eq!(
+            child_path(dir, "tpl-1").ok(),
+            Some(PathBuf::from("/srv/agent/snapshots/tpl-1"))
+        );
+        for bad in ["", ".", "..", "../x", "a/b", "a/", "/etc", "a\0b", "./a"] {
+            let err = child_path(dir, bad).err();
+            assert_eq!(
+                err.and_then(|e| e.code()),
+                Some(AgentCode::InvalidArgument),
+                "{bad:?}"
+            );
+        }
+    }
+}

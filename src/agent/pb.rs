@@ -1,0 +1,369 @@
+//! The generated protobuf types (private) and every conversion between them
+//! and the domain types. `tonic::Status` is converted to and from
+//! [`AgentError`] here and nowhere else.
+
+use super::{
+    AgentCode, AgentError, CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest,
+    SandboxInfo, SandboxList, SnapshotInfo, SnapshotKey,
+};
+use crate::ids::{SandboxId, TeamId, TemplateId};
+use crate::model::Timestamp;
+
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+pub(crate) mod wire {
+    tonic::include_proto!("hostagent.v1");
+}
+
+/// Fully-qualified service name, the path prefix of every method.
+pub(crate) const SERVICE: &str = "hostagent.v1.HostAgentService";
+
+fn protocol(message: impl Into<String>) -> AgentError {
+    AgentError::Protocol {
+        message: message.into(),
+    }
+}
+
+fn invalid(message: impl Into<String>) -> AgentError {
+    AgentError::rejected(AgentCode::InvalidArgument, message)
+}
+
+fn non_negative_u64(value: i64, field: &str) -> Result<u64, AgentError> {
+    u64::try_from(value).map_err(|_| protocol(format!("negative {field}: {value}")))
+}
+
+fn non_negative_u32(value: i32, field: &str) -> Result<u32, AgentError> {
+    u32::try_from(value).map_err(|_| protocol(format!("negative {field}: {value}")))
+}
+
+fn clamp_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn clamp_i32(value: u32) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+fn opt_text<T: ToString>(value: Option<T>) -> String {
+    value.map(|v| v.to_string()).unwrap_or_default()
+}
+
+fn parse_opt<T>(
+    text: &str,
+    parse: impl Fn(&str) -> Result<T, crate::ids::IdError>,
+    field: &str,
+) -> Result<Option<T>, AgentError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    parse(text)
+        .map(Some)
+        .map_err(|e| invalid(format!("invalid {field}: {e}")))
+}
+
+// ------------------------------------------------------------- requests
+
+impl From<CreateSnapshotRequest> for wire::CreateSnapshotRequest {
+    fn from(r: CreateSnapshotRequest) -> Self {
+        Self {
+            sandbox_id: r.sandbox_id.to_string(),
+            name: r.key.as_str().to_owned(),
+            team_id: opt_text(r.team_id),
+            template_id: opt_text(r.template_id),
+        }
+    }
+}
+
+/// Server side: a request from the wire, validated before it reaches an
+/// agent (bad ids or keys are InvalidArgument).
+impl TryFrom<wire::CreateSnapshotRequest> for CreateSnapshotRequest {
+    type Error = AgentError;
+    fn try_from(r: wire::CreateSnapshotRequest) -> Result<Self, AgentError> {
+        let sandbox_id = SandboxId::parse(&r.sandbox_id)
+            .map_err(|e| invalid(format!("invalid sandbox_id: {e}")))?;
+        let key = SnapshotKey::parse(&r.name).map_err(|e| invalid(format!("invalid name: {e}")))?;
+        Ok(Self {
+            sandbox_id,
+            key,
+            team_id: parse_opt(&r.team_id, TeamId::parse, "team_id")?,
+            template_id: parse_opt(&r.template_id, TemplateId::parse, "template_id")?,
+        })
+    }
+}
+
+impl From<DeleteSnapshotRequest> for wire::DeleteSnapshotRequest {
+    fn from(r: DeleteSnapshotRequest) -> Self {
+        Self {
+            name: r.key.as_str().to_owned(),
+            team_id: opt_text(r.team_id),
+            template_id: opt_text(r.template_id),
+        }
+    }
+}
+
+impl TryFrom<wire::DeleteSnapshotRequest> for DeleteSnapshotRequest {
+    type Error = AgentError;
+    fn try_from(r: wire::DeleteSnapshotRequest) -> Result<Self, AgentError> {
+        let key = SnapshotKey::parse(&r.name).map_err(|e| invalid(format!("invalid name: {e}")))?;
+        Ok(Self {
+            key,
+            team_id: parse_opt(&r.team_id, TeamId::parse, "team_id")?,
+            template_id: parse_opt(&r.template_id, TemplateId::parse, "template_id")?,
+        })
+    }
+}
+
+// ------------------------------------------------------------ responses
+
+impl From<CreateSnapshotResponse> for wire::CreateSnapshotResponse {
+    fn from(r: CreateSnapshotResponse) -> Self {
+        Self {
+            name: r.key,
+            size_bytes: clamp_i64(r.size_bytes),
+        }
+    }
+}
+
+impl TryFrom<wire::CreateSnapshotResponse> for CreateSnapshotResponse {
+    type Error = AgentError;
+    fn try_from(r: wire::CreateSnapshotResponse) -> Result<Self, AgentError> {
+        Ok(Self {
+            key: r.name,
+            size_bytes: non_negative_u64(r.size_bytes, "size_bytes")?,
+        })
+    }
+}
+
+impl From<SandboxInfo> for wire::SandboxInfo {
+    fn from(s: SandboxInfo) -> Self {
+        Self {
+            sandbox_id: s.sandbox_id,
+            status: s.status,
+            template: s.template,
+            vcpus: clamp_i32(s.vcpus),
+            memory_mb: clamp_i32(s.memory_mb),
+            host_ip: s.host_ip,
+            created_at_unix: s.created_at_unix,
+            last_active_at_unix: s.last_active_at_unix,
+            timeout_sec: s.timeout_sec,
+        }
+    }
+}
+
+impl TryFrom<wire::SandboxInfo> for SandboxInfo {
+    type Error = AgentError;
+    fn try_from(s: wire::SandboxInfo) -> Result<Self, AgentError> {
+        Ok(Self {
+            vcpus: non_negative_u32(s.vcpus, "vcpus")?,
+            memory_mb: non_negative_u32(s.memory_mb, "memory_mb")?,
+            sandbox_id: s.sandbox_id,
+            status: s.status,
+            template: s.template,
+            host_ip: s.host_ip,
+            created_at_unix: s.created_at_unix,
+            last_active_at_unix: s.last_active_at_unix,
+            timeout_sec: s.timeout_sec,
+        })
+    }
+}
+
+impl From<SandboxList> for wire::ListSandboxesResponse {
+    fn from(l: SandboxList) -> Self {
+        Self {
+            sandboxes: l.sandboxes.into_iter().map(Into::into).collect(),
+            auto_paused_sandbox_ids: l.auto_paused_sandbox_ids,
+        }
+    }
+}
+
+impl TryFrom<wire::ListSandboxesResponse> for SandboxList {
+    type Error = AgentError;
+    fn try_from(l: wire::ListSandboxesResponse) -> Result<Self, AgentError> {
+        Ok(Self {
+            sandboxes: l
+                .sandboxes
+                .into_iter()
+                .map(SandboxInfo::try_from)
+                .collect::<Result<_, _>>()?,
+            auto_paused_sandbox_ids: l.auto_paused_sandbox_ids,
+        })
+    }
+}
+
+impl From<SnapshotInfo> for wire::SnapshotInfo {
+    fn from(s: SnapshotInfo) -> Self {
+        Self {
+            name: s.key,
+            size_bytes: clamp_i64(s.size_bytes),
+            created_at_unix: s.created_at.map_or(0, |t| t.unix_millis().div_euclid(1000)),
+        }
+    }
+}
+
+impl TryFrom<wire::SnapshotInfo> for SnapshotInfo {
+    type Error = AgentError;
+    fn try_from(s: wire::SnapshotInfo) -> Result<Self, AgentError> {
+        let created_at = (s.created_at_unix > 0)
+            .then(|| Timestamp::from_unix_millis(s.created_at_unix.saturating_mul(1000)));
+        Ok(Self {
+            size_bytes: non_negative_u64(s.size_bytes, "size_bytes")?,
+            key: s.name,
+            created_at,
+        })
+    }
+}
+
+pub(crate) fn snapshots_to_wire(list: Vec<SnapshotInfo>) -> wire::ListSnapshotsResponse {
+    wire::ListSnapshotsResponse {
+        snapshots: list.into_iter().map(Into::into).collect(),
+    }
+}
+
+pub(crate) fn snapshots_from_wire(
+    r: wire::ListSnapshotsResponse,
+) -> Result<Vec<SnapshotInfo>, AgentError> {
+    r.snapshots
+        .into_iter()
+        .map(SnapshotInfo::try_from)
+        .collect()
+}
+
+// ---------------------------------------------------------------- codes
+
+impl AgentCode {
+    /// Parses a Connect error code (`not_found`, …). Unknown codes are
+    /// [`AgentCode::Unknown`]; `unavailable` and `deadline_exceeded` are not
+    /// codes here (see [`connect_code_to_error`]).
+    fn from_connect(code: &str) -> Self {
+        match code {
+            "canceled" => Self::Cancelled,
+            "invalid_argument" => Self::InvalidArgument,
+            "not_found" => Self::NotFound,
+            "already_exists" => Self::AlreadyExists,
+            "permission_denied" => Self::PermissionDenied,
+            "resource_exhausted" => Self::ResourceExhausted,
+            "failed_precondition" => Self::FailedPrecondition,
+            "aborted" => Self::Aborted,
+            "out_of_range" => Self::OutOfRange,
+            "unimplemented" => Self::Unimplemented,
+            "internal" => Self::Internal,
+            "data_loss" => Self::DataLoss,
+            "unauthenticated" => Self::Unauthenticated,
+            _ => Self::Unknown,
+        }
+    }
+
+    fn to_grpc(self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Self::Cancelled => Code::Cancelled,
+            Self::Unknown => Code::Unknown,
+            Self::InvalidArgument => Code::InvalidArgument,
+            Self::NotFound => Code::NotFound,
+            Self::AlreadyExists => Code::AlreadyExists,
+            Self::PermissionDenied => Code::PermissionDenied,
+            Self::ResourceExhausted => Code::ResourceExhausted,
+            Self::FailedPrecondition => Code::FailedPrecondition,
+            Self::Aborted => Code::Aborted,
+            Self::OutOfRange => Code::OutOfRange,
+            Self::Unimplemented => Code::Unimplemented,
+            Self::Internal => Code::Internal,
+            Self::DataLoss => Code::DataLoss,
+            Self::Unauthenticated => Code::Unauthenticated,
+        }
+    }
+}
+
+/// A Connect error code and message, as an [`AgentError`].
+pub(crate) fn connect_code_to_error(code: &str, message: String) -> AgentError {
+    match code {
+        "unavailable" => AgentError::Unavailable { message },
+        "deadline_exceeded" => AgentError::Timeout,
+        other => AgentError::Rejected {
+            code: AgentCode::from_connect(other),
+            message,
+        },
+    }
+}
+
+/// The one conversion from `tonic::Status` to [`AgentError`].
+pub(crate) fn status_to_error(status: tonic::Status) -> AgentError {
+    use tonic::Code;
+    let message = status.message().to_owned();
+    let code = match status.code() {
+        Code::Unavailable => return AgentError::Unavailable { message },
+        Code::DeadlineExceeded => return AgentError::Timeout,
+        Code::Ok => return protocol("error status with code OK"),
+        // Our calls always carry a deadline and are never cancelled
+        // explicitly; tonic servers answer an expired deadline with
+        // CANCELLED ("Timeout expired").
+        Code::Cancelled => return AgentError::Timeout,
+        Code::Unknown => AgentCode::Unknown,
+        Code::InvalidArgument => AgentCode::InvalidArgument,
+        Code::NotFound => AgentCode::NotFound,
+        Code::AlreadyExists => AgentCode::AlreadyExists,
+        Code::PermissionDenied => AgentCode::PermissionDenied,
+        Code::ResourceExhausted => AgentCode::ResourceExhausted,
+        Code::FailedPrecondition => AgentCode::FailedPrecondition,
+        Code::Aborted => AgentCode::Aborted,
+        Code::OutOfRange => AgentCode::OutOfRange,
+        Code::Unimplemented => AgentCode::Unimplemented,
+        Code::Internal => AgentCode::Internal,
+        Code::DataLoss => AgentCode::DataLoss,
+        Code::Unauthenticated => AgentCode::Unauthenticated,
+    };
+    AgentError::Rejected { code, message }
+}
+
+/// The one conversion from [`AgentError`] to `tonic::Status` (server side).
+pub(crate) fn error_to_status(err: AgentError) -> tonic::Status {
+    match err {
+        AgentError::Unavailable { message } => tonic::Status::unavailable(message),
+        AgentError::Timeout => tonic::Status::deadline_exceeded("host agent call timed out"),
+        AgentError::Rejected { code, message } => tonic::Status::new(code.to_grpc(), message),
+        AgentError::Protocol { message } => tonic::Status::internal(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    /// Existing agents decode `CreateSnapshotRequest` by field number:
+    /// sandbox_id = 1, name = 2, team_id = 3, template_id = 4.
+    #[test]
+    fn create_snapshot_request_golden_bytes() {
+        let msg = wire::CreateSnapshotRequest {
+            sandbox_id: "sb".into(),
+            name: "n".into(),
+            team_id: "t".into(),
+            template_id: "p".into(),
+        };
+        let expected: &[u8] = &[
+            0x0a, 2, b's', b'b', // field 1, length-delimited
+            0x12, 1, b'n', // field 2
+            0x1a, 1, b't', // field 3
+            0x22, 1, b'p', // field 4
+        ];
+        assert_eq!(msg.encode_to_vec(), expected);
+    }
+
+    #[test]
+    fn bad_wire_values_are_refused_not_panicked_on() {
+        let bad = wire::CreateSnapshotRequest {
+            sandbox_id: "sb-zzzzzzzzzzzzzzzzzzzzzzzzz".into(),
+            name: "../etc".into(),
+            ..Default::default()
+        };
+        let err = CreateSnapshotRequest::try_from(bad).unwrap_err();
+        assert_eq!(err.code(), Some(AgentCode::InvalidArgument));
+        let resp = wire::CreateSnapshotResponse {
+            name: "k".into(),
+            size_bytes: -1,
+        };
+        assert!(matches!(
+            CreateSnapshotResponse::try_from(resp),
+            Err(AgentError::Protocol { .. })
+        ));
+    }
+}

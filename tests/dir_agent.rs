@@ -1,0 +1,415 @@
+//! The reference host agent (`DirHostAgent`) through the public API.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, symlink};
+use std::path::{Path, PathBuf};
+
+use sandbox_snapshots::agent::{
+    CreateSnapshotRequest, DeleteSnapshotRequest, SandboxList, SnapshotKey,
+};
+use sandbox_snapshots::{AgentCode, DirHostAgent, HostAgent, SandboxId, Timestamp};
+use tempfile::TempDir;
+
+fn key(s: &str) -> SnapshotKey {
+    SnapshotKey::parse(s).unwrap()
+}
+
+fn sandbox_dir(root: &Path, id: SandboxId) -> PathBuf {
+    let dir = root.join("sandboxes").join(id.to_string());
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn create(
+    agent: &DirHostAgent,
+    id: SandboxId,
+    k: &str,
+) -> Result<u64, sandbox_snapshots::AgentError> {
+    agent
+        .create_snapshot(CreateSnapshotRequest::new(id, key(k)))
+        .await
+        .map(|r| {
+            assert_eq!(r.key, k);
+            r.size_bytes
+        })
+}
+
+async fn delete(agent: &DirHostAgent, k: &str) -> Result<(), sandbox_snapshots::AgentError> {
+    agent
+        .delete_snapshot(DeleteSnapshotRequest::new(key(k)))
+        .await
+}
+
+/// Every entry under `dir`, relative, with what it is: file contents,
+/// `dir`, or `-> target` for a symlink. Never follows symlinks.
+fn tree(dir: &Path) -> BTreeMap<String, String> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            let rel = path.strip_prefix(base).unwrap().display().to_string();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            if meta.file_type().is_symlink() {
+                let target = fs::read_link(&path).unwrap();
+                out.insert(rel, format!("-> {}", target.display()));
+            } else if meta.is_dir() {
+                out.insert(rel, "dir".to_owned());
+                walk(base, &path, out);
+            } else {
+                let bytes = fs::read(&path).unwrap();
+                out.insert(rel, format!("{} bytes, {:x?}", bytes.len(), digest(&bytes)));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// A cheap content fingerprint (FNV-1a), enough to tell contents apart.
+fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// (allocated, apparent) bytes of the regular files under `dir`.
+fn sizes(dir: &Path) -> (u64, u64) {
+    let mut allocated = 0;
+    let mut apparent = 0;
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            let (a, b) = sizes(&path);
+            allocated += a;
+            apparent += b;
+        } else if meta.is_file() {
+            allocated += meta.blocks() * 512;
+            apparent += meta.len();
+        }
+    }
+    (allocated, apparent)
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn status_of(list: &SandboxList, id: SandboxId) -> Option<&str> {
+    list.sandboxes
+        .iter()
+        .find(|s| s.sandbox_id == id.to_string())
+        .map(|s| s.status.as_str())
+}
+
+#[tokio::test]
+async fn create_copies_the_tree_under_the_final_name_and_reports_allocated_bytes() {
+    let root = TempDir::new().unwrap();
+    let agent = DirHostAgent::open(root.path()).await.unwrap();
+    let id = SandboxId::new();
+    let src = sandbox_dir(root.path(), id);
+    fs::write(src.join("vmstate"), b"cpu registers").unwrap();
+    fs::create_dir_all(src.join("disks/extra")).unwrap();
+    fs::write(src.join("disks/rootfs.img"), vec![7u8; 100_000]).unwrap();
+    fs::write(src.join("disks/extra/notes"), b"nested").unwrap();
+    fs::create_dir(src.join("empty")).unwrap();
+    // Sparse: 16 MiB apparent, one 4 KiB block of data in the middle.
+    let mut memory = fs::File::create(src.join("memory")).unwrap();
+    memory.set_len(16 << 20).unwrap();
+    memory.seek(SeekFrom::Start(8 << 20)).unwrap();
+    memory.write_all(&[0xab; 4096]).unwrap();
+    drop(memory);
+
+    let size = create(&agent, id, "tpl-one").await.unwrap();
+
+    let snap = root.path().join("snapshots/tpl-one");
+    let copied = tree(&snap);
+    assert_eq!(copied, tree(&src));
+    assert_eq!(copied.len(), 7, "{copied:?}");
+    assert_eq!(entries(&root.path().join("snapshots")), ["tpl-one"]);
+    let (allocated, apparent) = sizes(&snap);
+    assert_eq!(size, allocated);
+    assert!(
+        size < apparent,
+        "allocated {size} should be below apparent {apparent}"
+    );
+    assert!(size > 100_000, "{size}");
+}
+
+#[tokio::test]
+async fn create_refuses_unknown_sandboxes_taken_keys_and_stopped_sandboxes() {
+    let root = TempDir::new().unwrap();
+    let agent = DirHostAgent::open(root.path()).await.unwrap();
+    let id = SandboxId::new();
+    fs::write(sandbox_dir(root.path(), id).join("f"), b"x").unwrap();
+
+    let unknown = create(&agent, SandboxId::new(), "tpl-a").await.unwrap_err();
+    assert_eq!(unknown.code(), Some(AgentCode::NotFound));
+
+    create(&agent, id, "tpl-a").await.unwrap();
+    let taken = create(&agent, id, "tpl-a").await.unwrap_err();
+    assert_eq!(taken.code(), Some(AgentCode::AlreadyExists));
+
+    let stopped = SandboxId::new();
+    fs::write(sandbox_dir(root.path(), stopped).join("f"), b"y").unwrap();
+    agent.set_sandbox_status(stopped, "stopped");
+    let err = create(&agent, stopped, "tpl-b").await.unwrap_err();
+    assert_eq!(err.code(), Some(AgentCode::FailedPrecondition));
+
+    // Refusals write nothing, not even a temporary directory.
+    assert_eq!(entries(&root.path().join("snapshots")), ["tpl-a"]);
+    let list = agent.list_sandboxes().await.unwrap();
+    assert_eq!(status_of(&list, stopped), Some("stopped"));
+}
+
+#[tokio::test]
+async fn concurrent_creates_of_one_key_store_it_once() {
+    let root = TempDir::new().unwrap();
+    let agent = DirHostAgent::open(root.path()).await.unwrap();
+    let id = SandboxId::new();
+    fs::write(sandbox_dir(root.path(), id).join("f"), vec![1u8; 1 << 20]).unwrap();
+
+    let (a, b) = tokio::join!(create(&agent, id, "tpl-x"), create(&agent, id, "tpl-x"));
+    let codes = [
+        a.err().and_then(|e| e.code()),
+        b.err().and_then(|e| e.code()),
+    ];
+    assert!(codes.contains(&None), "{codes:?}");
+    assert!(codes.contains(&Some(AgentCode::AlreadyExists)), "{codes:?}");
+    assert_eq!(entries(&root.path().join("snapshots")), ["tpl-x"]);
+}
+
+#[tokio::test]
+async fn create_leaves_the_sandbox_paused() {
+    let root = TempDir::new().unwrap();
+    let agent = DirHostAgent::open(root.path()).await.unwrap();
+    let snapshotted = SandboxId::new();
+    let other = SandboxId::new();
+    sandbox_dir(root.path(), snapshotted);
+    sandbox_dir(root.path(), other);
+
+    let before = agent.list_sandboxes().await.unwrap();
+    assert_eq!(status_of(&before, snapshotted), Some("running"));
+
+    create(&agent, snapshotted, "tpl-p").await.unwrap();
+    let after = agent.list_sandboxes().await.unwrap();
+    assert_eq!(status_of(&after, snapshotted), Some("paused"));
+    assert_eq!(status_of(&after, other), Some("running"));
+
+    // A paused sandbox can be snapshotted again.
+    create(&agent, snapshotted, "tpl-q").await.unwrap();
+}
+
+#[tokio::test]
+async fn delete_removes_the_snapshot_and_then_answers_not_found() {
+    let root = TempDir::new().unwrap();
+    let agent = DirHostAgent::open(root.path()).await.unwrap();
+    let id = SandboxId::new();
+    let src = sandbox_dir(root.path(), id);
+    fs::create_dir(src.join("sub")).unwrap();
+    fs::write(src.join("sub/f"), b"data").unwrap();
+    create(&agent, id, "tpl-d").await.unwrap();
+    create(&agent, id, "tpl-keep").await.unwrap();
+
+    delete(&agent, "tpl-d").await.unwrap();
+
+    assert_eq!(entries(&root.path().join("snapshots")), ["tpl-keep"]);
+    let again = delete(&agent, "tpl-d").await.unwrap_err();
+    assert_eq!(again.code(), Some(AgentCode::NotFound));
+    let never = delete(&agent, "tpl-never").await.unwrap_err();
+    assert_eq!(never.code(), Some(AgentCode::NotFound));
+    // The sandbox itself is untouched.
+    assert_eq!(fs::read(src.join("sub/f")).unwrap(), b"data");
+}
+
+#[tokio::test]
+async fn lists_report_what_is_there_and_skip_junk() {
+    let root = TempDir::new().unwrap();
+    let agent = DirHostAgent::open(root.path()).await.unwrap();
+    let a = SandboxId::new();
+    let b = SandboxId::new();
+    fs::write(sandbox_dir(root.path(), a).join("f"), vec![3u8; 50_000]).unwrap();
+    sandbox_dir(root.path(), b);
+    create(&agent, a, "tpl-1").await.unwrap();
+    create(&agent, b, "tpl-2").await.unwrap();
+
+    let sandboxes = root.path().join("sandboxes");
+    fs::create_dir(sandboxes.join("not-an-id")).unwrap();
+    fs::write(sandboxes.join(SandboxId::new().to_string()), b"a file").unwrap();
+    symlink(
+        sandboxes.join(a.to_string()),
+        sandboxes.join(SandboxId::new().to_string()),
+    )
+    .unwrap();
+    let snapshots = root.path().join("snapshots");
+    fs::create_dir(snapshots.join(".tmp-x")).unwrap();
+    fs::create_dir(snapshots.join(".trash-y")).unwrap();
+    fs::create_dir(snapshots.join("bad name")).unwrap();
+    fs::write(snapshots.join("stray"), b"a file").unwrap();
+    symlink(snapshots.join("tpl-1"), snapshots.join("tpl-link")).unwrap();
+
+    let list = agent.list_sandboxes().await.unwrap();
+    let mut ids: Vec<(String, String)> = list
+        .sandboxes
+        .iter()
+        .map(|s| (s.sandbox_id.clone(), s.status.clone()))
+        .collect();
+    ids.sort();
+    let mut expected = vec![
+        (a.to_string(), "paused".to_owned()),
+        (b.to_string(), "paused".to_owned()),
+    ];
+    expected.sort();
+    assert_eq!(ids, expected);
+
+    let snaps = agent.list_snapshots().await.unwrap();
+    let keys: Vec<&str> = snaps.iter().map(|s| s.key.as_str()).collect();
+    assert_eq!(keys, ["tpl-1", "tpl-2"]);
+    let now = Timestamp::now().unix_millis();
+    for snap in &snaps {
+        let (allocated, _) = sizes(&snapshots.join(&snap.key));
+        assert_eq!(snap.size_bytes, allocated, "{}", snap.key);
+        let created = snap.created_at.expect("a directory has an mtime");
+        assert!((now - created.unix_millis()).abs() < 60_000, "{created}");
+    }
+    assert!(snaps[0].size_bytes >= 50_000, "{:?}", snaps[0]);
+}
+
+#[tokio::test]
+async fn open_creates_the_layout_and_removes_leftovers() {
+    let root = TempDir::new().unwrap();
+    let base = root.path().join("agent");
+    let snapshots = base.join("snapshots");
+    fs::create_dir_all(snapshots.join(".tmp-tpl-a-123/deep/er")).unwrap();
+    fs::write(snapshots.join(".tmp-tpl-a-123/deep/er/f"), b"half").unwrap();
+    fs::create_dir_all(snapshots.join(".trash-tpl-b-456/d")).unwrap();
+    fs::write(snapshots.join(".trash-tpl-b-456/d/f"), b"old").unwrap();
+    fs::write(snapshots.join(".tmp-file"), b"x").unwrap();
+    fs::create_dir_all(snapshots.join("tpl-kept")).unwrap();
+    fs::write(snapshots.join("tpl-kept/f"), b"kept").unwrap();
+
+    let agent = DirHostAgent::open(&base).await.unwrap();
+
+    assert_eq!(agent.root(), base);
+    assert!(base.join("sandboxes").is_dir());
+    assert_eq!(entries(&snapshots), ["tpl-kept"]);
+    assert_eq!(fs::read(snapshots.join("tpl-kept/f")).unwrap(), b"kept");
+    // A fresh root gets both directories too.
+    let fresh = root.path().join("fresh");
+    DirHostAgent::open(&fresh).await.unwrap();
+    assert_eq!(entries(&fresh), ["sandboxes", "snapshots"]);
+}
+
+#[tokio::test]
+async fn a_failed_copy_leaves_nothing_behind() {
+    let root = TempDir::new().unwrap();
+    let agent = DirHostAgent::open(root.path()).await.unwrap();
+    let id = SandboxId::new();
+    let src = sandbox_dir(root.path(), id);
+    fs::write(src.join("shallow"), b"copied before the failure").unwrap();
+    // A path that fits under sandboxes/<id>/ but not under the longer
+    // snapshots/.tmp-<key>-<random>/ (PATH_MAX is 4096 on Linux): the copy
+    // fails part-way, even for root.
+    let mut deep = src.clone();
+    while deep.as_os_str().len() < 4000 {
+        deep.push("d".repeat(200));
+    }
+    fs::create_dir_all(&deep).unwrap();
+    fs::write(deep.join("f"), b"deep").unwrap();
+    let long_key = format!("tpl-{}", "k".repeat(60));
+
+    let err = create(&agent, id, &long_key).await.unwrap_err();
+
+    assert_eq!(err.code(), Some(AgentCode::Internal), "{err}");
+    let message = err.to_string();
+    assert!(message.contains(&long_key), "{message}");
+    assert!(
+        !message.contains(&root.path().display().to_string()),
+        "{message}"
+    );
+    assert!(entries(&root.path().join("snapshots")).is_empty());
+    assert!(agent.list_snapshots().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn symlinks_are_copied_as_links_and_never_followed() {
+    let root = TempDir::new().unwrap();
+    let outside = TempDir::new().unwrap();
+    let secret = outside.path().join("secret");
+    fs::write(&secret, b"SECRET-CONTENT").unwrap();
+    let outside_dir = outside.path().join("dir");
+    fs::create_dir(&outside_dir).unwrap();
+    fs::write(outside_dir.join("inner"), vec![9u8; 200_000]).unwrap();
+
+    let agent = DirHostAgent::open(root.path()).await.unwrap();
+    let id = SandboxId::new();
+    let src = sandbox_dir(root.path(), id);
+    fs::write(src.join("real"), b"real").unwrap();
+    symlink(&secret, src.join("to-file")).unwrap();
+    symlink(&outside_dir, src.join("to-dir")).unwrap();
+    symlink("../../../../etc/passwd", src.join("relative")).unwrap();
+
+    let size = create(&agent, id, "tpl-links").await.unwrap();
+
+    let snap = root.path().join("snapshots/tpl-links");
+    for (name, target) in [
+        ("to-file", secret.clone()),
+        ("to-dir", outside_dir.clone()),
+        ("relative", PathBuf::from("../../../../etc/passwd")),
+    ] {
+        let meta = fs::symlink_metadata(snap.join(name)).unwrap();
+        assert!(meta.file_type().is_symlink(), "{name}");
+        assert_eq!(fs::read_link(snap.join(name)).unwrap(), target);
+    }
+    // Only `real` was read: the linked file and directory were not copied.
+    let (allocated, apparent) = sizes(&snap);
+    assert_eq!(apparent, 4);
+    assert_eq!(size, allocated);
+    assert!(size < 200_000, "{size}");
+
+    delete(&agent, "tpl-links").await.unwrap();
+
+    assert!(!snap.exists());
+    assert_eq!(fs::read(&secret).unwrap(), b"SECRET-CONTENT");
+    assert_eq!(fs::read(outside_dir.join("inner")).unwrap().len(), 200_000);
+}
+
+#[tokio::test]
+async fn a_sandbox_directory_that_is_a_symlink_is_not_followed() {
+    let root = TempDir::new().unwrap();
+    let outside = TempDir::new().unwrap();
+    fs::write(outside.path().join("secret"), b"SECRET").unwrap();
+    let agent = DirHostAgent::open(root.path()).await.unwrap();
+    let id = SandboxId::new();
+    fs::create_dir_all(root.path().join("sandboxes")).unwrap();
+    symlink(
+        outside.path(),
+        root.path().join("sandboxes").join(id.to_string()),
+    )
+    .unwrap();
+
+    let err = create(&agent, id, "tpl-s").await.unwrap_err();
+
+    assert_eq!(err.code(), Some(AgentCode::FailedPrecondition));
+    assert!(entries(&root.path().join("snapshots")).is_empty());
+    assert!(agent.list_sandboxes().await.unwrap().sandboxes.is_empty());
+}
+
+#[test]
+fn path_escapes_cannot_be_expressed() {
+    for bad in ["../x", "a/b", "..", ".x", ".", "", "/etc", ".tmp-x"] {
+        assert!(SnapshotKey::parse(bad).is_err(), "{bad:?}");
+        assert!(SandboxId::parse(bad).is_err(), "{bad:?}");
+    }
+    assert!(SnapshotKey::parse("tpl-ok.v2_x").is_ok());
+}

@@ -1,0 +1,273 @@
+//! Races and late answers: resolvers running concurrently, agents that keep
+//! writing after the caller gave up, deletes during a pending overwrite,
+//! hosts that cannot answer.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use sandbox_snapshots::agent::{AgentOp, Fault, Hold};
+use sandbox_snapshots::*;
+
+/// Every ready template has a present placement whose host holds its files,
+/// and every key on the host belongs to a template or is queued.
+async fn assert_invariants(env: &Env, teams: &[TeamId]) {
+    let mut owned = HashSet::new();
+    for team in teams {
+        for t in env
+            .manager
+            .list(&caller(*team), ListQuery::new())
+            .await
+            .unwrap()
+            .items
+        {
+            let placements = env
+                .manager
+                .placements(&caller(*team), &t.name)
+                .await
+                .unwrap();
+            assert_eq!(placements.len(), 1, "{t:?}");
+            assert_eq!(placements[0].state, "present", "{t:?}");
+            assert!(env.agent.has_snapshot(&t.id.to_string()), "files of {t:?}");
+            owned.insert(t.id.to_string());
+        }
+    }
+    let queued: HashSet<String> = env
+        .manager
+        .pending_deletions()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.template_id.to_string())
+        .collect();
+    for key in env.agent.snapshot_keys() {
+        assert!(
+            owned.contains(&key) || queued.contains(&key),
+            "orphan key {key}"
+        );
+    }
+    assert_eq!(
+        env.count("SELECT count(*) FROM sandboxes WHERE status = 'snapshotting'"),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_resolvers_never_undo_a_finished_snapshot() {
+    let env = Env::new().await;
+    let team = TeamId::new();
+    let mut sandboxes = Vec::new();
+    for _ in 0..8 {
+        sandboxes.push(env.sandbox(team).await);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut resolvers = Vec::new();
+    for _ in 0..3 {
+        let (m, stop) = (env.manager.clone(), stop.clone());
+        resolvers.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                m.run_pending_work().await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    let mut creates = Vec::new();
+    for (i, sb) in sandboxes.iter().enumerate() {
+        let (m, sb) = (env.manager.clone(), *sb);
+        creates.push(tokio::spawn(async move {
+            for round in 0..10 {
+                let name = TemplateName::parse(&format!("s{i}-{round}")).unwrap();
+                m.create(
+                    &caller(team),
+                    NewSnapshot::new(sb, Some(name)).overwrite(true),
+                )
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for c in creates {
+        c.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for r in resolvers {
+        r.await.unwrap();
+    }
+    assert_eq!(env.names(team).await.len(), 80);
+    assert_invariants(&env, &[team]).await;
+    let audit = env
+        .manager
+        .audit_log(&caller(team), AuditQuery::new())
+        .await
+        .unwrap();
+    assert!(
+        audit
+            .items
+            .iter()
+            .all(|e| e.outcome == AuditOutcome::Success)
+    );
+    assert_eq!(audit.items.len(), 80);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_write_after_a_timeout_is_still_deleted() {
+    let mut options = fast_options();
+    options.create_timeout = Duration::from_millis(200);
+    options.late_write_grace = Duration::from_millis(800);
+    let env = Env::with_options(options).await;
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+    let late = Hold::new();
+    env.agent
+        .inject_times(AgentOp::CreateSnapshot, Fault::Detached(late.clone()), 1);
+
+    let err = env.create(team, sb, "late").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::AgentError);
+    // The key is queued, but not before the grace period...
+    let pending = env.manager.pending_deletions().await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert!(pending[0].next_attempt > Timestamp::now(), "{pending:?}");
+    // ... during which the agent, which ignored its deadline, writes it.
+    late.release();
+    eventually("the late write lands", || async {
+        env.agent.snapshot_keys().len() == 1
+    })
+    .await;
+    assert_eq!(
+        env.manager.pending_deletions().await.unwrap().len(),
+        1,
+        "still queued"
+    );
+    eventually("the late key is deleted after the grace period", || async {
+        env.agent.snapshot_keys().is_empty()
+            && env.manager.pending_deletions().await.unwrap().is_empty()
+    })
+    .await;
+    assert_invariants(&env, &[team]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_old_template_hands_its_name_to_a_pending_overwrite() {
+    let env = Env::new().await;
+    let team = TeamId::new();
+    let (sb1, sb2) = (env.sandbox(team).await, env.sandbox(team).await);
+    let old = env.create(team, sb1, "n").await.unwrap();
+    let hold = Hold::new();
+    env.agent
+        .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
+    let overwrite = {
+        let m = env.manager.clone();
+        tokio::spawn(async move {
+            m.create(
+                &caller(team),
+                NewSnapshot::new(sb1, Some(name("n"))).overwrite(true),
+            )
+            .await
+        })
+    };
+    hold.arrived(1).await;
+    env.manager.delete(&caller(team), &name("n")).await.unwrap();
+    assert!(env.names(team).await.is_empty());
+    // The name is held by the overwrite in flight: a plain create is refused
+    // up front instead of succeeding and being replaced later.
+    let err = env.create(team, sb2, "n").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::AlreadyExists);
+    hold.release();
+    let new = overwrite.await.unwrap().unwrap();
+    assert_ne!(new.id, old.id);
+    assert_eq!(env.names(team).await, vec!["n"]);
+    assert_eq!(
+        env.manager.get(&caller(team), &name("n")).await.unwrap().id,
+        new.id
+    );
+    assert_eq!(env.sandbox_status(sb2).await, SandboxStatus::Running);
+    assert_invariants(&env, &[team]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_platform_overwrite_keeps_the_name_reserved() {
+    let env = Env::new().await;
+    let team = TeamId::new();
+    let psb = env.sandbox(TeamId::PLATFORM).await;
+    let tsb = env.sandbox(team).await;
+    env.manager
+        .create(&platform_admin(), NewSnapshot::new(psb, Some(name("base"))))
+        .await
+        .unwrap();
+    let hold = Hold::new();
+    env.agent
+        .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
+    let overwrite = {
+        let m = env.manager.clone();
+        tokio::spawn(async move {
+            m.create(
+                &platform_admin(),
+                NewSnapshot::new(psb, Some(name("base"))).overwrite(true),
+            )
+            .await
+        })
+    };
+    hold.arrived(1).await;
+    env.manager
+        .delete(&platform_admin(), &name("base"))
+        .await
+        .unwrap();
+    let err = env.create(team, tsb, "base").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NameReserved);
+    hold.release();
+    overwrite.await.unwrap().unwrap();
+    assert_eq!(
+        env.names(team).await,
+        vec!["base"],
+        "one visible template per name"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_marked_offline_settles_an_unknown_sandbox_as_missing() {
+    let env = Env::new().await;
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+    env.agent.set_unavailable(true);
+    env.create(team, sb, "x").await.unwrap_err();
+    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Snapshotting);
+    // The operator takes the host out of service for good.
+    env.manager
+        .registry()
+        .set_host_status(env.host, HostStatus::Offline)
+        .await
+        .unwrap();
+    eventually("the sandbox is released as missing", || async {
+        env.sandbox_status(sb).await == SandboxStatus::Missing
+    })
+    .await;
+    assert_eq!(env.count("SELECT count(*) FROM operations"), 0);
+    // The half-written key stays queued for when the host returns.
+    assert_eq!(env.manager.pending_deletions().await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_still_snapshotting_is_asked_again_later() {
+    let env = Env::new().await;
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+    env.agent.inject_times(
+        AgentOp::CreateSnapshot,
+        Fault::Fail(AgentError::rejected(AgentCode::Internal, "flatten failed")),
+        1,
+    );
+    // The host says it is still working on the sandbox.
+    env.agent.set_sandbox_status(sb, "snapshotting");
+    env.create(team, sb, "x").await.unwrap_err();
+    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Snapshotting);
+    let report = env.manager.run_pending_work().await.unwrap();
+    assert_eq!(report.statuses_resolved, 0);
+    env.agent.set_sandbox_status(sb, "paused");
+    eventually("resolved once the host is done", || async {
+        env.sandbox_status(sb).await == SandboxStatus::Paused
+    })
+    .await;
+}
