@@ -2,19 +2,27 @@
 //!
 //! The whole snapshot flow on one machine, with the embedded defaults: an
 //! SQLite file under `./data/` (or the directory given as the first
-//! argument) and an in-process host agent. It registers a host and a
-//! sandbox, snapshots the sandbox, overwrites the snapshot, lists, deletes,
-//! and prints what happened at each step. Running it again reuses the same
-//! file.
+//! argument) and the reference host agent running in-process over
+//! `./data/agent/`. It registers a host and a sandbox (whose state is a
+//! directory of files), snapshots the sandbox, overwrites the snapshot,
+//! lists, deletes, and prints what happened at each step. Running it again
+//! reuses the same file.
+//!
+//! With `--grpc ADDR [--token TOKEN]` it talks to a host agent over gRPC
+//! instead, e.g. one started with
+//! `cargo run --example host_agent -- --listen 127.0.0.1:50051 --root ./agent-root`;
+//! the sandbox's state must then exist on that agent, in
+//! `ROOT/sandboxes/sb-0000000000000000000000003/`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use sandbox_snapshots::{
-    Actor, AuditQuery, Caller, ErrorCode, HostId, HostStatus, InProcessTransport, ListQuery,
-    ManagerOptions, MemoryHostAgent, NewSnapshot, Sandbox, SandboxId, SandboxStatus,
-    SnapshotManager, SqliteSnapshotManager, TeamId, Template, TemplateName,
+    Actor, AgentTransport, AuditQuery, BearerToken, Caller, DirHostAgent, ErrorCode, GrpcConfig,
+    GrpcTransport, HostId, HostStatus, InProcessTransport, ListQuery, ManagerOptions, NewSnapshot,
+    Sandbox, SandboxId, SandboxStatus, SnapshotManager, SqliteSnapshotManager, TeamId, Template,
+    TemplateName,
 };
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -36,6 +44,44 @@ fn show(t: &Template) -> String {
     )
 }
 
+struct Args {
+    data_dir: PathBuf,
+    grpc: Option<String>,
+    token: Option<String>,
+}
+
+fn parse_args() -> Result<Args, Failure> {
+    let mut parsed = Args {
+        data_dir: PathBuf::from("data"),
+        grpc: None,
+        token: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--grpc" => parsed.grpc = Some(args.next().ok_or("--grpc needs an address")?),
+            "--token" => parsed.token = Some(args.next().ok_or("--token needs a value")?),
+            other if other.starts_with('-') => {
+                return Err(format!(
+                    "unknown option {other:?}; usage: quickstart [DATA_DIR] [--grpc ADDR] [--token TOKEN]"
+                )
+                .into());
+            }
+            dir => parsed.data_dir = PathBuf::from(dir),
+        }
+    }
+    Ok(parsed)
+}
+
+/// Gives the sandbox some state on disk for the in-process agent to copy.
+fn write_sandbox_state(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir.join("rootfs"))?;
+    std::fs::write(dir.join("config.json"), br#"{"vcpus":2,"memory_mb":512}"#)?;
+    std::fs::write(dir.join("memory.bin"), vec![0x5a; 1024 * 1024])?;
+    std::fs::write(dir.join("rootfs/hello.txt"), b"hello from the sandbox\n")?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Failure> {
     tracing_subscriber::fmt()
@@ -44,31 +90,42 @@ async fn main() -> Result<(), Failure> {
         )
         .init();
 
-    let data_dir = std::env::args()
-        .nth(1)
-        .map_or_else(|| PathBuf::from("data"), PathBuf::from);
-    let db = data_dir.join("quickstart.db");
+    let args = parse_args()?;
+    let db = args.data_dir.join("quickstart.db");
 
     // Fixed ids so that a second run finds the same host, team and sandbox.
     let host = HostId::parse("host-0000000000000000000000001")?;
     let team = TeamId::parse("team-0000000000000000000000002")?;
     let sandbox = SandboxId::parse("sb-0000000000000000000000003")?;
 
-    // The host agent runs in this process; a real deployment would reach
-    // remote agents over gRPC instead.
-    let agent = Arc::new(MemoryHostAgent::new());
-    let transport = Arc::new(InProcessTransport::new());
-    transport.add_host(host, agent.clone());
-
     println!("sandbox-snapshots quickstart");
+    let (transport, address, agent_root): (Arc<dyn AgentTransport>, String, Option<PathBuf>) =
+        match &args.grpc {
+            None => {
+                // The reference agent, in this process, over a local directory.
+                let root = args.data_dir.join("agent");
+                let agent = DirHostAgent::open(&root).await?;
+                write_sandbox_state(&root.join("sandboxes").join(sandbox.to_string()))?;
+                let transport = Arc::new(InProcessTransport::new());
+                transport.add_host(host, Arc::new(agent));
+                (transport, "in-process".to_owned(), Some(root))
+            }
+            Some(addr) => {
+                let mut config = GrpcConfig::default();
+                if let Some(token) = &args.token {
+                    config = config.token(BearerToken::new(token.clone()));
+                }
+                (Arc::new(GrpcTransport::new(config)), addr.clone(), None)
+            }
+        };
     let manager = SqliteSnapshotManager::open(&db, transport, ManagerOptions::default()).await?;
     println!("  store      {}", db.display());
+    println!("  host agent {address}");
 
     let registry = manager.registry();
     registry
-        .register_host(host, "in-process", HostStatus::Online)
+        .register_host(host, address.clone(), HostStatus::Online)
         .await?;
-    agent.add_sandbox(sandbox, "running", 2, 512);
     registry
         .register_sandbox(Sandbox::new(
             sandbox,
@@ -81,6 +138,21 @@ async fn main() -> Result<(), Failure> {
         .await?;
     println!("\n1. registered host {host} (online)");
     println!("   and sandbox {sandbox} of {team}: running, 2 vCPU, 512 MiB");
+
+    let keys = || -> String {
+        agent_root
+            .as_ref()
+            .and_then(|root| std::fs::read_dir(root.join("snapshots")).ok())
+            .map(|entries| {
+                let mut names: Vec<String> = entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                names.join(", ")
+            })
+            .unwrap_or_else(|| "(on the remote agent)".to_owned())
+    };
 
     let caller = Caller::new(
         team,
@@ -119,7 +191,7 @@ async fn main() -> Result<(), Failure> {
     );
     println!(
         "   files on the host under key {}; sandbox is now {}",
-        agent.snapshot_keys().join(", "),
+        keys(),
         status.map_or("unknown".to_owned(), |s| s.to_string())
     );
 
@@ -136,12 +208,8 @@ async fn main() -> Result<(), Failure> {
         second.id,
         started.elapsed()
     );
-    println!("   moved to it in one transaction; the old files are deleted in the background");
-    manager.run_pending_work().await?;
-    println!(
-        "   keys on the host now: {}",
-        agent.snapshot_keys().join(", ")
-    );
+    println!("   moved to it in one transaction; then the old files were deleted");
+    println!("   keys on the host now: {}", keys());
 
     let page = manager.list(&caller, ListQuery::new()).await?;
     println!(
@@ -161,7 +229,7 @@ async fn main() -> Result<(), Failure> {
     );
     println!(
         "   keys on the host now: [{}]; templates listed: {}",
-        agent.snapshot_keys().join(", "),
+        keys(),
         manager.list(&caller, ListQuery::new()).await?.items.len()
     );
 

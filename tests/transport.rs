@@ -450,3 +450,106 @@ async fn grpc_server_refuses_bad_ids_and_keys_from_the_wire() {
     );
     let _ = tx.send(());
 }
+
+/// Path escapes sent on the wire to the reference agent are refused, and
+/// nothing outside its root is read, written or removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_escapes_against_the_reference_agent_touch_nothing_outside_its_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(outside.join("snapshots/victim")).unwrap();
+    std::fs::write(outside.join("secret"), b"keep me").unwrap();
+    std::fs::write(outside.join("snapshots/victim/data"), b"keep me too").unwrap();
+    let agent = Arc::new(DirHostAgent::open(&root).await.unwrap());
+    let sb = SandboxId::new();
+    std::fs::create_dir_all(root.join("sandboxes").join(sb.to_string())).unwrap();
+
+    let (tx, rx) = oneshot::channel::<()>();
+    let (addr, _task) = HostAgentServer::new(agent)
+        .spawn("127.0.0.1:0".parse().unwrap(), async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let escapes = [
+        "../outside",
+        "../../outside",
+        "../outside/snapshots/victim",
+        "..",
+        ".",
+        "/etc",
+        "victim/../../outside",
+        "a\0b",
+    ];
+    for bad in escapes {
+        grpc.ready().await.unwrap();
+        let status = grpc
+            .unary::<_, common::wire::Empty, _>(
+                tonic::Request::new(common::wire::DeleteSnapshotRequest {
+                    name: bad.into(),
+                    ..Default::default()
+                }),
+                http::uri::PathAndQuery::from_static(
+                    "/hostagent.v1.HostAgentService/DeleteSnapshot",
+                ),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "delete {bad:?}"
+        );
+        for (sandbox_id, key) in [
+            (sb.to_string(), bad.to_owned()),
+            (bad.to_owned(), "ok-key".to_owned()),
+        ] {
+            grpc.ready().await.unwrap();
+            let status = grpc
+                .unary::<_, common::wire::CreateSnapshotResponse, _>(
+                    tonic::Request::new(common::wire::CreateSnapshotRequest {
+                        sandbox_id,
+                        name: key,
+                        ..Default::default()
+                    }),
+                    http::uri::PathAndQuery::from_static(
+                        "/hostagent.v1.HostAgentService/CreateSnapshot",
+                    ),
+                    tonic_prost::ProstCodec::default(),
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(
+                status.code(),
+                tonic::Code::InvalidArgument,
+                "create {bad:?}"
+            );
+        }
+    }
+    assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"keep me");
+    assert_eq!(
+        std::fs::read(outside.join("snapshots/victim/data")).unwrap(),
+        b"keep me too"
+    );
+    let mut top: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    assert_eq!(top, vec!["outside", "root"], "nothing new outside the root");
+    assert!(
+        std::fs::read_dir(root.join("snapshots"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    let _ = tx.send(());
+}

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -109,78 +110,124 @@ impl HostAgentServer {
 #[derive(Clone)]
 struct Adapter(HostAgentServer);
 
+/// One log line per call: the method, what it was about, how it ended.
+fn logged<T>(
+    method: &str,
+    subject: &str,
+    started: Instant,
+    result: Result<T, Status>,
+) -> Result<T, Status> {
+    let ms = started.elapsed().as_millis();
+    match &result {
+        Ok(_) => tracing::info!(method, subject, ms, "ok"),
+        Err(status) => {
+            tracing::info!(method, subject, ms, code = ?status.code(), message = status.message(), "failed")
+        }
+    }
+    result
+}
+
 #[tonic::async_trait]
 impl wire::host_agent_service_server::HostAgentService for Adapter {
     async fn create_snapshot(
         &self,
         request: Request<wire::CreateSnapshotRequest>,
     ) -> Result<Response<wire::CreateSnapshotResponse>, Status> {
-        self.0.check(&request)?;
-        let req = request
-            .into_inner()
-            .try_into()
-            .map_err(pb::error_to_status)?;
-        let resp = self
-            .0
-            .agent
-            .create_snapshot(req)
-            .await
-            .map_err(pb::error_to_status)?;
-        Ok(Response::new(resp.into()))
+        let started = Instant::now();
+        let subject = format!(
+            "{} -> {}",
+            request.get_ref().sandbox_id,
+            request.get_ref().name
+        );
+        let result = async {
+            self.0.check(&request)?;
+            let req = request
+                .into_inner()
+                .try_into()
+                .map_err(pb::error_to_status)?;
+            let resp = self
+                .0
+                .agent
+                .create_snapshot(req)
+                .await
+                .map_err(pb::error_to_status)?;
+            Ok(Response::new(resp.into()))
+        }
+        .await;
+        logged("CreateSnapshot", &subject, started, result)
     }
 
     async fn delete_snapshot(
         &self,
         request: Request<wire::DeleteSnapshotRequest>,
     ) -> Result<Response<wire::DeleteSnapshotResponse>, Status> {
-        self.0.check(&request)?;
-        let req = request
-            .into_inner()
-            .try_into()
-            .map_err(pb::error_to_status)?;
-        self.0
-            .agent
-            .delete_snapshot(req)
-            .await
-            .map_err(pb::error_to_status)?;
-        Ok(Response::new(wire::DeleteSnapshotResponse {}))
+        let started = Instant::now();
+        let subject = request.get_ref().name.clone();
+        let result = async {
+            self.0.check(&request)?;
+            let req = request
+                .into_inner()
+                .try_into()
+                .map_err(pb::error_to_status)?;
+            self.0
+                .agent
+                .delete_snapshot(req)
+                .await
+                .map_err(pb::error_to_status)?;
+            Ok(Response::new(wire::DeleteSnapshotResponse {}))
+        }
+        .await;
+        logged("DeleteSnapshot", &subject, started, result)
     }
 
     async fn list_sandboxes(
         &self,
         request: Request<wire::ListSandboxesRequest>,
     ) -> Result<Response<wire::ListSandboxesResponse>, Status> {
-        self.0.check(&request)?;
-        let list = self
-            .0
-            .agent
-            .list_sandboxes()
-            .await
-            .map_err(pb::error_to_status)?;
-        Ok(Response::new(list.into()))
+        let started = Instant::now();
+        let result = async {
+            self.0.check(&request)?;
+            let list = self
+                .0
+                .agent
+                .list_sandboxes()
+                .await
+                .map_err(pb::error_to_status)?;
+            Ok(Response::new(list.into()))
+        }
+        .await;
+        logged("ListSandboxes", "", started, result)
     }
 
     async fn create_sandbox(
         &self,
         request: Request<wire::CreateSandboxRequest>,
     ) -> Result<Response<wire::CreateSandboxResponse>, Status> {
-        self.0.check(&request)?;
-        Err(Status::unimplemented(
-            "CreateSandbox is not served by this agent",
-        ))
+        let started = Instant::now();
+        let result = self.0.check(&request).and_then(|()| {
+            Err(Status::unimplemented(
+                "CreateSandbox is not served by this agent",
+            ))
+        });
+        logged("CreateSandbox", "", started, result)
     }
 
     async fn list_snapshots(
         &self,
         request: Request<wire::ListSnapshotsRequest>,
     ) -> Result<Response<wire::ListSnapshotsResponse>, Status> {
-        self.0.check(&request)?;
-        let list = self
-            .0
-            .agent
-            .list_snapshots()
-            .await
-            .map_err(pb::error_to_status)?;
-        Ok(Response::new(pb::snapshots_to_wire(list)))
+        let started = Instant::now();
+        let result = async {
+            self.0.check(&request)?;
+            let list = self
+                .0
+                .agent
+                .list_snapshots()
+                .await
+                .map_err(pb::error_to_status)?;
+            Ok(Response::new(pb::snapshots_to_wire(list)))
+        }
+        .await;
+        logged("ListSnapshots", "", started, result)
     }
 }

@@ -1,0 +1,108 @@
+//! Run with: cargo run --example host_agent -- --listen 127.0.0.1:50051 --root ./agent-root
+//!
+//! The reference host agent (`DirHostAgent`) served over gRPC, for a
+//! single-node self-hoster: a sandbox's state lives in
+//! `ROOT/sandboxes/<sandbox_id>/`, snapshots go to `ROOT/snapshots/<key>/`.
+//!
+//! Options:
+//!   --listen ADDR   address to listen on (default 127.0.0.1:50051; port 0
+//!                   picks a free port)
+//!   --root DIR      the agent's root directory (required)
+//!   --token TOKEN   require `authorization: Bearer TOKEN` on every call
+//!                   (or set HOST_AGENT_TOKEN)
+//!
+//! Prints `listening on ADDR` once it accepts calls, logs each call, and on
+//! Ctrl-C or SIGTERM stops accepting and finishes the calls in progress.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sandbox_snapshots::{BearerToken, DirHostAgent, HostAgentServer};
+
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+struct Args {
+    listen: SocketAddr,
+    root: PathBuf,
+    token: Option<String>,
+}
+
+fn usage() -> String {
+    "usage: host_agent --root DIR [--listen ADDR] [--token TOKEN]".to_owned()
+}
+
+fn parse_args() -> Result<Args, Failure> {
+    let mut listen: SocketAddr = "127.0.0.1:50051".parse()?;
+    let mut root = None;
+    let mut token = std::env::var("HOST_AGENT_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| format!("{arg} needs a value\n{}", usage()))
+        };
+        match arg.as_str() {
+            "--listen" => listen = value()?.parse()?,
+            "--root" => root = Some(PathBuf::from(value()?)),
+            "--token" => token = Some(value()?),
+            "-h" | "--help" => {
+                println!("{}", usage());
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}\n{}", usage()).into()),
+        }
+    }
+    let root = root.ok_or_else(usage)?;
+    Ok(Args {
+        listen,
+        root,
+        token,
+    })
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: finishing calls in progress");
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Failure> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = parse_args()?;
+    let agent = DirHostAgent::open(&args.root).await?;
+    let mut server = HostAgentServer::new(Arc::new(agent));
+    if let Some(token) = args.token {
+        server = server.with_token(BearerToken::new(token));
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(root = %args.root.display(), "host agent ready");
+    // A line on stdout that scripts (and tests) wait for.
+    println!("listening on {addr}");
+    server.serve(listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}

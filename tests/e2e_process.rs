@@ -1,0 +1,172 @@
+//! End to end with the host agent as a separate process (the `host_agent`
+//! example binary) reached over gRPC on loopback: create → files under its
+//! root → list → delete → files gone; kill the agent, delete another
+//! snapshot → queued; restart the agent → the background worker finishes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{caller, eventually, fast_options, name};
+use sandbox_snapshots::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The example binary, built by `cargo test` next to the test binaries
+/// (`target/<profile>/examples/host_agent`), or built on demand.
+fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let binary = profile_dir.join("examples").join("host_agent");
+    if !binary.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--example", "host_agent", "--manifest-path"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the host_agent example failed");
+    }
+    binary
+}
+
+/// Starts the agent and waits for its `listening on ADDR` line.
+async fn start_agent(root: &Path, listen: &str, token: &str) -> (Child, String) {
+    let mut child = Command::new(agent_binary())
+        .args(["--listen", listen, "--root"])
+        .arg(root)
+        .args(["--token", token])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the agent starts within 30 s")
+        .unwrap()
+        .expect("the agent prints its address");
+    let addr = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    (child, addr)
+}
+
+fn snapshot_dir(root: &Path, t: &Template) -> PathBuf {
+    root.join("snapshots").join(t.id.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manager_and_agent_in_separate_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("agent");
+    let (mut agent, addr) = start_agent(&root, "127.0.0.1:0", "e2e-token").await;
+
+    let transport = Arc::new(GrpcTransport::new(
+        GrpcConfig::default().token(BearerToken::new("e2e-token")),
+    ));
+    let manager = SqliteSnapshotManager::open(dir.path().join("s.db"), transport, fast_options())
+        .await
+        .unwrap();
+    let registry = manager.registry();
+    let host = HostId::new();
+    registry
+        .register_host(host, addr.clone(), HostStatus::Online)
+        .await
+        .unwrap();
+
+    let team = TeamId::new();
+    let sb = SandboxId::new();
+    let state = root.join("sandboxes").join(sb.to_string());
+    std::fs::create_dir_all(state.join("disk")).unwrap();
+    std::fs::write(state.join("memory.bin"), vec![7u8; 64 * 1024]).unwrap();
+    std::fs::write(state.join("disk/rootfs.img"), b"rootfs").unwrap();
+    registry
+        .register_sandbox(Sandbox::new(
+            sb,
+            team,
+            Some(host),
+            SandboxStatus::Running,
+            1,
+            256,
+        ))
+        .await
+        .unwrap();
+
+    // Create: the files are under the agent's root, keyed by template id.
+    let one = manager
+        .create(&caller(team), NewSnapshot::new(sb, Some(name("one"))))
+        .await
+        .unwrap();
+    let files = snapshot_dir(&root, &one);
+    assert_eq!(
+        std::fs::read(files.join("memory.bin")).unwrap(),
+        vec![7u8; 64 * 1024]
+    );
+    assert_eq!(
+        std::fs::read(files.join("disk/rootfs.img")).unwrap(),
+        b"rootfs"
+    );
+    assert!(
+        one.size_bytes >= 64 * 1024,
+        "allocated size {}",
+        one.size_bytes
+    );
+    assert_eq!(
+        registry.sandbox(sb).await.unwrap().unwrap().status,
+        SandboxStatus::Paused
+    );
+
+    let listed = manager.list(&caller(team), ListQuery::new()).await.unwrap();
+    assert_eq!(listed.items, vec![one.clone()]);
+
+    // Delete: the files are gone from the agent's root.
+    let deleted = manager.delete(&caller(team), &name("one")).await.unwrap();
+    assert_eq!(deleted.hosts_confirmed, vec![host]);
+    assert!(!files.exists());
+
+    // Kill the agent; a delete made meanwhile is queued.
+    let two = manager
+        .create(&caller(team), NewSnapshot::new(sb, Some(name("two"))))
+        .await
+        .unwrap();
+    let files = snapshot_dir(&root, &two);
+    assert!(files.exists());
+    agent.kill().await.unwrap();
+    let deleted = manager.delete(&caller(team), &name("two")).await.unwrap();
+    assert_eq!(deleted.hosts_pending, vec![host]);
+    assert!(
+        manager
+            .list(&caller(team), ListQuery::new())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let pending = manager.pending_deletions().await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].template_id, two.id);
+    assert!(files.exists(), "the files wait for the agent");
+
+    // Restart the agent on the same address: the worker finishes the job.
+    let (_agent, again) = start_agent(&root, &addr, "e2e-token").await;
+    assert_eq!(again, addr);
+    eventually("the worker deletes the queued files", || async {
+        !files.exists() && manager.pending_deletions().await.unwrap().is_empty()
+    })
+    .await;
+    assert!(
+        std::fs::read_dir(root.join("snapshots"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    manager.shutdown().await;
+}
