@@ -10,6 +10,9 @@
 //!   --root DIR      the agent's root directory (required)
 //!   --token TOKEN   require `authorization: Bearer TOKEN` on every call
 //!                   (or set HOST_AGENT_TOKEN)
+//!   --tls-cert PEM --tls-key PEM
+//!                   serve over TLS with this certificate and key
+//!   --client-ca PEM require client certificates signed by this CA
 //!
 //! Prints `listening on ADDR` once it accepts calls, logs each call, and on
 //! Ctrl-C or SIGTERM stops accepting and finishes the calls in progress.
@@ -18,6 +21,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use sandbox_snapshots::agent::ServerTls;
 use sandbox_snapshots::{BearerToken, DirHostAgent, HostAgentServer};
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -26,15 +30,21 @@ struct Args {
     listen: SocketAddr,
     root: PathBuf,
     token: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
 }
 
 fn usage() -> String {
-    "usage: host_agent --root DIR [--listen ADDR] [--token TOKEN]".to_owned()
+    "usage: host_agent --root DIR [--listen ADDR] [--token TOKEN] \
+     [--tls-cert PEM --tls-key PEM [--client-ca PEM]]"
+        .to_owned()
 }
 
 fn parse_args() -> Result<Args, Failure> {
     let mut listen: SocketAddr = "127.0.0.1:50051".parse()?;
     let mut root = None;
+    let (mut tls_cert, mut tls_key, mut client_ca) = (None, None, None);
     let mut token = std::env::var("HOST_AGENT_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
@@ -48,6 +58,9 @@ fn parse_args() -> Result<Args, Failure> {
             "--listen" => listen = value()?.parse()?,
             "--root" => root = Some(PathBuf::from(value()?)),
             "--token" => token = Some(value()?),
+            "--tls-cert" => tls_cert = Some(PathBuf::from(value()?)),
+            "--tls-key" => tls_key = Some(PathBuf::from(value()?)),
+            "--client-ca" => client_ca = Some(PathBuf::from(value()?)),
             "-h" | "--help" => {
                 println!("{}", usage());
                 std::process::exit(0);
@@ -56,10 +69,16 @@ fn parse_args() -> Result<Args, Failure> {
         }
     }
     let root = root.ok_or_else(usage)?;
+    if tls_cert.is_some() != tls_key.is_some() || (client_ca.is_some() && tls_cert.is_none()) {
+        return Err(format!("--tls-cert and --tls-key go together\n{}", usage()).into());
+    }
     Ok(Args {
         listen,
         root,
         token,
+        tls_cert,
+        tls_key,
+        client_ca,
     })
 }
 
@@ -96,6 +115,13 @@ async fn main() -> Result<(), Failure> {
     let mut server = HostAgentServer::new(Arc::new(agent));
     if let Some(token) = args.token {
         server = server.with_token(BearerToken::new(token));
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let mut tls = ServerTls::new(std::fs::read(cert)?, std::fs::read(key)?);
+        if let Some(ca) = &args.client_ca {
+            tls = tls.client_ca(std::fs::read(ca)?);
+        }
+        server = server.with_tls(tls);
     }
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;

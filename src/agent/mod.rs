@@ -27,7 +27,7 @@ pub use dir::DirHostAgent;
 pub use grpc::{GrpcConfig, GrpcTransport, TlsConfig};
 pub use in_process::InProcessTransport;
 pub use memory::{AgentOp, Fault, Hold, MemoryHostAgent};
-pub use server::HostAgentServer;
+pub use server::{HostAgentServer, ServerTls};
 
 /// Status codes a host agent answers with (gRPC/Connect codes). Unavailable
 /// and DeadlineExceeded are not here: they are [`AgentError::Unavailable`]

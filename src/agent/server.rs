@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use super::pb::{self, wire};
@@ -32,12 +33,53 @@ use super::{BearerToken, HostAgent};
 pub struct HostAgentServer {
     agent: Arc<dyn HostAgent>,
     token: Option<BearerToken>,
+    tls: Option<ServerTls>,
+}
+
+/// TLS for the host-agent server (rustls).
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct ServerTls {
+    /// PEM certificate chain of the agent.
+    pub cert_pem: Vec<u8>,
+    /// PEM private key of the agent.
+    pub key_pem: Vec<u8>,
+    /// PEM CA that client certificates must chain to; when set, clients
+    /// without a valid certificate are refused (mutual TLS).
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl ServerTls {
+    /// Serve with this certificate and key.
+    pub fn new(cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        Self {
+            cert_pem: cert_pem.into(),
+            key_pem: key_pem.into(),
+            client_ca_pem: None,
+        }
+    }
+
+    /// Require client certificates signed by `ca_pem`.
+    pub fn client_ca(mut self, ca_pem: impl Into<Vec<u8>>) -> Self {
+        self.client_ca_pem = Some(ca_pem.into());
+        self
+    }
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("key_pem", &"[redacted]")
+            .field("client_ca", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for HostAgentServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostAgentServer")
             .field("token", &self.token)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -45,7 +87,17 @@ impl std::fmt::Debug for HostAgentServer {
 impl HostAgentServer {
     /// Serves `agent`, without authentication.
     pub fn new(agent: Arc<dyn HostAgent>) -> Self {
-        Self { agent, token: None }
+        Self {
+            agent,
+            token: None,
+            tls: None,
+        }
+    }
+
+    /// Serves over TLS (and mutual TLS when the config has a client CA).
+    pub fn with_tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Requires `authorization: Bearer <token>` on every call
@@ -55,7 +107,8 @@ impl HostAgentServer {
         self
     }
 
-    /// The service as tonic routes, to mount next to other services.
+    /// The service as tonic routes, to mount next to other services (TLS
+    /// is then the hosting server's business; the token check stays).
     pub fn into_routes(self) -> tonic::service::Routes {
         tonic::service::Routes::new(
             wire::host_agent_service_server::HostAgentServiceServer::new(Adapter(self)),
@@ -70,7 +123,16 @@ impl HostAgentServer {
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.tls {
+            let mut config =
+                ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+            if let Some(ca) = &tls.client_ca_pem {
+                config = config.client_ca_root(Certificate::from_pem(ca));
+            }
+            builder = builder.tls_config(config).map_err(std::io::Error::other)?;
+        }
+        builder
             .add_routes(self.into_routes())
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
