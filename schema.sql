@@ -79,7 +79,10 @@ CREATE TABLE placements (
     team_id      BLOB    NOT NULL CHECK (length(team_id) = 16),
     state        TEXT    NOT NULL CHECK (state IN ('present', 'deleting')),
     attempts     INTEGER NOT NULL DEFAULT 0,
+    -- Not before this time (backoff, or the grace after an ambiguous create).
     next_attempt INTEGER NOT NULL DEFAULT 0,
+    -- Claimed by an attempt in flight until this time; void after a restart.
+    lease_until  INTEGER,
     last_error   TEXT,
     created_at   INTEGER NOT NULL,
     updated_at   INTEGER NOT NULL,

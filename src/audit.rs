@@ -32,6 +32,9 @@ pub mod actions {
     pub const SNAPSHOT_CREATE: &str = "snapshot.create";
     /// A template was deleted.
     pub const SNAPSHOT_DELETE: &str = "snapshot.delete";
+    /// The orphan sweep queued a key no template owns for deletion (a
+    /// system action, in the platform team's log).
+    pub const ORPHAN_SWEEP: &str = "snapshot.orphan_sweep";
 }
 
 /// The resource type of template entries.

@@ -11,7 +11,7 @@ use std::collections::hash_map::Entry;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crate::agent::{AgentCode, AgentError, HostTarget, SandboxList, SnapshotInfo};
+use crate::agent::{AgentCode, AgentError, HostTarget, SandboxList, SnapshotInfo, SnapshotKey};
 use crate::error::Result;
 use crate::ids::HostId;
 use crate::manager::{Inner, after, backoff, delete_files, reported_status};
@@ -58,7 +58,19 @@ pub(crate) fn spawn(inner: Weak<Inner>) -> tokio::task::JoinHandle<()> {
                 Ok(_) => {}
                 Err(err) => tracing::warn!(error = ?err, "background work failed; will retry"),
             }
-            let sleep = next_sleep(&strong).await;
+            let mut sleep = next_sleep(&strong).await;
+            if let Some(options) = strong.options.orphan_sweep.clone() {
+                match strong.sweep_due(options.interval) {
+                    Some(wait) => sleep = sleep.min(wait),
+                    None => {
+                        match sweep(&strong, options.grace).await {
+                            Ok(report) => tracing::debug!(?report, "orphan sweep done"),
+                            Err(err) => tracing::warn!(error = ?err, "orphan sweep failed"),
+                        }
+                        sleep = sleep.min(options.interval);
+                    }
+                }
+            }
             let wake = strong.wake.clone();
             let shutdown = strong.shutdown.clone();
             drop(strong);
@@ -328,4 +340,92 @@ async fn resolve_status(
             .await
         }
     }
+}
+
+/// What an orphan sweep found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SweepReport {
+    /// Hosts whose snapshots were compared with the store.
+    pub hosts_swept: usize,
+    /// Hosts not asked: not online or draining.
+    pub hosts_skipped: usize,
+    /// Hosts that could not answer (down, or without `ListSnapshots`).
+    pub hosts_failed: usize,
+    /// Keys queued for deletion: ours, owned by nothing, older than the grace.
+    pub orphans_queued: usize,
+    /// Keys in our format owned by nothing but younger than the grace (or of
+    /// unknown age): left alone for now.
+    pub orphans_too_young: usize,
+    /// Keys not in our key format: never touched.
+    pub foreign_keys: usize,
+}
+
+/// Compares each reachable host's `ListSnapshots` with the store and
+/// queues for deletion the keys in our format (`tpl-…`) that no placement
+/// or open operation owns and that are older than `grace`. Keys that are
+/// not ours are never touched; each queued key is logged and audited as a
+/// system action.
+pub(crate) async fn sweep(inner: &Arc<Inner>, grace: Duration) -> Result<SweepReport> {
+    let mut report = SweepReport::default();
+    let hosts = inner.store.read(sql::list_hosts).await?;
+    let cutoff = Timestamp::from_unix_millis(
+        Timestamp::now()
+            .unix_millis()
+            .saturating_sub(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX)),
+    );
+    let mut views = HostViews::default();
+    for host in hosts {
+        if !matches!(host.status, HostStatus::Online | HostStatus::Draining) {
+            report.hosts_skipped += 1;
+            continue;
+        }
+        let target = HostTarget {
+            id: host.id,
+            address: host.address.clone(),
+        };
+        let snapshots = match views.snapshots(inner, &target).await {
+            Ok(list) => list.clone(),
+            Err(err) => {
+                tracing::info!(host = %host.id, error = %err, "orphan sweep: cannot list the host's snapshots");
+                report.hosts_failed += 1;
+                continue;
+            }
+        };
+        report.hosts_swept += 1;
+        for snapshot in snapshots {
+            let Some(template) = SnapshotKey::parse(&snapshot.key)
+                .ok()
+                .and_then(|k| k.template_id())
+            else {
+                report.foreign_keys += 1;
+                continue;
+            };
+            let (host_id, size, now) = (host.id, snapshot.size_bytes, Timestamp::now());
+            if inner
+                .store
+                .read(move |c| sql::key_is_owned(c, template, host_id))
+                .await?
+            {
+                continue;
+            }
+            if snapshot.created_at.is_none_or(|at| at > cutoff) {
+                report.orphans_too_young += 1;
+                continue;
+            }
+            let queued = inner
+                .store
+                .write(move |c| sql::queue_orphan(c, template, host_id, size, now))
+                .await?;
+            if queued {
+                tracing::warn!(host = %host.id, key = %snapshot.key, size_bytes = size,
+                    "orphan sweep: queued an unowned snapshot for deletion");
+                report.orphans_queued += 1;
+            }
+        }
+    }
+    if report.orphans_queued > 0 {
+        inner.wake.notify_one();
+    }
+    Ok(report)
 }

@@ -76,10 +76,10 @@ pub use agent::{
 pub use audit::{AuditEntry, AuditOutcome, AuditQuery, RESOURCE_TEMPLATE, actions};
 pub use error::{Error, ErrorCode, Result};
 pub use ids::{ApiKeyId, AuditLogId, HostId, IdError, SandboxId, TeamId, TemplateId};
-pub use janitor::WorkReport;
+pub use janitor::{SweepReport, WorkReport};
 pub use manager::{
     Deleted, ListQuery, MAX_PAGE_SIZE, ManagerOptions, NewSnapshot, Page, Placement,
-    SnapshotManager, SqliteSnapshotManager,
+    SnapshotManager, SqliteSnapshotManager, SweepOptions,
 };
 pub use model::{
     Actor, Caller, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateState, TemplateType,
@@ -87,7 +87,7 @@ pub use model::{
 };
 pub use names::{NameError, TemplateName};
 pub use registry::{NewTemplate, Registry};
-pub use store::sql::PendingDeletion;
+pub use store::sql::{OpenOperation, PendingDeletion};
 pub use store::{SCHEMA_VERSION, Store, StoreError, StoreErrorKind, StoreOptions, Synchronous};
 
 /// The README's examples are compiled as doc tests.

@@ -21,11 +21,13 @@ use crate::agent::{
 use crate::audit::{AuditEntry, AuditQuery, audit_cursor};
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::{HostId, SandboxId, TemplateId};
+use crate::janitor::SweepReport;
 use crate::model::{Caller, SandboxStatus, Template, TemplateType, Timestamp};
 use crate::names::TemplateName;
 use crate::registry::Registry;
 use crate::store::sql::{
-    self, CreateInput, CreateOp, Deletion, Finish, ListPosition, PendingDeletion, SandboxOutcome,
+    self, CreateInput, CreateOp, Deletion, Finish, ListPosition, OpenOperation, PendingDeletion,
+    SandboxOutcome,
 };
 use crate::store::{Store, StoreOptions};
 
@@ -213,6 +215,37 @@ pub struct ManagerOptions {
     pub janitor_interval: Duration,
     /// Whether to run the background worker. Default true.
     pub run_janitor: bool,
+    /// The background orphan sweep; off (`None`) by default.
+    pub orphan_sweep: Option<SweepOptions>,
+}
+
+/// Settings of the opt-in orphan sweep (see
+/// [`SqliteSnapshotManager::sweep_orphans`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SweepOptions {
+    /// Keys younger than this are never swept: they may belong to a create
+    /// in flight elsewhere or to an agent that missed its deadline. Should
+    /// exceed the create timeout by a margin. Default 1 h.
+    pub grace: Duration,
+    /// How often the background worker sweeps. Default 1 h.
+    pub interval: Duration,
+}
+
+impl Default for SweepOptions {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(3600),
+            interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl SweepOptions {
+    /// A sweep every `interval` of keys older than `grace`.
+    pub fn new(grace: Duration, interval: Duration) -> Self {
+        Self { grace, interval }
+    }
 }
 
 impl Default for ManagerOptions {
@@ -228,6 +261,7 @@ impl Default for ManagerOptions {
             retry_max: Duration::from_secs(300),
             janitor_interval: Duration::from_secs(30),
             run_janitor: true,
+            orphan_sweep: None,
         }
     }
 }
@@ -271,6 +305,7 @@ pub(crate) struct Inner {
     /// recovery leaves them alone.
     in_flight: Mutex<HashSet<TemplateId>>,
     janitor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    last_sweep: Mutex<Option<tokio::time::Instant>>,
     _lock: File,
 }
 
@@ -361,9 +396,11 @@ impl SqliteSnapshotManager {
                 wake: Arc::new(Notify::new()),
                 in_flight: Mutex::new(HashSet::new()),
                 janitor: Mutex::new(None),
+                last_sweep: Mutex::new(None),
                 _lock: lock,
             }),
         };
+        manager.inner.store.write(sql::void_leases).await?;
         // The worker's first pass, at once, is the start-up recovery.
         if manager.inner.options.run_janitor {
             let handle = crate::janitor::spawn(Arc::downgrade(&manager.inner));
@@ -423,9 +460,28 @@ impl SqliteSnapshotManager {
             .collect())
     }
 
-    /// Deletions waiting for a host to confirm, across all teams (operators).
+    /// Deletions waiting for a host to confirm, across all teams, per host
+    /// with attempts and last error (operators).
     pub async fn pending_deletions(&self) -> Result<Vec<PendingDeletion>> {
         self.inner.store.read(sql::pending_deletions).await
+    }
+
+    /// Operations still open in the journal: creates in flight, interrupted
+    /// ones not yet resolved, and rolled-back ones waiting for their host to
+    /// report the sandbox (operators).
+    pub async fn open_operations(&self) -> Result<Vec<OpenOperation>> {
+        self.inner.store.read(sql::list_open_operations).await
+    }
+
+    /// Compares every online or draining host's snapshots with the store
+    /// and queues for deletion the keys in our format that nothing owns and
+    /// that are older than `grace`; the background worker deletes them.
+    /// Keys that are not ours are never touched. Each queued key is logged
+    /// and audited as a system action in the platform team's log. The
+    /// background worker does this by itself when
+    /// [`ManagerOptions::orphan_sweep`] is set.
+    pub async fn sweep_orphans(&self, grace: Duration) -> Result<SweepReport> {
+        crate::janitor::sweep(&self.inner, grace).await
     }
 
     /// Runs the background worker's work that is due now, once, and says
@@ -683,6 +739,20 @@ pub(crate) fn reported_status(list: &SandboxList, sandbox: SandboxId) -> Option<
 }
 
 impl Inner {
+    /// `None` when an orphan sweep is due now (and records it as started),
+    /// else how long until it is.
+    pub(crate) fn sweep_due(&self, interval: Duration) -> Option<Duration> {
+        let mut last = lock_unpoisoned(&self.last_sweep);
+        let now = tokio::time::Instant::now();
+        match *last {
+            Some(at) if now < at + interval => Some(at + interval - now),
+            _ => {
+                *last = Some(now);
+                None
+            }
+        }
+    }
+
     pub(crate) fn is_in_flight(&self, id: TemplateId) -> bool {
         lock_unpoisoned(&self.in_flight).contains(&id)
     }

@@ -16,26 +16,9 @@ use sandbox_snapshots::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// The example binary, built by `cargo test` next to the test binaries
-/// (`target/<profile>/examples/host_agent`), or built on demand.
-fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let binary = profile_dir.join("examples").join("host_agent");
-    if !binary.exists() {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--example", "host_agent", "--manifest-path"])
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "building the host_agent example failed");
-    }
-    binary
-}
-
 /// Starts the agent and waits for its `listening on ADDR` line.
 async fn start_agent(root: &Path, listen: &str, token: &str) -> (Child, String) {
-    let mut child = Command::new(agent_binary())
+    let mut child = Command::new(common::example_binary("host_agent"))
         .args(["--listen", listen, "--root"])
         .arg(root)
         .args(["--token", token])

@@ -5,55 +5,11 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
 use sandbox_snapshots::agent::{AgentOp, Fault, Hold};
 use sandbox_snapshots::*;
-
-/// Every ready template has a present placement whose host holds its files,
-/// and every key on the host belongs to a template or is queued.
-async fn assert_invariants(env: &Env, teams: &[TeamId]) {
-    let mut owned = HashSet::new();
-    for team in teams {
-        for t in env
-            .manager
-            .list(&caller(*team), ListQuery::new())
-            .await
-            .unwrap()
-            .items
-        {
-            let placements = env
-                .manager
-                .placements(&caller(*team), &t.name)
-                .await
-                .unwrap();
-            assert_eq!(placements.len(), 1, "{t:?}");
-            assert_eq!(placements[0].state, "present", "{t:?}");
-            assert!(env.agent.has_snapshot(&t.id.to_string()), "files of {t:?}");
-            owned.insert(t.id.to_string());
-        }
-    }
-    let queued: HashSet<String> = env
-        .manager
-        .pending_deletions()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| d.template_id.to_string())
-        .collect();
-    for key in env.agent.snapshot_keys() {
-        assert!(
-            owned.contains(&key) || queued.contains(&key),
-            "orphan key {key}"
-        );
-    }
-    assert_eq!(
-        env.count("SELECT count(*) FROM sandboxes WHERE status = 'snapshotting'"),
-        0
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_resolvers_never_undo_a_finished_snapshot() {

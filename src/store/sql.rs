@@ -795,7 +795,8 @@ fn mark_deleting(
     )
     .and_then(|mut s| s.execute([template]))?;
     conn.prepare_cached(
-        "UPDATE placements SET state = 'deleting', attempts = 0, next_attempt = ?2, updated_at = ?3
+        "UPDATE placements SET state = 'deleting', attempts = 0, next_attempt = ?3,
+                               lease_until = ?2, updated_at = ?3
          WHERE template_id = ?1",
     )
     .and_then(|mut s| {
@@ -1119,6 +1120,7 @@ pub(crate) fn deletion_failed(
 ) -> Result<()> {
     conn.prepare_cached(
         "UPDATE placements SET attempts = attempts + 1, next_attempt = ?3, last_error = ?4,
+                               lease_until = NULL,
                                updated_at = ?5
          WHERE template_id = ?1 AND host_id = ?2 AND state = 'deleting'",
     )
@@ -1145,14 +1147,15 @@ pub(crate) fn claim_due_deletions(
     let mut stmt = conn.prepare_cached(
         "SELECT p.template_id, p.team_id, p.host_id, h.address, p.attempts
              FROM placements p JOIN hosts h ON h.id = p.host_id
-             WHERE p.state = 'deleting' AND p.next_attempt <= ?1 AND h.status <> 'offline'
+             WHERE p.state = 'deleting' AND p.next_attempt <= ?1
+               AND coalesce(p.lease_until, 0) <= ?1 AND h.status <> 'offline'
              ORDER BY p.next_attempt LIMIT ?2",
     )?;
     let due = stmt
         .query_map(params![now.unix_millis(), limit], deletion_row)
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())?;
     let mut lease = conn.prepare_cached(
-        "UPDATE placements SET next_attempt = ?3 WHERE template_id = ?1 AND host_id = ?2",
+        "UPDATE placements SET lease_until = ?3 WHERE template_id = ?1 AND host_id = ?2",
     )?;
     for d in &due {
         lease.execute(params![d.template_id, d.host.id, lease_until.unix_millis()])?;
@@ -1164,7 +1167,8 @@ pub(crate) fn claim_due_deletions(
 pub(crate) fn next_due(conn: &Connection) -> Result<Option<Timestamp>> {
     let at: Option<i64> = conn.query_row(
         "SELECT min(t) FROM (
-                 SELECT min(p.next_attempt) AS t FROM placements p JOIN hosts h ON h.id = p.host_id
+                 SELECT min(max(p.next_attempt, coalesce(p.lease_until, 0))) AS t
+                 FROM placements p JOIN hosts h ON h.id = p.host_id
                  WHERE p.state = 'deleting' AND h.status <> 'offline'
                  UNION ALL
                  SELECT min(next_attempt) FROM operations WHERE phase = 'resolving')",
@@ -1172,6 +1176,17 @@ pub(crate) fn next_due(conn: &Connection) -> Result<Option<Timestamp>> {
         |r| r.get(0),
     )?;
     Ok(at.map(Timestamp::from_unix_millis))
+}
+
+/// Voids the leases of attempts in flight: called at open, when no attempt
+/// of ours can be in flight (one manager per file), so that work a crashed
+/// process had claimed is retried at once instead of when its lease ends.
+pub(crate) fn void_leases(conn: &Connection) -> Result<()> {
+    conn.execute(
+        "UPDATE placements SET lease_until = NULL WHERE lease_until IS NOT NULL",
+        [],
+    )?;
+    Ok(())
 }
 
 /// Queued deletions, for operators.
@@ -1289,4 +1304,105 @@ pub(crate) fn list_audit(
         )
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())?;
     Ok(rows)
+}
+
+// ---------------------------------------------------------- visibility
+
+/// An operation still open in the journal, for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OpenOperation {
+    /// The template being created.
+    pub template_id: TemplateId,
+    /// Its team.
+    pub team: TeamId,
+    /// Its name.
+    pub name: TemplateName,
+    /// The sandbox being snapshotted (held `snapshotting` meanwhile).
+    pub sandbox: SandboxId,
+    /// The sandbox's host.
+    pub host: HostId,
+    /// `started` (the host may be working on it, or the process that drove
+    /// it is gone) or `resolving` (rolled back; the sandbox's status is
+    /// still to be read from its host).
+    pub phase: String,
+    /// Attempts to resolve it so far.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// When it began.
+    pub started_at: Timestamp,
+}
+
+pub(crate) fn list_open_operations(conn: &Connection) -> Result<Vec<OpenOperation>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT template_id, team_id, template_name, sandbox_id, host_id, phase, attempts,
+                last_error, created_at
+         FROM operations ORDER BY id",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(OpenOperation {
+                template_id: r.get(0)?,
+                team: r.get(1)?,
+                name: TemplateName::from_trusted(r.get(2)?),
+                sandbox: r.get(3)?,
+                host: r.get(4)?,
+                phase: r.get(5)?,
+                attempts: u32_col(r, 6)?,
+                last_error: r.get(7)?,
+                started_at: Timestamp::from_unix_millis(r.get(8)?),
+            })
+        })
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())?;
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------- sweep
+
+/// Whether the key of `template` on `host` is accounted for: a placement
+/// (present, or queued for deletion) or an open operation on that host.
+pub(crate) fn key_is_owned(conn: &Connection, template: TemplateId, host: HostId) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM placements WHERE template_id = ?1 AND host_id = ?2)
+                 OR EXISTS (SELECT 1 FROM operations WHERE template_id = ?1 AND host_id = ?2)",
+        )
+        .and_then(|mut s| s.query_row(params![template, host], |r| r.get(0)))?)
+}
+
+/// Queues an orphaned key for deletion and audits it as a system action,
+/// unless something owns it by now. Returns whether it was queued.
+pub(crate) fn queue_orphan(
+    conn: &Connection,
+    template: TemplateId,
+    host: HostId,
+    size_bytes: u64,
+    now: Timestamp,
+) -> Result<bool> {
+    if key_is_owned(conn, template, host)? {
+        return Ok(false);
+    }
+    conn.prepare_cached(
+        "INSERT INTO placements (template_id, host_id, team_id, state, next_attempt, created_at, updated_at)
+         VALUES (?1, ?2, ?3, 'deleting', ?4, ?4, ?4)",
+    )
+    .and_then(|mut s| s.execute(params![template, host, TeamId::PLATFORM, now.unix_millis()]))?;
+    insert_audit(
+        conn,
+        &NewAuditEntry {
+            team: TeamId::PLATFORM,
+            actor: Actor::System,
+            action: crate::audit::actions::ORPHAN_SWEEP,
+            resource_id: template.to_string(),
+            outcome: AuditOutcome::Success,
+            error_code: None,
+            metadata: serde_json::json!({
+                "host_id": host.to_string(),
+                "size_bytes": size_bytes,
+            }),
+        },
+        now,
+    )?;
+    Ok(true)
 }

@@ -178,3 +178,92 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The invariants of SPEC §4a, checked from outside: every ready template
+/// has a present placement whose host holds its files; every key on the
+/// host belongs to a template or is queued for deletion; no sandbox is
+/// `snapshotting` unless its operation is still open (`allow_open_ops`).
+/// `teams` are the teams whose templates are listed.
+pub async fn assert_invariants(env: &Env, teams: &[TeamId]) {
+    use std::collections::HashSet;
+    let mut owned = HashSet::new();
+    let mut seen_names = HashSet::new();
+    for team in teams {
+        for t in env
+            .manager
+            .list(&caller(*team), ListQuery::new())
+            .await
+            .unwrap()
+            .items
+        {
+            assert!(
+                seen_names.insert((t.team, t.name.clone())),
+                "one visible template per name: {t:?}"
+            );
+            let placements = env
+                .manager
+                .placements(&caller(*team), &t.name)
+                .await
+                .unwrap();
+            assert!(!placements.is_empty(), "no placement for {t:?}");
+            for p in &placements {
+                assert_eq!(p.state, "present", "{t:?}");
+            }
+            assert!(
+                env.agent.has_snapshot(&t.id.to_string()),
+                "files of {t:?} missing"
+            );
+            owned.insert(t.id.to_string());
+        }
+    }
+    let queued: HashSet<String> = env
+        .manager
+        .pending_deletions()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.template_id.to_string())
+        .collect();
+    for key in env.agent.snapshot_keys() {
+        assert!(
+            owned.contains(&key) || queued.contains(&key),
+            "orphan key {key}"
+        );
+    }
+    let open_ops = env.count("SELECT count(*) FROM operations");
+    let stuck = env.count("SELECT count(*) FROM sandboxes WHERE status = 'snapshotting'");
+    assert!(
+        stuck <= open_ops,
+        "{stuck} sandboxes snapshotting with {open_ops} open operations"
+    );
+}
+
+/// Runs the background work until nothing is queued or open (at most 10 s),
+/// with every fault cleared.
+pub async fn drain(env: &Env) {
+    env.agent.clear_faults();
+    env.agent.set_unavailable(false);
+    eventually("the worker drains", || async {
+        let _ = env.manager.run_pending_work().await;
+        env.manager.pending_deletions().await.unwrap().is_empty()
+            && env.count("SELECT count(*) FROM operations") == 0
+    })
+    .await;
+}
+
+/// An example binary, built by `cargo test` next to the test binaries
+/// (`target/<profile>/examples/NAME`), or built on demand.
+pub fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let binary = profile_dir.join("examples").join(name);
+    if !binary.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--example", name, "--manifest-path"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the {name} example failed");
+    }
+    binary
+}

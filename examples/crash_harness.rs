@@ -1,0 +1,218 @@
+//! Run with: cargo run --example crash_harness -- <mode> [options]
+//!
+//! Test support for `tests/crash.rs`: a process that drives the manager and
+//! stops dead at a chosen step so that the test can SIGKILL it there.
+//!
+//! Modes:
+//!   run --db PATH --root DIR --host ID --team ID --sandbox ID --name NAME
+//!       --op create|overwrite|delete --pause STEP
+//!     Opens the manager on PATH with the reference agent over DIR
+//!     (in-process), registers the host and the (running) sandbox, runs the
+//!     operation, and when it reaches STEP prints `PAUSED STEP` and waits
+//!     forever. STEP is one of:
+//!       before-call  the first transaction is committed, the agent not called
+//!       in-agent     the agent has paused the VM and written part of the files
+//!       after-call   the agent answered, the final transaction not run
+//!       in-delete    a DeleteSnapshot call is about to be made (the delete,
+//!                    or the overwrite's final transaction, is committed)
+//!   hold-lock --db PATH --seconds N
+//!     Takes SQLite's write lock on PATH, prints `LOCKED`, holds it N
+//!     seconds, then exits.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sandbox_snapshots::agent::{
+    CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest, SandboxList, SnapshotInfo,
+};
+use sandbox_snapshots::{
+    Actor, AgentError, AgentTransport, Caller, DirHostAgent, HostAgent, HostId, HostStatus,
+    HostTarget, ManagerOptions, NewSnapshot, Sandbox, SandboxId, SandboxStatus, SnapshotManager,
+    SqliteSnapshotManager, TeamId, TemplateName,
+};
+
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+fn announce(line: &str) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+async fn stop_here(step: &str) -> ! {
+    announce(&format!("PAUSED {step}"));
+    loop {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+/// The reference agent, stopping at the chosen step.
+struct Pausing {
+    agent: DirHostAgent,
+    pause: String,
+}
+
+#[async_trait]
+impl HostAgent for Pausing {
+    async fn create_snapshot(
+        &self,
+        req: CreateSnapshotRequest,
+    ) -> Result<CreateSnapshotResponse, AgentError> {
+        match self.pause.as_str() {
+            "before-call" => stop_here("before-call").await,
+            "in-agent" => {
+                // What a copy cut short leaves: the VM paused and part of the
+                // files in the agent's temporary directory.
+                self.agent.set_sandbox_status(req.sandbox_id, "paused");
+                let temp = self
+                    .agent
+                    .root()
+                    .join("snapshots")
+                    .join(format!(".tmp-{}-crash", req.key));
+                let _ = std::fs::create_dir_all(&temp);
+                let _ = std::fs::write(temp.join("memory.bin"), b"partial");
+                stop_here("in-agent").await
+            }
+            "after-call" => {
+                let response = self.agent.create_snapshot(req).await?;
+                drop(response);
+                stop_here("after-call").await
+            }
+            _ => self.agent.create_snapshot(req).await,
+        }
+    }
+
+    async fn delete_snapshot(&self, req: DeleteSnapshotRequest) -> Result<(), AgentError> {
+        if self.pause == "in-delete" {
+            stop_here("in-delete").await;
+        }
+        self.agent.delete_snapshot(req).await
+    }
+
+    async fn list_sandboxes(&self) -> Result<SandboxList, AgentError> {
+        self.agent.list_sandboxes().await
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, AgentError> {
+        self.agent.list_snapshots().await
+    }
+}
+
+struct One {
+    host: HostId,
+    agent: Arc<dyn HostAgent>,
+}
+
+impl AgentTransport for One {
+    fn agent(&self, host: &HostTarget) -> Result<Arc<dyn HostAgent>, AgentError> {
+        if host.id == self.host {
+            Ok(self.agent.clone())
+        } else {
+            Err(AgentError::unavailable("unknown host"))
+        }
+    }
+}
+
+fn options(args: &[String]) -> Result<HashMap<String, String>, Failure> {
+    let mut map = HashMap::new();
+    let mut it = args.iter();
+    while let Some(key) = it.next() {
+        let key = key
+            .strip_prefix("--")
+            .ok_or_else(|| format!("unexpected argument {key:?}"))?;
+        let value = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
+        map.insert(key.to_owned(), value.clone());
+    }
+    Ok(map)
+}
+
+fn get<'a>(opts: &'a HashMap<String, String>, key: &str) -> Result<&'a str, Failure> {
+    opts.get(key)
+        .map(String::as_str)
+        .ok_or_else(|| format!("--{key} is required").into())
+}
+
+async fn run(opts: HashMap<String, String>) -> Result<(), Failure> {
+    let host = HostId::parse(get(&opts, "host")?)?;
+    let team = TeamId::parse(get(&opts, "team")?)?;
+    let sandbox = SandboxId::parse(get(&opts, "sandbox")?)?;
+    let name = TemplateName::parse(get(&opts, "name")?)?;
+    let pause = get(&opts, "pause")?.to_owned();
+    let agent = DirHostAgent::open(get(&opts, "root")?).await?;
+    let transport = Arc::new(One {
+        host,
+        agent: Arc::new(Pausing { agent, pause }),
+    });
+    let mut manager_options = ManagerOptions::default();
+    // This process only drives the one operation.
+    manager_options.run_janitor = false;
+    let manager =
+        SqliteSnapshotManager::open(PathBuf::from(get(&opts, "db")?), transport, manager_options)
+            .await?;
+    let registry = manager.registry();
+    registry
+        .register_host(host, "in-process", HostStatus::Online)
+        .await?;
+    registry
+        .register_sandbox(Sandbox::new(
+            sandbox,
+            team,
+            Some(host),
+            SandboxStatus::Running,
+            1,
+            64,
+        ))
+        .await?;
+    let caller = Caller::new(team, Actor::System);
+    match get(&opts, "op")? {
+        "create" => {
+            manager
+                .create(&caller, NewSnapshot::new(sandbox, Some(name)))
+                .await?;
+        }
+        "overwrite" => {
+            manager
+                .create(
+                    &caller,
+                    NewSnapshot::new(sandbox, Some(name)).overwrite(true),
+                )
+                .await?;
+        }
+        "delete" => {
+            manager.delete(&caller, &name).await?;
+        }
+        other => return Err(format!("unknown --op {other:?}").into()),
+    }
+    // The pause point was never reached.
+    announce("DONE");
+    Ok(())
+}
+
+fn hold_lock(opts: HashMap<String, String>) -> Result<(), Failure> {
+    let conn = rusqlite::Connection::open(get(&opts, "db")?)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    announce("LOCKED");
+    let seconds: u64 = get(&opts, "seconds")?.parse()?;
+    std::thread::sleep(Duration::from_secs(seconds));
+    conn.execute_batch("ROLLBACK")?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Failure> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((mode, rest)) = args.split_first() else {
+        return Err("usage: crash_harness run|hold-lock [options]".into());
+    };
+    let opts = options(rest)?;
+    match mode.as_str() {
+        "run" => run(opts).await,
+        "hold-lock" => hold_lock(opts),
+        other => Err(format!("unknown mode {other:?}").into()),
+    }
+}

@@ -1,0 +1,365 @@
+//! Crash safety with real process kills: a helper process (the
+//! `crash_harness` example) drives the manager against an SQLite file and
+//! the reference agent, stops at a chosen step, and is killed with SIGKILL.
+//! A fresh manager on the same file then recovers, and the invariants of
+//! SPEC §4a are checked against the files on disk.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{caller, eventually, example_binary, fast_options, name};
+use sandbox_snapshots::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+struct Scene {
+    _dir: tempfile::TempDir,
+    db: PathBuf,
+    root: PathBuf,
+    host: HostId,
+    team: TeamId,
+    sandbox: SandboxId,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("agent");
+        let sandbox = SandboxId::new();
+        let state = root.join("sandboxes").join(sandbox.to_string());
+        std::fs::create_dir_all(state.join("disk")).unwrap();
+        std::fs::write(state.join("memory.bin"), vec![1u8; 32 * 1024]).unwrap();
+        std::fs::write(state.join("disk/root.img"), b"root").unwrap();
+        Scene {
+            db: dir.path().join("s.db"),
+            root,
+            _dir: dir,
+            host: HostId::new(),
+            team: TeamId::new(),
+            sandbox,
+        }
+    }
+
+    /// A manager in this process over the same file and agent root.
+    async fn manager(&self) -> SqliteSnapshotManager {
+        let agent = DirHostAgent::open(&self.root).await.unwrap();
+        let transport = Arc::new(InProcessTransport::new());
+        transport.add_host(self.host, Arc::new(agent));
+        let manager = SqliteSnapshotManager::open(&self.db, transport, fast_options())
+            .await
+            .unwrap();
+        let registry = manager.registry();
+        registry
+            .register_host(self.host, "in-process", HostStatus::Online)
+            .await
+            .unwrap();
+        manager
+    }
+
+    /// Creates `n` before the crash, in this process.
+    async fn prepare(&self, n: &str) -> Template {
+        let manager = self.manager().await;
+        manager
+            .registry()
+            .register_sandbox(Sandbox::new(
+                self.sandbox,
+                self.team,
+                Some(self.host),
+                SandboxStatus::Running,
+                1,
+                64,
+            ))
+            .await
+            .unwrap();
+        let t = manager
+            .create(
+                &caller(self.team),
+                NewSnapshot::new(self.sandbox, Some(name(n))),
+            )
+            .await
+            .unwrap();
+        manager.shutdown().await;
+        t
+    }
+
+    /// Runs the harness until it reports `pause`, then SIGKILLs it.
+    async fn crash(&self, op: &str, n: &str, pause: &str) {
+        let mut child = Command::new(example_binary("crash_harness"))
+            .arg("run")
+            .args(["--db", self.db.to_str().unwrap()])
+            .args(["--root", self.root.to_str().unwrap()])
+            .args(["--host", &self.host.to_string()])
+            .args(["--team", &self.team.to_string()])
+            .args(["--sandbox", &self.sandbox.to_string()])
+            .args(["--name", n, "--op", op, "--pause", pause])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("the harness reaches its pause point")
+            .unwrap()
+            .unwrap_or_default();
+        assert_eq!(line, format!("PAUSED {pause}"), "{op} {pause}");
+        child.start_kill().unwrap(); // SIGKILL
+        let status = child.wait().await.unwrap();
+        assert!(!status.success(), "killed, not exited");
+    }
+
+    /// A fresh manager recovers; waits until the journal and the deletion
+    /// queue are empty; checks the invariants; returns what `n` shows.
+    async fn recover_and_check(&self, n: &str) -> (SqliteSnapshotManager, Option<Template>) {
+        let manager = self.manager().await;
+        eventually("recovery and the worker finish", || async {
+            manager.open_operations().await.unwrap().is_empty()
+                && manager.pending_deletions().await.unwrap().is_empty()
+        })
+        .await;
+        let visible = manager
+            .list(&caller(self.team), ListQuery::new())
+            .await
+            .unwrap()
+            .items;
+        // Every ready template has its files on its placement host.
+        for t in &visible {
+            let placements = manager
+                .placements(&caller(self.team), &t.name)
+                .await
+                .unwrap();
+            assert_eq!(placements.len(), 1, "{t:?}");
+            assert_eq!(placements[0].host, self.host);
+            assert!(
+                snapshot_dir(&self.root, t.id).join("memory.bin").exists(),
+                "files of {t:?}"
+            );
+        }
+        // Every key on the host belongs to a template (nothing is queued).
+        let owned: HashSet<String> = visible.iter().map(|t| t.id.to_string()).collect();
+        for entry in std::fs::read_dir(self.root.join("snapshots")).unwrap() {
+            let key = entry.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(owned.contains(&key), "orphan {key} on the host");
+        }
+        // No sandbox is stuck.
+        let sb = manager
+            .registry()
+            .sandbox(self.sandbox)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(sb.status, SandboxStatus::Snapshotting);
+        // A name maps to at most one template.
+        let names: HashSet<&str> = visible.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names.len(), visible.len());
+        let shown = manager.get(&caller(self.team), &name(n)).await.ok();
+        (manager, shown)
+    }
+
+    async fn sandbox_status(&self, manager: &SqliteSnapshotManager) -> SandboxStatus {
+        manager
+            .registry()
+            .sandbox(self.sandbox)
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+    }
+}
+
+fn snapshot_dir(root: &Path, id: TemplateId) -> PathBuf {
+    root.join("snapshots").join(id.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_killed_after_the_first_transaction_rolls_back() {
+    let scene = Scene::new();
+    scene.crash("create", "c", "before-call").await;
+    let (manager, shown) = scene.recover_and_check("c").await;
+    assert_eq!(shown, None);
+    assert_eq!(scene.sandbox_status(&manager).await, SandboxStatus::Running);
+    let audit = manager
+        .audit_log(&caller(scene.team), AuditQuery::new())
+        .await
+        .unwrap();
+    assert_eq!(audit.items.len(), 1);
+    assert_eq!(audit.items[0].outcome, AuditOutcome::Failure);
+    assert_eq!(audit.items[0].error_code.as_deref(), Some("interrupted"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_killed_while_the_agent_writes_rolls_back() {
+    let scene = Scene::new();
+    scene.crash("create", "c", "in-agent").await;
+    let (manager, shown) = scene.recover_and_check("c").await;
+    assert_eq!(shown, None);
+    assert_ne!(
+        scene.sandbox_status(&manager).await,
+        SandboxStatus::Snapshotting
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_killed_after_the_agent_answered_rolls_forward() {
+    let scene = Scene::new();
+    scene.crash("create", "c", "after-call").await;
+    let (manager, shown) = scene.recover_and_check("c").await;
+    let t = shown.expect("the snapshot the host holds is kept");
+    assert_eq!(t.source_sandbox, Some(scene.sandbox));
+    assert!(t.size_bytes > 0);
+    assert_eq!(
+        std::fs::read(snapshot_dir(&scene.root, t.id).join("disk/root.img")).unwrap(),
+        b"root"
+    );
+    assert_eq!(scene.sandbox_status(&manager).await, SandboxStatus::Paused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwrite_killed_before_the_call_keeps_the_old_template() {
+    let scene = Scene::new();
+    let old = scene.prepare("o").await;
+    scene.crash("overwrite", "o", "before-call").await;
+    let (_manager, shown) = scene.recover_and_check("o").await;
+    assert_eq!(
+        shown.map(|t| t.id),
+        Some(old.id),
+        "the old one, never neither"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwrite_killed_in_the_agent_keeps_the_old_template() {
+    let scene = Scene::new();
+    let old = scene.prepare("o").await;
+    scene.crash("overwrite", "o", "in-agent").await;
+    let (_manager, shown) = scene.recover_and_check("o").await;
+    assert_eq!(shown.map(|t| t.id), Some(old.id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwrite_killed_after_the_agent_answered_shows_the_new_template() {
+    let scene = Scene::new();
+    let old = scene.prepare("o").await;
+    scene.crash("overwrite", "o", "after-call").await;
+    let (_manager, shown) = scene.recover_and_check("o").await;
+    let new = shown.expect("the new one, never neither");
+    assert_ne!(new.id, old.id);
+    assert!(
+        !snapshot_dir(&scene.root, old.id).exists(),
+        "old files deleted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwrite_killed_while_deleting_the_old_files_finishes() {
+    let scene = Scene::new();
+    let old = scene.prepare("o").await;
+    scene.crash("overwrite", "o", "in-delete").await;
+    let (_manager, shown) = scene.recover_and_check("o").await;
+    let new = shown.expect("the swap was committed");
+    assert_ne!(new.id, old.id);
+    assert!(
+        !snapshot_dir(&scene.root, old.id).exists(),
+        "the worker deleted the old files"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_killed_mid_way_finishes() {
+    let scene = Scene::new();
+    let t = scene.prepare("d").await;
+    assert!(snapshot_dir(&scene.root, t.id).exists());
+    scene.crash("delete", "d", "in-delete").await;
+    let (manager, shown) = scene.recover_and_check("d").await;
+    assert_eq!(shown, None, "an acknowledged delete stays deleted");
+    assert!(!snapshot_dir(&scene.root, t.id).exists());
+    assert!(
+        manager
+            .list(&caller(scene.team), ListQuery::new())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+}
+
+/// Another process holds SQLite's write lock for longer than the busy
+/// timeout: operations fail with `db_error`, nothing is half-written, and
+/// all is well once the lock is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_holding_the_write_lock_gives_db_error_and_no_half_writes() {
+    let scene = Scene::new();
+    let kept = scene.prepare("kept").await;
+    let mut options = fast_options();
+    options.store.busy_timeout = Duration::from_millis(200);
+    let agent = DirHostAgent::open(&scene.root).await.unwrap();
+    let transport = Arc::new(InProcessTransport::new());
+    transport.add_host(scene.host, Arc::new(agent));
+    let manager = SqliteSnapshotManager::open(&scene.db, transport, options)
+        .await
+        .unwrap();
+    manager
+        .registry()
+        .set_sandbox_status(scene.sandbox, SandboxStatus::Running)
+        .await
+        .unwrap();
+
+    let mut locker = Command::new(example_binary("crash_harness"))
+        .args([
+            "hold-lock",
+            "--db",
+            scene.db.to_str().unwrap(),
+            "--seconds",
+            "3",
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(locker.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("LOCKED"));
+
+    let err = manager
+        .create(
+            &caller(scene.team),
+            NewSnapshot::new(scene.sandbox, Some(name("new"))),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!((err.code(), err.http_status()), (ErrorCode::DbError, 500));
+    let err = manager
+        .delete(&caller(scene.team), &name("kept"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::DbError);
+    // Reads still work under WAL, and show nothing half-done.
+    assert_eq!(
+        manager
+            .get(&caller(scene.team), &name("kept"))
+            .await
+            .unwrap(),
+        kept
+    );
+    assert!(manager.open_operations().await.unwrap().is_empty());
+    assert_eq!(scene.sandbox_status(&manager).await, SandboxStatus::Running);
+    let keys = std::fs::read_dir(scene.root.join("snapshots"))
+        .unwrap()
+        .count();
+    assert_eq!(keys, 1, "no agent call was made");
+
+    assert!(locker.wait().await.unwrap().success());
+    manager
+        .create(
+            &caller(scene.team),
+            NewSnapshot::new(scene.sandbox, Some(name("new"))),
+        )
+        .await
+        .unwrap();
+}
