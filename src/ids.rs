@@ -34,7 +34,7 @@ pub enum IdError {
     /// A character outside `0-9a-z` (uppercase is refused too).
     #[error("invalid character at position {position}: ids use only 0-9 and a-z")]
     InvalidChar {
-        /// Byte offset of the bad character after the prefix.
+        /// Character offset of the bad character after the prefix.
         position: usize,
     },
     /// The value does not fit in 128 bits.
@@ -57,14 +57,14 @@ pub(crate) fn decode_id(input: &str, prefix: &'static str) -> Result<Uuid, IdErr
         .strip_prefix(prefix)
         .ok_or(IdError::WrongPrefix { expected: prefix })?;
     let len = digits.chars().count();
-    if len != ID_DIGITS || digits.len() != ID_DIGITS {
+    if len != ID_DIGITS {
         return Err(IdError::WrongLength { found: len });
     }
     let mut value: u128 = 0;
-    for (position, byte) in digits.bytes().enumerate() {
-        let digit = match byte {
-            b'0'..=b'9' => byte - b'0',
-            b'a'..=b'z' => byte - b'a' + 10,
+    for (position, c) in digits.chars().enumerate() {
+        let digit = match c {
+            '0'..='9' => u32::from(c) - u32::from('0'),
+            'a'..='z' => u32::from(c) - u32::from('a') + 10,
             _ => return Err(IdError::InvalidChar { position }),
         };
         value = value

@@ -953,34 +953,46 @@ pub(crate) async fn delete_files(
             (target, result)
         });
     }
+    let mut outcomes = Vec::new();
+    while let Some(joined) = calls.join_next().await {
+        // A call that panicked keeps its lease and is retried after it.
+        if let Ok(outcome) = joined {
+            outcomes.push(outcome);
+        }
+    }
+    // Every answer is recorded in one transaction: a delete across many
+    // hosts costs one commit, not one per host.
+    let now = Timestamp::now();
+    // Per target: confirmed, or the error and when to try again.
+    type Record = (Deletion, Option<(String, Timestamp)>);
+    let records: Vec<Record> = outcomes
+        .iter()
+        .map(|(target, result)| {
+            let retry = result.as_ref().err().map(|err| {
+                let next = after(now, backoff(&inner.options, target.attempts));
+                (err.to_string(), next)
+            });
+            (target.clone(), retry)
+        })
+        .collect();
+    let recorded = inner
+        .store
+        .write(move |c| {
+            for (target, retry) in &records {
+                match retry {
+                    None => sql::deletion_confirmed(c, target)?,
+                    Some((text, next)) => sql::deletion_failed(c, target, text, *next, now)?,
+                }
+            }
+            Ok::<_, Error>(())
+        })
+        .await;
+    if let Err(db) = recorded {
+        tracing::error!(error = ?db, "recording deletion results failed; they will be retried");
+    }
     let mut confirmed = Vec::new();
     let mut pending = Vec::new();
-    while let Some(joined) = calls.join_next().await {
-        let Ok((target, result)) = joined else {
-            continue;
-        };
-        let now = Timestamp::now();
-        let recorded = match &result {
-            Ok(()) => {
-                let t = target.clone();
-                inner
-                    .store
-                    .write(move |c| sql::deletion_confirmed(c, &t))
-                    .await
-            }
-            Err(err) => {
-                let next = after(now, backoff(&inner.options, target.attempts));
-                let t = target.clone();
-                let text = err.to_string();
-                inner
-                    .store
-                    .write(move |c| sql::deletion_failed(c, &t, &text, next, now))
-                    .await
-            }
-        };
-        if let Err(db) = recorded {
-            tracing::error!(error = ?db, "recording a deletion result failed; it will be retried");
-        }
+    for (target, result) in outcomes {
         match result {
             Ok(()) => confirmed.push(target.host.id),
             Err(err) => {
