@@ -52,7 +52,7 @@ CREATE TABLE templates (
     replaces          BLOB,
     created_at        INTEGER NOT NULL,
     updated_at        INTEGER NOT NULL
-) STRICT;
+) STRICT, WITHOUT ROWID;
 
 -- A name belongs to at most one template per team, counting creates in
 -- flight but not templates being deleted. A pending overwrite does not hold
@@ -65,9 +65,9 @@ CREATE UNIQUE INDEX templates_one_overwrite
 -- Listing: a team's visible templates, newest first.
 CREATE INDEX templates_visible
     ON templates (team_id, created_at DESC, id DESC) WHERE state = 'ready';
--- Platform names are reserved for every team: find a name across teams.
-CREATE INDEX templates_by_name
-    ON templates (name) WHERE state <> 'deleting';
+-- (No index on the name alone: only creating a platform template asks
+-- whether any team uses a name, and that rare admin call may scan. Every
+-- index costs every create and delete a page write.)
 
 -- Which hosts hold which template's files. present -> deleting -> purged
 -- when the host confirms. A row whose template row is gone is a tombstone:
@@ -89,8 +89,9 @@ CREATE TABLE placements (
     PRIMARY KEY (template_id, host_id)
 ) STRICT, WITHOUT ROWID;
 
+-- The deletion queue. Per-host work (a host back online, the sweep) also
+-- goes through it: queued rows are few, present ones are never scanned.
 CREATE INDEX placements_due ON placements (next_attempt) WHERE state = 'deleting';
-CREATE INDEX placements_by_host ON placements (host_id, state);
 
 -- The operations journal: one row per multi-step operation in flight,
 -- written in the same transaction as its first state change and deleted in
@@ -99,10 +100,9 @@ CREATE INDEX placements_by_host ON placements (host_id, state);
 -- 'resolving' (rolled back; the sandbox's real status is still to be asked
 -- from its host).
 CREATE TABLE operations (
-    id            INTEGER NOT NULL PRIMARY KEY,
+    template_id   BLOB    NOT NULL PRIMARY KEY,
     kind          TEXT    NOT NULL CHECK (kind IN ('create')),
     phase         TEXT    NOT NULL CHECK (phase IN ('started', 'resolving')),
-    template_id   BLOB    NOT NULL UNIQUE,
     team_id       BLOB    NOT NULL,
     template_name TEXT    NOT NULL,
     sandbox_id    BLOB    NOT NULL,
@@ -117,14 +117,15 @@ CREATE TABLE operations (
     last_error    TEXT,
     created_at    INTEGER NOT NULL,
     updated_at    INTEGER NOT NULL
-) STRICT;
+) STRICT, WITHOUT ROWID;
 
 -- One operation per sandbox at a time.
 CREATE UNIQUE INDEX operations_one_per_sandbox ON operations (sandbox_id);
 
 CREATE TABLE audit_log (
     seq           INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
-    id            BLOB    NOT NULL UNIQUE,
+    -- Random (v4): unique without an index to enforce it.
+    id            BLOB    NOT NULL,
     team_id       BLOB    NOT NULL,
     actor_type    TEXT    NOT NULL,
     actor_id      TEXT,
@@ -139,3 +140,29 @@ CREATE TABLE audit_log (
 ) STRICT;
 
 CREATE INDEX audit_log_by_team ON audit_log (team_id, seq);
+
+-- migration: 2
+
+-- Teams and their API keys, for the HTTP server. The platform team (the
+-- all-zero id) owns the administrators' keys.
+CREATE TABLE teams (
+    id         BLOB    NOT NULL PRIMARY KEY CHECK (length(id) = 16),
+    name       TEXT    NOT NULL,
+    created_at INTEGER NOT NULL
+) STRICT;
+
+INSERT INTO teams (id, name, created_at) VALUES (zeroblob(16), 'platform', 0);
+
+-- A key is shown once when created; only the SHA-256 of its secret part is
+-- stored. Keys are high-entropy random values, so a plain hash suffices.
+CREATE TABLE api_keys (
+    id          BLOB    NOT NULL PRIMARY KEY CHECK (length(id) = 16),
+    team_id     BLOB    NOT NULL REFERENCES teams (id),
+    name        TEXT    NOT NULL,
+    secret_hash BLOB    NOT NULL CHECK (length(secret_hash) = 32),
+    admin       INTEGER NOT NULL DEFAULT 0 CHECK (admin IN (0, 1)),
+    created_at  INTEGER NOT NULL,
+    revoked_at  INTEGER
+) STRICT;
+
+CREATE INDEX api_keys_by_team ON api_keys (team_id);

@@ -17,8 +17,11 @@ pub enum ErrorCode {
     Unauthorized,
     /// 403: the caller may not do this (e.g. delete a platform template).
     Forbidden,
-    /// 404: the sandbox or template is not visible to the caller.
+    /// 404: the sandbox or template is not visible to the caller (or, over
+    /// HTTP, no such route).
     NotFound,
+    /// 405: the route exists but not with this method (HTTP only).
+    MethodNotAllowed,
     /// 409: the name is taken by the caller's team.
     AlreadyExists,
     /// 409: the name belongs to a platform template.
@@ -27,6 +30,8 @@ pub enum ErrorCode {
     InvalidState,
     /// 409: a concurrent operation or the host agent refused on a precondition.
     Conflict,
+    /// 413: the request body is too large (HTTP only).
+    PayloadTooLarge,
     /// 500: the store failed.
     DbError,
     /// 502: the host agent failed.
@@ -43,6 +48,8 @@ impl ErrorCode {
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::PayloadTooLarge => "payload_too_large",
             Self::AlreadyExists => "already_exists",
             Self::NameReserved => "name_reserved",
             Self::InvalidState => "invalid_state",
@@ -60,6 +67,8 @@ impl ErrorCode {
             Self::Unauthorized => 401,
             Self::Forbidden => 403,
             Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::PayloadTooLarge => 413,
             Self::AlreadyExists | Self::NameReserved | Self::InvalidState | Self::Conflict => 409,
             Self::DbError => 500,
             Self::AgentError => 502,

@@ -56,10 +56,15 @@
 //!   `agent::pb`, generated from `proto/` at build time.
 //! - `janitor`: the background worker and start-up recovery.
 //! - `audit`: the audit log.
+//! - [`http`] (feature `server`): the REST API for self-hosters, API keys,
+//!   admin endpoints and the OpenAPI document; `src/bin/snapshots-server.rs`
+//!   runs it.
 
 pub mod agent;
 mod audit;
 mod error;
+#[cfg(feature = "server")]
+pub mod http;
 pub mod ids;
 mod janitor;
 mod manager;

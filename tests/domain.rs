@@ -205,6 +205,8 @@ fn error_codes_and_statuses_are_stable() {
         (ErrorCode::Unauthorized, "unauthorized", 401),
         (ErrorCode::Forbidden, "forbidden", 403),
         (ErrorCode::NotFound, "not_found", 404),
+        (ErrorCode::MethodNotAllowed, "method_not_allowed", 405),
+        (ErrorCode::PayloadTooLarge, "payload_too_large", 413),
         (ErrorCode::AlreadyExists, "already_exists", 409),
         (ErrorCode::NameReserved, "name_reserved", 409),
         (ErrorCode::InvalidState, "invalid_state", 409),

@@ -427,7 +427,7 @@ async fn grpc_server_refuses_bad_ids_and_keys_from_the_wire() {
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     let path =
-        http::uri::PathAndQuery::from_static("/hostagent.v1.HostAgentService/DeleteSnapshot");
+        ::http::uri::PathAndQuery::from_static("/hostagent.v1.HostAgentService/DeleteSnapshot");
     for name in ["../etc", "a/b", "..", ".x", ""] {
         grpc.ready().await.unwrap();
         let status = grpc
@@ -496,7 +496,7 @@ async fn path_escapes_against_the_reference_agent_touch_nothing_outside_its_root
                     name: bad.into(),
                     ..Default::default()
                 }),
-                http::uri::PathAndQuery::from_static(
+                ::http::uri::PathAndQuery::from_static(
                     "/hostagent.v1.HostAgentService/DeleteSnapshot",
                 ),
                 tonic_prost::ProstCodec::default(),
@@ -520,7 +520,7 @@ async fn path_escapes_against_the_reference_agent_touch_nothing_outside_its_root
                         name: key,
                         ..Default::default()
                     }),
-                    http::uri::PathAndQuery::from_static(
+                    ::http::uri::PathAndQuery::from_static(
                         "/hostagent.v1.HostAgentService/CreateSnapshot",
                     ),
                     tonic_prost::ProstCodec::default(),

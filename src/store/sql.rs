@@ -603,7 +603,7 @@ pub(crate) fn open_operations(
 ) -> Result<Vec<CreateOp>> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {OP_COLS} FROM operations o LEFT JOIN hosts h ON h.id = o.host_id
-             WHERE o.phase = ?1 AND (?2 IS NULL OR o.next_attempt <= ?2) ORDER BY o.id"
+             WHERE o.phase = ?1 AND (?2 IS NULL OR o.next_attempt <= ?2) ORDER BY o.created_at, o.template_id"
     ))?;
     let rows = stmt
         .query_map(
@@ -1338,7 +1338,7 @@ pub(crate) fn list_open_operations(conn: &Connection) -> Result<Vec<OpenOperatio
     let mut stmt = conn.prepare_cached(
         "SELECT template_id, team_id, template_name, sandbox_id, host_id, phase, attempts,
                 last_error, created_at
-         FROM operations ORDER BY id",
+         FROM operations ORDER BY created_at, template_id",
     )?;
     let rows = stmt
         .query_map([], |r| {

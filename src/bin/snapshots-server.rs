@@ -1,0 +1,221 @@
+//! The HTTP API server for self-hosters.
+//!
+//! Run with: cargo run --features server --bin snapshots-server -- serve
+//!
+//! With the embedded defaults it keeps its SQLite file in `./data` and runs
+//! the reference host agent in-process over `./data/agent` (sandboxes in
+//! `data/agent/sandboxes/<id>/`), registered as the local host
+//! `host-0000000000000000000000001`. With `--agent grpc` or
+//! `--agent connect` it reaches remote host agents registered through the
+//! admin API instead.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use sandbox_snapshots::http::{ApiKeys, ApiState};
+use sandbox_snapshots::{
+    AgentTransport, BearerToken, ConnectConfig, ConnectTransport, DirHostAgent, GrpcConfig,
+    GrpcTransport, HostId, HostStatus, InProcessTransport, ManagerOptions, SqliteSnapshotManager,
+    Store, StoreOptions, TeamId,
+};
+
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+/// The id of the in-process host in the default setup.
+const LOCAL_HOST: &str = "host-0000000000000000000000001";
+
+#[derive(Parser)]
+#[command(
+    name = "snapshots-server",
+    version,
+    about = "Snapshot management API for microVM sandboxes"
+)]
+struct Cli {
+    /// Where the SQLite file (and the in-process agent's files) live.
+    #[arg(
+        long,
+        global = true,
+        env = "SNAPSHOTS_DATA_DIR",
+        default_value = "data"
+    )]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AgentKind {
+    /// The reference agent in this process, over DATA_DIR/agent.
+    InProcess,
+    /// Remote agents over gRPC, at the addresses registered for their hosts.
+    Grpc,
+    /// Remote connect-go agents over HTTP/1.1.
+    Connect,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API (the default).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "SNAPSHOTS_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// How to reach host agents.
+        #[arg(
+            long,
+            env = "SNAPSHOTS_AGENT",
+            value_enum,
+            default_value = "in-process"
+        )]
+        agent: AgentKind,
+        /// Bearer token sent to remote host agents.
+        #[arg(long, env = "SNAPSHOTS_AGENT_TOKEN", hide_env_values = true)]
+        agent_token: Option<String>,
+    },
+    /// Create a team and print its first API key (shown once).
+    CreateTeam {
+        /// The team's name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Create another API key for a team (shown once).
+    CreateKey {
+        /// The team (`team-…`).
+        #[arg(long)]
+        team: String,
+        /// A label for the key.
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+    /// Create an admin API key, for the /v1/admin endpoints (shown once).
+    CreateAdminKey {
+        /// A label for the key.
+        #[arg(long, default_value = "admin")]
+        name: String,
+    },
+}
+
+fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("snapshots.db")
+}
+
+async fn keys(data_dir: &Path) -> Result<ApiKeys, Failure> {
+    let store = Store::open(db_path(data_dir), StoreOptions::default()).await?;
+    Ok(ApiKeys::new(store))
+}
+
+async fn serve(
+    data_dir: &Path,
+    listen: SocketAddr,
+    agent: AgentKind,
+    token: Option<String>,
+) -> Result<(), Failure> {
+    let local = HostId::parse(LOCAL_HOST)?;
+    let transport: Arc<dyn AgentTransport> = match agent {
+        AgentKind::InProcess => {
+            let root = data_dir.join("agent");
+            let agent = DirHostAgent::open(&root).await?;
+            let transport = InProcessTransport::new();
+            transport.add_host(local, Arc::new(agent));
+            tracing::info!(root = %root.display(), host = %local, "in-process host agent");
+            Arc::new(transport)
+        }
+        AgentKind::Grpc => {
+            let mut config = GrpcConfig::default();
+            if let Some(t) = token {
+                config = config.token(BearerToken::new(t));
+            }
+            Arc::new(GrpcTransport::new(config))
+        }
+        AgentKind::Connect => {
+            let mut config = ConnectConfig::default();
+            if let Some(t) = token {
+                config = config.token(BearerToken::new(t));
+            }
+            Arc::new(ConnectTransport::new(config))
+        }
+    };
+    let manager =
+        SqliteSnapshotManager::open(db_path(data_dir), transport, ManagerOptions::default())
+            .await?;
+    if matches!(agent, AgentKind::InProcess) {
+        manager
+            .registry()
+            .register_host(local, "in-process", HostStatus::Online)
+            .await?;
+    }
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %data_dir.display(), "serving");
+    // A line on stdout that scripts (and tests) wait for.
+    println!("listening on {addr}");
+    sandbox_snapshots::http::serve(listener, ApiState::new(manager), shutdown_signal()).await?;
+    tracing::info!("stopped; in-flight snapshots were recorded");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: finishing requests and snapshots in flight");
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Failure> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let data_dir = cli.data_dir;
+    match cli.command.unwrap_or(Command::Serve {
+        listen: "127.0.0.1:8080".parse()?,
+        agent: AgentKind::InProcess,
+        agent_token: None,
+    }) {
+        Command::Serve {
+            listen,
+            agent,
+            agent_token,
+        } => serve(&data_dir, listen, agent, agent_token).await,
+        Command::CreateTeam { name } => {
+            let keys = keys(&data_dir).await?;
+            let team = keys.create_team(&name).await?;
+            let key = keys.create_key(team, "default", false).await?;
+            println!("team_id={team}");
+            println!("api_key={}", key.reveal());
+            eprintln!("store the key now: it is not shown again");
+            Ok(())
+        }
+        Command::CreateKey { team, name } => {
+            let keys = keys(&data_dir).await?;
+            let key = keys.create_key(TeamId::parse(&team)?, &name, false).await?;
+            println!("api_key={}", key.reveal());
+            Ok(())
+        }
+        Command::CreateAdminKey { name } => {
+            let keys = keys(&data_dir).await?;
+            let key = keys.create_key(TeamId::PLATFORM, &name, true).await?;
+            println!("api_key={}", key.reveal());
+            Ok(())
+        }
+    }
+}

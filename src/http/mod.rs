@@ -1,0 +1,444 @@
+//! The HTTP API for self-hosters and non-Rust clients (feature `server`):
+//! the REST endpoints of SPEC §3 over a [`SqliteSnapshotManager`], API-key
+//! authentication, admin endpoints for the registry, and the OpenAPI
+//! document.
+//!
+//! Every error is `{"error":{"code":"…","message":"…"}}` with the status of
+//! its [`ErrorCode`]; unknown routes and wrong methods too.
+
+mod admin;
+mod auth;
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+pub use auth::{ApiKeys, NewApiKey};
+
+use crate::audit::{AuditEntry, AuditQuery};
+use crate::error::{Error, ErrorCode};
+use crate::manager::{ListQuery, NewSnapshot, SnapshotManager, SqliteSnapshotManager};
+use crate::model::{Caller, Template, TemplateType};
+use crate::names::TemplateName;
+
+/// The header that carries an API key.
+pub const API_KEY_HEADER: &str = "x-api-key";
+/// The response header that carries the next page's cursor.
+pub const NEXT_CURSOR_HEADER: &str = "x-next-cursor";
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The OpenAPI 3 document of every endpoint, as served at `/openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("../../openapi.json");
+
+/// What the handlers share.
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    manager: SqliteSnapshotManager,
+    keys: ApiKeys,
+}
+
+impl ApiState {
+    /// Serves `manager`, with keys in the manager's store.
+    pub fn new(manager: SqliteSnapshotManager) -> Self {
+        let keys = ApiKeys::new(manager.store().clone());
+        Self { manager, keys }
+    }
+
+    /// The API keys.
+    pub fn keys(&self) -> &ApiKeys {
+        &self.keys
+    }
+}
+
+/// An [`Error`] as an HTTP response.
+pub(crate) struct ApiError(Error);
+
+impl From<Error> for ApiError {
+    fn from(err: Error) -> Self {
+        Self(err)
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            let cause = std::error::Error::source(&self.0).map(ToString::to_string);
+            tracing::error!(code = %self.0.code(), cause, "{}", self.0.message());
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.0.code().as_str(),
+                message: self.0.message(),
+            },
+        };
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The template object of SPEC §3.
+#[derive(Serialize)]
+pub(crate) struct TemplateBody {
+    name: String,
+    #[serde(rename = "type")]
+    template_type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vcpus: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_mb: Option<u32>,
+    size_bytes: u64,
+    created_at: String,
+    platform: bool,
+}
+
+impl From<&Template> for TemplateBody {
+    fn from(t: &Template) -> Self {
+        Self {
+            name: t.name.to_string(),
+            template_type: t.template_type.as_str(),
+            vcpus: (t.vcpus != 0).then_some(t.vcpus),
+            memory_mb: (t.memory_mb != 0).then_some(t.memory_mb),
+            size_bytes: t.size_bytes,
+            created_at: t.created_at.to_rfc3339(),
+            platform: t.is_platform(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct AuditBody {
+    id: String,
+    action: String,
+    resource_type: String,
+    resource_id: String,
+    outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<String>,
+    actor: ActorBody,
+    metadata: serde_json::Value,
+    created_at: String,
+}
+
+#[derive(Serialize)]
+struct ActorBody {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+}
+
+impl From<&AuditEntry> for AuditBody {
+    fn from(e: &AuditEntry) -> Self {
+        let actor = match &e.actor {
+            crate::model::Actor::User { id, name } => ActorBody {
+                kind: "user",
+                id: Some(id.clone()),
+                name: Some(name.clone()),
+            },
+            crate::model::Actor::ApiKey { id, name } => ActorBody {
+                kind: "api_key",
+                id: Some(id.to_string()),
+                name: Some(name.clone()),
+            },
+            crate::model::Actor::System => ActorBody {
+                kind: "system",
+                id: None,
+                name: None,
+            },
+        };
+        Self {
+            id: e.id.to_string(),
+            action: e.action.clone(),
+            resource_type: e.resource_type.clone(),
+            resource_id: e.resource_id.clone(),
+            outcome: e.outcome.as_str(),
+            error_code: e.error_code.clone(),
+            actor,
+            metadata: e.metadata.clone(),
+            created_at: e.created_at.to_rfc3339(),
+        }
+    }
+}
+
+/// Parses a JSON body the way SPEC §3 wants: anything unreadable is
+/// "invalid JSON body".
+pub(crate) fn json_body<T: for<'de> Deserialize<'de>>(
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<T> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Error::new(
+                ErrorCode::PayloadTooLarge,
+                format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            Error::invalid_request("invalid JSON body")
+        }
+    })?;
+    // Bodies are JSON objects; an array or a scalar is not a request.
+    let value: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|_| Error::invalid_request("invalid JSON body"))?;
+    if !value.is_object() {
+        return Err(Error::invalid_request("invalid JSON body").into());
+    }
+    serde_json::from_value(value).map_err(|_| Error::invalid_request("invalid JSON body").into())
+}
+
+/// On `/v1/snapshots` every key acts as a member of its team: platform
+/// templates are created and deleted through `/v1/admin/templates` only
+/// (SPEC §3: "platform templates cannot be deleted here").
+fn as_member(caller: &Caller) -> Caller {
+    Caller::new(caller.team(), caller.actor().clone())
+}
+
+pub(crate) fn parse_name(raw: &str) -> ApiResult<TemplateName> {
+    Ok(TemplateName::parse(raw).map_err(Error::from)?)
+}
+
+fn parse_limit(query: &HashMap<String, String>) -> ApiResult<Option<u32>> {
+    query
+        .get("limit")
+        .map(|l| {
+            l.parse::<u32>().map_err(|_| {
+                Error::invalid_request("invalid limit: expected a positive integer").into()
+            })
+        })
+        .transpose()
+}
+
+fn with_cursor<T: Serialize>(items: T, next: Option<String>) -> ApiResult<Response> {
+    let mut response = axum::Json(items).into_response();
+    if let Some(next) = next {
+        let value = HeaderValue::from_str(&next)
+            .map_err(|_| Error::invalid_request("cursor is not a valid header value"))?;
+        response.headers_mut().insert(NEXT_CURSOR_HEADER, value);
+    }
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+struct CreateBody {
+    #[serde(default)]
+    sandbox_id: String,
+    #[serde(default)]
+    name: String,
+}
+
+async fn create_snapshot(
+    State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Query(query): Query<HashMap<String, String>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body: CreateBody = json_body(body)?;
+    let overwrite = query.get("overwrite").is_some_and(|v| v == "true");
+    let request = NewSnapshot::parse(&body.sandbox_id, &body.name)?.overwrite(overwrite);
+    // The manager runs the snapshot on its own task: a client that goes
+    // away does not abort it, and its result is recorded either way.
+    if caller.team().is_platform() {
+        return Err(
+            Error::forbidden("platform templates are created through /v1/admin/templates").into(),
+        );
+    }
+    let template = state.manager.create(&as_member(&caller), request).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(TemplateBody::from(&template)),
+    )
+        .into_response())
+}
+
+async fn list_snapshots(
+    State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let mut list = ListQuery::new();
+    if let Some(kind) = query.get("type").filter(|t| !t.is_empty()) {
+        list = list.template_type(kind.parse::<TemplateType>()?);
+    }
+    if let Some(limit) = parse_limit(&query)? {
+        list = list.limit(limit);
+    }
+    if let Some(cursor) = query.get("cursor").filter(|c| !c.is_empty()) {
+        list = list.cursor(cursor.clone());
+    }
+    let page = state.manager.list(&caller, list).await?;
+    let items: Vec<TemplateBody> = page.items.iter().map(TemplateBody::from).collect();
+    with_cursor(items, page.next_cursor)
+}
+
+async fn get_snapshot(
+    State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let name = parse_name(&name)?;
+    let template = state.manager.get(&caller, &name).await?;
+    Ok(axum::Json(TemplateBody::from(&template)).into_response())
+}
+
+async fn delete_snapshot(
+    State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    let name = parse_name(&name)?;
+    state.manager.delete(&as_member(&caller), &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn audit_logs(
+    State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let mut audit = AuditQuery::new();
+    if let Some(limit) = parse_limit(&query)? {
+        audit = audit.limit(limit);
+    }
+    if let Some(cursor) = query.get("cursor").filter(|c| !c.is_empty()) {
+        audit = audit.cursor(cursor.clone());
+    }
+    if let Some(kind) = query.get("resource_type").filter(|c| !c.is_empty()) {
+        audit = audit.resource_type(kind.clone());
+    }
+    if let Some(action) = query.get("action").filter(|c| !c.is_empty()) {
+        audit = audit.action(action.clone());
+    }
+    let page = state.manager.audit_log(&caller, audit).await?;
+    let items: Vec<AuditBody> = page.items.iter().map(AuditBody::from).collect();
+    with_cursor(items, page.next_cursor)
+}
+
+async fn healthz(State(state): State<ApiState>) -> ApiResult<Response> {
+    // Proves the store answers, not just that the process is up.
+    state.manager.registry().hosts().await?;
+    Ok(axum::Json(serde_json::json!({ "status": "ok" })).into_response())
+}
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI_JSON,
+    )
+        .into_response()
+}
+
+async fn no_route() -> ApiError {
+    Error::not_found("no such route").into()
+}
+
+async fn wrong_method() -> ApiError {
+    Error::new(
+        ErrorCode::MethodNotAllowed,
+        "method not allowed on this route",
+    )
+    .into()
+}
+
+/// Resolves `X-API-Key` to a [`Caller`] for the handlers; 401 otherwise.
+async fn authenticate(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let presented = headers
+        .get(API_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    match state.keys.authenticate(presented).await {
+        Ok(Some(caller)) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Ok(None) => ApiError(Error::new(
+            ErrorCode::Unauthorized,
+            "missing or invalid API key",
+        ))
+        .into_response(),
+        Err(err) => ApiError(err).into_response(),
+    }
+}
+
+/// Admin endpoints need an admin key: a team key gets 403.
+async fn require_admin(request: Request, next: Next) -> Response {
+    match request.extensions().get::<Caller>() {
+        Some(caller) if caller.is_admin() => next.run(request).await,
+        _ => ApiError(Error::forbidden("an admin API key is required")).into_response(),
+    }
+}
+
+/// The whole API as an axum router.
+pub fn router(state: ApiState) -> Router {
+    let api = Router::new()
+        .route("/v1/snapshots", get(list_snapshots).post(create_snapshot))
+        .route(
+            "/v1/snapshots/{name}",
+            get(get_snapshot).delete(delete_snapshot),
+        )
+        .route("/v1/audit-logs", get(audit_logs))
+        .merge(admin::routes().layer(middleware::from_fn(require_admin)))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi))
+        .merge(api)
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(
+            // One line per request at INFO (method, path, status, latency);
+            // headers, and so API keys, are never logged.
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then lets the
+/// requests in flight finish and waits for snapshots in flight to record
+/// their result.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let manager = state.manager.clone();
+    let app = router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    manager.shutdown().await;
+    Ok(())
+}
