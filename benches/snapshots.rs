@@ -93,7 +93,6 @@ fn ms(d: Duration) -> String {
 fn options(sync: Synchronous) -> ManagerOptions {
     let mut o = ManagerOptions::default();
     o.store.synchronous = sync;
-    o.run_janitor = std::env::var("NOJ").is_err();
     o
 }
 
