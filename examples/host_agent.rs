@@ -82,26 +82,6 @@ fn parse_args() -> Result<Args, Failure> {
     })
 }
 
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = interrupt => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutting down: finishing calls in progress");
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Failure> {
     tracing_subscriber::fmt()
@@ -128,7 +108,9 @@ async fn main() -> Result<(), Failure> {
     tracing::info!(root = %args.root.display(), "host agent ready");
     // A line on stdout that scripts (and tests) wait for.
     println!("listening on {addr}");
-    server.serve(listener, shutdown_signal()).await?;
+    server
+        .serve(listener, sandbox_snapshots::shutdown_signal())
+        .await?;
     tracing::info!("stopped");
     Ok(())
 }

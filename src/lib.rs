@@ -71,6 +71,7 @@ mod manager;
 mod model;
 pub mod names;
 mod registry;
+mod signal;
 mod store;
 
 pub use agent::{
@@ -92,6 +93,7 @@ pub use model::{
 };
 pub use names::{NameError, TemplateName};
 pub use registry::{NewTemplate, Registry};
+pub use signal::shutdown_signal;
 pub use store::sql::{OpenOperation, PendingDeletion};
 pub use store::{SCHEMA_VERSION, Store, StoreError, StoreErrorKind, StoreOptions, Synchronous};
 

@@ -48,9 +48,19 @@ impl Scene {
 
     /// A manager in this process over the same file and agent root.
     async fn manager(&self) -> SqliteSnapshotManager {
+        self.manager_with(true).await
+    }
+
+    /// The same, with an agent that may lack the `ListSnapshots` extension.
+    async fn manager_with(&self, list_snapshots: bool) -> SqliteSnapshotManager {
         let agent = DirHostAgent::open(&self.root).await.unwrap();
+        let agent: Arc<dyn HostAgent> = if list_snapshots {
+            Arc::new(agent)
+        } else {
+            Arc::new(OlderAgent(agent))
+        };
         let transport = Arc::new(InProcessTransport::new());
-        transport.add_host(self.host, Arc::new(agent));
+        transport.add_host(self.host, agent);
         let manager = SqliteSnapshotManager::open(&self.db, transport, fast_options())
             .await
             .unwrap();
@@ -118,7 +128,15 @@ impl Scene {
     /// A fresh manager recovers; waits until the journal and the deletion
     /// queue are empty; checks the invariants; returns what `n` shows.
     async fn recover_and_check(&self, n: &str) -> (SqliteSnapshotManager, Option<Template>) {
-        let manager = self.manager().await;
+        self.recover_and_check_with(n, true).await
+    }
+
+    async fn recover_and_check_with(
+        &self,
+        n: &str,
+        list_snapshots: bool,
+    ) -> (SqliteSnapshotManager, Option<Template>) {
+        let manager = self.manager_with(list_snapshots).await;
         eventually("recovery and the worker finish", || async {
             manager.open_operations().await.unwrap().is_empty()
                 && manager.pending_deletions().await.unwrap().is_empty()
@@ -174,6 +192,26 @@ impl Scene {
     }
 }
 
+/// An agent from before the `ListSnapshots` extension: it answers
+/// Unimplemented (the trait's default).
+struct OlderAgent(DirHostAgent);
+
+#[async_trait::async_trait]
+impl HostAgent for OlderAgent {
+    async fn create_snapshot(
+        &self,
+        req: agent::CreateSnapshotRequest,
+    ) -> Result<agent::CreateSnapshotResponse, AgentError> {
+        self.0.create_snapshot(req).await
+    }
+    async fn delete_snapshot(&self, req: agent::DeleteSnapshotRequest) -> Result<(), AgentError> {
+        self.0.delete_snapshot(req).await
+    }
+    async fn list_sandboxes(&self) -> Result<agent::SandboxList, AgentError> {
+        self.0.list_sandboxes().await
+    }
+}
+
 fn snapshot_dir(root: &Path, id: TemplateId) -> PathBuf {
     root.join("snapshots").join(id.to_string())
 }
@@ -219,6 +257,35 @@ async fn create_killed_after_the_agent_answered_rolls_forward() {
         b"root"
     );
     assert_eq!(scene.sandbox_status(&manager).await, SandboxStatus::Paused);
+}
+
+/// With an agent that cannot list its snapshots, recovery cannot know the
+/// key exists: it takes the conservative path, rolls back and deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_killed_after_the_agent_answered_rolls_back_without_list_snapshots() {
+    let scene = Scene::new();
+    scene.crash("create", "c", "after-call").await;
+    let written: Vec<_> = std::fs::read_dir(scene.root.join("snapshots"))
+        .unwrap()
+        .collect();
+    assert_eq!(
+        written.len(),
+        1,
+        "the agent wrote the snapshot before the kill"
+    );
+    let (manager, shown) = scene.recover_and_check_with("c", false).await;
+    assert_eq!(shown, None);
+    assert!(
+        std::fs::read_dir(scene.root.join("snapshots"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "the key was deleted"
+    );
+    assert_ne!(
+        scene.sandbox_status(&manager).await,
+        SandboxStatus::Snapshotting
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

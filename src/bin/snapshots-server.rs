@@ -151,29 +151,14 @@ async fn serve(
     tracing::info!(%addr, data_dir = %data_dir.display(), "serving");
     // A line on stdout that scripts (and tests) wait for.
     println!("listening on {addr}");
-    sandbox_snapshots::http::serve(listener, ApiState::new(manager), shutdown_signal()).await?;
+    sandbox_snapshots::http::serve(
+        listener,
+        ApiState::new(manager),
+        sandbox_snapshots::shutdown_signal(),
+    )
+    .await?;
     tracing::info!("stopped; in-flight snapshots were recorded");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = interrupt => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutting down: finishing requests and snapshots in flight");
 }
 
 #[tokio::main]
