@@ -1002,7 +1002,10 @@ pub(crate) async fn delete_files(
             }
         }
     }
-    inner.wake.notify_one();
+    if !pending.is_empty() {
+        // The worker may be asleep past the retry time it must now keep.
+        inner.wake.notify_one();
+    }
     (confirmed, pending)
 }
 
