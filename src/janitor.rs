@@ -51,12 +51,19 @@ pub(crate) fn spawn(inner: Weak<Inner>) -> tokio::task::JoinHandle<()> {
             if strong.shutdown.is_cancelled() {
                 return;
             }
-            match tick(&strong).await {
-                Ok(report) if report != WorkReport::default() => {
+            // On a task of its own: an agent that panics (in-process agents
+            // are user code) costs one pass, not the worker.
+            let pass = {
+                let strong = strong.clone();
+                tokio::spawn(async move { tick(&strong).await })
+            };
+            match pass.await {
+                Ok(Ok(report)) if report != WorkReport::default() => {
                     tracing::debug!(?report, "background work done");
                 }
-                Ok(_) => {}
-                Err(err) => tracing::warn!(error = ?err, "background work failed; will retry"),
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => tracing::warn!(error = ?err, "background work failed; will retry"),
+                Err(join) => tracing::error!(error = %join, "background work panicked; will retry"),
             }
             let mut sleep = next_sleep(&strong).await;
             if let Some(options) = strong.options.orphan_sweep.clone() {
@@ -193,22 +200,22 @@ pub(crate) async fn tick(inner: &Arc<Inner>) -> Result<WorkReport> {
         }
     }
 
-    loop {
-        let now = Timestamp::now();
-        let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
-        let due = inner
-            .store
-            .write(move |c| sql::claim_due_deletions(c, now, lease, BATCH))
-            .await?;
-        if due.is_empty() {
-            break;
-        }
-        let claimed = due.len();
+    // One batch of deletions per pass, so that recovery and status
+    // resolution get their turn even while a large queue drains; the next
+    // pass follows at once when more is due.
+    let now = Timestamp::now();
+    let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
+    let due = inner
+        .store
+        .write(move |c| sql::claim_due_deletions(c, now, lease, BATCH))
+        .await?;
+    if !due.is_empty() {
+        let full = due.len() == BATCH as usize;
         let (confirmed, failed) = delete_files(inner, due).await;
         report.deletions_confirmed += confirmed.len();
         report.deletions_failed += failed.len();
-        if claimed < BATCH as usize {
-            break;
+        if full {
+            inner.wake.notify_one();
         }
     }
     Ok(report)
@@ -404,7 +411,7 @@ pub(crate) async fn sweep(inner: &Arc<Inner>, grace: Duration) -> Result<SweepRe
             let (host_id, size, now) = (host.id, snapshot.size_bytes, Timestamp::now());
             if inner
                 .store
-                .read(move |c| sql::key_is_owned(c, template, host_id))
+                .read(move |c| sql::key_is_owned(c, template))
                 .await?
             {
                 continue;

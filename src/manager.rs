@@ -557,7 +557,7 @@ fn log_failure(operation: &str, err: &Error) {
     if err.http_status() >= 500 {
         tracing::error!(operation, code = %err.code(), cause, "{}", err.message());
     } else {
-        tracing::info!(operation, code = %err.code(), cause, "{}", err.message());
+        tracing::debug!(operation, code = %err.code(), cause, "{}", err.message());
     }
 }
 
@@ -606,14 +606,33 @@ impl SnapshotManager for SqliteSnapshotManager {
     async fn get(&self, caller: &Caller, name: &TemplateName) -> Result<Template> {
         let team = caller.team();
         let name = name.clone();
-        self.inner
+        let result = self
+            .inner
             .store
             .read(move |c| sql::find_visible(c, team, &name))
-            .await?
-            .ok_or_else(|| Error::not_found("template not found"))
+            .await
+            .and_then(|t| t.ok_or_else(|| Error::not_found("template not found")));
+        if let Err(err) = &result {
+            log_failure("get", err);
+        }
+        result
     }
 
     async fn list(&self, caller: &Caller, query: ListQuery) -> Result<Page<Template>> {
+        let result = self.list_page(caller, query).await;
+        if let Err(err) = &result {
+            log_failure("list", err);
+        }
+        result
+    }
+
+    async fn delete(&self, caller: &Caller, name: &TemplateName) -> Result<Deleted> {
+        self.delete_template(caller, name).await
+    }
+}
+
+impl SqliteSnapshotManager {
+    async fn list_page(&self, caller: &Caller, query: ListQuery) -> Result<Page<Template>> {
         let limit = check_limit(query.limit)?;
         let after = query.cursor.as_deref().map(parse_list_cursor).transpose()?;
         let team = caller.team();
@@ -626,7 +645,7 @@ impl SnapshotManager for SqliteSnapshotManager {
         Ok(paginate(rows, limit, list_cursor, |t| t))
     }
 
-    async fn delete(&self, caller: &Caller, name: &TemplateName) -> Result<Deleted> {
+    async fn delete_template(&self, caller: &Caller, name: &TemplateName) -> Result<Deleted> {
         let span = tracing::info_span!("snapshot.delete", team = %caller.team(), name = %name);
         let result = async {
             let (committed_tx, committed_rx) = oneshot::channel();
@@ -847,7 +866,12 @@ async fn run_create(
     }
 }
 
+/// How long a create whose snapshot the host already holds keeps trying to
+/// record it before answering `db_error`.
+const FINISH_PATIENCE: Duration = Duration::from_secs(30);
+
 async fn finish_success(inner: &Arc<Inner>, op: &CreateOp, size_bytes: u64) -> Result<Template> {
+    let started = std::time::Instant::now();
     let mut attempt = 0u32;
     let done = loop {
         let now = Timestamp::now();
@@ -881,19 +905,37 @@ async fn finish_success(inner: &Arc<Inner>, op: &CreateOp, size_bytes: u64) -> R
                 return Err(err);
             }
             Ok(Finish::AlreadyResolved) => {
-                return Err(Error::conflict(
-                    "the snapshot operation was resolved elsewhere",
-                ));
+                // Someone else closed the entry (only possible after this
+                // task gave up once); report what it became.
+                let id = op.template_id;
+                return match inner
+                    .store
+                    .read(move |c| sql::get_ready_template(c, id))
+                    .await?
+                {
+                    Some(template) => Ok(template),
+                    None => Err(Error::conflict(
+                        "the snapshot was rolled back while it was being recorded",
+                    )),
+                };
             }
-            Err(err) if attempt < 3 => {
-                // The snapshot exists; losing it to a transient store error
-                // would leak it. Retry a few times, then leave the journal
-                // entry for the background worker.
+            Err(err) if started.elapsed() < FINISH_PATIENCE => {
+                // The host holds the snapshot: giving up now would tell the
+                // caller it failed and then let the worker roll it forward.
+                // Keep trying while the store recovers (a lock held by
+                // another process, a full disk being cleaned).
                 attempt += 1;
                 tracing::warn!(attempt, error = ?err, "recording a finished snapshot failed; retrying");
-                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                tokio::time::sleep(Duration::from_millis(50u64 << attempt.min(6))).await;
             }
-            Err(err) => return Err(err),
+            Err(err) => {
+                return Err(Error::new(
+                    ErrorCode::DbError,
+                    "the snapshot was taken but could not be recorded yet; it will appear once \
+                     the store recovers",
+                )
+                .with_source(err));
+            }
         }
     };
     tracing::info!(template = %done.template.id, size_bytes, "snapshot ready");
@@ -950,49 +992,37 @@ pub(crate) async fn delete_files(
         let inner = inner.clone();
         calls.spawn(async move {
             let result = delete_on_host(&inner, &target).await;
+            // Each answer is recorded as soon as it arrives, so a slow host
+            // does not hold back the others; answers arriving together
+            // share a commit through the writer's group commit.
+            let now = Timestamp::now();
+            let (t, retry) = (
+                target.clone(),
+                result.as_ref().err().map(|err| {
+                    let next = after(now, backoff(&inner.options, target.attempts));
+                    (err.to_string(), next)
+                }),
+            );
+            let recorded = inner
+                .store
+                .write(move |c| match &retry {
+                    None => sql::deletion_confirmed(c, &t),
+                    Some((text, next)) => sql::deletion_failed(c, &t, text, *next, now),
+                })
+                .await;
+            if let Err(db) = recorded {
+                tracing::error!(error = ?db, "recording a deletion result failed; it will be retried");
+            }
             (target, result)
         });
     }
-    let mut outcomes = Vec::new();
-    while let Some(joined) = calls.join_next().await {
-        // A call that panicked keeps its lease and is retried after it.
-        if let Ok(outcome) = joined {
-            outcomes.push(outcome);
-        }
-    }
-    // Every answer is recorded in one transaction: a delete across many
-    // hosts costs one commit, not one per host.
-    let now = Timestamp::now();
-    // Per target: confirmed, or the error and when to try again.
-    type Record = (Deletion, Option<(String, Timestamp)>);
-    let records: Vec<Record> = outcomes
-        .iter()
-        .map(|(target, result)| {
-            let retry = result.as_ref().err().map(|err| {
-                let next = after(now, backoff(&inner.options, target.attempts));
-                (err.to_string(), next)
-            });
-            (target.clone(), retry)
-        })
-        .collect();
-    let recorded = inner
-        .store
-        .write(move |c| {
-            for (target, retry) in &records {
-                match retry {
-                    None => sql::deletion_confirmed(c, target)?,
-                    Some((text, next)) => sql::deletion_failed(c, target, text, *next, now)?,
-                }
-            }
-            Ok::<_, Error>(())
-        })
-        .await;
-    if let Err(db) = recorded {
-        tracing::error!(error = ?db, "recording deletion results failed; they will be retried");
-    }
     let mut confirmed = Vec::new();
     let mut pending = Vec::new();
-    for (target, result) in outcomes {
+    while let Some(joined) = calls.join_next().await {
+        // A call that panicked keeps its lease and is retried after it.
+        let Ok((target, result)) = joined else {
+            continue;
+        };
         match result {
             Ok(()) => confirmed.push(target.host.id),
             Err(err) => {

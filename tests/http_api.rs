@@ -961,7 +961,34 @@ async fn platform_templates_cannot_be_deleted_on_the_team_endpoint_even_by_admin
 async fn bodies_must_be_json_objects() {
     let api = Api::start().await;
     let a = api.team().await;
-    for body in ["[]", "42", "\"text\"", "null", "{\"sandbox_id\": 7}"] {
+    // As in the reference, `null` and null members are empty, not malformed.
+    for body in ["null", "{\"sandbox_id\": null, \"name\": null}"] {
+        let response = api
+            .raw(Method::POST, "/v1/snapshots", Some(&a.key), Some(body))
+            .await;
+        assert_error(
+            (response.status(), response.json().await.unwrap()),
+            400,
+            "invalid_request",
+            Some("sandbox_id is required"),
+        );
+    }
+    // A path parameter that does not decode is a JSON 400 too.
+    for path in ["/v1/snapshots/%FF", "/v1/admin/sandboxes/%C3%28"] {
+        let key = if path.contains("admin") {
+            &api.admin
+        } else {
+            &a.key
+        };
+        let response = api.raw(Method::GET, path, Some(key), None).await;
+        assert_error(
+            (response.status(), response.json().await.unwrap()),
+            400,
+            "invalid_request",
+            None,
+        );
+    }
+    for body in ["[]", "42", "\"text\"", "{\"sandbox_id\": 7}"] {
         let response = api
             .raw(Method::POST, "/v1/snapshots", Some(&a.key), Some(body))
             .await;

@@ -227,3 +227,85 @@ async fn a_host_still_snapshotting_is_asked_again_later() {
     })
     .await;
 }
+
+/// The host holds the snapshot but the store is locked by another process
+/// when the create tries to record it: the create keeps trying and succeeds
+/// once the lock is gone, instead of telling the caller it failed and then
+/// letting the worker roll it forward.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_locked_while_recording_a_finished_snapshot_is_waited_out() {
+    let mut options = fast_options();
+    options.store.busy_timeout = Duration::from_millis(50);
+    let env = Env::with_options(options).await;
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+    let hold = Hold::new();
+    env.agent
+        .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
+    let create = {
+        let m = env.manager.clone();
+        tokio::spawn(async move {
+            m.create(&caller(team), NewSnapshot::new(sb, Some(name("w"))))
+                .await
+        })
+    };
+    hold.arrived(1).await;
+    let blocker = rusqlite::Connection::open(&env.db).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    hold.release();
+    // Longer than the few retries the create used to make before giving up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !create.is_finished(),
+        "still trying while the store is locked"
+    );
+    blocker.execute_batch("ROLLBACK").unwrap();
+    let t = create.await.unwrap().unwrap();
+    assert_eq!(env.manager.get(&caller(team), &name("w")).await.unwrap(), t);
+    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Paused);
+}
+
+/// An in-process agent that panics costs the background worker one pass,
+/// not its life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_survives_an_agent_that_panics() {
+    struct Panicky;
+    #[async_trait::async_trait]
+    impl HostAgent for Panicky {
+        async fn create_snapshot(
+            &self,
+            _: sandbox_snapshots::agent::CreateSnapshotRequest,
+        ) -> Result<sandbox_snapshots::agent::CreateSnapshotResponse, AgentError> {
+            panic!("agent bug")
+        }
+        async fn delete_snapshot(
+            &self,
+            _: sandbox_snapshots::agent::DeleteSnapshotRequest,
+        ) -> Result<(), AgentError> {
+            panic!("agent bug")
+        }
+        async fn list_sandboxes(
+            &self,
+        ) -> Result<sandbox_snapshots::agent::SandboxList, AgentError> {
+            panic!("agent bug")
+        }
+    }
+    let env = Env::new().await;
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+    env.agent.set_unavailable(true);
+    env.create(team, sb, "x").await.unwrap_err();
+    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Snapshotting);
+    // The worker now asks a host whose agent panics, over and over.
+    env.transport
+        .add_host(env.host, std::sync::Arc::new(Panicky));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Back to a working agent: the same worker resolves the sandbox.
+    env.agent.set_unavailable(false);
+    env.transport.add_host(env.host, env.agent.clone());
+    eventually(
+        "the worker is still alive and resolves the sandbox",
+        || async { env.sandbox_status(sb).await == SandboxStatus::Running },
+    )
+    .await;
+}

@@ -227,3 +227,52 @@ async fn pending_work_is_visible_and_survives_a_clean_shutdown() {
     );
     drop(dir);
 }
+
+/// One agent registered under two host ids (a host re-registered without
+/// its old id): the sweep through the second id must not take the live
+/// template's files, nor anything already queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_never_takes_keys_a_template_owns_on_another_host_record() {
+    let env = Env::new().await;
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+    let live = env.create(team, sb, "live").await.unwrap();
+    env.agent
+        .put_snapshot(&live.id.to_string(), 1, hours_ago(9));
+    // A queued key (a tombstone) is not an orphan either.
+    let queued = env.create(team, sb, "queued").await.unwrap();
+    env.agent.set_unavailable(true);
+    env.manager
+        .delete(&caller(team), &name("queued"))
+        .await
+        .unwrap();
+    env.agent.set_unavailable(false);
+    env.agent
+        .put_snapshot(&queued.id.to_string(), 1, hours_ago(9));
+
+    let alias = HostId::new();
+    env.transport.add_host(alias, env.agent.clone());
+    env.manager
+        .registry()
+        .register_host(alias, "in-process", HostStatus::Online)
+        .await
+        .unwrap();
+    let report = env.manager.sweep_orphans(Duration::ZERO).await.unwrap();
+    assert_eq!(report.hosts_swept, 2);
+    assert_eq!(report.orphans_queued, 0, "{report:?}");
+    drain(&env).await;
+    assert!(
+        env.agent.has_snapshot(&live.id.to_string()),
+        "the live files stay"
+    );
+    assert_eq!(
+        env.manager.get(&caller(team), &name("live")).await.unwrap(),
+        live
+    );
+    let audit = env
+        .manager
+        .audit_log(&platform_admin(), AuditQuery::new())
+        .await
+        .unwrap();
+    assert!(audit.items.is_empty(), "no sweep entries: {audit:?}");
+}

@@ -16,9 +16,9 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use sandbox_snapshots::http::{ApiKeys, ApiState};
 use sandbox_snapshots::{
-    AgentTransport, BearerToken, ConnectConfig, ConnectTransport, DirHostAgent, GrpcConfig,
-    GrpcTransport, HostId, HostStatus, InProcessTransport, ManagerOptions, SqliteSnapshotManager,
-    Store, StoreOptions, TeamId,
+    AgentTransport, ApiKeyId, BearerToken, ConnectConfig, ConnectTransport, DirHostAgent,
+    GrpcConfig, GrpcTransport, HostId, HostStatus, InProcessTransport, ManagerOptions,
+    SqliteSnapshotManager, Store, StoreOptions, TeamId,
 };
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -41,6 +41,32 @@ struct Cli {
         default_value = "data"
     )]
     data_dir: PathBuf,
+    /// Address to listen on (serve).
+    #[arg(
+        long,
+        global = true,
+        env = "SNAPSHOTS_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    listen: SocketAddr,
+    /// How to reach host agents (serve).
+    #[arg(
+        long,
+        global = true,
+        env = "SNAPSHOTS_AGENT",
+        value_enum,
+        default_value = "in-process"
+    )]
+    agent: AgentKind,
+    /// Bearer token sent to remote host agents (serve). Prefer the
+    /// environment variable: command lines are visible to other users.
+    #[arg(
+        long,
+        global = true,
+        env = "SNAPSHOTS_AGENT_TOKEN",
+        hide_env_values = true
+    )]
+    agent_token: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -58,22 +84,7 @@ enum AgentKind {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the API (the default).
-    Serve {
-        /// Address to listen on.
-        #[arg(long, env = "SNAPSHOTS_LISTEN", default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
-        /// How to reach host agents.
-        #[arg(
-            long,
-            env = "SNAPSHOTS_AGENT",
-            value_enum,
-            default_value = "in-process"
-        )]
-        agent: AgentKind,
-        /// Bearer token sent to remote host agents.
-        #[arg(long, env = "SNAPSHOTS_AGENT_TOKEN", hide_env_values = true)]
-        agent_token: Option<String>,
-    },
+    Serve,
     /// Create a team and print its first API key (shown once).
     CreateTeam {
         /// The team's name.
@@ -94,6 +105,12 @@ enum Command {
         /// A label for the key.
         #[arg(long, default_value = "admin")]
         name: String,
+    },
+    /// Revoke an API key: it stops working at once.
+    RevokeKey {
+        /// The key's id (`key-…`, printed when it was created).
+        #[arg(long)]
+        key: String,
     },
 }
 
@@ -171,21 +188,14 @@ async fn main() -> Result<(), Failure> {
         .init();
     let cli = Cli::parse();
     let data_dir = cli.data_dir;
-    match cli.command.unwrap_or(Command::Serve {
-        listen: "127.0.0.1:8080".parse()?,
-        agent: AgentKind::InProcess,
-        agent_token: None,
-    }) {
-        Command::Serve {
-            listen,
-            agent,
-            agent_token,
-        } => serve(&data_dir, listen, agent, agent_token).await,
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(&data_dir, cli.listen, cli.agent, cli.agent_token).await,
         Command::CreateTeam { name } => {
             let keys = keys(&data_dir).await?;
             let team = keys.create_team(&name).await?;
             let key = keys.create_key(team, "default", false).await?;
             println!("team_id={team}");
+            println!("key_id={}", key.id);
             println!("api_key={}", key.reveal());
             eprintln!("store the key now: it is not shown again");
             Ok(())
@@ -193,13 +203,21 @@ async fn main() -> Result<(), Failure> {
         Command::CreateKey { team, name } => {
             let keys = keys(&data_dir).await?;
             let key = keys.create_key(TeamId::parse(&team)?, &name, false).await?;
+            println!("key_id={}", key.id);
             println!("api_key={}", key.reveal());
             Ok(())
         }
         Command::CreateAdminKey { name } => {
             let keys = keys(&data_dir).await?;
             let key = keys.create_key(TeamId::PLATFORM, &name, true).await?;
+            println!("key_id={}", key.id);
             println!("api_key={}", key.reveal());
+            Ok(())
+        }
+        Command::RevokeKey { key } => {
+            let keys = keys(&data_dir).await?;
+            keys.revoke(ApiKeyId::parse(&key)?).await?;
+            println!("revoked {key}");
             Ok(())
         }
     }

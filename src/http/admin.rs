@@ -3,14 +3,14 @@
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiResult, ApiState, TemplateBody, json_body, parse_name};
+use super::{ApiResult, ApiState, PathParam, TemplateBody, json_body, parse_name};
 use crate::error::Error;
 use crate::ids::{HostId, SandboxId, TeamId};
 use crate::manager::{NewSnapshot, SnapshotManager};
@@ -88,7 +88,7 @@ struct NewKeyBody {
 
 async fn create_key(
     State(state): State<ApiState>,
-    Path(team_id): Path<String>,
+    PathParam(team_id): PathParam,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let team = parse_id(&team_id, "team_id", TeamId::parse)?;
@@ -169,7 +169,7 @@ struct HostPatch {
 
 async fn update_host(
     State(state): State<ApiState>,
-    Path(host_id): Path<String>,
+    PathParam(host_id): PathParam,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let id = parse_id(&host_id, "host_id", HostId::parse)?;
@@ -256,7 +256,7 @@ async fn register_sandbox(
 
 async fn get_sandbox(
     State(state): State<ApiState>,
-    Path(sandbox_id): Path<String>,
+    PathParam(sandbox_id): PathParam,
 ) -> ApiResult<Response> {
     let id = parse_id(&sandbox_id, "sandbox_id", SandboxId::parse)?;
     let sandbox = state
@@ -276,7 +276,7 @@ struct SandboxPatch {
 
 async fn update_sandbox(
     State(state): State<ApiState>,
-    Path(sandbox_id): Path<String>,
+    PathParam(sandbox_id): PathParam,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let id = parse_id(&sandbox_id, "sandbox_id", SandboxId::parse)?;
@@ -321,7 +321,7 @@ async fn create_platform_template(
 async fn delete_platform_template(
     State(state): State<ApiState>,
     axum::Extension(caller): axum::Extension<Caller>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
 ) -> ApiResult<StatusCode> {
     let name = parse_name(&name)?;
     state

@@ -86,10 +86,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        if status.is_server_error() {
-            let cause = std::error::Error::source(&self.0).map(ToString::to_string);
-            tracing::error!(code = %self.0.code(), cause, "{}", self.0.message());
-        }
+        // Not logged here: the manager logs each failed operation once, and
+        // the request log line carries the status.
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.0.code().as_str(),
@@ -203,12 +201,17 @@ pub(crate) fn json_body<T: for<'de> Deserialize<'de>>(
             Error::invalid_request("invalid JSON body")
         }
     })?;
-    // Bodies are JSON objects; an array or a scalar is not a request.
-    let value: serde_json::Value =
+    // Bodies are JSON objects; an array or a scalar is not a request. As
+    // in the reference (Go's decoder), `null` and null members are empty.
+    let mut value: serde_json::Value =
         serde_json::from_slice(&body).map_err(|_| Error::invalid_request("invalid JSON body"))?;
-    if !value.is_object() {
-        return Err(Error::invalid_request("invalid JSON body").into());
+    if value.is_null() {
+        value = serde_json::Value::Object(serde_json::Map::new());
     }
+    let Some(members) = value.as_object_mut() else {
+        return Err(Error::invalid_request("invalid JSON body").into());
+    };
+    members.retain(|_, v| !v.is_null());
     serde_json::from_value(value).map_err(|_| Error::invalid_request("invalid JSON body").into())
 }
 
@@ -217,6 +220,24 @@ pub(crate) fn json_body<T: for<'de> Deserialize<'de>>(
 /// (SPEC §3: "platform templates cannot be deleted here").
 fn as_member(caller: &Caller) -> Caller {
     Caller::new(caller.team(), caller.actor().clone())
+}
+
+/// A path parameter; an undecodable one (bad percent-encoding, invalid
+/// UTF-8) is a JSON 400 like every other bad input.
+pub(crate) struct PathParam(pub(crate) String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(Self(value)),
+            Err(_) => Err(Error::invalid_request("invalid path parameter").into()),
+        }
+    }
 }
 
 pub(crate) fn parse_name(raw: &str) -> ApiResult<TemplateName> {
@@ -299,7 +320,7 @@ async fn list_snapshots(
 async fn get_snapshot(
     State(state): State<ApiState>,
     axum::Extension(caller): axum::Extension<Caller>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
 ) -> ApiResult<Response> {
     let name = parse_name(&name)?;
     let template = state.manager.get(&caller, &name).await?;
@@ -309,7 +330,7 @@ async fn get_snapshot(
 async fn delete_snapshot(
     State(state): State<ApiState>,
     axum::Extension(caller): axum::Extension<Caller>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
 ) -> ApiResult<StatusCode> {
     let name = parse_name(&name)?;
     state.manager.delete(&as_member(&caller), &name).await?;

@@ -1136,6 +1136,9 @@ pub(crate) fn deletion_failed(
     Ok(())
 }
 
+/// Most deletions claimed for one host in one batch.
+const PER_HOST: u32 = 16;
+
 /// Takes up to `limit` due deletions (skipping hosts marked offline) and
 /// leases them until `lease_until` so nobody else tries them meanwhile.
 pub(crate) fn claim_due_deletions(
@@ -1144,15 +1147,19 @@ pub(crate) fn claim_due_deletions(
     lease_until: Timestamp,
     limit: u32,
 ) -> Result<Vec<Deletion>> {
+    // At most `PER_HOST` per host, so that one slow host cannot fill a
+    // batch that every other host then waits on.
     let mut stmt = conn.prepare_cached(
-        "SELECT p.template_id, p.team_id, p.host_id, h.address, p.attempts
+        "SELECT template_id, team_id, host_id, address, attempts FROM (
+             SELECT p.template_id, p.team_id, p.host_id, h.address, p.attempts, p.next_attempt,
+                    row_number() OVER (PARTITION BY p.host_id ORDER BY p.next_attempt) AS n
              FROM placements p JOIN hosts h ON h.id = p.host_id
              WHERE p.state = 'deleting' AND p.next_attempt <= ?1
-               AND coalesce(p.lease_until, 0) <= ?1 AND h.status <> 'offline'
-             ORDER BY p.next_attempt LIMIT ?2",
+               AND coalesce(p.lease_until, 0) <= ?1 AND h.status <> 'offline')
+         WHERE n <= ?3 ORDER BY next_attempt LIMIT ?2",
     )?;
     let due = stmt
-        .query_map(params![now.unix_millis(), limit], deletion_row)
+        .query_map(params![now.unix_millis(), limit, PER_HOST], deletion_row)
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())?;
     let mut lease = conn.prepare_cached(
         "UPDATE placements SET lease_until = ?3 WHERE template_id = ?1 AND host_id = ?2",
@@ -1171,7 +1178,7 @@ pub(crate) fn next_due(conn: &Connection) -> Result<Option<Timestamp>> {
                  FROM placements p JOIN hosts h ON h.id = p.host_id
                  WHERE p.state = 'deleting' AND h.status <> 'offline'
                  UNION ALL
-                 SELECT min(next_attempt) FROM operations WHERE phase = 'resolving')",
+                 SELECT min(next_attempt) FROM operations)",
         [],
         |r| r.get(0),
     )?;
@@ -1360,15 +1367,30 @@ pub(crate) fn list_open_operations(conn: &Connection) -> Result<Vec<OpenOperatio
 
 // ---------------------------------------------------------------- sweep
 
-/// Whether the key of `template` on `host` is accounted for: a placement
-/// (present, or queued for deletion) or an open operation on that host.
-pub(crate) fn key_is_owned(conn: &Connection, template: TemplateId, host: HostId) -> Result<bool> {
+/// Whether the key of `template` is accounted for anywhere: a template row
+/// in any state, a placement on any host (present, or queued for deletion),
+/// or an open operation. Deliberately not per host: one agent registered
+/// under two host ids, or shared by two records of the same host, must
+/// never lose a live template's files to the sweep. A stray copy of a live
+/// template on a host that does not record it is left alone until the
+/// template is purged, and swept after that.
+pub(crate) fn key_is_owned(conn: &Connection, template: TemplateId) -> Result<bool> {
     Ok(conn
         .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM placements WHERE template_id = ?1 AND host_id = ?2)
-                 OR EXISTS (SELECT 1 FROM operations WHERE template_id = ?1 AND host_id = ?2)",
+            "SELECT EXISTS (SELECT 1 FROM templates WHERE id = ?1)
+                 OR EXISTS (SELECT 1 FROM placements WHERE template_id = ?1)
+                 OR EXISTS (SELECT 1 FROM operations WHERE template_id = ?1)",
         )
-        .and_then(|mut s| s.query_row(params![template, host], |r| r.get(0)))?)
+        .and_then(|mut s| s.query_row(params![template], |r| r.get(0)))?)
+}
+
+/// A template by id, if it is ready.
+pub(crate) fn get_ready_template(conn: &Connection, id: TemplateId) -> Result<Option<Template>> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {TEMPLATE_COLS} FROM templates WHERE id = ?1 AND state = 'ready'"
+        ))
+        .and_then(|mut s| s.query_row([id], template_row).optional())?)
 }
 
 /// Queues an orphaned key for deletion and audits it as a system action,
@@ -1380,7 +1402,7 @@ pub(crate) fn queue_orphan(
     size_bytes: u64,
     now: Timestamp,
 ) -> Result<bool> {
-    if key_is_owned(conn, template, host)? {
+    if key_is_owned(conn, template)? {
         return Ok(false);
     }
     conn.prepare_cached(
