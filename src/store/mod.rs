@@ -294,6 +294,13 @@ fn exec(conn: &Connection, sql: &str) -> Result<(), StoreError> {
 }
 
 fn run_batch(conn: &Connection, batch: Vec<Job>) {
+    // A rollback that failed earlier would leave the connection inside a
+    // transaction and every later BEGIN failing: clear it first.
+    if !conn.is_autocommit()
+        && let Err(err) = exec(conn, "ROLLBACK")
+    {
+        tracing::error!(error = %err, "cannot leave a stale transaction");
+    }
     if let Err(err) = exec(conn, "BEGIN IMMEDIATE") {
         for job in batch {
             job(Err(err.clone()));
