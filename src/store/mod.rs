@@ -264,11 +264,12 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, max_batch: usize) {
     }
 }
 
-/// How long the writer keeps looking for the next job before it sleeps.
+/// How long the writer keeps looking for the next job before it sleeps
+/// (yielding the CPU between looks).
 /// Operations come in bursts of dependent writes (a create's two
 /// transactions, a delete's two); waking a sleeping thread costs tens of
 /// microseconds on small VMs, more than a whole commit without fsync.
-const WRITER_LINGER: Duration = Duration::from_micros(200);
+const WRITER_LINGER: Duration = Duration::from_micros(1000);
 
 fn next_job(jobs: &mpsc::Receiver<Job>) -> Option<Job> {
     let until = std::time::Instant::now() + WRITER_LINGER;
