@@ -1000,3 +1000,89 @@ async fn bodies_must_be_json_objects() {
         );
     }
 }
+
+/// Shutting the server down lets a snapshot in flight finish and record
+/// its result before `serve` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_lets_snapshots_in_flight_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Arc::new(MemoryHostAgent::new());
+    let transport = Arc::new(InProcessTransport::new());
+    let host = HostId::new();
+    transport.add_host(host, agent.clone());
+    let db = dir.path().join("s.db");
+    let manager = SqliteSnapshotManager::open(&db, transport, common::fast_options())
+        .await
+        .unwrap();
+    manager
+        .registry()
+        .register_host(host, "in-process", HostStatus::Online)
+        .await
+        .unwrap();
+    let state = ApiState::new(manager.clone());
+    let team = state.keys().create_team("t").await.unwrap();
+    let key = state
+        .keys()
+        .create_key(team, "k", false)
+        .await
+        .unwrap()
+        .reveal()
+        .to_owned();
+    let sb = SandboxId::new();
+    agent.add_sandbox(sb, "running", 1, 64);
+    manager
+        .registry()
+        .register_sandbox(Sandbox::new(
+            sb,
+            team,
+            Some(host),
+            SandboxStatus::Running,
+            1,
+            64,
+        ))
+        .await
+        .unwrap();
+    let hold = Hold::new();
+    agent.inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(sandbox_snapshots::http::serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    let request = tokio::spawn(
+        reqwest::Client::new()
+            .post(format!("{base}/v1/snapshots"))
+            .header("X-API-Key", key)
+            .body(json!({"sandbox_id": sb.to_string(), "name": "inflight"}).to_string())
+            .send(),
+    );
+    tokio::time::timeout(Duration::from_secs(10), hold.arrived(1))
+        .await
+        .unwrap();
+    let _ = stop.send(());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !server.is_finished(),
+        "serve waits for the snapshot in flight"
+    );
+    hold.release();
+    let response = request.await.unwrap().unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::CREATED,
+        "the request in flight is answered"
+    );
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    drop(manager);
+    // The result is in the file.
+    assert_eq!(
+        common::count(&db, "SELECT count(*) FROM templates WHERE state = 'ready'"),
+        1
+    );
+}
