@@ -29,7 +29,8 @@ struct Api {
     agent: Arc<MemoryHostAgent>,
     host: HostId,
     admin: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct Team {
@@ -71,7 +72,7 @@ impl Api {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = state.clone();
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             sandbox_snapshots::http::serve(listener, serving, async {
                 let _ = stopped.await;
             })
@@ -88,8 +89,22 @@ impl Api {
             agent,
             host,
             admin,
-            _stop: stop,
+            stop: Some(stop),
+            server: Some(server),
         }
+    }
+
+    /// A platform base template (no files needed for what these tests do).
+    async fn platform_base(&self, name: &str) {
+        self.manager
+            .registry()
+            .register_template(NewTemplate::new(
+                TeamId::PLATFORM,
+                TemplateName::parse(name).unwrap(),
+                TemplateType::Base,
+            ))
+            .await
+            .unwrap();
     }
 
     async fn team(&self) -> Team {
@@ -361,15 +376,7 @@ async fn list_and_get_rows_with_platform_templates_and_filters() {
     let api = Api::start().await;
     let a = api.team().await;
     let sb = api.sandbox(&a, SandboxStatus::Running).await;
-    api.manager
-        .registry()
-        .register_template(NewTemplate::new(
-            TeamId::PLATFORM,
-            TemplateName::parse("base-image").unwrap(),
-            TemplateType::Base,
-        ))
-        .await
-        .unwrap();
+    api.platform_base("base-image").await;
     api.create(&a, sb, "mine").await;
 
     let (status, body) = api
@@ -501,15 +508,7 @@ async fn delete_rows_and_the_audit_log() {
     let api = Api::start().await;
     let a = api.team().await;
     let sb = api.sandbox(&a, SandboxStatus::Running).await;
-    api.manager
-        .registry()
-        .register_template(NewTemplate::new(
-            TeamId::PLATFORM,
-            TemplateName::parse("platform-one").unwrap(),
-            TemplateType::Base,
-        ))
-        .await
-        .unwrap();
+    api.platform_base("platform-one").await;
     api.create(&a, sb, "doomed").await;
 
     assert_error(
@@ -925,15 +924,7 @@ async fn a_client_disconnecting_mid_snapshot_does_not_abort_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn platform_templates_cannot_be_deleted_on_the_team_endpoint_even_by_admins() {
     let api = Api::start().await;
-    api.manager
-        .registry()
-        .register_template(NewTemplate::new(
-            TeamId::PLATFORM,
-            TemplateName::parse("shared").unwrap(),
-            TemplateType::Base,
-        ))
-        .await
-        .unwrap();
+    api.platform_base("shared").await;
     assert_error(
         api.send(
             Method::DELETE,
@@ -1005,63 +996,24 @@ async fn bodies_must_be_json_objects() {
 /// its result before `serve` returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_lets_snapshots_in_flight_finish() {
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Arc::new(MemoryHostAgent::new());
-    let transport = Arc::new(InProcessTransport::new());
-    let host = HostId::new();
-    transport.add_host(host, agent.clone());
-    let db = dir.path().join("s.db");
-    let manager = SqliteSnapshotManager::open(&db, transport, common::fast_options())
-        .await
-        .unwrap();
-    manager
-        .registry()
-        .register_host(host, "in-process", HostStatus::Online)
-        .await
-        .unwrap();
-    let state = ApiState::new(manager.clone());
-    let team = state.keys().create_team("t").await.unwrap();
-    let key = state
-        .keys()
-        .create_key(team, "k", false)
-        .await
-        .unwrap()
-        .reveal()
-        .to_owned();
-    let sb = SandboxId::new();
-    agent.add_sandbox(sb, "running", 1, 64);
-    manager
-        .registry()
-        .register_sandbox(Sandbox::new(
-            sb,
-            team,
-            Some(host),
-            SandboxStatus::Running,
-            1,
-            64,
-        ))
-        .await
-        .unwrap();
+    let mut api = Api::start().await;
+    let a = api.team().await;
+    let sb = api.sandbox(&a, SandboxStatus::Running).await;
     let hold = Hold::new();
-    agent.inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(sandbox_snapshots::http::serve(listener, state, async {
-        let _ = stopped.await;
-    }));
+    api.agent
+        .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
     let request = tokio::spawn(
         reqwest::Client::new()
-            .post(format!("{base}/v1/snapshots"))
-            .header("X-API-Key", key)
+            .post(format!("{}/v1/snapshots", api.base))
+            .header("X-API-Key", a.key.clone())
             .body(json!({"sandbox_id": sb.to_string(), "name": "inflight"}).to_string())
             .send(),
     );
     tokio::time::timeout(Duration::from_secs(10), hold.arrived(1))
         .await
         .unwrap();
-    let _ = stop.send(());
+    let _ = api.stop.take().unwrap().send(());
+    let server = api.server.take().unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         !server.is_finished(),
@@ -1077,12 +1029,13 @@ async fn graceful_shutdown_lets_snapshots_in_flight_finish() {
     tokio::time::timeout(Duration::from_secs(10), server)
         .await
         .unwrap()
-        .unwrap()
         .unwrap();
-    drop(manager);
     // The result is in the file.
     assert_eq!(
-        common::count(&db, "SELECT count(*) FROM templates WHERE state = 'ready'"),
+        common::count(
+            &api.db,
+            "SELECT count(*) FROM templates WHERE state = 'ready'"
+        ),
         1
     );
 }
