@@ -110,7 +110,7 @@ impl ConnectTransport {
 impl AgentTransport for ConnectTransport {
     fn agent(&self, host: &HostTarget) -> Result<Arc<dyn HostAgent>, AgentError> {
         if host.address.is_empty() {
-            return Err(AgentError::unavailable(format!(
+            return Err(AgentError::not_sent(format!(
                 "host {} has no address",
                 host.id
             )));
@@ -121,7 +121,7 @@ impl AgentTransport for ConnectTransport {
             format!("http://{}", host.address)
         };
         if !base.starts_with("http://") {
-            return Err(AgentError::unavailable(format!(
+            return Err(AgentError::not_sent(format!(
                 "host {}: the Connect transport speaks plain http only",
                 host.id
             )));
@@ -156,7 +156,7 @@ fn error_from_http_status(status: http::StatusCode) -> AgentError {
         401 => AgentError::rejected(AgentCode::Unauthenticated, message),
         403 => AgentError::rejected(AgentCode::PermissionDenied, message),
         404 => AgentError::rejected(AgentCode::Unimplemented, message),
-        429 | 502 | 503 | 504 => AgentError::Unavailable { message },
+        429 | 502 | 503 | 504 => AgentError::unavailable(message),
         _ => AgentError::rejected(AgentCode::Unknown, message),
     }
 }
@@ -178,11 +178,11 @@ impl ConnectAgent {
         }
         let request = builder
             .body(Full::new(Bytes::from(message.encode_to_vec())))
-            .map_err(|e| AgentError::unavailable(format!("bad agent address {uri}: {e}")))?;
+            .map_err(|e| AgentError::not_sent(format!("bad agent address {uri}: {e}")))?;
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
                 if e.is_connect() {
-                    AgentError::unavailable(format!("cannot connect to {}: {e}", self.base))
+                    AgentError::not_sent(format!("cannot connect to {}: {e}", self.base))
                 } else {
                     AgentError::unavailable(format!("connection to {} failed: {e}", self.base))
                 }

@@ -179,13 +179,13 @@ impl GrpcTransport {
             return Ok(channel.clone());
         }
         if host.address.is_empty() {
-            return Err(AgentError::unavailable(format!(
+            return Err(AgentError::not_sent(format!(
                 "host {} has no address",
                 host.id
             )));
         }
         let bad = |e: tonic::transport::Error| {
-            AgentError::unavailable(format!("bad agent address for host {}: {e}", host.id))
+            AgentError::not_sent(format!("bad agent address for host {}: {e}", host.id))
         };
         let mut endpoint = Endpoint::from_shared(self.uri(&host.address))
             .map_err(bad)?

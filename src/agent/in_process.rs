@@ -83,7 +83,7 @@ impl Routed {
             .get(&self.host)
             .cloned()
             .ok_or_else(|| {
-                AgentError::unavailable(format!("no in-process agent for {}", self.host))
+                AgentError::not_sent(format!("no in-process agent for {}", self.host))
             })
     }
 }

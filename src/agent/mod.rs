@@ -97,11 +97,18 @@ impl fmt::Display for AgentCode {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AgentError {
-    /// The agent could not be reached; retry later.
+    /// The agent could not be reached, or the connection failed during
+    /// the call; retry later.
     #[error("host agent unavailable: {message}")]
     Unavailable {
         /// What went wrong (for logs).
         message: String,
+        /// The request provably never reached the agent: the connection
+        /// was refused, the name did not resolve, the TLS handshake failed,
+        /// the host has no address. Such a failure is definite — the agent
+        /// did nothing. `false` when the request may have been delivered
+        /// (a connection lost mid-call, an agent answering "unavailable").
+        not_sent: bool,
     },
     /// No answer within the deadline; the call may or may not have happened.
     #[error("host agent call timed out")]
@@ -131,11 +138,28 @@ impl AgentError {
         }
     }
 
-    /// An [`AgentError::Unavailable`].
+    /// An [`AgentError::Unavailable`] where the request may have been
+    /// delivered.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::Unavailable {
             message: message.into(),
+            not_sent: false,
         }
+    }
+
+    /// An [`AgentError::Unavailable`] for a request that provably never
+    /// reached the agent (refused, DNS, TLS handshake, no address).
+    pub fn not_sent(message: impl Into<String>) -> Self {
+        Self::Unavailable {
+            message: message.into(),
+            not_sent: true,
+        }
+    }
+
+    /// Whether the request provably never reached the agent, so the agent
+    /// did nothing (see [`AgentError::Unavailable`]).
+    pub fn is_not_sent(&self) -> bool {
+        matches!(self, Self::Unavailable { not_sent: true, .. })
     }
 
     /// The agent's code, when it answered with one.

@@ -276,7 +276,7 @@ impl AgentCode {
 /// A Connect error code and message, as an [`AgentError`].
 pub(crate) fn connect_code_to_error(code: &str, message: String) -> AgentError {
     match code {
-        "unavailable" => AgentError::Unavailable { message },
+        "unavailable" => AgentError::unavailable(message),
         "deadline_exceeded" => AgentError::Timeout,
         other => AgentError::Rejected {
             code: AgentCode::from_connect(other),
@@ -290,7 +290,7 @@ pub(crate) fn status_to_error(status: tonic::Status) -> AgentError {
     use tonic::Code;
     let message = status.message().to_owned();
     let code = match status.code() {
-        Code::Unavailable => return AgentError::Unavailable { message },
+        Code::Unavailable => return AgentError::unavailable(message),
         Code::DeadlineExceeded => return AgentError::Timeout,
         Code::Ok => return protocol("error status with code OK"),
         // Our calls always carry a deadline and are never cancelled
@@ -317,7 +317,7 @@ pub(crate) fn status_to_error(status: tonic::Status) -> AgentError {
 /// The one conversion from [`AgentError`] to `tonic::Status` (server side).
 pub(crate) fn error_to_status(err: AgentError) -> tonic::Status {
     match err {
-        AgentError::Unavailable { message } => tonic::Status::unavailable(message),
+        AgentError::Unavailable { message, .. } => tonic::Status::unavailable(message),
         AgentError::Timeout => tonic::Status::deadline_exceeded("host agent call timed out"),
         AgentError::Rejected { code, message } => tonic::Status::new(code.to_grpc(), message),
         AgentError::Protocol { message } => tonic::Status::internal(message),

@@ -108,7 +108,7 @@ fn error(code: &str, message: &str) -> Response<Full<Bytes>> {
 
 fn agent_error(err: AgentError) -> Response<Full<Bytes>> {
     match err {
-        AgentError::Unavailable { message } => error("unavailable", &message),
+        AgentError::Unavailable { message, .. } => error("unavailable", &message),
         AgentError::Timeout => error("deadline_exceeded", "timed out"),
         AgentError::Rejected { code, message } => error(code.as_str(), &message),
         AgentError::Protocol { message } => error("internal", &message),
