@@ -166,3 +166,14 @@ CREATE TABLE api_keys (
 ) STRICT;
 
 CREATE INDEX api_keys_by_team ON api_keys (team_id);
+
+-- migration: 3
+
+-- Every journal entry has an id of its own (`op-…`), by which operators
+-- list and resolve it; entries written before this migration get one here.
+-- `next_attempt` of a 'started' entry is now the end of its driver's lease:
+-- the worker leaves it alone until then (a create in flight is not due),
+-- and a manager voids the leases when it opens the file.
+ALTER TABLE operations ADD COLUMN id BLOB CHECK (id IS NULL OR length(id) = 16);
+UPDATE operations SET id = randomblob(16) WHERE id IS NULL;
+CREATE UNIQUE INDEX operations_by_id ON operations (id);

@@ -32,6 +32,10 @@ pub mod actions {
     pub const SNAPSHOT_CREATE: &str = "snapshot.create";
     /// A template was deleted.
     pub const SNAPSHOT_DELETE: &str = "snapshot.delete";
+    /// An open operation was resolved without its host's answer: its
+    /// `resolve_deadline` passed (actor `system`), or an operator resolved
+    /// it. In the operation's team's log.
+    pub const OPERATION_RESOLVE: &str = "operation.resolve";
     /// The orphan sweep queued a key no template owns for deletion (a
     /// system action, in the platform team's log).
     pub const ORPHAN_SWEEP: &str = "snapshot.orphan_sweep";

@@ -146,8 +146,9 @@ impl Error {
     }
 
     /// Maps a failed `CreateSnapshot` call to what the caller sees (SPEC §3):
-    /// NotFound / InvalidArgument / FailedPrecondition keep their meaning,
-    /// anything else is a generic agent error. The agent's own text stays in
+    /// NotFound / InvalidArgument / FailedPrecondition keep their meaning, a
+    /// request that never reached the agent is `host_unavailable`, anything
+    /// else is a generic agent error. The agent's own text stays in
     /// the source.
     pub(crate) fn from_create_failure(err: AgentError) -> Self {
         let (code, message) = match &err {
@@ -172,6 +173,12 @@ impl Error {
             AgentError::Timeout => (
                 ErrorCode::AgentError,
                 "the host agent did not finish the snapshot in time",
+            ),
+            // The request never reached the agent: nothing happened on the
+            // host, and trying again later may work.
+            AgentError::Unavailable { not_sent: true, .. } => (
+                ErrorCode::HostUnavailable,
+                "the sandbox's host agent cannot be reached",
             ),
             _ => (
                 ErrorCode::AgentError,

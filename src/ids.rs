@@ -184,6 +184,13 @@ prefixed_id!(
     "key-"
 );
 prefixed_id!(
+    /// An operation id, `op-…`: one multi-step operation in the journal
+    /// (a create in flight, or one waiting to be resolved).
+    OperationId,
+    "op-"
+);
+
+prefixed_id!(
     /// An audit log entry id, `log-…`.
     AuditLogId,
     "log-"

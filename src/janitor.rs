@@ -1,22 +1,34 @@
 //! The background worker: finishes or rolls back creates nobody is driving
 //! any more (after a crash: its first pass is the start-up recovery),
-//! resolves sandboxes whose status after a failure is still unknown, and
-//! retries queued file deletions with backoff.
+//! resolves sandboxes whose status after a failure is still unknown (or,
+//! past `resolve_deadline`, without their host), and retries queued file
+//! deletions with backoff.
+//!
+//! Each pass only reads what is due and hands each host's share to a task
+//! of its own, so a slow or hanging host delays only its own work. The
+//! worker never spins: a pass that finds work due but can start none of it
+//! backs off in memory, as does an operation the store refuses to settle.
 //!
 //! Every step is safe to run twice or concurrently: each transaction
 //! applies only while the journal entry is still in the phase it read.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::{Arc, Weak};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::agent::{AgentCode, AgentError, HostTarget, SandboxList, SnapshotInfo, SnapshotKey};
 use crate::error::Result;
-use crate::ids::HostId;
-use crate::manager::{Inner, after, backoff, delete_files, reported_status};
-use crate::model::{HostStatus, SandboxStatus, Timestamp};
-use crate::store::sql::{self, CreateOp, Finish, SandboxOutcome};
+use crate::ids::{HostId, OperationId};
+use crate::manager::{
+    Inner, ManagerOptions, after, backoff, delete_files, lock_unpoisoned, reported_status,
+};
+use crate::model::{Actor, HostStatus, SandboxStatus, Timestamp};
+use crate::store::sql::{self, CreateOp, Deletion, Finish, ResolveReason, SandboxOutcome};
 
 /// Most deletions claimed per round.
 const BATCH: u32 = 64;
@@ -35,8 +47,80 @@ pub struct WorkReport {
     pub rolled_back: usize,
     /// Sandboxes whose status was settled from their host.
     pub statuses_resolved: usize,
+    /// Operations resolved without their host's answer because
+    /// `resolve_deadline` passed (the sandbox became `error`).
+    pub resolved_by_deadline: usize,
     /// Journal entries that could not be settled yet (host unreachable).
     pub postponed: usize,
+}
+
+impl WorkReport {
+    fn add(&mut self, other: &WorkReport) {
+        self.deletions_confirmed += other.deletions_confirmed;
+        self.deletions_failed += other.deletions_failed;
+        self.rolled_forward += other.rolled_forward;
+        self.rolled_back += other.rolled_back;
+        self.statuses_resolved += other.statuses_resolved;
+        self.resolved_by_deadline += other.resolved_by_deadline;
+        self.postponed += other.postponed;
+    }
+}
+
+/// What the worker keeps in memory: which hosts have work in hand (each
+/// host's work runs on a task of its own, so that a slow host delays only
+/// itself), backoff for operations the store would not let it settle, and
+/// counters.
+#[derive(Default)]
+pub(crate) struct WorkerState {
+    busy_hosts: Mutex<HashSet<HostId>>,
+    /// Per operation: failed tries, and not before when to try again.
+    held_back: Mutex<HashMap<OperationId, (u32, Instant)>>,
+    pub(crate) passes: AtomicU64,
+    sweeping: AtomicBool,
+}
+
+impl WorkerState {
+    fn held_back(&self, id: OperationId) -> bool {
+        lock_unpoisoned(&self.held_back)
+            .get(&id)
+            .is_some_and(|(_, until)| Instant::now() < *until)
+    }
+
+    /// The store refused to record what happened to `id`: try it again
+    /// only after a backoff, kept here since the store cannot keep it.
+    fn hold_back(&self, options: &ManagerOptions, id: OperationId) {
+        let mut held = lock_unpoisoned(&self.held_back);
+        let entry = held.entry(id).or_insert((0, Instant::now()));
+        entry.1 = Instant::now() + backoff(options, entry.0);
+        entry.0 = entry.0.saturating_add(1);
+    }
+
+    fn settled(&self, id: OperationId) {
+        lock_unpoisoned(&self.held_back).remove(&id);
+    }
+}
+
+/// Marks a host busy while its task runs; unmarks it however the task ends.
+struct BusyHost {
+    inner: Arc<Inner>,
+    host: HostId,
+}
+
+impl BusyHost {
+    fn take(inner: &Arc<Inner>, host: HostId) -> Option<Self> {
+        lock_unpoisoned(&inner.worker.busy_hosts)
+            .insert(host)
+            .then(|| Self {
+                inner: inner.clone(),
+                host,
+            })
+    }
+}
+
+impl Drop for BusyHost {
+    fn drop(&mut self) {
+        lock_unpoisoned(&self.inner.worker.busy_hosts).remove(&self.host);
+    }
 }
 
 /// Starts the worker. It holds only a weak reference, so dropping every
@@ -44,6 +128,9 @@ pub struct WorkReport {
 /// start-up recovery.
 pub(crate) fn spawn(inner: Weak<Inner>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // Consecutive passes that found work due but could start none of
+        // it (it is in hand, held back, or the store fails): they back off.
+        let mut idle = 0u32;
         loop {
             let Some(strong) = inner.upgrade() else {
                 return;
@@ -55,25 +142,42 @@ pub(crate) fn spawn(inner: Weak<Inner>) -> tokio::task::JoinHandle<()> {
             // are user code) costs one pass, not the worker.
             let pass = {
                 let strong = strong.clone();
-                tokio::spawn(async move { tick(&strong).await })
+                tokio::spawn(async move { dispatch(&strong, false).await })
             };
-            match pass.await {
-                Ok(Ok(report)) if report != WorkReport::default() => {
-                    tracing::debug!(?report, "background work done");
+            let started = match pass.await {
+                Ok(Ok(started)) => started.hosts,
+                Ok(Err(err)) => {
+                    tracing::warn!(error = ?err, "background work failed; will retry");
+                    0
                 }
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => tracing::warn!(error = ?err, "background work failed; will retry"),
-                Err(join) => tracing::error!(error = %join, "background work panicked; will retry"),
-            }
-            let mut sleep = next_sleep(&strong).await;
+                Err(join) => {
+                    tracing::error!(error = %join, "background work panicked; will retry");
+                    0
+                }
+            };
+            let mut sleep = match next_sleep(&strong).await {
+                Some(wait) if wait.is_zero() && started > 0 => {
+                    idle = 0;
+                    wait
+                }
+                Some(wait) if wait.is_zero() => {
+                    idle = idle.saturating_add(1);
+                    idle_backoff(&strong.options, idle)
+                }
+                Some(wait) => {
+                    idle = 0;
+                    wait
+                }
+                None => {
+                    idle = idle.saturating_add(1);
+                    idle_backoff(&strong.options, idle)
+                }
+            };
             if let Some(options) = strong.options.orphan_sweep.clone() {
                 match strong.sweep_due(options.interval) {
                     Some(wait) => sleep = sleep.min(wait),
                     None => {
-                        match sweep(&strong, options.grace).await {
-                            Ok(report) => tracing::debug!(?report, "orphan sweep done"),
-                            Err(err) => tracing::warn!(error = ?err, "orphan sweep failed"),
-                        }
+                        spawn_sweep(&strong, options.grace);
                         sleep = sleep.min(options.interval);
                     }
                 }
@@ -90,19 +194,41 @@ pub(crate) fn spawn(inner: Weak<Inner>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-async fn next_sleep(inner: &Inner) -> Duration {
+/// The sweep runs on a task of its own (one at a time): it asks every host
+/// in turn, and a hanging one must not hold up the worker.
+fn spawn_sweep(inner: &Arc<Inner>, grace: Duration) {
+    if inner.worker.sweeping.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let inner2 = inner.clone();
+    inner.tasks_spawn(async move {
+        match sweep(&inner2, grace).await {
+            Ok(report) => tracing::debug!(?report, "orphan sweep done"),
+            Err(err) => tracing::warn!(error = ?err, "orphan sweep failed"),
+        }
+        inner2.worker.sweeping.store(false, Ordering::SeqCst);
+    });
+}
+
+fn idle_backoff(options: &ManagerOptions, idle: u32) -> Duration {
+    backoff(options, idle.saturating_sub(1)).min(options.janitor_interval)
+}
+
+/// How long until queued work is due (zero: due now), at most the
+/// janitor interval; `None` when the store cannot say.
+async fn next_sleep(inner: &Inner) -> Option<Duration> {
     let max = inner.options.janitor_interval;
     match inner.store.read(sql::next_due).await {
         Ok(Some(at)) => {
             let wait = at
                 .unix_millis()
                 .saturating_sub(Timestamp::now().unix_millis());
-            Duration::from_millis(u64::try_from(wait).unwrap_or(0)).min(max)
+            Some(Duration::from_millis(u64::try_from(wait).unwrap_or(0)).min(max))
         }
-        Ok(None) => max,
+        Ok(None) => Some(max),
         Err(err) => {
             tracing::warn!(error = ?err, "cannot read the work queue");
-            max
+            None
         }
     }
 }
@@ -170,55 +296,198 @@ impl HostViews {
     }
 }
 
-/// One pass over everything due now.
-pub(crate) async fn tick(inner: &Arc<Inner>) -> Result<WorkReport> {
-    let mut report = WorkReport::default();
-    let mut views = HostViews::default();
-    let now = Timestamp::now();
+/// One host's share of a pass.
+struct HostWork {
+    started: Vec<CreateOp>,
+    resolving: Vec<CreateOp>,
+    deletions: Vec<Deletion>,
+}
 
+/// What a pass started.
+pub(crate) struct Dispatched {
+    /// Hosts whose work was started.
+    hosts: usize,
+    /// What that work did (when the pass waited for it).
+    report: WorkReport,
+}
+
+/// One pass: reads what is due, and starts each host's share on a task of
+/// its own — unless that host's earlier work is still in hand. With
+/// `wait`, waits for the tasks and reports what they did.
+async fn dispatch(inner: &Arc<Inner>, wait: bool) -> Result<Dispatched> {
+    inner.worker.passes.fetch_add(1, Ordering::Relaxed);
+    let now = Timestamp::now();
     let started = inner
         .store
         .read(move |c| sql::open_operations(c, "started", Some(now)))
         .await?;
-    for op in started {
-        // A create driven by a task of this process is not interrupted.
-        if inner.is_in_flight(op.template_id) {
-            continue;
-        }
-        if let Err(err) = resolve_interrupted(inner, &op, &mut views, &mut report).await {
-            tracing::warn!(template = %op.template_id, error = ?err, "cannot resolve an interrupted snapshot yet");
-        }
-    }
-
     let resolving = inner
         .store
         .read(move |c| sql::open_operations(c, "resolving", Some(now)))
         .await?;
-    for op in resolving {
-        if let Err(err) = resolve_status(inner, &op, &mut views, &mut report).await {
-            tracing::warn!(sandbox = %op.sandbox_id, error = ?err, "cannot resolve a sandbox status yet");
+    let busy: Vec<HostId> = lock_unpoisoned(&inner.worker.busy_hosts)
+        .iter()
+        .copied()
+        .collect();
+    let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
+    let claimed = inner
+        .store
+        .write(move |c| sql::claim_due_deletions(c, now, lease, BATCH, &busy))
+        .await;
+    let deletions = match claimed {
+        Ok(due) => due,
+        Err(err) => {
+            // The store may still let operations settle; deletions wait.
+            tracing::warn!(error = ?err, "cannot claim due deletions");
+            Vec::new()
         }
+    };
+    if deletions.len() == BATCH as usize {
+        // More is due: the next pass follows at once.
+        inner.wake.notify_one();
     }
 
-    // One batch of deletions per pass, so that recovery and status
-    // resolution get their turn even while a large queue drains; the next
-    // pass follows at once when more is due.
-    let now = Timestamp::now();
-    let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
-    let due = inner
-        .store
-        .write(move |c| sql::claim_due_deletions(c, now, lease, BATCH))
-        .await?;
-    if !due.is_empty() {
-        let full = due.len() == BATCH as usize;
-        let (confirmed, failed) = delete_files(inner, due).await;
-        report.deletions_confirmed += confirmed.len();
-        report.deletions_failed += failed.len();
-        if full {
-            inner.wake.notify_one();
+    let mut hosts: HashMap<HostId, HostWork> = HashMap::new();
+    fn work(hosts: &mut HashMap<HostId, HostWork>, host: HostId) -> &mut HostWork {
+        hosts.entry(host).or_insert_with(|| HostWork {
+            started: Vec::new(),
+            resolving: Vec::new(),
+            deletions: Vec::new(),
+        })
+    }
+    let wanted = |op: &CreateOp| {
+        // A create driven by a task of this process is not interrupted.
+        !inner.is_in_flight(op.template_id) && !inner.worker.held_back(op.id)
+    };
+    for op in started.into_iter().filter(wanted) {
+        work(&mut hosts, op.host.id).started.push(op);
+    }
+    for op in resolving.into_iter().filter(wanted) {
+        work(&mut hosts, op.host.id).resolving.push(op);
+    }
+    for d in deletions {
+        work(&mut hosts, d.host.id).deletions.push(d);
+    }
+
+    let mut tasks = JoinSet::new();
+    let mut count = 0;
+    for (host, work) in hosts {
+        let Some(busy) = BusyHost::take(inner, host) else {
+            // Its earlier work is in hand; deletions claimed anyway (in a
+            // race with that task) are leased, so run them beside it.
+            if !work.deletions.is_empty() {
+                let inner = inner.clone();
+                inner.clone().tasks_spawn(async move {
+                    delete_files(&inner, work.deletions).await;
+                });
+            }
+            continue;
+        };
+        count += 1;
+        let inner2 = inner.clone();
+        let task = async move {
+            let report = host_work(&inner2, work).await;
+            drop(busy);
+            if report != WorkReport::default() {
+                // What is left of this host's work may be due now.
+                inner2.wake.notify_one();
+            }
+            report
+        };
+        if wait {
+            tasks.spawn(task);
+        } else {
+            inner.tasks_spawn(async move {
+                let report = task.await;
+                if report != WorkReport::default() {
+                    tracing::debug!(?report, "background work done");
+                }
+            });
         }
     }
-    Ok(report)
+    let mut report = WorkReport::default();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(r) => report.add(&r),
+            Err(join) => tracing::error!(error = %join, "background work panicked; will retry"),
+        }
+    }
+    Ok(Dispatched {
+        hosts: count,
+        report,
+    })
+}
+
+/// Runs the background work that is due now, once, and waits for it.
+pub(crate) async fn tick(inner: &Arc<Inner>) -> Result<WorkReport> {
+    dispatch(inner, true).await.map(|d| d.report)
+}
+
+/// One host's operations and deletions, each bounded by its own timeouts.
+async fn host_work(inner: &Arc<Inner>, work: HostWork) -> WorkReport {
+    let mut report = WorkReport::default();
+    let mut views = HostViews::default();
+    for op in &work.started {
+        let result = resolve_interrupted(inner, op, &mut views, &mut report).await;
+        settle(
+            inner,
+            op,
+            result,
+            "cannot resolve an interrupted snapshot yet",
+        );
+    }
+    for op in &work.resolving {
+        let result = resolve_status(inner, op, &mut views, &mut report).await;
+        settle(inner, op, result, "cannot resolve a sandbox status yet");
+    }
+    if !work.deletions.is_empty() {
+        let (confirmed, failed) = delete_files(inner, work.deletions).await;
+        report.deletions_confirmed += confirmed.len();
+        report.deletions_failed += failed.len();
+    }
+    report
+}
+
+fn settle(inner: &Inner, op: &CreateOp, result: Result<()>, what: &str) {
+    match result {
+        Ok(()) => inner.worker.settled(op.id),
+        Err(err) => {
+            tracing::warn!(operation = %op.id, template = %op.template_id, error = ?err, "{what}");
+            inner.worker.hold_back(&inner.options, op.id);
+        }
+    }
+}
+
+/// Whether `op` has been open longer than `resolve_deadline`.
+fn past_deadline(inner: &Inner, op: &CreateOp) -> bool {
+    after(op.created_at, inner.options.resolve_deadline) <= Timestamp::now()
+}
+
+/// Resolves `op` without its host's answer: the sandbox becomes `error`,
+/// a create not yet rolled back is, its key stays queued.
+async fn resolve_by_deadline(inner: &Inner, op: &CreateOp, report: &mut WorkReport) -> Result<()> {
+    let (id, now) = (op.id, Timestamp::now());
+    let resolved = inner
+        .store
+        .write(move |c| {
+            sql::resolve_open_operation(
+                c,
+                id,
+                SandboxStatus::Error,
+                &Actor::System,
+                ResolveReason::Deadline,
+                now,
+                now,
+            )
+        })
+        .await?;
+    if resolved.is_some() {
+        tracing::warn!(operation = %op.id, sandbox = %op.sandbox_id,
+            "the host did not answer before resolve_deadline; sandbox set to error");
+        report.resolved_by_deadline += 1;
+        inner.wake.notify_one();
+    }
+    Ok(())
 }
 
 async fn postpone(
@@ -227,6 +496,9 @@ async fn postpone(
     why: String,
     report: &mut WorkReport,
 ) -> Result<()> {
+    if past_deadline(inner, op) {
+        return resolve_by_deadline(inner, op, report).await;
+    }
     let (id, at, now) = (
         op.template_id,
         after(Timestamp::now(), backoff(&inner.options, op.attempts)),
@@ -246,7 +518,9 @@ async fn postpone(
 /// either outcome is allowed, and keeping the work is kinder. Otherwise
 /// roll back. An agent without `ListSnapshots` gets the conservative path:
 /// roll back and delete the key. A host marked offline cannot be asked:
-/// roll back, and the sandbox is `missing`.
+/// roll back, and the sandbox is `missing` (an operator said the host is
+/// gone). A host that cannot answer before `resolve_deadline` leaves the
+/// sandbox `error`.
 async fn resolve_interrupted(
     inner: &Arc<Inner>,
     op: &CreateOp,
@@ -292,6 +566,9 @@ async fn resolve_interrupted(
         }
         views.outcome(inner, op).await
     };
+    if matches!(outcome, SandboxOutcome::Unknown { .. }) && past_deadline(inner, op) {
+        return resolve_by_deadline(inner, op, report).await;
+    }
     let applied = inner
         .roll_back(
             op,
@@ -334,6 +611,8 @@ async fn resolve_status(
             if closed {
                 tracing::info!(sandbox = %op.sandbox_id, %status, "sandbox status resolved from its host");
                 report.statuses_resolved += 1;
+                // Its half-written key may be deleted now.
+                inner.wake.notify_one();
             }
             Ok(())
         }

@@ -81,11 +81,11 @@ pub use agent::{
 };
 pub use audit::{AuditEntry, AuditOutcome, AuditQuery, RESOURCE_TEMPLATE, actions};
 pub use error::{Error, ErrorCode, Result};
-pub use ids::{ApiKeyId, AuditLogId, HostId, IdError, SandboxId, TeamId, TemplateId};
+pub use ids::{ApiKeyId, AuditLogId, HostId, IdError, OperationId, SandboxId, TeamId, TemplateId};
 pub use janitor::{SweepReport, WorkReport};
 pub use manager::{
     Deleted, ListQuery, MAX_PAGE_SIZE, ManagerOptions, NewSnapshot, Page, Placement,
-    SnapshotManager, SqliteSnapshotManager, SweepOptions,
+    ResolvedOperation, SnapshotManager, SqliteSnapshotManager, SweepOptions,
 };
 pub use model::{
     Actor, Caller, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateState, TemplateType,

@@ -20,14 +20,14 @@ use crate::agent::{
 };
 use crate::audit::{AuditEntry, AuditQuery, audit_cursor};
 use crate::error::{Error, ErrorCode, Result};
-use crate::ids::{HostId, SandboxId, TemplateId};
+use crate::ids::{HostId, OperationId, SandboxId, TemplateId};
 use crate::janitor::SweepReport;
 use crate::model::{Caller, SandboxStatus, Template, TemplateType, Timestamp};
 use crate::names::TemplateName;
 use crate::registry::Registry;
 use crate::store::sql::{
     self, CreateInput, CreateOp, Deletion, Finish, ListPosition, OpenOperation, PendingDeletion,
-    SandboxOutcome,
+    ResolveReason, SandboxOutcome,
 };
 use crate::store::{Store, StoreOptions};
 
@@ -146,6 +146,22 @@ pub struct Deleted {
     pub hosts_pending: Vec<HostId>,
 }
 
+/// An operation resolved by [`SqliteSnapshotManager::resolve_operation`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResolvedOperation {
+    /// The operation.
+    pub id: OperationId,
+    /// The template it was creating.
+    pub template_id: TemplateId,
+    /// Its team.
+    pub team: crate::ids::TeamId,
+    /// Its sandbox.
+    pub sandbox: SandboxId,
+    /// The status the sandbox was given.
+    pub sandbox_status: SandboxStatus,
+}
+
 /// Where a template's files are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -207,6 +223,17 @@ pub struct ManagerOptions {
     /// it. Default 5 min (the default create timeout, which agents receive
     /// as their deadline).
     pub late_write_grace: Duration,
+    /// An operation whose outcome needs its host's answer (the host could
+    /// not be asked, or still reports the sandbox `snapshotting`) resolves
+    /// without it this long after it began: the sandbox becomes `error` and
+    /// a possibly half-written key stays queued for deletion. Default 15 min.
+    pub resolve_deadline: Duration,
+    /// How long a create whose agent has answered keeps trying to record
+    /// the answer in a failing store (a lock held by another process, a
+    /// full disk) before it answers `db_error`, outcome unknown. It goes on
+    /// trying in the background after that, until the answer is recorded
+    /// or the manager shuts down. Default 30 s.
+    pub record_patience: Duration,
     /// First retry delay of queued work; doubles per attempt. Default 1 s.
     pub retry_base: Duration,
     /// Longest retry delay. Default 5 min.
@@ -257,6 +284,8 @@ impl Default for ManagerOptions {
             delete_wait: Duration::from_secs(10),
             list_timeout: Duration::from_secs(10),
             late_write_grace: Duration::from_secs(300),
+            resolve_deadline: Duration::from_secs(15 * 60),
+            record_patience: Duration::from_secs(30),
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             janitor_interval: Duration::from_secs(30),
@@ -306,6 +335,8 @@ pub(crate) struct Inner {
     in_flight: Mutex<HashSet<TemplateId>>,
     janitor: Mutex<Option<tokio::task::JoinHandle<()>>>,
     last_sweep: Mutex<Option<tokio::time::Instant>>,
+    /// What the background worker keeps in memory between passes.
+    pub(crate) worker: crate::janitor::WorkerState,
     _lock: File,
 }
 
@@ -397,6 +428,7 @@ impl SqliteSnapshotManager {
                 in_flight: Mutex::new(HashSet::new()),
                 janitor: Mutex::new(None),
                 last_sweep: Mutex::new(None),
+                worker: crate::janitor::WorkerState::default(),
                 _lock: lock,
             }),
         };
@@ -471,6 +503,63 @@ impl SqliteSnapshotManager {
     /// report the sandbox (operators).
     pub async fn open_operations(&self) -> Result<Vec<OpenOperation>> {
         self.inner.store.read(sql::list_open_operations).await
+    }
+
+    /// Resolves the open operation `id` now, without waiting for its host
+    /// (administrators): its sandbox gets `sandbox_status`; a create that
+    /// has not finished is rolled back and its possibly half-written key
+    /// queued for deletion. Audited in the operation's team's log, with the
+    /// caller as the actor. A create still driven by a task of this process
+    /// then reports failure to its caller.
+    pub async fn resolve_operation(
+        &self,
+        caller: &Caller,
+        id: OperationId,
+        sandbox_status: SandboxStatus,
+    ) -> Result<ResolvedOperation> {
+        if !caller.is_admin() {
+            return Err(Error::forbidden(
+                "only administrators may resolve operations",
+            ));
+        }
+        let actor = caller.actor().clone();
+        let now = Timestamp::now();
+        let first_attempt = after(now, self.inner.options.late_write_grace);
+        let resolved = self
+            .inner
+            .store
+            .write(move |c| {
+                sql::resolve_open_operation(
+                    c,
+                    id,
+                    sandbox_status,
+                    &actor,
+                    ResolveReason::Operator,
+                    first_attempt,
+                    now,
+                )
+            })
+            .await?
+            .ok_or_else(|| Error::not_found("operation not found"))?;
+        tracing::info!(operation = %id, sandbox = %resolved.sandbox_id, status = %sandbox_status,
+            "operation resolved by an operator");
+        self.inner.wake.notify_one();
+        Ok(ResolvedOperation {
+            id,
+            template_id: resolved.template_id,
+            team: resolved.team,
+            sandbox: resolved.sandbox_id,
+            sandbox_status,
+        })
+    }
+
+    /// How many passes the background worker (and
+    /// [`SqliteSnapshotManager::run_pending_work`]) has made since open.
+    pub fn worker_passes(&self) -> u64 {
+        self.inner
+            .worker
+            .passes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Compares every online or draining host's snapshots with the store
@@ -584,7 +673,7 @@ impl SnapshotManager for SqliteSnapshotManager {
             let caller = caller.clone();
             self.inner.tasks.spawn(
                 async move {
-                    let _ = tx.send(run_create(&inner, &caller, snapshot).await);
+                    run_create(&inner, &caller, snapshot, Reply(Some(tx))).await;
                 }
                 .in_current_span(),
             );
@@ -742,13 +831,16 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
-/// The status a host reports for `sandbox`: `Ok(None)` while the host
-/// still reports it `snapshotting` (it is still working on it), `missing`
-/// when the host does not list it, `error` for a status we do not know.
+/// The status a host reports for `sandbox` after a snapshot attempt:
+/// `None` while the host still reports it `snapshotting` (it is still
+/// working on it), `error` for a status we do not know. A sandbox the host
+/// does not list is `paused`: real agents list only running VMs, and a
+/// snapshot attempt leaves the VM paused (SPEC §4a "What a host's answer
+/// means"); `missing` needs the host to say so.
 pub(crate) fn reported_status(list: &SandboxList, sandbox: SandboxId) -> Option<SandboxStatus> {
     let wanted = sandbox.to_string();
     match list.sandboxes.iter().find(|s| s.sandbox_id == wanted) {
-        None => Some(SandboxStatus::Missing),
+        None => Some(SandboxStatus::Paused),
         Some(info) => match info.status.parse::<SandboxStatus>() {
             Ok(SandboxStatus::Snapshotting) => None,
             Ok(status) => Some(status),
@@ -770,6 +862,11 @@ impl Inner {
                 None
             }
         }
+    }
+
+    /// Runs `work` on a task that `shutdown` waits for.
+    pub(crate) fn tasks_spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(work.in_current_span());
     }
 
     pub(crate) fn is_in_flight(&self, id: TemplateId) -> bool {
@@ -823,18 +920,88 @@ impl Inner {
         let op = op.clone();
         let applied = self
             .store
-            .write(move |c| sql::fail_create(c, &op, outcome, code, &detail, first_attempt, now))
+            .write(move |c| {
+                sql::fail_create(c, &op, outcome, code, &detail, Some(first_attempt), now)
+            })
             .await?;
         self.wake.notify_one();
         Ok(applied)
     }
+
+    /// How long a create's own task holds its journal entry: the worker
+    /// leaves the entry alone until then (after a restart, at once).
+    fn create_lease(&self) -> Duration {
+        self.options
+            .create_timeout
+            .saturating_add(self.options.list_timeout)
+            .saturating_add(self.options.record_patience)
+    }
+
+    /// Runs `attempt` until the store takes it, backing off between tries.
+    /// Once `record_patience` has passed, `impatient` is called (once) with
+    /// the last error so that the caller can be answered; the tries go on
+    /// in the background until the store takes it. `None` when the manager
+    /// shuts down first: the journal entry stays open for the next start.
+    async fn persist<T, F, Fut>(
+        &self,
+        what: &str,
+        mut attempt: F,
+        impatient: impl FnOnce(&Error),
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let started = tokio::time::Instant::now();
+        let mut impatient = Some(impatient);
+        let mut tries = 0u32;
+        loop {
+            let err = match attempt().await {
+                Ok(value) => return Some(value),
+                Err(err) => err,
+            };
+            tries += 1;
+            if started.elapsed() >= self.options.record_patience
+                && let Some(answer) = impatient.take()
+            {
+                answer(&err);
+            }
+            tracing::warn!(attempt = tries, error = ?err, "recording {what} failed; retrying");
+            let delay = Duration::from_millis(50u64 << tries.min(6));
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.shutdown.cancelled() => return None,
+            }
+        }
+    }
 }
 
-async fn run_create(
-    inner: &Arc<Inner>,
-    caller: &Caller,
-    snapshot: NewSnapshot,
-) -> Result<Template> {
+/// The answer to a create's caller, sent at most once.
+struct Reply(Option<oneshot::Sender<Result<Template>>>);
+
+impl Reply {
+    fn send(&mut self, result: Result<Template>) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+/// What a caller hears when the store cannot record what the host did:
+/// the outcome is unknown (a crash before the store recovers may still
+/// decide it either way).
+fn unrecorded(what: &str, cause: &Error) -> Error {
+    Error::new(
+        ErrorCode::DbError,
+        format!(
+            "{what}, but the store could not record it yet; the outcome is unknown until \
+             the store recovers"
+        ),
+    )
+    .with_source(cause.to_string())
+}
+
+async fn run_create(inner: &Arc<Inner>, caller: &Caller, snapshot: NewSnapshot, mut reply: Reply) {
     let template_id = TemplateId::new();
     let _guard = InFlightGuard::new(inner, template_id);
     let now = Timestamp::now();
@@ -845,11 +1012,17 @@ async fn run_create(
         name: snapshot.name,
         overwrite: snapshot.overwrite,
         template_id,
+        operation_id: OperationId::new(),
+        lease_until: after(now, inner.create_lease()),
     };
-    let (op, _sandbox) = inner
+    let op = match inner
         .store
         .write(move |c| sql::begin_create(c, &input, now))
-        .await?;
+        .await
+    {
+        Ok((op, _sandbox)) => op,
+        Err(err) => return reply.send(Err(err)),
+    };
     tracing::debug!(template = %template_id, host = %op.host.id, "snapshot started");
 
     let request = CreateSnapshotRequest::for_template(op.sandbox_id, op.team, template_id);
@@ -861,81 +1034,73 @@ async fn run_create(
     }
     .await;
     match called {
-        Ok(response) => finish_success(inner, &op, response.size_bytes).await,
-        Err(err) => Err(finish_failure(inner, &op, err).await),
+        Ok(response) => finish_success(inner, &op, response.size_bytes, &mut reply).await,
+        Err(err) => finish_failure(inner, &op, err, &mut reply).await,
     }
+    // Only a shutdown gets here without an answer: the entry stays open and
+    // the next start resolves it.
+    reply.send(Err(Error::new(
+        ErrorCode::DbError,
+        "the snapshot manager shut down before the snapshot's outcome was recorded",
+    )));
 }
 
-/// How long a create whose snapshot the host already holds keeps trying to
-/// record it before answering `db_error`.
-const FINISH_PATIENCE: Duration = Duration::from_secs(30);
-
-async fn finish_success(inner: &Arc<Inner>, op: &CreateOp, size_bytes: u64) -> Result<Template> {
-    let started = std::time::Instant::now();
-    let mut attempt = 0u32;
-    let done = loop {
-        let now = Timestamp::now();
-        let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
-        let op_for_tx = op.clone();
-        let result = inner
-            .store
-            .write(move |c| sql::finish_create(c, &op_for_tx, size_bytes, lease, now))
-            .await;
-        match result {
-            Ok(Finish::Done(done)) => break done,
-            Ok(Finish::NameTaken) => {
-                // Lost the name to another template meanwhile: undo ours.
-                // The agent answered, so the VM is paused and the key whole.
-                let err = Error::conflict(
-                    "another snapshot took this name while the snapshot was being created",
-                );
-                let outcome = SandboxOutcome::Known(SandboxStatus::Paused);
-                if let Err(db) = inner
-                    .roll_back(
-                        op,
-                        outcome,
-                        err.code().as_str(),
-                        err.message().to_owned(),
-                        true,
-                    )
-                    .await
-                {
-                    tracing::error!(error = ?db, "rolling back a conflicting snapshot failed; recovery will finish it");
-                }
-                return Err(err);
-            }
-            Ok(Finish::AlreadyResolved) => {
-                // Someone else closed the entry (only possible after this
-                // task gave up once); report what it became.
-                let id = op.template_id;
-                return match inner
+async fn finish_success(inner: &Arc<Inner>, op: &CreateOp, size_bytes: u64, reply: &mut Reply) {
+    // The host holds the snapshot: giving up would tell the caller it
+    // failed and then let recovery roll it forward (or, without
+    // `ListSnapshots`, back). Keep what this process knows and retry until
+    // the store takes it.
+    let finished = inner
+        .persist(
+            "a finished snapshot",
+            || {
+                let now = Timestamp::now();
+                let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
+                let op = op.clone();
+                inner
                     .store
-                    .read(move |c| sql::get_ready_template(c, id))
-                    .await?
-                {
-                    Some(template) => Ok(template),
-                    None => Err(Error::conflict(
-                        "the snapshot was rolled back while it was being recorded",
-                    )),
-                };
-            }
-            Err(err) if started.elapsed() < FINISH_PATIENCE => {
-                // The host holds the snapshot: giving up now would tell the
-                // caller it failed and then let the worker roll it forward.
-                // Keep trying while the store recovers (a lock held by
-                // another process, a full disk being cleaned).
-                attempt += 1;
-                tracing::warn!(attempt, error = ?err, "recording a finished snapshot failed; retrying");
-                tokio::time::sleep(Duration::from_millis(50u64 << attempt.min(6))).await;
-            }
-            Err(err) => {
-                return Err(Error::new(
-                    ErrorCode::DbError,
-                    "the snapshot was taken but could not be recorded yet; it will appear once \
-                     the store recovers",
+                    .write(move |c| sql::finish_create(c, &op, size_bytes, lease, now))
+            },
+            |err| reply.send(Err(unrecorded("the snapshot was taken", err))),
+        )
+        .await;
+    let done = match finished {
+        None => return,
+        Some(Finish::Done(done)) => done,
+        Some(Finish::NameTaken) => {
+            // Lost the name to another template meanwhile: undo ours. The
+            // agent answered, so the VM is paused and the key whole.
+            let err = Error::conflict(
+                "another snapshot took this name while the snapshot was being created",
+            );
+            let outcome = SandboxOutcome::Known(SandboxStatus::Paused);
+            let code = err.code().as_str();
+            let recorded = inner
+                .persist(
+                    "a conflicting snapshot's rollback",
+                    || inner.roll_back(op, outcome, code, err.message().to_owned(), true),
+                    |db| reply.send(Err(unrecorded("the snapshot lost its name", db))),
                 )
-                .with_source(err));
+                .await;
+            if recorded.is_some() {
+                reply.send(Err(err));
             }
+            return;
+        }
+        Some(Finish::AlreadyResolved) => {
+            // Someone else closed the entry (an operator); report what it
+            // became.
+            let id = op.template_id;
+            let result = inner
+                .store
+                .read(move |c| sql::get_ready_template(c, id))
+                .await
+                .and_then(|t| {
+                    t.ok_or_else(|| {
+                        Error::conflict("the snapshot was rolled back while it was being recorded")
+                    })
+                });
+            return reply.send(result);
         }
     };
     tracing::info!(template = %done.template.id, size_bytes, "snapshot ready");
@@ -953,32 +1118,53 @@ async fn finish_success(inner: &Arc<Inner>, op: &CreateOp, size_bytes: u64) -> R
         );
         let _ = tokio::time::timeout(inner.options.delete_wait, deleting).await;
     }
-    Ok(done.template)
+    reply.send(Ok(done.template));
 }
 
-/// Records a failed create and returns what the caller sees.
-async fn finish_failure(inner: &Arc<Inner>, op: &CreateOp, err: AgentError) -> Error {
+/// Records a failed create, then tells the caller. A failure the store
+/// cannot record within `record_patience` is answered `db_error` (outcome
+/// unknown), and recording it goes on in the background, so that what the
+/// caller was told (and what this process knows) is what happens.
+async fn finish_failure(inner: &Arc<Inner>, op: &CreateOp, err: AgentError, reply: &mut Reply) {
     tracing::warn!(template = %op.template_id, error = %err, "host agent failed to snapshot");
     let user_error = Error::from_create_failure(err.clone());
-    let definite = err.is_definite_rejection();
+    let not_sent = err.is_not_sent();
+    let definite = not_sent || err.is_definite_rejection();
     let outcome = if definite {
         SandboxOutcome::Known(op.prev_status)
     } else {
         inner.sandbox_outcome(op).await
     };
-    if let Err(db) = inner
-        .roll_back(
-            op,
-            outcome,
-            user_error.code().as_str(),
-            err.to_string(),
-            definite,
+    let now = Timestamp::now();
+    // A request that never reached the agent left nothing to delete; after
+    // a rejection the agent wrote nothing either, but a delete is cheap and
+    // an agent's word is not proof.
+    let first_attempt = if not_sent {
+        None
+    } else if definite {
+        Some(now)
+    } else {
+        Some(after(now, inner.options.late_write_grace))
+    };
+    let code = user_error.code().as_str();
+    let detail = err.to_string();
+    let recorded = inner
+        .persist(
+            "a failed snapshot",
+            || {
+                let (op, detail) = (op.clone(), detail.clone());
+                let now = Timestamp::now();
+                inner.store.write(move |c| {
+                    sql::fail_create(c, &op, outcome, code, &detail, first_attempt, now)
+                })
+            },
+            |db| reply.send(Err(unrecorded("the snapshot failed", db))),
         )
-        .await
-    {
-        tracing::error!(error = ?db, "recording a failed snapshot failed; the worker will finish it");
+        .await;
+    if recorded.is_some() {
+        inner.wake.notify_one();
+        reply.send(Err(user_error));
     }
-    user_error
 }
 
 /// Deletes files on their hosts in parallel and records each answer.

@@ -107,6 +107,13 @@ struct State {
 /// Snapshot sizes are `(memory_mb + 16) MiB`. Faults are injected per call
 /// kind with [`MemoryHostAgent::inject`]; [`MemoryHostAgent::set_unavailable`]
 /// makes the whole agent unreachable.
+///
+/// [`MemoryHostAgent::go_like`] makes one that behaves like the original Go
+/// host agent, the independent peer the control plane must be right
+/// against: it lists only running VMs (a paused VM lives on disk, not in
+/// the agent's memory), answers every `CreateSnapshot` failure with
+/// Internal, deletes a missing key successfully, and has no `ListSnapshots`
+/// (its mux answers the unknown route with a 404, read as Unimplemented).
 #[derive(Default)]
 pub struct MemoryHostAgent {
     state: Arc<Mutex<State>>,
@@ -115,6 +122,7 @@ pub struct MemoryHostAgent {
     calls: Mutex<HashMap<AgentOp, usize>>,
     in_flight: AtomicUsize,
     list_snapshots_unsupported: std::sync::atomic::AtomicBool,
+    go_like: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for MemoryHostAgent {
@@ -131,6 +139,20 @@ impl MemoryHostAgent {
     /// An agent with no sandboxes, no snapshots and no faults.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An agent that behaves like the original Go host agent (see the type's
+    /// documentation).
+    pub fn go_like() -> Self {
+        let agent = Self::default();
+        agent.go_like.store(true, Ordering::SeqCst);
+        agent.set_list_snapshots_supported(false);
+        agent
+    }
+
+    /// Whether this agent behaves like the Go agent.
+    pub fn is_go_like(&self) -> bool {
+        self.go_like.load(Ordering::SeqCst)
     }
 
     /// Starts (or replaces) a sandbox on this host.
@@ -279,9 +301,8 @@ impl Drop for InFlight<'_> {
     }
 }
 
-#[async_trait]
-impl HostAgent for MemoryHostAgent {
-    async fn create_snapshot(
+impl MemoryHostAgent {
+    async fn create_snapshot_inner(
         &self,
         req: CreateSnapshotRequest,
     ) -> Result<CreateSnapshotResponse, AgentError> {
@@ -315,12 +336,20 @@ impl HostAgent for MemoryHostAgent {
         let size_bytes = (u64::from(memory_mb) + 16) * 1024 * 1024;
         let snapshot = SnapshotInfo::new(req.key.as_str(), size_bytes, Some(Timestamp::now()));
         if let Some(Fault::Detached(hold)) = &fault {
+            // The agent goes on working after its caller gave up: until it
+            // is done, the sandbox is listed as snapshotting (by an agent
+            // that lists more than running VMs).
+            if let Some(sandbox) = lock(&self.state).sandboxes.get_mut(&sandbox_key) {
+                sandbox.status = "snapshotting".to_owned();
+            }
             let (hold, state) = (hold.clone(), self.state.clone());
             let write = tokio::spawn(async move {
                 hold.pass().await;
-                lock(&state)
-                    .snapshots
-                    .insert(snapshot.key.clone(), snapshot);
+                let mut state = lock(&state);
+                state.snapshots.insert(snapshot.key.clone(), snapshot);
+                if let Some(sandbox) = state.sandboxes.get_mut(&sandbox_key) {
+                    sandbox.status = "paused".to_owned();
+                }
             });
             write
                 .await
@@ -336,13 +365,31 @@ impl HostAgent for MemoryHostAgent {
             CreateSnapshotResponse::new(req.key.as_str(), size_bytes),
         )
     }
+}
+
+#[async_trait]
+impl HostAgent for MemoryHostAgent {
+    async fn create_snapshot(
+        &self,
+        req: CreateSnapshotRequest,
+    ) -> Result<CreateSnapshotResponse, AgentError> {
+        let result = self.create_snapshot_inner(req).await;
+        match result {
+            // The Go agent wraps every failure of its snapshot code as
+            // Internal; what the transport reports stays as it is.
+            Err(AgentError::Rejected { message, .. }) if self.is_go_like() => {
+                Err(AgentError::rejected(AgentCode::Internal, message))
+            }
+            other => other,
+        }
+    }
 
     async fn delete_snapshot(&self, req: DeleteSnapshotRequest) -> Result<(), AgentError> {
         let _guard = InFlight::new(&self.in_flight);
         let fault = self.enter(AgentOp::DeleteSnapshot)?;
         Self::wait(&fault).await;
         let removed = lock(&self.state).snapshots.remove(req.key.as_str());
-        if removed.is_none() {
+        if removed.is_none() && !self.is_go_like() {
             return Err(AgentError::rejected(
                 AgentCode::NotFound,
                 format!("snapshot {} not found", req.key),
@@ -355,7 +402,13 @@ impl HostAgent for MemoryHostAgent {
         let _guard = InFlight::new(&self.in_flight);
         let fault = self.enter(AgentOp::ListSandboxes)?;
         Self::wait(&fault).await;
-        let sandboxes = lock(&self.state).sandboxes.values().cloned().collect();
+        let go_like = self.is_go_like();
+        let sandboxes = lock(&self.state)
+            .sandboxes
+            .values()
+            .filter(|s| !go_like || s.status == "running")
+            .cloned()
+            .collect();
         Self::finish(
             fault,
             SandboxList {

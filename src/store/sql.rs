@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use crate::agent::HostTarget;
 use crate::audit::{AuditEntry, AuditOutcome, NewAuditEntry, RESOURCE_TEMPLATE};
 use crate::error::{Error, ErrorCode, Result};
-use crate::ids::{ApiKeyId, AuditLogId, HostId, SandboxId, TeamId, TemplateId};
+use crate::ids::{ApiKeyId, AuditLogId, HostId, OperationId, SandboxId, TeamId, TemplateId};
 use crate::model::{
     Actor, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateState, TemplateType,
     Timestamp,
@@ -34,7 +34,15 @@ macro_rules! sql_id {
         }
     )+};
 }
-sql_id!(SandboxId, HostId, TeamId, TemplateId, AuditLogId, ApiKeyId);
+sql_id!(
+    SandboxId,
+    HostId,
+    TeamId,
+    TemplateId,
+    AuditLogId,
+    ApiKeyId,
+    OperationId
+);
 
 macro_rules! sql_enum {
     ($($ty:ty),+) => {$(
@@ -175,8 +183,13 @@ fn make_host_work_due(conn: &Connection, host: HostId, now: Timestamp) -> Result
         "UPDATE placements SET next_attempt = ?2 WHERE host_id = ?1 AND state = 'deleting'",
     )
     .and_then(|mut s| s.execute(params![host, now.unix_millis()]))?;
-    conn.prepare_cached("UPDATE operations SET next_attempt = ?2 WHERE host_id = ?1")
-        .and_then(|mut s| s.execute(params![host, now.unix_millis()]))?;
+    // Creates still driven by their task (phase `started`, never postponed)
+    // keep their lease: they are not the worker's to retry.
+    conn.prepare_cached(
+        "UPDATE operations SET next_attempt = ?2
+         WHERE host_id = ?1 AND (phase = 'resolving' OR attempts > 0)",
+    )
+    .and_then(|mut s| s.execute(params![host, now.unix_millis()]))?;
     Ok(())
 }
 
@@ -546,6 +559,7 @@ fn check_name_free(
 /// it back, in this process or after a restart.
 #[derive(Debug, Clone)]
 pub(crate) struct CreateOp {
+    pub(crate) id: OperationId,
     pub(crate) template_id: TemplateId,
     pub(crate) team: TeamId,
     pub(crate) name: TemplateName,
@@ -555,11 +569,14 @@ pub(crate) struct CreateOp {
     pub(crate) replaces: Option<TemplateId>,
     pub(crate) actor: Actor,
     pub(crate) attempts: u32,
+    /// When the operation began; it resolves without its host's answer
+    /// once `resolve_deadline` has passed since.
+    pub(crate) created_at: Timestamp,
 }
 
 const OP_COLS: &str = "o.template_id, o.team_id, o.template_name, o.sandbox_id, o.host_id,
     coalesce(h.address, ''), o.prev_status, o.replaces, o.actor_type, o.actor_id, o.actor_name,
-    o.attempts";
+    o.attempts, o.id, o.created_at";
 
 fn actor_from_columns(kind: &str, id: Option<String>, name: Option<String>) -> Actor {
     match (kind, id) {
@@ -580,6 +597,7 @@ fn actor_from_columns(kind: &str, id: Option<String>, name: Option<String>) -> A
 
 fn op_row(row: &Row<'_>) -> rusqlite::Result<CreateOp> {
     Ok(CreateOp {
+        id: row.get(12)?,
         template_id: row.get(0)?,
         team: row.get(1)?,
         name: TemplateName::from_trusted(row.get(2)?),
@@ -592,10 +610,11 @@ fn op_row(row: &Row<'_>) -> rusqlite::Result<CreateOp> {
         replaces: row.get(7)?,
         actor: actor_from_columns(&row.get::<_, String>(8)?, row.get(9)?, row.get(10)?),
         attempts: u32_col(row, 11)?,
+        created_at: Timestamp::from_unix_millis(row.get(13)?),
     })
 }
 
-/// Open operations in `phase`, due at `now` when `due_only`.
+/// Open operations in `phase`, only those due at `due_before` if given.
 pub(crate) fn open_operations(
     conn: &Connection,
     phase: &str,
@@ -612,6 +631,23 @@ pub(crate) fn open_operations(
         )
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())?;
     Ok(rows)
+}
+
+/// The open operation `id`, if there is one.
+pub(crate) fn get_operation(conn: &Connection, id: OperationId) -> Result<Option<CreateOp>> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {OP_COLS} FROM operations o LEFT JOIN hosts h ON h.id = o.host_id
+             WHERE o.id = ?1"
+        ))
+        .and_then(|mut s| s.query_row([id], op_row).optional())?)
+}
+
+/// The phase of the open operation of `template`, if it is open.
+fn operation_phase(conn: &Connection, template: TemplateId) -> Result<Option<String>> {
+    Ok(conn
+        .prepare_cached("SELECT phase FROM operations WHERE template_id = ?1")
+        .and_then(|mut s| s.query_row([template], |r| r.get(0)).optional())?)
 }
 
 fn delete_operation(conn: &Connection, template: TemplateId) -> Result<bool> {
@@ -656,6 +692,10 @@ pub(crate) struct CreateInput {
     pub(crate) name: TemplateName,
     pub(crate) overwrite: bool,
     pub(crate) template_id: TemplateId,
+    pub(crate) operation_id: OperationId,
+    /// Until when the create's own task drives it: the worker treats the
+    /// entry as interrupted only after this (or after a restart).
+    pub(crate) lease_until: Timestamp,
 }
 
 /// Step one of a create, in one transaction: name checks, team-scoped
@@ -673,6 +713,8 @@ pub(crate) fn begin_create(
         name,
         overwrite,
         template_id,
+        operation_id,
+        lease_until,
     } = input;
     let (team, sandbox_id, overwrite, template_id) = (*team, *sandbox_id, *overwrite, *template_id);
     let replaces = check_name_free(conn, team, name, overwrite)?;
@@ -733,8 +775,8 @@ pub(crate) fn begin_create(
     conn.prepare_cached(
         "INSERT INTO operations (kind, phase, template_id, team_id, template_name, sandbox_id,
                                  host_id, prev_status, replaces, actor_type, actor_id, actor_name,
-                                 created_at, updated_at)
-         VALUES ('create', 'started', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
+                                 created_at, updated_at, id, next_attempt)
+         VALUES ('create', 'started', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12, ?13)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -748,10 +790,13 @@ pub(crate) fn begin_create(
             actor.kind(),
             actor.id_text(),
             actor.name_text(),
-            now_ms
+            now_ms,
+            operation_id,
+            lease_until.unix_millis()
         ])
     })?;
     let op = CreateOp {
+        id: *operation_id,
         template_id,
         team,
         name: name.clone(),
@@ -764,6 +809,7 @@ pub(crate) fn begin_create(
         replaces,
         actor: actor.clone(),
         attempts: 0,
+        created_at: now,
     };
     Ok((op, sandbox))
 }
@@ -971,16 +1017,21 @@ pub(crate) enum SandboxOutcome {
 /// Rolls back a failed create in one transaction: the template row goes,
 /// the key is queued for deletion from `first_attempt` on (it may be half
 /// written, or still being written by an agent that has not noticed the
-/// deadline), the sandbox gets its status (or stays owned until its host
-/// answers), the failure is audited. Only applies while the journal entry
-/// is open in phase `started`; returns whether it did.
+/// deadline) unless the request provably never reached the agent
+/// (`first_attempt` is `None`), the sandbox gets its status (or stays owned
+/// until its host answers), the failure is audited. Only applies while the
+/// journal entry is open in phase `started`; returns whether it did.
+///
+/// While the entry stays open (phase `resolving`) the queued key is not
+/// tried: the host may still be writing it, and a NotFound then would not
+/// mean it is gone (SPEC §4a "Half-written keys").
 pub(crate) fn fail_create(
     conn: &Connection,
     op: &CreateOp,
     sandbox: SandboxOutcome,
     error_code: &'static str,
     detail: &str,
-    first_attempt: Timestamp,
+    first_attempt: Option<Timestamp>,
     now: Timestamp,
 ) -> Result<bool> {
     let claimed = match sandbox {
@@ -1007,20 +1058,22 @@ pub(crate) fn fail_create(
     }
     conn.prepare_cached("DELETE FROM templates WHERE id = ?1 AND state = 'creating'")
         .and_then(|mut s| s.execute([op.template_id]))?;
-    conn.prepare_cached(
-        "INSERT INTO placements (template_id, host_id, team_id, state, next_attempt, created_at, updated_at)
-         VALUES (?1, ?2, ?3, 'deleting', ?4, ?5, ?5)
-         ON CONFLICT (template_id, host_id) DO NOTHING",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            op.template_id,
-            op.host.id,
-            op.team,
-            first_attempt.unix_millis(),
-            now.unix_millis()
-        ])
-    })?;
+    if let Some(first_attempt) = first_attempt {
+        conn.prepare_cached(
+            "INSERT INTO placements (template_id, host_id, team_id, state, next_attempt, created_at, updated_at)
+             VALUES (?1, ?2, ?3, 'deleting', ?4, ?5, ?5)
+             ON CONFLICT (template_id, host_id) DO NOTHING",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                op.template_id,
+                op.host.id,
+                op.team,
+                first_attempt.unix_millis(),
+                now.unix_millis()
+            ])
+        })?;
+    }
     if let SandboxOutcome::Known(status) = sandbox {
         release_sandbox(conn, op.sandbox_id, status, now)?;
     }
@@ -1059,6 +1112,87 @@ pub(crate) fn resolve_operation(
         release_sandbox(conn, op.sandbox_id, status, now)?;
     }
     Ok(closed == 1)
+}
+
+/// Why an open operation was resolved without its host's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResolveReason {
+    /// `resolve_deadline` passed while the host could not say.
+    Deadline,
+    /// An operator resolved it.
+    Operator,
+}
+
+impl ResolveReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Deadline => "resolve_deadline",
+            Self::Operator => "operator",
+        }
+    }
+}
+
+/// Resolves the open operation `id` now, without the host's answer: the
+/// sandbox gets `status`; a create still in phase `started` is rolled back
+/// with its key queued for deletion from `first_attempt` (the agent may
+/// still be writing it). Audited in the operation's team's log. Returns the
+/// operation as it was, or `None` when it is not open (any more).
+pub(crate) fn resolve_open_operation(
+    conn: &Connection,
+    id: OperationId,
+    status: SandboxStatus,
+    actor: &Actor,
+    reason: ResolveReason,
+    first_attempt: Timestamp,
+    now: Timestamp,
+) -> Result<Option<CreateOp>> {
+    if status == SandboxStatus::Snapshotting {
+        return Err(Error::invalid_request(
+            "an operation cannot be resolved to snapshotting",
+        ));
+    }
+    let Some(op) = get_operation(conn, id)? else {
+        return Ok(None);
+    };
+    let phase = operation_phase(conn, op.template_id)?;
+    let closed = match phase.as_deref() {
+        Some("started") => fail_create(
+            conn,
+            &op,
+            SandboxOutcome::Known(status),
+            "unresolved",
+            reason.as_str(),
+            Some(first_attempt),
+            now,
+        )?,
+        Some("resolving") => resolve_operation(conn, &op, status, now)?,
+        _ => false,
+    };
+    if !closed {
+        return Ok(None);
+    }
+    insert_audit(
+        conn,
+        &NewAuditEntry {
+            team: op.team,
+            actor: actor.clone(),
+            action: crate::audit::actions::OPERATION_RESOLVE,
+            resource_id: op.template_id.to_string(),
+            outcome: AuditOutcome::Success,
+            error_code: None,
+            metadata: serde_json::json!({
+                "operation_id": op.id.to_string(),
+                "name": op.name.as_str(),
+                "sandbox_id": op.sandbox_id.to_string(),
+                "host_id": op.host.id.to_string(),
+                "sandbox_status": status.as_str(),
+                "phase": phase,
+                "reason": reason.as_str(),
+            }),
+        },
+        now,
+    )?;
+    Ok(Some(op))
 }
 
 // --------------------------------------------------------------- delete
@@ -1139,13 +1273,28 @@ pub(crate) fn deletion_failed(
 /// Most deletions claimed for one host in one batch.
 const PER_HOST: u32 = 16;
 
-/// Takes up to `limit` due deletions (skipping hosts marked offline) and
-/// leases them until `lease_until` so nobody else tries them meanwhile.
+/// Hex of ids, as a JSON array, for `json_each` in a query.
+fn hex_id_list(hosts: &[HostId]) -> String {
+    let items: Vec<String> = hosts
+        .iter()
+        .map(|h| {
+            let hex: String = h.as_blob().iter().map(|b| format!("{b:02x}")).collect();
+            format!("\"{hex}\"")
+        })
+        .collect();
+    format!("[{}]", items.join(","))
+}
+
+/// Takes up to `limit` due deletions (skipping hosts marked offline and
+/// the hosts in `skip_hosts`, whose work is in hand) and leases them until
+/// `lease_until` so nobody else tries them meanwhile. A key whose create is
+/// still unresolved is not due: its host may still be writing it.
 pub(crate) fn claim_due_deletions(
     conn: &Connection,
     now: Timestamp,
     lease_until: Timestamp,
     limit: u32,
+    skip_hosts: &[HostId],
 ) -> Result<Vec<Deletion>> {
     // At most `PER_HOST` per host, so that one slow host cannot fill a
     // batch that every other host then waits on.
@@ -1155,11 +1304,16 @@ pub(crate) fn claim_due_deletions(
                     row_number() OVER (PARTITION BY p.host_id ORDER BY p.next_attempt) AS n
              FROM placements p JOIN hosts h ON h.id = p.host_id
              WHERE p.state = 'deleting' AND p.next_attempt <= ?1
-               AND coalesce(p.lease_until, 0) <= ?1 AND h.status <> 'offline')
+               AND coalesce(p.lease_until, 0) <= ?1 AND h.status <> 'offline'
+               AND p.host_id NOT IN (SELECT unhex(value) FROM json_each(?4))
+               AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.template_id = p.template_id))
          WHERE n <= ?3 ORDER BY next_attempt LIMIT ?2",
     )?;
     let due = stmt
-        .query_map(params![now.unix_millis(), limit, PER_HOST], deletion_row)
+        .query_map(
+            params![now.unix_millis(), limit, PER_HOST, hex_id_list(skip_hosts)],
+            deletion_row,
+        )
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())?;
     let mut lease = conn.prepare_cached(
         "UPDATE placements SET lease_until = ?3 WHERE template_id = ?1 AND host_id = ?2",
@@ -1177,6 +1331,8 @@ pub(crate) fn next_due(conn: &Connection) -> Result<Option<Timestamp>> {
                  SELECT min(max(p.next_attempt, coalesce(p.lease_until, 0))) AS t
                  FROM placements p JOIN hosts h ON h.id = p.host_id
                  WHERE p.state = 'deleting' AND h.status <> 'offline'
+                   AND NOT EXISTS (SELECT 1 FROM operations o
+                                   WHERE o.template_id = p.template_id)
                  UNION ALL
                  SELECT min(next_attempt) FROM operations)",
         [],
@@ -1187,10 +1343,15 @@ pub(crate) fn next_due(conn: &Connection) -> Result<Option<Timestamp>> {
 
 /// Voids the leases of attempts in flight: called at open, when no attempt
 /// of ours can be in flight (one manager per file), so that work a crashed
-/// process had claimed is retried at once instead of when its lease ends.
+/// process had claimed — deletions, and creates its tasks were driving —
+/// is retried at once instead of when its lease ends.
 pub(crate) fn void_leases(conn: &Connection) -> Result<()> {
     conn.execute(
         "UPDATE placements SET lease_until = NULL WHERE lease_until IS NOT NULL",
+        [],
+    )?;
+    conn.execute(
+        "UPDATE operations SET next_attempt = 0 WHERE phase = 'started'",
         [],
     )?;
     Ok(())
@@ -1319,6 +1480,8 @@ pub(crate) fn list_audit(
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct OpenOperation {
+    /// The operation's id (`op-…`), by which an operator resolves it.
+    pub id: OperationId,
     /// The template being created.
     pub template_id: TemplateId,
     /// Its team.
@@ -1344,12 +1507,13 @@ pub struct OpenOperation {
 pub(crate) fn list_open_operations(conn: &Connection) -> Result<Vec<OpenOperation>> {
     let mut stmt = conn.prepare_cached(
         "SELECT template_id, team_id, template_name, sandbox_id, host_id, phase, attempts,
-                last_error, created_at
+                last_error, created_at, id
          FROM operations ORDER BY created_at, template_id",
     )?;
     let rows = stmt
         .query_map([], |r| {
             Ok(OpenOperation {
+                id: r.get(9)?,
                 template_id: r.get(0)?,
                 team: r.get(1)?,
                 name: TemplateName::from_trusted(r.get(2)?),
