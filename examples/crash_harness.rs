@@ -15,6 +15,15 @@
 //!       after-call   the agent answered, the final transaction not run
 //!       in-delete    a DeleteSnapshot call is about to be made (the delete,
 //!                    or the overwrite's final transaction, is committed)
+//!       in-failure   the agent wrote the files and answered Internal; the
+//!                    manager is asking for the sandbox's status (the
+//!                    rollback not yet written)
+//!       in-failure-locked
+//!                    the same, but the status is answered while this
+//!                    process holds SQLite's write lock on another
+//!                    connection, so the rollback can never commit
+//!     With `--agent go`, the reference agent answers like the Go agent
+//!     (see `GoLikeAgent`).
 //!   hold-lock --db PATH --seconds N
 //!     Takes SQLite's write lock on PATH, prints `LOCKED`, holds it N
 //!     seconds, then exits.
@@ -26,13 +35,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sandbox_snapshots::agent::GoLikeAgent;
 use sandbox_snapshots::agent::{
     CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest, SandboxList, SnapshotInfo,
 };
 use sandbox_snapshots::{
-    Actor, AgentError, AgentTransport, Caller, DirHostAgent, HostAgent, HostId, HostStatus,
-    HostTarget, ManagerOptions, NewSnapshot, Sandbox, SandboxId, SandboxStatus, SnapshotManager,
-    SqliteSnapshotManager, TeamId, TemplateName,
+    Actor, AgentCode, AgentError, AgentTransport, Caller, DirHostAgent, HostAgent, HostId,
+    HostStatus, HostTarget, ManagerOptions, NewSnapshot, Sandbox, SandboxId, SandboxStatus,
+    SnapshotManager, SqliteSnapshotManager, TeamId, TemplateName,
 };
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -54,6 +64,7 @@ async fn stop_here(step: &str) -> ! {
 struct Pausing {
     agent: DirHostAgent,
     pause: String,
+    db: PathBuf,
 }
 
 #[async_trait]
@@ -82,6 +93,13 @@ impl HostAgent for Pausing {
                 drop(response);
                 stop_here("after-call").await
             }
+            "in-failure" | "in-failure-locked" => {
+                self.agent.create_snapshot(req).await?;
+                Err(AgentError::rejected(
+                    AgentCode::Internal,
+                    "snapshot written, then failed",
+                ))
+            }
             _ => self.agent.create_snapshot(req).await,
         }
     }
@@ -94,7 +112,19 @@ impl HostAgent for Pausing {
     }
 
     async fn list_sandboxes(&self) -> Result<SandboxList, AgentError> {
-        self.agent.list_sandboxes().await
+        match self.pause.as_str() {
+            "in-failure" => stop_here("in-failure").await,
+            "in-failure-locked" => {
+                // Held until the process dies: the rollback cannot commit.
+                let conn = rusqlite::Connection::open(&self.db)
+                    .and_then(|c| c.execute_batch("BEGIN IMMEDIATE").map(|()| c))
+                    .map_err(|e| AgentError::rejected(AgentCode::Internal, e.to_string()))?;
+                std::mem::forget(conn);
+                announce("PAUSED in-failure-locked");
+                self.agent.list_sandboxes().await
+            }
+            _ => self.agent.list_sandboxes().await,
+        }
     }
 
     async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, AgentError> {
@@ -143,16 +173,23 @@ async fn run(opts: HashMap<String, String>) -> Result<(), Failure> {
     let name = TemplateName::parse(get(&opts, "name")?)?;
     let pause = get(&opts, "pause")?.to_owned();
     let agent = DirHostAgent::open(get(&opts, "root")?).await?;
-    let transport = Arc::new(One {
-        host,
-        agent: Arc::new(Pausing { agent, pause }),
-    });
+    let db = PathBuf::from(get(&opts, "db")?);
+    let pausing = Pausing {
+        agent,
+        pause,
+        db: db.clone(),
+    };
+    let agent: Arc<dyn HostAgent> = match opts.get("agent").map(String::as_str) {
+        None | Some("ours") => Arc::new(pausing),
+        Some("go") => Arc::new(GoLikeAgent::new(pausing)),
+        Some(other) => return Err(format!("unknown --agent {other:?}").into()),
+    };
+    let transport = Arc::new(One { host, agent });
     let mut manager_options = ManagerOptions::default();
     // This process only drives the one operation.
     manager_options.run_janitor = false;
-    let manager =
-        SqliteSnapshotManager::open(PathBuf::from(get(&opts, "db")?), transport, manager_options)
-            .await?;
+    manager_options.store.busy_timeout = Duration::from_millis(100);
+    let manager = SqliteSnapshotManager::open(db, transport, manager_options).await?;
     let registry = manager.registry();
     registry
         .register_host(host, "in-process", HostStatus::Online)

@@ -2,7 +2,8 @@
 //! `crash_harness` example) drives the manager against an SQLite file and
 //! the reference agent, stops at a chosen step, and is killed with SIGKILL.
 //! A fresh manager on the same file then recovers, and the invariants of
-//! SPEC §4a are checked against the files on disk.
+//! SPEC §4a are checked against the files on disk. Every scene runs with
+//! the reference agent as it is and answering like the Go agent.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -13,12 +14,13 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{caller, eventually, example_binary, fast_options, name};
+use common::{Mode, caller, eventually, example_binary, fast_options, name};
 use sandbox_snapshots::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 struct Scene {
+    mode: Mode,
     _dir: tempfile::TempDir,
     db: PathBuf,
     root: PathBuf,
@@ -28,7 +30,7 @@ struct Scene {
 }
 
 impl Scene {
-    fn new() -> Scene {
+    fn new(mode: Mode) -> Scene {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("agent");
         let sandbox = SandboxId::new();
@@ -37,6 +39,7 @@ impl Scene {
         std::fs::write(state.join("memory.bin"), vec![1u8; 32 * 1024]).unwrap();
         std::fs::write(state.join("disk/root.img"), b"root").unwrap();
         Scene {
+            mode,
             db: dir.path().join("s.db"),
             root,
             _dir: dir,
@@ -54,10 +57,10 @@ impl Scene {
     /// The same, with an agent that may lack the `ListSnapshots` extension.
     async fn manager_with(&self, list_snapshots: bool) -> SqliteSnapshotManager {
         let agent = DirHostAgent::open(&self.root).await.unwrap();
-        let agent: Arc<dyn HostAgent> = if list_snapshots {
-            Arc::new(agent)
-        } else {
-            Arc::new(OlderAgent(agent))
+        let agent: Arc<dyn HostAgent> = match (self.mode, list_snapshots) {
+            (Mode::GoLike, _) => Arc::new(agent::GoLikeAgent::new(agent)),
+            (Mode::Ours, true) => Arc::new(agent),
+            (Mode::Ours, false) => Arc::new(OlderAgent(agent)),
         };
         let transport = Arc::new(InProcessTransport::new());
         transport.add_host(self.host, agent);
@@ -108,6 +111,14 @@ impl Scene {
             .args(["--team", &self.team.to_string()])
             .args(["--sandbox", &self.sandbox.to_string()])
             .args(["--name", n, "--op", op, "--pause", pause])
+            .args([
+                "--agent",
+                if self.mode == Mode::GoLike {
+                    "go"
+                } else {
+                    "ours"
+                },
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -181,6 +192,20 @@ impl Scene {
         (manager, shown)
     }
 
+    /// How many keys (complete snapshots) the agent's directory holds.
+    fn keys(&self) -> usize {
+        std::fs::read_dir(self.root.join("snapshots"))
+            .unwrap()
+            .filter(|e| {
+                !e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
+            .count()
+    }
+
     async fn sandbox_status(&self, manager: &SqliteSnapshotManager) -> SandboxStatus {
         manager
             .registry()
@@ -218,143 +243,204 @@ fn snapshot_dir(root: &Path, id: TemplateId) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_killed_after_the_first_transaction_rolls_back() {
-    let scene = Scene::new();
-    scene.crash("create", "c", "before-call").await;
-    let (manager, shown) = scene.recover_and_check("c").await;
-    assert_eq!(shown, None);
-    assert_eq!(scene.sandbox_status(&manager).await, SandboxStatus::Running);
-    let audit = manager
-        .audit_log(&caller(scene.team), AuditQuery::new())
-        .await
-        .unwrap();
-    assert_eq!(audit.items.len(), 1);
-    assert_eq!(audit.items[0].outcome, AuditOutcome::Failure);
-    assert_eq!(audit.items[0].error_code.as_deref(), Some("interrupted"));
+    for mode in Mode::ALL {
+        let scene = Scene::new(mode);
+        scene.crash("create", "c", "before-call").await;
+        let (manager, shown) = scene.recover_and_check("c").await;
+        assert_eq!(shown, None, "{mode:?}");
+        assert_eq!(
+            scene.sandbox_status(&manager).await,
+            SandboxStatus::Running,
+            "{mode:?}"
+        );
+        let audit = manager
+            .audit_log(&caller(scene.team), AuditQuery::new())
+            .await
+            .unwrap();
+        assert_eq!(audit.items.len(), 1, "{mode:?}");
+        assert_eq!(audit.items[0].outcome, AuditOutcome::Failure, "{mode:?}");
+        assert_eq!(
+            audit.items[0].error_code.as_deref(),
+            Some("interrupted"),
+            "{mode:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_killed_while_the_agent_writes_rolls_back() {
-    let scene = Scene::new();
-    scene.crash("create", "c", "in-agent").await;
-    let (manager, shown) = scene.recover_and_check("c").await;
-    assert_eq!(shown, None);
-    assert_ne!(
-        scene.sandbox_status(&manager).await,
-        SandboxStatus::Snapshotting
-    );
+    for mode in Mode::ALL {
+        let scene = Scene::new(mode);
+        scene.crash("create", "c", "in-agent").await;
+        let (manager, shown) = scene.recover_and_check("c").await;
+        assert_eq!(shown, None, "{mode:?}");
+        // The restarted reference agent runs the VM again: the status the
+        // host reports.
+        assert_eq!(
+            scene.sandbox_status(&manager).await,
+            SandboxStatus::Running,
+            "{mode:?}"
+        );
+    }
 }
 
+/// The snapshot was written: recovery keeps it where the host can say so
+/// (`ListSnapshots`); the Go agent cannot, so it is rolled back and its
+/// files deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_killed_after_the_agent_answered_rolls_forward() {
-    let scene = Scene::new();
-    scene.crash("create", "c", "after-call").await;
-    let (manager, shown) = scene.recover_and_check("c").await;
-    let t = shown.expect("the snapshot the host holds is kept");
-    assert_eq!(t.source_sandbox, Some(scene.sandbox));
-    assert!(t.size_bytes > 0);
-    assert_eq!(
-        std::fs::read(snapshot_dir(&scene.root, t.id).join("disk/root.img")).unwrap(),
-        b"root"
-    );
-    assert_eq!(scene.sandbox_status(&manager).await, SandboxStatus::Paused);
+async fn create_killed_after_the_agent_answered_rolls_forward_where_the_host_can_say() {
+    for mode in Mode::ALL {
+        let scene = Scene::new(mode);
+        scene.crash("create", "c", "after-call").await;
+        let (manager, shown) = scene.recover_and_check("c").await;
+        if mode == Mode::GoLike {
+            assert_eq!(shown, None);
+            assert_eq!(scene.keys(), 0, "the key was deleted");
+        } else {
+            let t = shown.expect("the snapshot the host holds is kept");
+            assert_eq!(t.source_sandbox, Some(scene.sandbox));
+            assert!(t.size_bytes > 0);
+            assert_eq!(
+                std::fs::read(snapshot_dir(&scene.root, t.id).join("disk/root.img")).unwrap(),
+                b"root"
+            );
+        }
+        // Kept: paused by the snapshot; rolled back: what the (restarted)
+        // host reports.
+        let expected = if mode == Mode::Ours {
+            SandboxStatus::Paused
+        } else {
+            SandboxStatus::Running
+        };
+        assert_eq!(scene.sandbox_status(&manager).await, expected, "{mode:?}");
+    }
 }
 
 /// With an agent that cannot list its snapshots, recovery cannot know the
 /// key exists: it takes the conservative path, rolls back and deletes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_killed_after_the_agent_answered_rolls_back_without_list_snapshots() {
-    let scene = Scene::new();
+    let scene = Scene::new(Mode::Ours);
     scene.crash("create", "c", "after-call").await;
-    let written: Vec<_> = std::fs::read_dir(scene.root.join("snapshots"))
-        .unwrap()
-        .collect();
     assert_eq!(
-        written.len(),
+        scene.keys(),
         1,
         "the agent wrote the snapshot before the kill"
     );
     let (manager, shown) = scene.recover_and_check_with("c", false).await;
     assert_eq!(shown, None);
-    assert!(
-        std::fs::read_dir(scene.root.join("snapshots"))
-            .unwrap()
-            .next()
-            .is_none(),
-        "the key was deleted"
-    );
+    assert_eq!(scene.keys(), 0, "the key was deleted");
     assert_ne!(
         scene.sandbox_status(&manager).await,
         SandboxStatus::Snapshotting
     );
 }
 
+/// Killed inside the failure path: the agent wrote the files and answered
+/// an error, and the process dies before the rollback commits — while it
+/// asks the host for the sandbox's status, or while another connection
+/// holds the write lock so that the rollback cannot commit. The caller
+/// never heard an answer, so either outcome is allowed; recovery settles
+/// it with nothing stuck and nothing leaked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overwrite_killed_before_the_call_keeps_the_old_template() {
-    let scene = Scene::new();
-    let old = scene.prepare("o").await;
-    scene.crash("overwrite", "o", "before-call").await;
-    let (_manager, shown) = scene.recover_and_check("o").await;
-    assert_eq!(
-        shown.map(|t| t.id),
-        Some(old.id),
-        "the old one, never neither"
-    );
+async fn create_killed_in_the_failure_path_recovers() {
+    for mode in Mode::ALL {
+        for pause in ["in-failure", "in-failure-locked"] {
+            let case = format!("{mode:?} {pause}");
+            let scene = Scene::new(mode);
+            scene.crash("create", "c", pause).await;
+            assert_eq!(scene.keys(), 1, "{case}: the agent wrote the files");
+            let (manager, shown) = scene.recover_and_check("c").await;
+            // Ours lists the key, so recovery keeps it; the Go agent's
+            // cannot be seen, so it is rolled back and deleted.
+            assert_eq!(shown.is_some(), mode == Mode::Ours, "{case}");
+            assert_eq!(scene.keys(), usize::from(mode == Mode::Ours), "{case}");
+            let expected = if mode == Mode::Ours {
+                SandboxStatus::Paused
+            } else {
+                SandboxStatus::Running
+            };
+            assert_eq!(scene.sandbox_status(&manager).await, expected, "{case}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overwrite_killed_in_the_agent_keeps_the_old_template() {
-    let scene = Scene::new();
-    let old = scene.prepare("o").await;
-    scene.crash("overwrite", "o", "in-agent").await;
-    let (_manager, shown) = scene.recover_and_check("o").await;
-    assert_eq!(shown.map(|t| t.id), Some(old.id));
+async fn overwrite_killed_before_the_call_or_in_the_agent_keeps_the_old_template() {
+    for mode in Mode::ALL {
+        for pause in ["before-call", "in-agent"] {
+            let scene = Scene::new(mode);
+            let old = scene.prepare("o").await;
+            scene.crash("overwrite", "o", pause).await;
+            let (_manager, shown) = scene.recover_and_check("o").await;
+            assert_eq!(
+                shown.map(|t| t.id),
+                Some(old.id),
+                "{mode:?} {pause}: the old one, never neither"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overwrite_killed_after_the_agent_answered_shows_the_new_template() {
-    let scene = Scene::new();
-    let old = scene.prepare("o").await;
-    scene.crash("overwrite", "o", "after-call").await;
-    let (_manager, shown) = scene.recover_and_check("o").await;
-    let new = shown.expect("the new one, never neither");
-    assert_ne!(new.id, old.id);
-    assert!(
-        !snapshot_dir(&scene.root, old.id).exists(),
-        "old files deleted"
-    );
+async fn overwrite_killed_after_the_agent_answered_shows_one_of_the_two() {
+    for mode in Mode::ALL {
+        let scene = Scene::new(mode);
+        let old = scene.prepare("o").await;
+        scene.crash("overwrite", "o", "after-call").await;
+        let (_manager, shown) = scene.recover_and_check("o").await;
+        let shown = shown.expect("the old or the new one, never neither");
+        if mode == Mode::GoLike {
+            // The host cannot say it holds the new one: rolled back.
+            assert_eq!(shown.id, old.id);
+        } else {
+            assert_ne!(shown.id, old.id);
+            assert!(
+                !snapshot_dir(&scene.root, old.id).exists(),
+                "old files deleted"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overwrite_killed_while_deleting_the_old_files_finishes() {
-    let scene = Scene::new();
-    let old = scene.prepare("o").await;
-    scene.crash("overwrite", "o", "in-delete").await;
-    let (_manager, shown) = scene.recover_and_check("o").await;
-    let new = shown.expect("the swap was committed");
-    assert_ne!(new.id, old.id);
-    assert!(
-        !snapshot_dir(&scene.root, old.id).exists(),
-        "the worker deleted the old files"
-    );
+    for mode in Mode::ALL {
+        let scene = Scene::new(mode);
+        let old = scene.prepare("o").await;
+        scene.crash("overwrite", "o", "in-delete").await;
+        let (_manager, shown) = scene.recover_and_check("o").await;
+        let new = shown.expect("the swap was committed");
+        assert_ne!(new.id, old.id, "{mode:?}");
+        assert!(
+            !snapshot_dir(&scene.root, old.id).exists(),
+            "{mode:?}: the worker deleted the old files"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_killed_mid_way_finishes() {
-    let scene = Scene::new();
-    let t = scene.prepare("d").await;
-    assert!(snapshot_dir(&scene.root, t.id).exists());
-    scene.crash("delete", "d", "in-delete").await;
-    let (manager, shown) = scene.recover_and_check("d").await;
-    assert_eq!(shown, None, "an acknowledged delete stays deleted");
-    assert!(!snapshot_dir(&scene.root, t.id).exists());
-    assert!(
-        manager
-            .list(&caller(scene.team), ListQuery::new())
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
+    for mode in Mode::ALL {
+        let scene = Scene::new(mode);
+        let t = scene.prepare("d").await;
+        assert!(snapshot_dir(&scene.root, t.id).exists());
+        scene.crash("delete", "d", "in-delete").await;
+        let (manager, shown) = scene.recover_and_check("d").await;
+        assert_eq!(
+            shown, None,
+            "{mode:?}: an acknowledged delete stays deleted"
+        );
+        assert!(!snapshot_dir(&scene.root, t.id).exists(), "{mode:?}");
+        assert!(
+            manager
+                .list(&caller(scene.team), ListQuery::new())
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+        );
+    }
 }
 
 /// Another process holds SQLite's write lock for longer than the busy
@@ -362,7 +448,7 @@ async fn delete_killed_mid_way_finishes() {
 /// all is well once the lock is released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_process_holding_the_write_lock_gives_db_error_and_no_half_writes() {
-    let scene = Scene::new();
+    let scene = Scene::new(Mode::Ours);
     let kept = scene.prepare("kept").await;
     let mut options = fast_options();
     options.store.busy_timeout = Duration::from_millis(200);

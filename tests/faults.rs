@@ -1,6 +1,6 @@
 //! The fault matrix of issue 4: every way a host agent can fail (each
-//! agent error code, unavailable, a timeout — injected and real — and an
-//! undecodable answer), answered before doing anything (`Fault::Fail`) or
+//! agent error code, unavailable — possibly delivered, or provably not
+//! sent — a timeout — injected and real — and an undecodable answer), answered before doing anything (`Fault::Fail`) or
 //! after doing the work (`Fault::FailAfter`), at each agent call of create,
 //! overwrite and delete. For every case the caller gets the documented
 //! error code (SPEC §3), and once the background worker has drained, the
@@ -9,6 +9,10 @@
 //! status its host reports (or the previous one after a definite
 //! rejection), an intact old template after a failed overwrite, and no
 //! files left by a delete.
+//!
+//! Every case runs against two agents: ours, and one that behaves like the
+//! original Go agent (lists only running VMs, reports every snapshot
+//! failure as Internal, deletes a missing key successfully).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -60,8 +64,10 @@ const CODES: [AgentCode; 14] = [
 enum Failure {
     /// The agent answers with this code.
     Code(AgentCode),
-    /// The agent cannot be reached.
+    /// The agent cannot be reached, or the connection failed mid-call.
     Unavailable,
+    /// The request provably never reached the agent (refused, DNS, TLS).
+    NotSent,
     /// The transport reports a timeout.
     Timeout,
     /// The call really outlasts the manager's timeout.
@@ -82,6 +88,7 @@ impl Failure {
         let mut all: Vec<Failure> = CODES.iter().copied().map(Failure::Code).collect();
         all.extend([
             Failure::Unavailable,
+            Failure::NotSent,
             Failure::Timeout,
             Failure::Slow,
             Failure::Protocol,
@@ -90,13 +97,16 @@ impl Failure {
     }
 
     /// Every failure with every timing that exists (a real timeout has no
-    /// "after").
-    fn matrix() -> Vec<(Failure, When)> {
+    /// "after", and a request that was never sent did no work), against
+    /// each kind of agent.
+    fn matrix() -> Vec<(Mode, Failure, When)> {
         let mut cases = Vec::new();
-        for f in Self::all() {
-            cases.push((f, When::Before));
-            if f != Failure::Slow {
-                cases.push((f, When::After));
+        for mode in Mode::ALL {
+            for f in Self::all() {
+                cases.push((mode, f, When::Before));
+                if f != Failure::Slow && f != Failure::NotSent {
+                    cases.push((mode, f, When::After));
+                }
             }
         }
         cases
@@ -106,6 +116,7 @@ impl Failure {
         let err = match self {
             Failure::Code(code) => AgentError::rejected(code, AGENT_TEXT),
             Failure::Unavailable => AgentError::unavailable(AGENT_TEXT),
+            Failure::NotSent => AgentError::not_sent(AGENT_TEXT),
             Failure::Timeout => AgentError::Timeout,
             Failure::Protocol => AgentError::Protocol {
                 message: AGENT_TEXT.into(),
@@ -122,9 +133,12 @@ impl Failure {
     }
 
     /// What the caller of a create sees when `CreateSnapshot` fails so
-    /// (SPEC §3): code and HTTP status.
-    fn create_error(self) -> (ErrorCode, u16) {
+    /// (SPEC §3): code and HTTP status. The Go agent answers every failure
+    /// with Internal.
+    fn create_error(self, mode: Mode) -> (ErrorCode, u16) {
         match self {
+            Failure::NotSent => (ErrorCode::HostUnavailable, 503),
+            Failure::Code(_) if mode == Mode::GoLike => (ErrorCode::AgentError, 502),
             Failure::Code(AgentCode::NotFound) => (ErrorCode::NotFound, 404),
             Failure::Code(AgentCode::InvalidArgument) => (ErrorCode::InvalidRequest, 400),
             Failure::Code(AgentCode::FailedPrecondition) => (ErrorCode::Conflict, 409),
@@ -150,13 +164,21 @@ impl Failure {
         )
     }
 
+    /// Whether the manager may take the failure as definite: a rejection
+    /// it can trust (the Go agent's codes all read as Internal), or a
+    /// request that was never sent.
+    fn definite_for(self, mode: Mode) -> bool {
+        self == Failure::NotSent || (mode == Mode::Ours && self.definite())
+    }
+
     /// The sandbox status after a create whose `CreateSnapshot` failed so,
     /// on a sandbox that was running: the previous status after a definite
-    /// rejection; otherwise what the memory agent reports — it pauses the
+    /// failure; otherwise what the memory agent reports — it pauses the
     /// VM before writing (so after the work, or during a call cut off by
-    /// the timeout, it is paused) and does nothing on `Fail`.
-    fn status_after_create(self, when: When) -> SandboxStatus {
-        if self.definite() {
+    /// the timeout, it is paused) and does nothing on `Fail`. (The Go
+    /// agent does not list the paused VM: it is taken to be paused.)
+    fn status_after_create(self, when: When, mode: Mode) -> SandboxStatus {
+        if self.definite_for(mode) {
             SandboxStatus::Running
         } else if when == When::After || self == Failure::Slow {
             SandboxStatus::Paused
@@ -223,10 +245,10 @@ async fn get(env: &Env, team: TeamId, n: &str) -> Result<Template> {
 }
 
 /// Checks the error of a failed create: code, status, and no agent text.
-fn check_create_error(case: &str, err: &Error, failure: Failure) {
+fn check_create_error(case: &str, err: &Error, failure: Failure, mode: Mode) {
     assert_eq!(
         (err.code(), err.http_status()),
-        failure.create_error(),
+        failure.create_error(mode),
         "{case}: {err:?}"
     );
     assert!(
@@ -292,16 +314,16 @@ fn definite_rejections_are_the_documented_ones() {
 /// Step: the `CreateSnapshot` call of a plain create.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_snapshot_failures() {
-    for (failure, when) in Failure::matrix() {
-        let case = format!("CreateSnapshot {failure:?} {when:?}");
-        let env = Env::with_options(options()).await;
+    for (mode, failure, when) in Failure::matrix() {
+        let case = format!("{mode:?}: CreateSnapshot {failure:?} {when:?}");
+        let env = Env::with_mode(options(), mode).await;
         let team = TeamId::new();
         let sb = env.sandbox(team).await;
         env.agent
             .inject_times(AgentOp::CreateSnapshot, failure.fault(when), 1);
 
         let err = env.create(team, sb, "snap").await.expect_err(&case);
-        check_create_error(&case, &err, failure);
+        check_create_error(&case, &err, failure, mode);
         assert!(env.names(team).await.is_empty(), "{case}");
         assert_eq!(
             get(&env, team, "snap").await.unwrap_err().code(),
@@ -323,6 +345,18 @@ async fn create_snapshot_failures() {
             .any(|d| d.template_id.to_string() == key);
         let present = env.agent.has_snapshot(&key);
         assert!(queued || !present, "{case}: half-written key not queued");
+        if failure == Failure::NotSent {
+            // Nothing reached the host: the sandbox is released at once,
+            // nothing is queued, nobody asks the host anything.
+            assert!(!queued, "{case}");
+            assert_eq!(
+                env.sandbox_status(sb).await,
+                SandboxStatus::Running,
+                "{case}"
+            );
+            assert_eq!(env.agent.calls(AgentOp::ListSandboxes), 0, "{case}");
+            assert_eq!(env.count("SELECT count(*) FROM operations"), 0, "{case}");
+        }
         if when == When::After {
             // The audit names the key the agent wrote: it is still there,
             // or the worker already deleted it.
@@ -337,9 +371,9 @@ async fn create_snapshot_failures() {
         assert_invariants(&env, &[team]).await;
         assert!(env.names(team).await.is_empty(), "{case}");
         assert!(keys(&env).is_empty(), "{case}: key left: {:?}", keys(&env));
-        let expected = failure.status_after_create(when);
+        let expected = failure.status_after_create(when, mode);
         assert_eq!(env.sandbox_status(sb).await, expected, "{case}");
-        if !failure.definite() {
+        if !failure.definite_for(mode) {
             assert_eq!(
                 env.agent.sandbox_status(sb).as_deref(),
                 Some(expected.as_str()),
@@ -357,9 +391,12 @@ async fn create_snapshot_failures() {
 /// answered Internal).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_sandboxes_failures_after_an_ambiguous_create() {
-    for failure in Failure::all() {
-        let case = format!("ListSandboxes {failure:?}");
-        let env = Env::with_options(options()).await;
+    let cases = Mode::ALL
+        .iter()
+        .flat_map(|mode| Failure::all().into_iter().map(move |f| (*mode, f)));
+    for (mode, failure) in cases {
+        let case = format!("{mode:?}: ListSandboxes {failure:?}");
+        let env = Env::with_mode(options(), mode).await;
         let team = TeamId::new();
         let sb = env.sandbox(team).await;
         env.agent.inject_times(
@@ -371,7 +408,7 @@ async fn list_sandboxes_failures_after_an_ambiguous_create() {
             .inject(AgentOp::ListSandboxes, failure.fault(When::Before));
 
         let err = env.create(team, sb, "snap").await.expect_err(&case);
-        check_create_error(&case, &err, Failure::Code(AgentCode::Internal));
+        check_create_error(&case, &err, Failure::Code(AgentCode::Internal), mode);
         assert!(env.agent.calls(AgentOp::ListSandboxes) >= 1, "{case}");
         // The host cannot say, so the sandbox stays owned by the operation
         // and out of new ones; the template is gone and the failure audited.
@@ -411,10 +448,10 @@ async fn list_sandboxes_failures_after_an_ambiguous_create() {
 /// Step: the `DeleteSnapshot` of the key a failed create half wrote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_failures_of_a_half_written_key() {
-    for (failure, when) in Failure::matrix() {
-        let case = format!("DeleteSnapshot of a half-written key: {failure:?} {when:?}");
+    for (mode, failure, when) in Failure::matrix() {
+        let case = format!("{mode:?}: DeleteSnapshot of a half-written key: {failure:?} {when:?}");
         let outcome = failure.delete_outcome(when);
-        let env = Env::with_options(options()).await;
+        let env = Env::with_mode(options(), mode).await;
         let team = TeamId::new();
         let sb = env.sandbox(team).await;
         env.agent.inject_times(
@@ -426,7 +463,7 @@ async fn delete_failures_of_a_half_written_key() {
             .inject(AgentOp::DeleteSnapshot, failure.fault(when));
 
         let err = env.create(team, sb, "snap").await.expect_err(&case);
-        check_create_error(&case, &err, Failure::Code(AgentCode::Internal));
+        check_create_error(&case, &err, Failure::Code(AgentCode::Internal), mode);
         let key = check_failure_entry(&case, &audit(&env, team).await[0], &err, "snap");
         assert!(
             env.agent.has_snapshot(&key) || env.agent.calls(AgentOp::DeleteSnapshot) >= 1,
@@ -487,9 +524,9 @@ async fn delete_failures_of_a_half_written_key() {
 /// stay intact: listed, gettable, its files on the host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overwrite_failures_keep_the_old_template() {
-    for (failure, when) in Failure::matrix() {
-        let case = format!("overwrite, CreateSnapshot {failure:?} {when:?}");
-        let env = Env::with_options(options()).await;
+    for (mode, failure, when) in Failure::matrix() {
+        let case = format!("{mode:?}: overwrite, CreateSnapshot {failure:?} {when:?}");
+        let env = Env::with_mode(options(), mode).await;
         let team = TeamId::new();
         let (sb_old, sb) = (env.sandbox(team).await, env.sandbox(team).await);
         let old = env.create(team, sb_old, "snap").await.expect(&case);
@@ -497,7 +534,7 @@ async fn overwrite_failures_keep_the_old_template() {
             .inject_times(AgentOp::CreateSnapshot, failure.fault(when), 1);
 
         let err = env.overwrite(team, sb, "snap").await.expect_err(&case);
-        check_create_error(&case, &err, failure);
+        check_create_error(&case, &err, failure, mode);
         assert_eq!(get(&env, team, "snap").await.expect(&case), old, "{case}");
         let entries = audit(&env, team).await;
         assert_eq!(entries.len(), 2, "{case}: {entries:?}");
@@ -523,7 +560,7 @@ async fn overwrite_failures_keep_the_old_template() {
         );
         assert_eq!(
             env.sandbox_status(sb).await,
-            failure.status_after_create(when),
+            failure.status_after_create(when, mode),
             "{case}"
         );
         assert_eq!(
@@ -544,10 +581,10 @@ async fn overwrite_failures_keep_the_old_template() {
 /// host confirms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_deleting_the_replaced_files() {
-    for (failure, when) in Failure::matrix() {
-        let case = format!("DeleteSnapshot of replaced files: {failure:?} {when:?}");
+    for (mode, failure, when) in Failure::matrix() {
+        let case = format!("{mode:?}: DeleteSnapshot of replaced files: {failure:?} {when:?}");
         let outcome = failure.delete_outcome(when);
-        let env = Env::with_options(options()).await;
+        let env = Env::with_mode(options(), mode).await;
         let team = TeamId::new();
         let (sb_old, sb) = (env.sandbox(team).await, env.sandbox(team).await);
         let old = env.create(team, sb_old, "snap").await.expect(&case);
@@ -603,10 +640,10 @@ async fn failures_deleting_the_replaced_files() {
 /// when the host confirms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_snapshot_failures() {
-    for (failure, when) in Failure::matrix() {
-        let case = format!("delete, DeleteSnapshot {failure:?} {when:?}");
+    for (mode, failure, when) in Failure::matrix() {
+        let case = format!("{mode:?}: delete, DeleteSnapshot {failure:?} {when:?}");
         let outcome = failure.delete_outcome(when);
-        let env = Env::with_options(options()).await;
+        let env = Env::with_mode(options(), mode).await;
         let team = TeamId::new();
         let (sb, sb2) = (env.sandbox(team).await, env.sandbox(team).await);
         let t = env.create(team, sb, "snap").await.expect(&case);

@@ -7,6 +7,7 @@
 
 mod connect;
 mod dir;
+mod go_like;
 mod grpc;
 mod in_process;
 mod memory;
@@ -24,6 +25,7 @@ use crate::names::{NameError, TemplateName};
 
 pub use connect::{ConnectConfig, ConnectTransport};
 pub use dir::DirHostAgent;
+pub use go_like::GoLikeAgent;
 pub use grpc::{GrpcConfig, GrpcTransport, TlsConfig};
 pub use in_process::InProcessTransport;
 pub use memory::{AgentOp, Fault, Hold, MemoryHostAgent};

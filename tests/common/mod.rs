@@ -29,6 +29,28 @@ pub fn fast_options() -> ManagerOptions {
     o
 }
 
+/// Which kind of host agent a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Ours: lists every sandbox, precise error codes, `ListSnapshots`.
+    Ours,
+    /// Like the original Go agent: lists only running VMs, every
+    /// `CreateSnapshot` failure is Internal, a delete of a missing key
+    /// succeeds, no `ListSnapshots`.
+    GoLike,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 2] = [Mode::Ours, Mode::GoLike];
+
+    pub fn agent(self) -> MemoryHostAgent {
+        match self {
+            Mode::Ours => MemoryHostAgent::new(),
+            Mode::GoLike => MemoryHostAgent::go_like(),
+        }
+    }
+}
+
 pub struct Env {
     pub dir: TempDir,
     pub db: PathBuf,
@@ -45,10 +67,15 @@ impl Env {
     }
 
     pub async fn with_options(options: ManagerOptions) -> Env {
+        Self::with_mode(options, Mode::Ours).await
+    }
+
+    /// A manager whose host agent behaves like ours or like the Go agent.
+    pub async fn with_mode(options: ManagerOptions, mode: Mode) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("snapshots.db");
         let transport = Arc::new(InProcessTransport::new());
-        let agent = Arc::new(MemoryHostAgent::new());
+        let agent = Arc::new(mode.agent());
         let host = HostId::new();
         transport.add_host(host, agent.clone());
         let manager = SqliteSnapshotManager::open(&db, transport.clone(), options.clone())
