@@ -471,7 +471,11 @@ fn fill(path: &str) -> String {
         .replace("{name}", "probe-template")
         .replace("{team_id}", &TeamId::new().to_string())
         .replace("{host_id}", &HostId::new().to_string())
-        .replace("{sandbox_id}", &SandboxId::new().to_string());
+        .replace("{sandbox_id}", &SandboxId::new().to_string())
+        .replace(
+            "{operation_id}",
+            &sandbox_snapshots::OperationId::new().to_string(),
+        );
     assert!(
         !filled.contains('{'),
         "{path} has a path parameter this test does not know how to fill"
@@ -1625,4 +1629,121 @@ async fn real_objects_and_errors_match_the_documented_schemas() {
         check_reply(&doc, &ops, "get", "/healthz", &reply),
         json!({ "status": "ok" })
     );
+}
+
+/// Open operations are listed with their ids and resolved by an operator
+/// as documented (and audited in the team's log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_operations_are_listed_and_resolved_as_documented() {
+    let doc = document();
+    let ops = operations(&doc);
+    let server = Server::start().await;
+    let host = server.host.to_string();
+    let reply = server
+        .admin(
+            "post",
+            "/v1/admin/hosts",
+            Some(&json!({ "id": host, "address": "in-process" })),
+        )
+        .await;
+    assert_eq!(reply.status, 201);
+    let (team, key) = server.team_key().await;
+    let sb = SandboxId::new();
+    server.agent.add_sandbox(sb, "running", 1, 64);
+    let body = json!({ "id": sb.to_string(), "team_id": team.to_string(), "host_id": host,
+                       "status": "running", "vcpus": 1, "memory_mb": 64 });
+    assert_eq!(
+        server
+            .admin("post", "/v1/admin/sandboxes", Some(&body))
+            .await
+            .status,
+        201
+    );
+    // The agent writes the files and fails, and then cannot say what
+    // became of the sandbox: the operation stays open.
+    server.agent.inject_times(
+        sandbox_snapshots::agent::AgentOp::CreateSnapshot,
+        sandbox_snapshots::agent::Fault::FailAfter(sandbox_snapshots::AgentError::rejected(
+            sandbox_snapshots::AgentCode::Internal,
+            "x",
+        )),
+        1,
+    );
+    server.agent.inject(
+        sandbox_snapshots::agent::AgentOp::ListSandboxes,
+        sandbox_snapshots::agent::Fault::Fail(sandbox_snapshots::AgentError::unavailable("down")),
+    );
+    let reply = server
+        .send(
+            "post",
+            "/v1/snapshots",
+            Some(&key),
+            Some(&json!({ "sandbox_id": sb.to_string(), "name": "stuck" })),
+        )
+        .await;
+    assert_eq!(reply.status, 502);
+
+    let reply = server.admin("get", "/v1/admin/operations", None).await;
+    assert_eq!(reply.status, 200);
+    let listed = check_reply(&doc, &ops, "get", "/v1/admin/operations", &reply);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["phase"], "resolving");
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/admin/operations/{id}/resolve");
+    let documented = "/v1/admin/operations/{operation_id}/resolve";
+
+    for bad in [json!({}), json!({ "sandbox_status": "snapshotting" })] {
+        let reply = server.admin("post", &path, Some(&bad)).await;
+        assert_eq!(reply.status, 400, "{bad}");
+        check_reply(&doc, &ops, "post", documented, &reply);
+    }
+    let reply = server
+        .send(
+            "post",
+            &path,
+            Some(&key),
+            Some(&json!({ "sandbox_status": "paused" })),
+        )
+        .await;
+    assert_eq!(reply.status, 403, "a team key may not resolve");
+    let reply = server
+        .admin("post", &path, Some(&json!({ "sandbox_status": "paused" })))
+        .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let resolved = check_reply(&doc, &ops, "post", documented, &reply);
+    assert_eq!(resolved["id"], id.as_str());
+    assert_eq!(resolved["sandbox_id"], sb.to_string());
+    assert_eq!(resolved["sandbox_status"], "paused");
+    let reply = server
+        .admin("post", &path, Some(&json!({ "sandbox_status": "paused" })))
+        .await;
+    assert_eq!(reply.status, 404, "resolved once");
+    check_reply(&doc, &ops, "post", documented, &reply);
+
+    let reply = server.admin("get", "/v1/admin/operations", None).await;
+    assert_eq!(
+        check_reply(&doc, &ops, "get", "/v1/admin/operations", &reply),
+        json!([])
+    );
+    let reply = server
+        .admin("get", &format!("/v1/admin/sandboxes/{sb}"), None)
+        .await;
+    assert_eq!(reply.json()["status"], "paused");
+    let reply = server
+        .send(
+            "get",
+            "/v1/audit-logs?action=operation.resolve",
+            Some(&key),
+            None,
+        )
+        .await;
+    let entries = check_reply(&doc, &ops, "get", "/v1/audit-logs", &reply);
+    assert_eq!(entries.as_array().unwrap().len(), 1, "{entries}");
+    assert_eq!(entries[0]["metadata"]["reason"], "operator");
+    assert_eq!(entries[0]["metadata"]["operation_id"], id.as_str());
 }

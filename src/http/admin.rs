@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiResult, ApiState, PathParam, TemplateBody, json_body, parse_name};
 use crate::error::Error;
-use crate::ids::{HostId, SandboxId, TeamId};
+use crate::ids::{HostId, OperationId, SandboxId, TeamId};
 use crate::manager::{NewSnapshot, SnapshotManager};
 use crate::model::{Caller, Host, HostStatus, Sandbox, SandboxStatus};
 
@@ -33,6 +33,11 @@ pub(super) fn routes() -> Router<ApiState> {
             delete(delete_platform_template),
         )
         .route("/v1/admin/pending", get(pending))
+        .route("/v1/admin/operations", get(list_operations))
+        .route(
+            "/v1/admin/operations/{operation_id}/resolve",
+            post(resolve_operation),
+        )
 }
 
 fn parse_id<T>(
@@ -353,22 +358,57 @@ async fn pending(State(state): State<ApiState>) -> ApiResult<Response> {
                 })
             })
             .collect(),
-        operations: operations
-            .iter()
-            .map(|o| {
-                serde_json::json!({
-                    "template_id": o.template_id.to_string(),
-                    "team_id": o.team.to_string(),
-                    "name": o.name.as_str(),
-                    "sandbox_id": o.sandbox.to_string(),
-                    "host_id": o.host.to_string(),
-                    "phase": o.phase,
-                    "attempts": o.attempts,
-                    "last_error": o.last_error,
-                    "started_at": o.started_at.to_rfc3339(),
-                })
-            })
-            .collect(),
+        operations: operations.iter().map(operation_json).collect(),
     };
     Ok(axum::Json(out).into_response())
+}
+
+fn operation_json(o: &crate::store::sql::OpenOperation) -> serde_json::Value {
+    serde_json::json!({
+        "id": o.id.to_string(),
+        "template_id": o.template_id.to_string(),
+        "team_id": o.team.to_string(),
+        "name": o.name.as_str(),
+        "sandbox_id": o.sandbox.to_string(),
+        "host_id": o.host.to_string(),
+        "phase": o.phase,
+        "attempts": o.attempts,
+        "last_error": o.last_error,
+        "started_at": o.started_at.to_rfc3339(),
+    })
+}
+
+async fn list_operations(State(state): State<ApiState>) -> ApiResult<Response> {
+    let operations = state.manager.open_operations().await?;
+    let out: Vec<serde_json::Value> = operations.iter().map(operation_json).collect();
+    Ok(axum::Json(out).into_response())
+}
+
+#[derive(Deserialize)]
+struct ResolveIn {
+    #[serde(default)]
+    sandbox_status: String,
+}
+
+async fn resolve_operation(
+    State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    PathParam(operation_id): PathParam,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let id = parse_id(&operation_id, "operation_id", OperationId::parse)?;
+    let body: ResolveIn = json_body(body)?;
+    if body.sandbox_status.is_empty() {
+        return Err(Error::invalid_request("sandbox_status is required").into());
+    }
+    let status = body.sandbox_status.parse::<SandboxStatus>()?;
+    let resolved = state.manager.resolve_operation(&caller, id, status).await?;
+    Ok(axum::Json(serde_json::json!({
+        "id": resolved.id.to_string(),
+        "template_id": resolved.template_id.to_string(),
+        "team_id": resolved.team.to_string(),
+        "sandbox_id": resolved.sandbox.to_string(),
+        "sandbox_status": resolved.sandbox_status.as_str(),
+    }))
+    .into_response())
 }
