@@ -5,15 +5,16 @@
 //! A call is `POST <base>/hostagent.v1.HostAgentService/<Method>` with an
 //! `application/proto` body. Success is HTTP 200 with an `application/proto`
 //! body; failure is a JSON body `{"code": "...", "message": "..."}` whose
-//! code is a Connect code, or, failing that, a code derived from the HTTP
-//! status as the Connect specification says.
+//! code is a Connect code, or, failing that (a response that is not a
+//! Connect answer), a classification by the HTTP status shared with the
+//! gRPC transport.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -21,14 +22,9 @@ use prost::Message;
 
 use super::pb::{self, wire};
 use super::{
-    AgentCode, AgentError, AgentTransport, BearerToken, CreateSnapshotRequest,
-    CreateSnapshotResponse, DeleteSnapshotRequest, HostAgent, HostTarget, SandboxList,
-    SnapshotInfo,
+    AgentError, AgentTransport, BearerToken, CreateSnapshotRequest, CreateSnapshotResponse,
+    DeleteSnapshotRequest, HostAgent, HostTarget, SandboxList, SnapshotInfo,
 };
-
-/// Largest response body accepted (a `ListSnapshots` of a very full host
-/// fits easily).
-const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Settings of the Connect transport.
 #[derive(Debug, Clone)]
@@ -43,6 +39,10 @@ pub struct ConnectConfig {
     pub call_timeout: Duration,
     /// Sent as `authorization: Bearer <token>` on every call.
     pub token: Option<BearerToken>,
+    /// Largest response body accepted; larger ones are an
+    /// [`AgentError::Protocol`]. Default 64 MiB (a `ListSnapshots` of a
+    /// host with 56k keys is about 4.3 MB).
+    pub max_response_bytes: usize,
 }
 
 impl Default for ConnectConfig {
@@ -52,6 +52,7 @@ impl Default for ConnectConfig {
             create_timeout: Duration::from_secs(300),
             call_timeout: Duration::from_secs(30),
             token: None,
+            max_response_bytes: super::grpc::DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 }
@@ -68,6 +69,12 @@ impl ConnectConfig {
         self.connect_timeout = connect;
         self.create_timeout = create;
         self.call_timeout = call;
+        self
+    }
+
+    /// Accepts response bodies of up to `n` bytes.
+    pub fn max_response_bytes(mut self, n: usize) -> Self {
+        self.max_response_bytes = n;
         self
     }
 }
@@ -134,6 +141,18 @@ impl AgentTransport for ConnectTransport {
     }
 }
 
+/// `e` and the errors under it, for logs (hyper's errors name only their
+/// kind).
+fn with_sources(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(e) = source {
+        text = format!("{text}: {e}");
+        source = e.source();
+    }
+    text
+}
+
 struct ConnectAgent {
     base: String,
     config: Arc<ConnectConfig>,
@@ -145,20 +164,6 @@ struct ErrorBody {
     code: String,
     #[serde(default)]
     message: String,
-}
-
-/// The Connect specification's mapping for error responses without a
-/// usable JSON body.
-fn error_from_http_status(status: http::StatusCode) -> AgentError {
-    let message = format!("HTTP {status}");
-    match status.as_u16() {
-        400 => AgentError::rejected(AgentCode::Internal, message),
-        401 => AgentError::rejected(AgentCode::Unauthenticated, message),
-        403 => AgentError::rejected(AgentCode::PermissionDenied, message),
-        404 => AgentError::rejected(AgentCode::Unimplemented, message),
-        429 | 502 | 503 | 504 => AgentError::unavailable(message),
-        _ => AgentError::rejected(AgentCode::Unknown, message),
-    }
 }
 
 impl ConnectAgent {
@@ -181,18 +186,31 @@ impl ConnectAgent {
             .map_err(|e| AgentError::not_sent(format!("bad agent address {uri}: {e}")))?;
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
+                let why = with_sources(&e);
                 if e.is_connect() {
-                    AgentError::not_sent(format!("cannot connect to {}: {e}", self.base))
+                    // Refused, unresolvable, timed out: never sent.
+                    AgentError::not_sent(format!("cannot connect to {}: {why}", self.base))
                 } else {
-                    AgentError::unavailable(format!("connection to {} failed: {e}", self.base))
+                    // Sent, or maybe sent, and the connection failed.
+                    AgentError::unavailable(format!("connection to {} failed: {why}", self.base))
                 }
             })?;
             let (parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_RESPONSE_BYTES)
+            let body = Limited::new(body, self.config.max_response_bytes)
                 .collect()
                 .await
-                .map_err(|e| AgentError::Protocol {
-                    message: format!("reading the response body: {e}"),
+                .map_err(|e| {
+                    if e.is::<LengthLimitError>() {
+                        AgentError::Protocol {
+                            message: format!(
+                                "the answer is over the {} byte limit",
+                                self.config.max_response_bytes
+                            ),
+                        }
+                    } else {
+                        // The connection was lost while the answer arrived.
+                        AgentError::unavailable(format!("reading the answer: {e}"))
+                    }
                 })?
                 .to_bytes();
             Ok::<_, AgentError>((parts, body))
@@ -200,6 +218,18 @@ impl ConnectAgent {
         let (parts, body) = tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| AgentError::Timeout)??;
+        // We send no `accept-encoding`: a compressed answer was not asked
+        // for.
+        if let Some(encoding) = parts.headers.get(http::header::CONTENT_ENCODING)
+            && encoding.as_bytes() != b"identity"
+        {
+            return Err(AgentError::Protocol {
+                message: format!(
+                    "the answer is compressed with {:?}, which was not asked for",
+                    String::from_utf8_lossy(encoding.as_bytes())
+                ),
+            });
+        }
         if parts.status == http::StatusCode::OK {
             return Resp::decode(body).map_err(|e| AgentError::Protocol {
                 message: format!("undecodable {method} response: {e}"),
@@ -207,7 +237,9 @@ impl ConnectAgent {
         }
         match serde_json::from_slice::<ErrorBody>(&body) {
             Ok(err) => Err(pb::connect_code_to_error(&err.code, err.message)),
-            Err(_) => Err(error_from_http_status(parts.status)),
+            // Not a Connect error (a proxy's page, the Go agent's mux
+            // answering an unknown route with a plain-text 404).
+            Err(_) => Err(pb::http_status_to_error(parts.status)),
         }
     }
 }

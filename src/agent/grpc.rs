@@ -2,20 +2,33 @@
 //! reused for every call and replaced when the host's address changes.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tonic::codegen::Service;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use super::pb::{self, wire};
+use super::pb::{self, ClientVerdict, SentStatus, wire};
 use super::{
     AgentError, AgentTransport, BearerToken, CreateSnapshotRequest, CreateSnapshotResponse,
     DeleteSnapshotRequest, HostAgent, HostTarget, SandboxList, SnapshotInfo,
 };
 use crate::ids::HostId;
 
-type Client = wire::host_agent_service_client::HostAgentServiceClient<Channel>;
+type Client = wire::host_agent_service_client::HostAgentServiceClient<Checked>;
+
+/// Largest answer accepted by default (both transports).
+pub(crate) const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// TLS for gRPC connections to host agents (rustls).
 #[derive(Clone)]
@@ -84,6 +97,10 @@ pub struct GrpcConfig {
     pub token: Option<BearerToken>,
     /// TLS; plain HTTP/2 when `None`.
     pub tls: Option<TlsConfig>,
+    /// Largest answer accepted (one decoded message); larger ones are an
+    /// [`AgentError::Protocol`]. Default 64 MiB (a `ListSnapshots` of a
+    /// host with 56k keys is about 4.3 MB).
+    pub max_response_bytes: usize,
 }
 
 impl Default for GrpcConfig {
@@ -94,6 +111,7 @@ impl Default for GrpcConfig {
             call_timeout: Duration::from_secs(30),
             token: None,
             tls: None,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 }
@@ -118,6 +136,12 @@ impl GrpcConfig {
         self.call_timeout = call;
         self
     }
+
+    /// Accepts answers of up to `n` bytes.
+    pub fn max_response_bytes(mut self, n: usize) -> Self {
+        self.max_response_bytes = n;
+        self
+    }
 }
 
 /// Reaches host agents over gRPC. Addresses are `host:port` or a URL
@@ -126,7 +150,7 @@ impl GrpcConfig {
 pub struct GrpcTransport {
     config: GrpcConfig,
     tls: Option<ClientTlsConfig>,
-    channels: Mutex<HashMap<HostId, (String, Channel)>>,
+    channels: Mutex<HashMap<HostId, (String, Checked)>>,
 }
 
 impl std::fmt::Debug for GrpcTransport {
@@ -168,7 +192,7 @@ impl GrpcTransport {
         }
     }
 
-    fn channel(&self, host: &HostTarget) -> Result<Channel, AgentError> {
+    fn channel(&self, host: &HostTarget) -> Result<Checked, AgentError> {
         let mut channels = self
             .channels
             .lock()
@@ -189,15 +213,29 @@ impl GrpcTransport {
         };
         let mut endpoint = Endpoint::from_shared(self.uri(&host.address))
             .map_err(bad)?
-            .connect_timeout(self.config.connect_timeout)
-            .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
         if let Some(tls) = &self.tls {
-            endpoint = endpoint.tls_config(tls.clone()).map_err(bad)?;
+            let tls = tls.clone().timeout(self.config.connect_timeout);
+            endpoint = endpoint.tls_config(tls).map_err(bad)?;
         }
+        // The connect timeout is the TCP connector's (not the endpoint's,
+        // which tonic enforces outside its `ConnectError`): a connect that
+        // times out is then "not sent" like any other connect failure.
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(self.config.connect_timeout));
+        let http1_peer = Arc::new(AtomicBool::new(false));
+        let connector = SniffingConnector {
+            http,
+            http1_peer: http1_peer.clone(),
+        };
         // Connects on first use and reconnects by itself after failures.
-        let channel = endpoint.connect_lazy();
+        let channel = Checked {
+            channel: endpoint.connect_with_connector_lazy(connector),
+            http1_peer,
+        };
         channels.insert(host.id, (host.address.clone(), channel.clone()));
         Ok(channel)
     }
@@ -207,7 +245,7 @@ impl AgentTransport for GrpcTransport {
     fn agent(&self, host: &HostTarget) -> Result<Arc<dyn HostAgent>, AgentError> {
         let channel = self.channel(host)?;
         Ok(Arc::new(GrpcAgent {
-            client: Client::new(channel),
+            client: Client::new(channel).max_decoding_message_size(self.config.max_response_bytes),
             token: self.config.token.as_ref().map(BearerToken::header_value),
             create_timeout: self.config.create_timeout,
             call_timeout: self.config.call_timeout,
@@ -224,7 +262,17 @@ struct GrpcAgent {
 }
 
 impl GrpcAgent {
-    fn request<T>(&self, message: T, timeout: Duration) -> Result<tonic::Request<T>, AgentError> {
+    /// One call: `call` is the generated client method. The deadline is
+    /// sent to the agent and also kept here, over the whole answer.
+    async fn call<Req, Resp, Fut>(
+        &self,
+        message: Req,
+        timeout: Duration,
+        call: impl FnOnce(Client, tonic::Request<Req>) -> Fut,
+    ) -> Result<Resp, AgentError>
+    where
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
         let mut request = tonic::Request::new(message);
         request.set_timeout(timeout);
         if let Some(token) = &self.token {
@@ -233,8 +281,212 @@ impl GrpcAgent {
             })?;
             request.metadata_mut().insert("authorization", value);
         }
-        Ok(request)
+        let sent = SentStatus::default();
+        request.extensions_mut().insert(sent.clone());
+        match tokio::time::timeout(timeout, call(self.client.clone(), request)).await {
+            Err(_) => Err(AgentError::Timeout),
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(pb::status_to_error(status, &sent)),
+        }
     }
+}
+
+/// The channel with a look at each answer before tonic reads it.
+///
+/// tonic reads any HTTP response as gRPC: a plain-text 404 from the Go
+/// agent's mux is parsed as frames and comes out Internal; a `grpc-encoding`
+/// we did not ask for comes out Unimplemented. Both would then pass for
+/// the agent's own answer. Here, a response that is not gRPC (status not
+/// 200 or a content type that is not `application/grpc*`, and no
+/// `grpc-status`) is classified by its HTTP status, an unasked encoding is
+/// a protocol error — as a [`ClientVerdict`] service error, which tonic
+/// keeps in the `Status`'s source chain. And every `grpc-status` the agent
+/// sends (headers or trailers) is recorded in the call's [`SentStatus`].
+#[derive(Clone)]
+struct Checked {
+    channel: Channel,
+    /// Set when the server of the current connection answered our h2c
+    /// preface in HTTP/1 (see [`Sniff`]).
+    http1_peer: Arc<AtomicBool>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+impl Service<http::Request<tonic::body::Body>> for Checked {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.channel.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let sent = request
+            .extensions()
+            .get::<SentStatus>()
+            .cloned()
+            .unwrap_or_default();
+        let call = self.channel.call(request);
+        let http1_peer = self.http1_peer.clone();
+        Box::pin(async move {
+            let response = match call.await {
+                Ok(response) => response,
+                // The connection died because the server speaks HTTP/1.1
+                // only: h2 reports a frame error or a closed connection,
+                // but the answer was just not HTTP/2.
+                Err(e) if http1_peer.load(Ordering::SeqCst) => {
+                    return Err(ClientVerdict(AgentError::Protocol {
+                        message: format!(
+                            "the agent answered in HTTP/1.1; it does not serve gRPC here ({e})"
+                        ),
+                    })
+                    .into());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            check_answer(&response).map_err(ClientVerdict)?;
+            if let Some(value) = response.headers().get(GRPC_STATUS) {
+                sent.record(value);
+            }
+            Ok(response.map(|body| {
+                tonic::body::Body::new(body.map_frame(move |frame| {
+                    if let Some(value) = frame.trailers_ref().and_then(|t| t.get(GRPC_STATUS)) {
+                        sent.record(value);
+                    }
+                    frame
+                }))
+            }))
+        })
+    }
+}
+
+const GRPC_STATUS: &str = "grpc-status";
+
+/// The TCP connector of gRPC channels: hyper's, with a [`Sniff`] on
+/// cleartext (h2c) connections.
+#[derive(Clone)]
+struct SniffingConnector {
+    http: HttpConnector,
+    http1_peer: Arc<AtomicBool>,
+}
+
+impl Service<http::Uri> for SniffingConnector {
+    type Response = TokioIo<Sniff>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        // Under TLS the bytes are encrypted, and a server without HTTP/2
+        // fails the ALPN check while connecting.
+        let cleartext = uri.scheme_str() == Some("http");
+        let http1_peer = self.http1_peer.clone();
+        let connecting = self.http.call(uri);
+        Box::pin(async move {
+            let tcp = connecting.await?.into_inner();
+            http1_peer.store(false, Ordering::SeqCst);
+            Ok(TokioIo::new(Sniff {
+                tcp,
+                http1_peer: cleartext.then_some(http1_peer),
+            }))
+        })
+    }
+}
+
+/// A connection that looks at the first bytes the server sends. An HTTP/2
+/// server starts with a SETTINGS frame, whose first byte (of a 24-bit
+/// length under 16 KiB) is 0; an HTTP/1.1-only server answering our
+/// preface starts with `HTTP/1.1 400 …`. h2 then reports a frame size
+/// error or a closed connection; this tells [`Checked`] what it was.
+struct Sniff {
+    tcp: TcpStream,
+    /// Until the first bytes arrive.
+    http1_peer: Option<Arc<AtomicBool>>,
+}
+
+impl AsyncRead for Sniff {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.tcp).poll_read(cx, buf))?;
+        let new = &buf.filled()[before..];
+        if !new.is_empty()
+            && let Some(flag) = this.http1_peer.take()
+        {
+            let n = new.len().min(5);
+            if new[..n] == b"HTTP/"[..n] {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Sniff {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// Whether `response` is a gRPC answer we can read (see [`Checked`]).
+fn check_answer<B>(response: &http::Response<B>) -> Result<(), AgentError> {
+    let headers = response.headers();
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .map(http::HeaderValue::as_bytes)
+        .unwrap_or_default();
+    let grpc_content = content_type == b"application/grpc"
+        || content_type.starts_with(b"application/grpc+")
+        || content_type.starts_with(b"application/grpc;");
+    let is_grpc = response.status() == http::StatusCode::OK && grpc_content;
+    if !is_grpc && !headers.contains_key(GRPC_STATUS) {
+        return Err(pb::http_status_to_error(response.status()));
+    }
+    // We send no `grpc-accept-encoding`: a compressed answer was not asked
+    // for and cannot be trusted to be read right.
+    if let Some(encoding) = headers.get("grpc-encoding")
+        && encoding.as_bytes() != b"identity"
+    {
+        return Err(AgentError::Protocol {
+            message: format!(
+                "the answer is compressed with {:?}, which was not asked for",
+                String::from_utf8_lossy(encoding.as_bytes())
+            ),
+        });
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -243,45 +495,39 @@ impl HostAgent for GrpcAgent {
         &self,
         req: CreateSnapshotRequest,
     ) -> Result<CreateSnapshotResponse, AgentError> {
-        let request = self.request(wire::CreateSnapshotRequest::from(req), self.create_timeout)?;
-        let response = self
-            .client
-            .clone()
-            .create_snapshot(request)
-            .await
-            .map_err(pb::status_to_error)?;
-        response.into_inner().try_into()
+        let message = wire::CreateSnapshotRequest::from(req);
+        self.call(message, self.create_timeout, |mut c, r| async move {
+            c.create_snapshot(r).await
+        })
+        .await?
+        .try_into()
     }
 
     async fn delete_snapshot(&self, req: DeleteSnapshotRequest) -> Result<(), AgentError> {
-        let request = self.request(wire::DeleteSnapshotRequest::from(req), self.call_timeout)?;
-        self.client
-            .clone()
-            .delete_snapshot(request)
-            .await
-            .map_err(pb::status_to_error)?;
+        let message = wire::DeleteSnapshotRequest::from(req);
+        self.call(message, self.call_timeout, |mut c, r| async move {
+            c.delete_snapshot(r).await
+        })
+        .await?;
         Ok(())
     }
 
     async fn list_sandboxes(&self) -> Result<SandboxList, AgentError> {
-        let request = self.request(wire::ListSandboxesRequest {}, self.call_timeout)?;
-        let response = self
-            .client
-            .clone()
-            .list_sandboxes(request)
-            .await
-            .map_err(pb::status_to_error)?;
-        response.into_inner().try_into()
+        let message = wire::ListSandboxesRequest {};
+        self.call(message, self.call_timeout, |mut c, r| async move {
+            c.list_sandboxes(r).await
+        })
+        .await?
+        .try_into()
     }
 
     async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, AgentError> {
-        let request = self.request(wire::ListSnapshotsRequest {}, self.call_timeout)?;
+        let message = wire::ListSnapshotsRequest {};
         let response = self
-            .client
-            .clone()
-            .list_snapshots(request)
-            .await
-            .map_err(pb::status_to_error)?;
-        pb::snapshots_from_wire(response.into_inner())
+            .call(message, self.call_timeout, |mut c, r| async move {
+                c.list_snapshots(r).await
+            })
+            .await?;
+        pb::snapshots_from_wire(response)
     }
 }

@@ -2,6 +2,9 @@
 //! and the domain types. `tonic::Status` is converted to and from
 //! [`AgentError`] here and nowhere else.
 
+use std::error::Error as _;
+use std::sync::{Arc, Mutex};
+
 use super::{
     AgentCode, AgentError, CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest,
     SandboxInfo, SandboxList, SnapshotInfo, SnapshotKey,
@@ -274,10 +277,16 @@ impl AgentCode {
 }
 
 /// A Connect error code and message, as an [`AgentError`].
+///
+/// `canceled` is [`AgentError::Timeout`], as on gRPC (see
+/// [`status_to_error`]): our calls are never cancelled on purpose, so an
+/// agent that says "canceled" has cut the call off (servers answer an
+/// expired deadline that way) and the outcome is unknown. It must not read
+/// as a rejection, and both transports must agree.
 pub(crate) fn connect_code_to_error(code: &str, message: String) -> AgentError {
     match code {
         "unavailable" => AgentError::unavailable(message),
-        "deadline_exceeded" => AgentError::Timeout,
+        "deadline_exceeded" | "canceled" => AgentError::Timeout,
         other => AgentError::Rejected {
             code: AgentCode::from_connect(other),
             message,
@@ -285,17 +294,153 @@ pub(crate) fn connect_code_to_error(code: &str, message: String) -> AgentError {
     }
 }
 
-/// The one conversion from `tonic::Status` to [`AgentError`].
-pub(crate) fn status_to_error(status: tonic::Status) -> AgentError {
+/// An HTTP response that is not an RPC answer (no gRPC status, no Connect
+/// error body) — a proxy's error page, the Go agent's mux answering an
+/// unknown route with a plain-text 404 — read by its HTTP status, the same
+/// way on both transports (the gRPC and Connect specifications agree on
+/// these). Only statuses that say something definite about the call are
+/// mapped to codes; anything else could not be understood.
+pub(crate) fn http_status_to_error(status: http::StatusCode) -> AgentError {
+    let message = format!("HTTP {status} without an RPC status");
+    match status.as_u16() {
+        401 => AgentError::rejected(AgentCode::Unauthenticated, message),
+        403 => AgentError::rejected(AgentCode::PermissionDenied, message),
+        404 => AgentError::rejected(AgentCode::Unimplemented, message),
+        429 | 502 | 503 | 504 => AgentError::unavailable(message),
+        _ => protocol(message),
+    }
+}
+
+/// A verdict on a gRPC call reached by our own client before tonic saw the
+/// answer (see `grpc::Checked`). It travels to [`status_to_error`] as the
+/// service error, which tonic keeps in the `Status`'s source chain.
+#[derive(Debug)]
+pub(crate) struct ClientVerdict(pub(crate) AgentError);
+
+impl std::fmt::Display for ClientVerdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ClientVerdict {}
+
+/// The `grpc-status` the agent itself put on the wire for one call (in the
+/// response headers or trailers), recorded as the answer passes through
+/// `grpc::Checked`. tonic makes statuses of its own (undecodable frames,
+/// a message over the limit, a missing status) that look just like the
+/// agent's; only a status whose code the agent really sent is its answer.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SentStatus(Arc<Mutex<Option<tonic::Code>>>);
+
+impl SentStatus {
+    pub(crate) fn record(&self, value: &http::HeaderValue) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(tonic::Code::from_bytes(value.as_bytes()));
+    }
+
+    fn get(&self) -> Option<tonic::Code> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The one conversion from `tonic::Status` to [`AgentError`]. `sent` is
+/// what the agent itself sent on this call.
+///
+/// A `Status` with a `source()` was made on our side: tonic attaches the
+/// error it was made from (connect, h2, hyper, I/O, our own
+/// [`ClientVerdict`]); a status decoded from the agent's `grpc-status` has
+/// none. Such a failure is never the agent's answer. A status without a
+/// source is the agent's answer only when the agent sent that very code;
+/// otherwise tonic made it because the answer could not be understood.
+pub(crate) fn status_to_error(status: tonic::Status, sent: &SentStatus) -> AgentError {
+    if status.source().is_some() {
+        return client_side_error(&status);
+    }
+    if sent.get() != Some(status.code()) {
+        return protocol(format!(
+            "the answer could not be understood ({:?}): {}",
+            status.code(),
+            status.message()
+        ));
+    }
+    agent_status_to_error(status)
+}
+
+/// Every error in the chain under `status`, outermost first.
+fn source_chain(status: &tonic::Status) -> Vec<&(dyn std::error::Error + 'static)> {
+    std::iter::successors(status.source(), |&e| e.source()).collect()
+}
+
+/// A failure of our side of the call: connecting, the HTTP/2 connection,
+/// the client's own deadline, or a verdict of [`ClientVerdict`].
+fn client_side_error(status: &tonic::Status) -> AgentError {
+    let chain = source_chain(status);
+    if let Some(verdict) = chain.iter().find_map(|e| e.downcast_ref::<ClientVerdict>()) {
+        return verdict.0.clone();
+    }
+    let mut message = status.message().to_owned();
+    for e in &chain {
+        let text = e.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+    }
+    if chain.iter().any(|e| e.is::<tonic::TimeoutExpired>()) {
+        return AgentError::Timeout;
+    }
+    // TCP connect (refused, unreachable, timed out), name resolution and
+    // the TLS handshake: tonic wraps every failure before the HTTP/2
+    // connection exists in a `ConnectError`. Nothing was sent.
+    if chain.iter().any(|e| e.is::<tonic::ConnectError>()) {
+        return AgentError::not_sent(message);
+    }
+    if let Some(h2) = chain.iter().find_map(|e| e.downcast_ref::<h2::Error>()) {
+        use h2::Reason;
+        return match h2.reason() {
+            // RST_STREAM(REFUSED_STREAM): the peer guarantees it did not
+            // process the stream (RFC 9113 §8.7).
+            Some(Reason::REFUSED_STREAM) if h2.is_reset() && h2.is_remote() => {
+                AgentError::not_sent(message)
+            }
+            // Frames that break HTTP/2 — for instance an HTTP/1.1-only
+            // server answering the h2c preface with an HTTP/1.1 response.
+            Some(
+                Reason::PROTOCOL_ERROR
+                | Reason::FRAME_SIZE_ERROR
+                | Reason::COMPRESSION_ERROR
+                | Reason::FLOW_CONTROL_ERROR
+                | Reason::HTTP_1_1_REQUIRED,
+            ) => protocol(message),
+            // The connection was lost or the stream reset mid-call.
+            _ => AgentError::unavailable(message),
+        };
+    }
+    if chain
+        .iter()
+        .filter_map(|e| e.downcast_ref::<hyper::Error>())
+        .any(hyper::Error::is_parse)
+    {
+        return protocol(message);
+    }
+    // Reset, EOF, broken pipe, keep-alive timeout: the request may have
+    // been delivered.
+    AgentError::unavailable(message)
+}
+
+/// A status the agent really sent, by its code.
+fn agent_status_to_error(status: tonic::Status) -> AgentError {
     use tonic::Code;
     let message = status.message().to_owned();
     let code = match status.code() {
         Code::Unavailable => return AgentError::unavailable(message),
         Code::DeadlineExceeded => return AgentError::Timeout,
         Code::Ok => return protocol("error status with code OK"),
-        // Our calls always carry a deadline and are never cancelled
-        // explicitly; tonic servers answer an expired deadline with
-        // CANCELLED ("Timeout expired").
+        // Our calls always carry a deadline and are never cancelled on
+        // purpose; servers answer an expired deadline with CANCELLED
+        // (tonic: "Timeout expired"). The call was cut off and its outcome
+        // is unknown: a timeout, never a rejection. The Connect transport
+        // reads `canceled` the same way (see `connect_code_to_error`).
         Code::Cancelled => return AgentError::Timeout,
         Code::Unknown => AgentCode::Unknown,
         Code::InvalidArgument => AgentCode::InvalidArgument,

@@ -110,8 +110,13 @@ impl HostAgentServer {
     /// The service as tonic routes, to mount next to other services (TLS
     /// is then the hosting server's business; the token check stays).
     pub fn into_routes(self) -> tonic::service::Routes {
+        // No limit on answers: a `ListSnapshots` of a full host is several
+        // MB, and clients set their own receive limit (64 MiB by default
+        // for ours). tonic's default is the same; it is set here so that
+        // it stays so.
         tonic::service::Routes::new(
-            wire::host_agent_service_server::HostAgentServiceServer::new(Adapter(self)),
+            wire::host_agent_service_server::HostAgentServiceServer::new(Adapter(self))
+                .max_encoding_message_size(usize::MAX),
         )
     }
 
