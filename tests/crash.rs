@@ -516,3 +516,148 @@ async fn another_process_holding_the_write_lock_gives_db_error_and_no_half_write
         .await
         .unwrap();
 }
+
+/// An interrupted create whose host cannot be reached at all does not stay
+/// open for ever: at `resolve_deadline` the sandbox becomes `error`, the
+/// possibly half-written key stays queued, and it goes once the host is
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_create_whose_host_is_gone_resolves_at_the_deadline() {
+    let scene = Scene::new(Mode::Ours);
+    scene.crash("create", "c", "in-agent").await;
+    let mut options = fast_options();
+    options.resolve_deadline = Duration::from_millis(300);
+    // A transport that cannot reach the host.
+    let manager =
+        SqliteSnapshotManager::open(&scene.db, Arc::new(InProcessTransport::new()), options)
+            .await
+            .unwrap();
+    eventually("the operation resolves at its deadline", || async {
+        manager.open_operations().await.unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(scene.sandbox_status(&manager).await, SandboxStatus::Error);
+    assert_eq!(manager.pending_deletions().await.unwrap().len(), 1);
+    let audit = manager
+        .audit_log(&caller(scene.team), AuditQuery::new())
+        .await
+        .unwrap()
+        .items;
+    assert!(
+        audit.iter().any(|e| e.action == actions::OPERATION_RESOLVE
+            && e.metadata["reason"] == "resolve_deadline"),
+        "{audit:?}"
+    );
+    manager.shutdown().await;
+    drop(manager);
+    // The host is back: the queued key goes.
+    let (manager, shown) = scene.recover_and_check("c").await;
+    assert_eq!(shown, None);
+    assert_eq!(scene.sandbox_status(&manager).await, SandboxStatus::Error);
+}
+
+/// A small tmpfs, mounted for one test (CI runs as root, so it must work
+/// there; elsewhere a test without it says so and passes).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if mounted {
+            return Some(Tmpfs { dir });
+        }
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root and must be able to mount a tmpfs"
+        );
+        eprintln!("skipped: cannot mount a tmpfs here (not root?)");
+        None
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the file system; returns the filler's path.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.path().join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        for chunk in [64 * 1024, 4096, 1] {
+            let block = vec![0u8; chunk];
+            while file.write_all(&block).is_ok() {}
+        }
+        let _ = file.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Defect 7: with the disk full, an interrupted create cannot be rolled
+/// back. The worker backs off (in memory, since the store cannot keep the
+/// postponement): over a second it asks the host a handful of times, not
+/// hundreds. Once space is freed, recovery finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_backs_the_worker_off() {
+    let Some(tmpfs) = Tmpfs::mount("8m") else {
+        return;
+    };
+    let mut scene = Scene::new(Mode::Ours);
+    scene.db = tmpfs.path().join("s.db");
+    scene.crash("create", "c", "before-call").await;
+
+    let agent = Arc::new(MemoryHostAgent::new());
+    let hold = agent::Hold::new();
+    agent.inject(
+        agent::AgentOp::ListSnapshots,
+        agent::Fault::Hold(hold.clone()),
+    );
+    let transport = Arc::new(InProcessTransport::new());
+    transport.add_host(scene.host, agent.clone());
+    let manager = SqliteSnapshotManager::open(&scene.db, transport, fast_options())
+        .await
+        .unwrap();
+    // The start-up recovery is asking the host; the disk fills meanwhile.
+    hold.arrived(1).await;
+    let filler = tmpfs.fill();
+    hold.release();
+
+    let before = agent.calls(agent::AgentOp::ListSnapshots);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = agent.calls(agent::AgentOp::ListSnapshots) - before;
+    assert!(
+        calls <= 12,
+        "{calls} ListSnapshots calls in 1 s while the store cannot record the result"
+    );
+    assert_eq!(
+        manager.open_operations().await.unwrap().len(),
+        1,
+        "the rollback cannot be written while the disk is full"
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    eventually("recovery finishes once there is space", || async {
+        manager.open_operations().await.unwrap().is_empty()
+    })
+    .await;
+    assert_ne!(
+        scene.sandbox_status(&manager).await,
+        SandboxStatus::Snapshotting
+    );
+    manager.shutdown().await;
+}
