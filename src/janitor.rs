@@ -33,6 +33,9 @@ use crate::store::sql::{self, CreateOp, Deletion, Finish, ResolveReason, Sandbox
 /// Most deletions claimed per round.
 const BATCH: u32 = 64;
 
+/// Size of the in-memory backoff table at which lapsed entries are dropped.
+const HELD_BACK_PRUNE: usize = 1024;
+
 /// What one run of the worker did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -90,6 +93,12 @@ impl WorkerState {
     /// only after a backoff, kept here since the store cannot keep it.
     fn hold_back(&self, options: &ManagerOptions, id: OperationId) {
         let mut held = lock_unpoisoned(&self.held_back);
+        if held.len() >= HELD_BACK_PRUNE {
+            // Entries of operations settled elsewhere (an operator, a
+            // deadline) are never cleared one by one: drop the lapsed ones.
+            let now = Instant::now();
+            held.retain(|_, (_, until)| *until > now);
+        }
         let entry = held.entry(id).or_insert((0, Instant::now()));
         entry.1 = Instant::now() + backoff(options, entry.0);
         entry.0 = entry.0.saturating_add(1);
