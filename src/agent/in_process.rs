@@ -82,9 +82,7 @@ impl Routed {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .get(&self.host)
             .cloned()
-            .ok_or_else(|| {
-                AgentError::not_sent(format!("no in-process agent for {}", self.host))
-            })
+            .ok_or_else(|| AgentError::not_sent(format!("no in-process agent for {}", self.host)))
     }
 }
 
