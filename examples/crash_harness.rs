@@ -27,6 +27,9 @@
 //!   hold-lock --db PATH --seconds N
 //!     Takes SQLite's write lock on PATH, prints `LOCKED`, holds it N
 //!     seconds, then exits.
+//!   hold-manager --db PATH
+//!     Opens a manager on PATH (no hosts, no background worker), prints
+//!     `OPEN` and waits forever, for `tests/lock.rs`.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -41,8 +44,8 @@ use sandbox_snapshots::agent::{
 };
 use sandbox_snapshots::{
     Actor, AgentCode, AgentError, AgentTransport, Caller, DirHostAgent, HostAgent, HostId,
-    HostStatus, HostTarget, ManagerOptions, NewSnapshot, Sandbox, SandboxId, SandboxStatus,
-    SnapshotManager, SqliteSnapshotManager, TeamId, TemplateName,
+    HostStatus, HostTarget, InProcessTransport, ManagerOptions, NewSnapshot, Sandbox, SandboxId,
+    SandboxStatus, SnapshotManager, SqliteSnapshotManager, TeamId, TemplateName,
 };
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -240,16 +243,32 @@ fn hold_lock(opts: HashMap<String, String>) -> Result<(), Failure> {
     Ok(())
 }
 
+async fn hold_manager(opts: HashMap<String, String>) -> Result<(), Failure> {
+    let mut manager_options = ManagerOptions::default();
+    manager_options.run_janitor = false;
+    let _manager = SqliteSnapshotManager::open(
+        PathBuf::from(get(&opts, "db")?),
+        Arc::new(InProcessTransport::new()),
+        manager_options,
+    )
+    .await?;
+    announce("OPEN");
+    loop {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Failure> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((mode, rest)) = args.split_first() else {
-        return Err("usage: crash_harness run|hold-lock [options]".into());
+        return Err("usage: crash_harness run|hold-lock|hold-manager [options]".into());
     };
     let opts = options(rest)?;
     match mode.as_str() {
         "run" => run(opts).await,
         "hold-lock" => hold_lock(opts),
+        "hold-manager" => hold_manager(opts).await,
         other => Err(format!("unknown mode {other:?}").into()),
     }
 }

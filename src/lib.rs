@@ -47,7 +47,8 @@
 //! - `error`: [`Error`] with a stable [`ErrorCode`] and HTTP status.
 //! - `manager`: the [`SnapshotManager`] trait and [`SqliteSnapshotManager`].
 //! - `registry`: [`Registry`] of hosts and sandboxes.
-//! - `store`: the SQLite [`Store`] (writer thread, read pool, migrations, SQL).
+//! - `store`: the SQLite [`Store`] (writer thread, read pool, migrations, SQL,
+//!   the one-manager-per-file lock).
 //! - [`agent`]: the [`HostAgent`] service and the [`AgentTransport`] trait;
 //!   transports: in-process, gRPC ([`GrpcTransport`]) and Connect over
 //!   HTTP/1.1 ([`ConnectTransport`]); the gRPC server adapter

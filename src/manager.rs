@@ -2,8 +2,7 @@
 //! SQLite store, [`SqliteSnapshotManager`].
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use crate::janitor::SweepReport;
 use crate::model::{Caller, SandboxStatus, Template, TemplateType, Timestamp};
 use crate::names::TemplateName;
 use crate::registry::Registry;
+use crate::store::lock::DbLock;
 use crate::store::sql::{
     self, CreateInput, CreateOp, Deletion, Finish, ListPosition, OpenOperation, PendingDeletion,
     ResolveReason, SandboxOutcome,
@@ -337,7 +337,7 @@ pub(crate) struct Inner {
     last_sweep: Mutex<Option<tokio::time::Instant>>,
     /// What the background worker keeps in memory between passes.
     pub(crate) worker: crate::janitor::WorkerState,
-    _lock: File,
+    _lock: DbLock,
 }
 
 impl std::fmt::Debug for SqliteSnapshotManager {
@@ -345,51 +345,6 @@ impl std::fmt::Debug for SqliteSnapshotManager {
         f.debug_struct("SqliteSnapshotManager")
             .field("store", &self.inner.store)
             .finish_non_exhaustive()
-    }
-}
-
-fn lock_path(db: &Path) -> PathBuf {
-    let mut name = db.as_os_str().to_owned();
-    name.push(".lock");
-    PathBuf::from(name)
-}
-
-/// One manager per store file: open journal entries are taken to be
-/// interrupted operations, which is only true if nobody else drives them.
-fn take_lock(db: &Path) -> Result<File> {
-    if let Some(parent) = db.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| {
-            Error::new(
-                ErrorCode::DbError,
-                format!("cannot create {}", parent.display()),
-            )
-            .with_source(e)
-        })?;
-    }
-    let path = lock_path(db);
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| {
-            Error::new(
-                ErrorCode::DbError,
-                format!("cannot open {}", path.display()),
-            )
-            .with_source(e)
-        })?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::new(
-            ErrorCode::DbError,
-            format!("{} is in use by another snapshot manager", db.display()),
-        )),
-        Err(std::fs::TryLockError::Error(e)) => Err(Error::new(
-            ErrorCode::DbError,
-            format!("cannot lock {}", path.display()),
-        )
-        .with_source(e)),
     }
 }
 
@@ -415,7 +370,7 @@ impl SqliteSnapshotManager {
                 .with_source(e)
             })?;
         }
-        let lock = take_lock(path)?;
+        let lock = DbLock::acquire(path)?;
         let store = Store::open(path, options.store.clone()).await?;
         let manager = Self {
             inner: Arc::new(Inner {

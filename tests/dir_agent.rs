@@ -9,7 +9,7 @@ use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::{Path, PathBuf};
 
 use sandbox_snapshots::agent::{
-    CreateSnapshotRequest, DeleteSnapshotRequest, SandboxList, SnapshotKey,
+    CreateSnapshotRequest, DeleteSnapshotRequest, Hold, SandboxList, SnapshotKey,
 };
 use sandbox_snapshots::{AgentCode, DirHostAgent, HostAgent, SandboxId, Timestamp};
 use tempfile::TempDir;
@@ -412,4 +412,90 @@ fn path_escapes_cannot_be_expressed() {
         assert!(SandboxId::parse(bad).is_err(), "{bad:?}");
     }
     assert!(SnapshotKey::parse("tpl-ok.v2_x").is_ok());
+}
+
+struct ReleaseOnDrop(Hold);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+#[tokio::test]
+async fn a_key_being_written_is_never_reported_deleted() {
+    let root = TempDir::new().unwrap();
+    let agent = DirHostAgent::open(root.path()).await.unwrap();
+    let id = SandboxId::new();
+    fs::write(sandbox_dir(root.path(), id).join("memory.bin"), b"state").unwrap();
+    let hold = Hold::new();
+    agent.pause_before_rename(Some(hold.clone()));
+    // Released even when an assertion fails, or the paused copy would keep
+    // the runtime (and the test) from ever finishing.
+    let _release = ReleaseOnDrop(hold.clone());
+    let creating = {
+        let agent = agent.clone();
+        tokio::spawn(async move { create(&agent, id, "tpl-w").await })
+    };
+    hold.arrived(1).await;
+
+    // The copy is complete but not under its key yet. Were the delete told
+    // NotFound, the control plane would count the key deleted, and the
+    // files would appear under it a moment later and never go.
+    for attempt in 0..3 {
+        let err = delete(&agent, "tpl-w").await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(AgentCode::FailedPrecondition),
+            "attempt {attempt}: {err}"
+        );
+    }
+    // Clones share what is being written.
+    let err = delete(&agent.clone(), "tpl-w").await.unwrap_err();
+    assert_eq!(err.code(), Some(AgentCode::FailedPrecondition), "{err}");
+    assert!(agent.list_snapshots().await.unwrap().is_empty());
+    // The refused deletes did not touch the copy in progress.
+    hold.release();
+    creating.await.unwrap().unwrap();
+    let snapshots = root.path().join("snapshots");
+    assert_eq!(entries(&snapshots), ["tpl-w"]);
+    assert_eq!(
+        fs::read(snapshots.join("tpl-w/memory.bin")).unwrap(),
+        b"state"
+    );
+
+    // Once in place, a delete removes it, and then it is not found.
+    delete(&agent, "tpl-w").await.unwrap();
+    assert!(entries(&snapshots).is_empty());
+    let again = delete(&agent, "tpl-w").await.unwrap_err();
+    assert_eq!(again.code(), Some(AgentCode::NotFound), "{again}");
+}
+
+#[tokio::test]
+async fn a_delete_removes_what_a_crashed_copy_left_and_answers_not_found() {
+    let root = TempDir::new().unwrap();
+    let agent = DirHostAgent::open(root.path()).await.unwrap();
+    // Written after `open` (which would have removed it) by an agent
+    // process that then died: no create of this agent owns it.
+    let snapshots = root.path().join("snapshots");
+    fs::create_dir_all(snapshots.join(".tmp-tpl-c-0123456789abcdef/disk")).unwrap();
+    fs::write(
+        snapshots.join(".tmp-tpl-c-0123456789abcdef/disk/f"),
+        b"half",
+    )
+    .unwrap();
+    // Keys may contain '-': these belong to `tpl-c-2`, or are no temp dir.
+    fs::create_dir_all(snapshots.join(".tmp-tpl-c-2-0123456789abcdef")).unwrap();
+    fs::create_dir_all(snapshots.join(".tmp-tpl-c")).unwrap();
+
+    let err = delete(&agent, "tpl-c").await.unwrap_err();
+
+    assert_eq!(err.code(), Some(AgentCode::NotFound), "{err}");
+    assert_eq!(
+        entries(&snapshots),
+        [".tmp-tpl-c", ".tmp-tpl-c-2-0123456789abcdef"]
+    );
+    let err = delete(&agent, "tpl-c-2").await.unwrap_err();
+    assert_eq!(err.code(), Some(AgentCode::NotFound), "{err}");
+    assert_eq!(entries(&snapshots), [".tmp-tpl-c"]);
 }

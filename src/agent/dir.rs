@@ -15,7 +15,7 @@ use async_trait::async_trait;
 
 use super::{
     AgentCode, AgentError, CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest,
-    HostAgent, SandboxInfo, SandboxList, SnapshotInfo, SnapshotKey,
+    Hold, HostAgent, SandboxInfo, SandboxList, SnapshotInfo, SnapshotKey,
 };
 use crate::ids::SandboxId;
 use crate::model::Timestamp;
@@ -63,6 +63,16 @@ const COPY_BUFFER: usize = 1 << 20;
 /// - `delete_snapshot` renames `snapshots/<key>` to a `.trash-` name, then
 ///   removes it without following symlinks, so a crash never leaves a
 ///   partial snapshot under its key.
+/// - A key is being written from the moment its `create_snapshot` passes
+///   its first checks until its copy is under the key and synced. A delete
+///   of such a key answers `FailedPrecondition` (retry later), never
+///   `NotFound`: the copy is about to appear under the key, and a caller
+///   told NotFound would count the key deleted and leak it (SPEC §4a
+///   "Half-written keys"). The check and the rename that deletes are one
+///   step for creates of this agent, so a create cannot appear between
+///   them. A delete also removes the `.tmp-<key>-…` leftovers no create of
+///   this agent is writing (those of an agent that crashed), then answers
+///   as for a missing key.
 /// - `list_sandboxes` reports every directory under `sandboxes/` named by a
 ///   sandbox id; `list_snapshots` every directory under `snapshots/` named by
 ///   a valid [`SnapshotKey`], with its allocated size and its directory's
@@ -93,8 +103,11 @@ struct Inner {
     sandboxes: PathBuf,
     snapshots: PathBuf,
     statuses: Mutex<HashMap<SandboxId, String>>,
-    /// Keys whose `create_snapshot` is copying right now.
+    /// Keys whose `create_snapshot` is copying right now. `delete_snapshot`
+    /// holds it while it checks the key and moves its files aside.
     creating: Mutex<HashSet<SnapshotKey>>,
+    /// Testing aid: where creates wait before moving their copy into place.
+    pause_before_rename: Mutex<Option<Hold>>,
 }
 
 impl fmt::Debug for DirHostAgent {
@@ -131,6 +144,7 @@ impl DirHostAgent {
                 snapshots,
                 statuses: Mutex::new(HashMap::new()),
                 creating: Mutex::new(HashSet::new()),
+                pause_before_rename: Mutex::new(None),
             }),
         })
     }
@@ -146,6 +160,15 @@ impl DirHostAgent {
     /// directory does not exist (yet).
     pub fn set_sandbox_status(&self, id: SandboxId, status: impl Into<String>) {
         lock(&self.inner.statuses).insert(id, status.into());
+    }
+
+    /// Testing aid for deterministic interleavings: while set, every
+    /// `create_snapshot` of this agent (and its clones) waits at `hold` once
+    /// its copy is complete, just before moving it under its key; the key is
+    /// being written meanwhile. `None` removes the gate. A real host has no
+    /// use for this.
+    pub fn pause_before_rename(&self, hold: Option<Hold>) {
+        *lock(&self.inner.pause_before_rename) = hold;
     }
 }
 
@@ -237,6 +260,10 @@ impl Inner {
                     .map_err(|e| e.into_agent_error(&format!("snapshot {key}: measuring its size")))
             })
             .and_then(|size| {
+                let gate = lock(&self.pause_before_rename).clone();
+                if let Some(hold) = gate {
+                    hold.pass_blocking();
+                }
                 fs::rename(&temp, &target)
                     .map(|()| size)
                     .map_err(|e| io_error(format!("snapshot {key}: moving it into place"), &e))
@@ -266,7 +293,24 @@ impl Inner {
             &self.snapshots,
             &format!("{TRASH_PREFIX}{key}-{}", random_suffix()),
         )?;
-        match fs::rename(&target, &trash) {
+        // Checked and moved aside under one lock: a create of this key
+        // either registered before (and this delete is refused) or
+        // registers after the files are gone.
+        let (leftovers, moved) = {
+            let creating = lock(&self.creating);
+            if creating.contains(key) {
+                return Err(AgentError::rejected(
+                    AgentCode::FailedPrecondition,
+                    format!("snapshot {key} is still being written; retry later"),
+                ));
+            }
+            let leftovers = self.move_aside_leftovers(key)?;
+            (leftovers, fs::rename(&target, &trash))
+        };
+        for leftover in leftovers {
+            discard(&leftover);
+        }
+        match moved {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(AgentError::rejected(
@@ -286,6 +330,54 @@ impl Inner {
         // which the next `open` removes.
         remove_entry(&trash)
             .map_err(|e| io_error(format!("snapshot {key}: removing its files"), &e))
+    }
+
+    /// Renames the `.tmp-` directories of `key` to `.trash-` names and
+    /// returns those. Called with `creating` held and `key` not in it, so
+    /// no create of this agent is writing them: they are what a crashed
+    /// agent left.
+    fn move_aside_leftovers(&self, key: &SnapshotKey) -> Result<Vec<PathBuf>, AgentError> {
+        let context = || format!("snapshot {key}: looking for leftovers");
+        let entries = fs::read_dir(&self.snapshots).map_err(|e| io_error(context(), &e))?;
+        let mut moved = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error(context(), &e))?;
+            let name = entry.file_name();
+            let Some(suffix) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(TMP_PREFIX))
+                .and_then(|rest| rest.strip_prefix(key.as_str()))
+                .and_then(|rest| rest.strip_prefix('-'))
+            else {
+                continue;
+            };
+            // `.tmp-<key>-<suffix>` with a suffix without '-': keys may
+            // contain '-', so `.tmp-a-b-<r>` belongs to key `a-b`, not `a`.
+            if suffix.is_empty() || suffix.contains('-') {
+                continue;
+            }
+            let trash = child_path(
+                &self.snapshots,
+                &format!("{TRASH_PREFIX}{key}-{}", random_suffix()),
+            )?;
+            match fs::rename(entry.path(), &trash) {
+                Ok(()) => {
+                    tracing::info!(
+                        path = %entry.path().display(),
+                        "removing the leftover of an interrupted create"
+                    );
+                    moved.push(trash);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(io_error(
+                        format!("snapshot {key}: moving a leftover aside"),
+                        &e,
+                    ));
+                }
+            }
+        }
+        Ok(moved)
     }
 
     fn list_sandboxes(&self) -> Result<SandboxList, AgentError> {

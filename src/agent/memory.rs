@@ -89,6 +89,24 @@ impl Hold {
         let mut rx = self.released.subscribe();
         let _ = rx.wait_for(|open| *open).await;
     }
+
+    /// [`Hold::pass`] for synchronous code on a thread that may block (the
+    /// blocking pool): parks the thread until the gate opens. The channels
+    /// need no runtime, so neither does this.
+    pub(crate) fn pass_blocking(&self) {
+        struct Unpark(std::thread::Thread);
+        impl std::task::Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut pass = std::pin::pin!(self.pass());
+        while pass.as_mut().poll(&mut cx).is_pending() {
+            std::thread::park();
+        }
+    }
 }
 
 struct Injected {

@@ -7,6 +7,7 @@
 //! only after the commit is durable.
 
 mod error;
+pub(crate) mod lock;
 mod migrate;
 pub(crate) mod sql;
 
