@@ -544,8 +544,17 @@ async fn a_key_still_being_written_is_deleted_only_once_its_create_is_resolved()
         0,
         "no deletion while the host is writing the key"
     );
-    assert_eq!(env.manager.pending_deletions().await.unwrap().len(), 1);
+    let pending = env.manager.pending_deletions().await.unwrap();
+    assert_eq!(pending.len(), 1);
     assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Snapshotting);
+    // Asked directly, the agent refuses to delete a key it is writing.
+    let key = agent::SnapshotKey::for_template(pending[0].template_id);
+    let refused = env
+        .agent
+        .delete_snapshot(agent::DeleteSnapshotRequest::new(key))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(AgentCode::FailedPrecondition));
 
     hold.release();
     eventually("the agent finishes writing", || async {

@@ -1,6 +1,6 @@
 //! An in-memory host agent with fault injection, for the quickstart and tests.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -118,6 +118,20 @@ struct Injected {
 struct State {
     sandboxes: BTreeMap<String, SandboxInfo>,
     snapshots: BTreeMap<String, SnapshotInfo>,
+    /// Keys a create is still writing.
+    writing: BTreeSet<String>,
+}
+
+/// A key being written, until the write is done or abandoned.
+struct Writing {
+    state: Arc<Mutex<State>>,
+    key: String,
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        lock(&self.state).writing.remove(&self.key);
+    }
 }
 
 /// A host agent that keeps sandboxes and snapshots in memory.
@@ -349,7 +363,13 @@ impl MemoryHostAgent {
             }
             // The VM is paused before its memory is written out.
             sandbox.status = "paused".to_owned();
-            sandbox.memory_mb
+            let memory_mb = sandbox.memory_mb;
+            state.writing.insert(req.key.as_str().to_owned());
+            memory_mb
+        };
+        let writing = Writing {
+            state: self.state.clone(),
+            key: req.key.as_str().to_owned(),
         };
         let size_bytes = (u64::from(memory_mb) + 16) * 1024 * 1024;
         let snapshot = SnapshotInfo::new(req.key.as_str(), size_bytes, Some(Timestamp::now()));
@@ -368,6 +388,8 @@ impl MemoryHostAgent {
                 if let Some(sandbox) = state.sandboxes.get_mut(&sandbox_key) {
                     sandbox.status = "paused".to_owned();
                 }
+                drop(state);
+                drop(writing);
             });
             write
                 .await
@@ -377,6 +399,7 @@ impl MemoryHostAgent {
             lock(&self.state)
                 .snapshots
                 .insert(req.key.as_str().to_owned(), snapshot);
+            drop(writing);
         }
         Self::finish(
             fault,
@@ -406,7 +429,18 @@ impl HostAgent for MemoryHostAgent {
         let _guard = InFlight::new(&self.in_flight);
         let fault = self.enter(AgentOp::DeleteSnapshot)?;
         Self::wait(&fault).await;
-        let removed = lock(&self.state).snapshots.remove(req.key.as_str());
+        let removed = {
+            let mut state = lock(&self.state);
+            // Ours refuses to delete a key it is still writing (SPEC §4a
+            // "Half-written keys"); the Go agent does not know to.
+            if !self.is_go_like() && state.writing.contains(req.key.as_str()) {
+                return Err(AgentError::rejected(
+                    AgentCode::FailedPrecondition,
+                    format!("snapshot {} is still being written; retry later", req.key),
+                ));
+            }
+            state.snapshots.remove(req.key.as_str())
+        };
         if removed.is_none() {
             // The Go agent removes the directory whether or not it exists.
             if self.is_go_like() {
