@@ -274,14 +274,7 @@ async fn an_operator_resolves_open_operations_now() {
     let hold = Hold::new();
     env.agent
         .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
-    let pending = {
-        let (manager, caller) = (env.manager.clone(), caller(team));
-        tokio::spawn(async move {
-            manager
-                .create(&caller, NewSnapshot::new(sb2, Some(name("in-flight"))))
-                .await
-        })
-    };
+    let pending = env.spawn_create(team, NewSnapshot::new(sb2, Some(name("in-flight"))));
     hold.arrived(1).await;
     let open = env.manager.open_operations().await.unwrap();
     assert_eq!(open.len(), 1);
@@ -391,17 +384,10 @@ async fn a_failure_the_store_cannot_record_never_takes_effect_later() {
         .inject_times(AgentOp::CreateSnapshot, Fault::FailAfter(internal()), 1);
     env.agent
         .inject_times(AgentOp::ListSandboxes, Fault::Hold(hold.clone()), 1);
-    let overwrite = {
-        let (manager, caller) = (env.manager.clone(), caller(team));
-        tokio::spawn(async move {
-            manager
-                .create(
-                    &caller,
-                    NewSnapshot::new(sb, Some(name("snap"))).overwrite(true),
-                )
-                .await
-        })
-    };
+    let overwrite = env.spawn_create(
+        team,
+        NewSnapshot::new(sb, Some(name("snap"))).overwrite(true),
+    );
     hold.arrived(1).await;
     let lock = WriteLock::take(&env.db).await;
     hold.release();
@@ -447,14 +433,7 @@ async fn a_success_the_store_cannot_record_appears_once_it_recovers() {
     let hold = Hold::new();
     env.agent
         .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
-    let create = {
-        let (manager, caller) = (env.manager.clone(), caller(team));
-        tokio::spawn(async move {
-            manager
-                .create(&caller, NewSnapshot::new(sb, Some(name("snap"))))
-                .await
-        })
-    };
+    let create = env.spawn_create(team, NewSnapshot::new(sb, Some(name("snap"))));
     hold.arrived(1).await;
     let lock = WriteLock::take(&env.db).await;
     hold.release();
@@ -486,14 +465,7 @@ async fn the_worker_stays_idle_while_a_create_is_in_flight() {
     let hold = Hold::new();
     env.agent
         .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
-    let create = {
-        let (manager, caller) = (env.manager.clone(), caller(team));
-        tokio::spawn(async move {
-            manager
-                .create(&caller, NewSnapshot::new(sb, Some(name("snap"))))
-                .await
-        })
-    };
+    let create = env.spawn_create(team, NewSnapshot::new(sb, Some(name("snap"))));
     hold.arrived(1).await;
     // A routine wake-up, as any registry change makes.
     env.manager

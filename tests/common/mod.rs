@@ -133,6 +133,17 @@ impl Env {
             .await
     }
 
+    /// Starts `snapshot` on a task of its own, for tests that interleave
+    /// other work with a create the agent holds.
+    pub fn spawn_create(
+        &self,
+        team: TeamId,
+        snapshot: NewSnapshot,
+    ) -> tokio::task::JoinHandle<Result<Template>> {
+        let manager = self.manager.clone();
+        tokio::spawn(async move { manager.create(&caller(team), snapshot).await })
+    }
+
     pub async fn overwrite(
         &self,
         team: TeamId,
