@@ -209,13 +209,20 @@ fn spawn_sweep(inner: &Arc<Inner>, grace: Duration) {
     if inner.worker.sweeping.swap(true, Ordering::SeqCst) {
         return;
     }
-    let inner2 = inner.clone();
+    /// Clears the flag however the sweep ends (a panicking agent included).
+    struct Sweeping(Arc<Inner>);
+    impl Drop for Sweeping {
+        fn drop(&mut self) {
+            self.0.worker.sweeping.store(false, Ordering::SeqCst);
+        }
+    }
+    let guard = Sweeping(inner.clone());
     inner.tasks_spawn(async move {
-        match sweep(&inner2, grace).await {
+        match sweep(&guard.0, grace).await {
             Ok(report) => tracing::debug!(?report, "orphan sweep done"),
             Err(err) => tracing::warn!(error = ?err, "orphan sweep failed"),
         }
-        inner2.worker.sweeping.store(false, Ordering::SeqCst);
+        drop(guard);
     });
 }
 
