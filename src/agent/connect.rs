@@ -22,8 +22,9 @@ use prost::Message;
 
 use super::pb::{self, wire};
 use super::{
-    AgentError, AgentTransport, BearerToken, CreateSnapshotRequest, CreateSnapshotResponse,
-    DeleteSnapshotRequest, HostAgent, HostTarget, SandboxList, SnapshotInfo,
+    AgentError, AgentTransport, BearerToken, CreateSandboxRequest, CreateSandboxResponse,
+    CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest, DestroySandboxRequest,
+    HostAgent, HostInfo, HostTarget, SandboxList, SnapshotInfo,
 };
 
 /// Settings of the Connect transport.
@@ -291,5 +292,41 @@ impl HostAgent for ConnectAgent {
             )
             .await?;
         pb::snapshots_from_wire(resp)
+    }
+
+    async fn create_sandbox(
+        &self,
+        req: CreateSandboxRequest,
+    ) -> Result<CreateSandboxResponse, AgentError> {
+        let resp: wire::CreateSandboxResponse = self
+            .call(
+                "CreateSandbox",
+                wire::CreateSandboxRequest::from(req),
+                self.config.create_timeout,
+            )
+            .await?;
+        Ok(resp.into())
+    }
+
+    async fn destroy_sandbox(&self, req: DestroySandboxRequest) -> Result<(), AgentError> {
+        let _: wire::DestroySandboxResponse = self
+            .call(
+                "DestroySandbox",
+                wire::DestroySandboxRequest::from(req),
+                self.config.call_timeout,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn host_info(&self) -> Result<HostInfo, AgentError> {
+        let resp: wire::HostInfo = self
+            .call(
+                "GetHostInfo",
+                wire::GetHostInfoRequest {},
+                self.config.call_timeout,
+            )
+            .await?;
+        Ok(pb::host_info_from_wire(Some(resp))?.unwrap_or_default())
     }
 }

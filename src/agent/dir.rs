@@ -14,14 +14,16 @@ use std::time::UNIX_EPOCH;
 use async_trait::async_trait;
 
 use super::{
-    AgentCode, AgentError, CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest,
-    Hold, HostAgent, SandboxInfo, SandboxList, SnapshotInfo, SnapshotKey,
+    AgentCode, AgentError, CreateSandboxRequest, CreateSandboxResponse, CreateSnapshotRequest,
+    CreateSnapshotResponse, DeleteSnapshotRequest, DestroySandboxRequest, Hold, HostAgent,
+    HostInfo, SandboxInfo, SandboxList, SnapshotInfo, SnapshotKey,
 };
 use crate::ids::SandboxId;
 use crate::model::Timestamp;
 
 const SANDBOXES_DIR: &str = "sandboxes";
 const SNAPSHOTS_DIR: &str = "snapshots";
+const IMAGES_DIR: &str = "images";
 /// Prefix of a snapshot being written.
 const TMP_PREFIX: &str = ".tmp-";
 /// Prefix of a snapshot being deleted.
@@ -41,7 +43,9 @@ const COPY_BUFFER: usize = 1 << 20;
 ///
 /// ```text
 /// <root>/sandboxes/<sandbox_id>/      a sandbox's state (`sb-…`), written by whatever runs it
+/// <root>/sandboxes/.tmp-<id>-<r>/     a sandbox being restored
 /// <root>/snapshots/<key>/             a complete snapshot: a copy of a sandbox directory
+/// <images>/<name>/                    a base template (default images root: <root>/images)
 /// <root>/snapshots/.tmp-<key>-<r>/    a snapshot being written
 /// <root>/snapshots/.trash-<key>-<r>/  a snapshot being deleted
 /// ```
@@ -73,6 +77,18 @@ const COPY_BUFFER: usize = 1 << 20;
 ///   them. A delete also removes the `.tmp-<key>-…` leftovers no create of
 ///   this agent is writing (those of an agent that crashed), then answers
 ///   as for a missing key.
+/// - `create_sandbox` copies `snapshots/<key>/` (or, for a name that is not
+///   a snapshot here, the base template `<images>/<name>/`) the same way
+///   into `sandboxes/.tmp-<id>-…`, then renames it to `sandboxes/<id>/` and
+///   reports it `running`. NotFound: neither exists; AlreadyExists: the
+///   sandbox exists or is being restored. While a restore copies a
+///   snapshot, a delete of that key answers FailedPrecondition.
+/// - `destroy_sandbox` removes `sandboxes/<id>/` (moved aside first) and
+///   forgets its status; NotFound when there is none.
+/// - `host_info` reports the VMM, its version and snapshot format from the
+///   agent's configuration ([`DirHostAgent::with_vmm`]), and the machine's
+///   architecture, kernel release (`/proc/sys/kernel/osrelease`) and CPU
+///   (`/proc/cpuinfo`); every `create_snapshot` answer carries it too.
 /// - `list_sandboxes` reports every directory under `sandboxes/` named by a
 ///   sandbox id; `list_snapshots` every directory under `snapshots/` named by
 ///   a valid [`SnapshotKey`], with its allocated size and its directory's
@@ -108,6 +124,15 @@ struct Inner {
     creating: Mutex<HashSet<SnapshotKey>>,
     /// Testing aid: where creates wait before moving their copy into place.
     pause_before_rename: Mutex<Option<Hold>>,
+    /// Snapshot keys restores are copying from, with how many. Locked
+    /// after `creating` (never the other way round).
+    reading: Mutex<HashMap<SnapshotKey, usize>>,
+    /// Sandboxes being restored right now.
+    starting: Mutex<HashSet<SandboxId>>,
+    /// Where base templates are.
+    images: Mutex<PathBuf>,
+    /// What this host produces and can restore.
+    host_info: Mutex<HostInfo>,
 }
 
 impl fmt::Debug for DirHostAgent {
@@ -137,16 +162,54 @@ impl DirHostAgent {
                 .await
                 .map_err(|e| io::Error::other(format!("host agent open task failed: {e}")))??;
         }
+        let host_info = tokio::task::spawn_blocking(|| {
+            machine_info(HostInfo::new(
+                "dir",
+                env!("CARGO_PKG_VERSION"),
+                "dir-1",
+                std::env::consts::ARCH,
+            ))
+        })
+        .await
+        .map_err(|e| io::Error::other(format!("host agent open task failed: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
+                images: Mutex::new(root.join(IMAGES_DIR)),
                 root,
                 sandboxes,
                 snapshots,
                 statuses: Mutex::new(HashMap::new()),
                 creating: Mutex::new(HashSet::new()),
                 pause_before_rename: Mutex::new(None),
+                reading: Mutex::new(HashMap::new()),
+                starting: Mutex::new(HashSet::new()),
+                host_info: Mutex::new(host_info),
             }),
         })
+    }
+
+    /// Names the VMM this host runs, its version and the snapshot format it
+    /// writes (reported by `host_info`; the defaults describe this agent
+    /// itself: `dir`, the crate's version, `dir-1`). Clones share it.
+    pub fn with_vmm(
+        self,
+        vmm: impl Into<String>,
+        vmm_version: impl Into<String>,
+        snapshot_format: impl Into<String>,
+    ) -> Self {
+        {
+            let mut info = lock(&self.inner.host_info);
+            info.vmm = vmm.into();
+            info.vmm_version = vmm_version.into();
+            info.snapshot_format = snapshot_format.into();
+        }
+        self
+    }
+
+    /// Takes base templates from `images` (default `<root>/images`).
+    pub fn with_images(self, images: impl Into<PathBuf>) -> Self {
+        *lock(&self.inner.images) = images.into();
+        self
     }
 
     /// The root directory.
@@ -195,6 +258,23 @@ impl HostAgent for DirHostAgent {
     async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, AgentError> {
         let inner = Arc::clone(&self.inner);
         blocking(move || inner.list_snapshots()).await
+    }
+
+    async fn create_sandbox(
+        &self,
+        req: CreateSandboxRequest,
+    ) -> Result<CreateSandboxResponse, AgentError> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.create_sandbox(req.sandbox_id, &req.template)).await
+    }
+
+    async fn destroy_sandbox(&self, req: DestroySandboxRequest) -> Result<(), AgentError> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.destroy_sandbox(req.sandbox_id)).await
+    }
+
+    async fn host_info(&self) -> Result<HostInfo, AgentError> {
+        Ok(lock(&self.inner.host_info).clone())
     }
 }
 
@@ -284,7 +364,105 @@ impl Inner {
                 &e,
             )
         })?;
-        Ok(CreateSnapshotResponse::new(key.as_str(), size_bytes))
+        Ok(CreateSnapshotResponse::new(key.as_str(), size_bytes)
+            .with_compat(Some(lock(&self.host_info).clone())))
+    }
+
+    fn create_sandbox(
+        &self,
+        sandbox_id: SandboxId,
+        template: &SnapshotKey,
+    ) -> Result<CreateSandboxResponse, AgentError> {
+        let sandbox = sandbox_id.to_string();
+        let target = child_path(&self.sandboxes, &sandbox)?;
+        let temp = child_path(
+            &self.sandboxes,
+            &format!("{TMP_PREFIX}{sandbox}-{}", random_suffix()),
+        )?;
+        let _starting = Starting::take(&self.starting, sandbox_id)?;
+        match fs::symlink_metadata(&target) {
+            Ok(_) => {
+                return Err(AgentError::rejected(
+                    AgentCode::AlreadyExists,
+                    format!("sandbox {sandbox} exists"),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(format!("sandbox {sandbox}: cannot check it"), &e)),
+        }
+        // A snapshot of this host, held against deletion while it is read;
+        // else a base template.
+        let snapshot = child_path(&self.snapshots, template.as_str())?;
+        let reader = Reader::take(self, template, &snapshot)?;
+        let source = match &reader {
+            Some(_) => snapshot,
+            None => {
+                let images = lock(&self.images).clone();
+                let image = child_path(&images, template.as_str())?;
+                match fs::symlink_metadata(&image) {
+                    Ok(meta) if meta.is_dir() => image,
+                    Ok(_) | Err(_) => {
+                        return Err(AgentError::rejected(
+                            AgentCode::NotFound,
+                            format!("template {template} is not on this host"),
+                        ));
+                    }
+                }
+            }
+        };
+        let written = copy_tree(&source, &temp)
+            .map_err(|e| e.into_agent_error(&format!("sandbox {sandbox}: copying {template}")))
+            .and_then(|()| {
+                fs::rename(&temp, &target)
+                    .map_err(|e| io_error(format!("sandbox {sandbox}: moving it into place"), &e))
+            });
+        drop(reader);
+        if let Err(err) = written {
+            discard(&temp);
+            return Err(err);
+        }
+        sync_dir(&self.sandboxes).map_err(|e| {
+            io_error(
+                format!("sandbox {sandbox}: syncing the sandboxes directory"),
+                &e,
+            )
+        })?;
+        lock(&self.statuses).insert(sandbox_id, RUNNING.to_owned());
+        Ok(CreateSandboxResponse::new(sandbox, RUNNING))
+    }
+
+    fn destroy_sandbox(&self, sandbox_id: SandboxId) -> Result<(), AgentError> {
+        let sandbox = sandbox_id.to_string();
+        let target = child_path(&self.sandboxes, &sandbox)?;
+        let trash = child_path(
+            &self.sandboxes,
+            &format!("{TRASH_PREFIX}{sandbox}-{}", random_suffix()),
+        )?;
+        if lock(&self.starting).contains(&sandbox_id) {
+            return Err(AgentError::rejected(
+                AgentCode::FailedPrecondition,
+                format!("sandbox {sandbox} is being restored; retry later"),
+            ));
+        }
+        match fs::symlink_metadata(&target) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) | Err(_) => {
+                return Err(AgentError::rejected(
+                    AgentCode::NotFound,
+                    format!("sandbox {sandbox} not found"),
+                ));
+            }
+        }
+        fs::rename(&target, &trash)
+            .map_err(|e| io_error(format!("sandbox {sandbox}: moving it aside"), &e))?;
+        lock(&self.statuses).remove(&sandbox_id);
+        sync_dir(&self.sandboxes).map_err(|e| {
+            io_error(
+                format!("sandbox {sandbox}: syncing the sandboxes directory"),
+                &e,
+            )
+        })?;
+        remove_entry(&trash).map_err(|e| io_error(format!("sandbox {sandbox}: removing it"), &e))
     }
 
     fn delete_snapshot(&self, key: &SnapshotKey) -> Result<(), AgentError> {
@@ -302,6 +480,12 @@ impl Inner {
                 return Err(AgentError::rejected(
                     AgentCode::FailedPrecondition,
                     format!("snapshot {key} is still being written; retry later"),
+                ));
+            }
+            if lock(&self.reading).contains_key(key) {
+                return Err(AgentError::rejected(
+                    AgentCode::FailedPrecondition,
+                    format!("snapshot {key} is being restored from; retry later"),
                 ));
             }
             let leftovers = self.move_aside_leftovers(key)?;
@@ -452,6 +636,121 @@ impl Inner {
     }
 }
 
+/// Marks a sandbox as being restored until dropped.
+struct Starting<'a> {
+    set: &'a Mutex<HashSet<SandboxId>>,
+    id: SandboxId,
+}
+
+impl<'a> Starting<'a> {
+    fn take(set: &'a Mutex<HashSet<SandboxId>>, id: SandboxId) -> Result<Self, AgentError> {
+        if !lock(set).insert(id) {
+            return Err(AgentError::rejected(
+                AgentCode::AlreadyExists,
+                format!("sandbox {id} is being restored"),
+            ));
+        }
+        Ok(Self { set, id })
+    }
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.id);
+    }
+}
+
+/// A restore reading a snapshot: its key cannot be deleted until dropped.
+struct Reader<'a> {
+    inner: &'a Inner,
+    key: SnapshotKey,
+}
+
+impl<'a> Reader<'a> {
+    /// Registers a reader of `key` if the snapshot exists (complete), under
+    /// the same lock as deletes check readers; `None` when it does not.
+    fn take(inner: &'a Inner, key: &SnapshotKey, path: &Path) -> Result<Option<Self>, AgentError> {
+        let _creating = lock(&inner.creating);
+        match fs::symlink_metadata(path) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error(format!("snapshot {key}: cannot read it"), &e)),
+        }
+        *lock(&inner.reading).entry(key.clone()).or_default() += 1;
+        Ok(Some(Self {
+            inner,
+            key: key.clone(),
+        }))
+    }
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        let mut reading = lock(&self.inner.reading);
+        if let Some(count) = reading.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                reading.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// What the machine says of itself: kernel release and CPU, added to
+/// `base` (best effort: what cannot be read stays unknown).
+fn machine_info(base: HostInfo) -> HostInfo {
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_owned())
+        .unwrap_or_default();
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let (vendor, model, flags) = parse_cpuinfo(&cpuinfo);
+    let info = base.kernel(kernel).cpu(vendor, model, flags);
+    // Whatever the machine says must pass the checks a client applies.
+    match info.validate() {
+        Ok(()) => info,
+        Err(err) => {
+            tracing::warn!(error = %err, "ignoring the CPU description of /proc/cpuinfo");
+            HostInfo {
+                cpu_vendor: String::new(),
+                cpu_model: String::new(),
+                cpu_flags: Vec::new(),
+                ..info
+            }
+        }
+    }
+}
+
+/// Vendor, model and flags of the first processor in `/proc/cpuinfo`
+/// (x86: `vendor_id`, `model name`, `flags`; arm64: `CPU implementer`,
+/// `CPU part`, `Features`).
+fn parse_cpuinfo(text: &str) -> (String, String, Vec<String>) {
+    let (mut vendor, mut model, mut flags) = (String::new(), String::new(), Vec::new());
+    let mut part = String::new();
+    for line in text.lines() {
+        if line.trim().is_empty() && !(vendor.is_empty() && model.is_empty()) {
+            break;
+        }
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match key.trim() {
+            "vendor_id" | "CPU implementer" if vendor.is_empty() => vendor = value.to_owned(),
+            "model name" if model.is_empty() => model = value.to_owned(),
+            "CPU part" if part.is_empty() => part = value.to_owned(),
+            "flags" | "Features" if flags.is_empty() => {
+                flags = value.split_whitespace().map(str::to_owned).collect();
+            }
+            _ => {}
+        }
+    }
+    if model.is_empty() {
+        model = part;
+    }
+    (vendor, model, flags)
+}
+
 /// Marks a key as being created until dropped.
 struct Reservation<'a> {
     set: &'a Mutex<HashSet<SnapshotKey>>,
@@ -567,14 +866,16 @@ fn prepare(sandboxes: &Path, snapshots: &Path) -> io::Result<()> {
     };
     fs::create_dir_all(sandboxes).map_err(with_path(sandboxes))?;
     fs::create_dir_all(snapshots).map_err(with_path(snapshots))?;
-    for entry in fs::read_dir(snapshots).map_err(with_path(snapshots))? {
-        let entry = entry.map_err(with_path(snapshots))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with(TMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
-            let path = entry.path();
-            tracing::info!(path = %path.display(), "removing the leftover of interrupted work");
-            remove_entry(&path).map_err(with_path(&path))?;
+    for dir in [snapshots, sandboxes] {
+        for entry in fs::read_dir(dir).map_err(with_path(dir))? {
+            let entry = entry.map_err(with_path(dir))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(TMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
+                let path = entry.path();
+                tracing::info!(path = %path.display(), "removing the leftover of interrupted work");
+                remove_entry(&path).map_err(with_path(&path))?;
+            }
         }
     }
     Ok(())

@@ -5,16 +5,17 @@
 use async_trait::async_trait;
 
 use super::{
-    AgentCode, AgentError, CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest,
-    HostAgent, SandboxList,
+    AgentCode, AgentError, CreateSandboxRequest, CreateSandboxResponse, CreateSnapshotRequest,
+    CreateSnapshotResponse, DeleteSnapshotRequest, DestroySandboxRequest, HostAgent, SandboxList,
 };
 
 /// Wraps a [`HostAgent`] so that it behaves like the original Go agent:
 /// `ListSandboxes` lists only running VMs (a paused VM lives on disk, not
 /// in the agent's memory); every `CreateSnapshot` failure is answered as
 /// Internal (transport failures stay what they are); a delete of a missing
-/// key succeeds; and there is no `ListSnapshots` (its mux answers the
-/// unknown route with a 404, which transports read as Unimplemented).
+/// key succeeds; and there is neither `ListSnapshots` nor `GetHostInfo`
+/// (its mux answers an unknown route with a 404, which transports read as
+/// Unimplemented), and its snapshots say nothing of what produced them.
 #[derive(Debug)]
 pub struct GoLikeAgent<A> {
     inner: A,
@@ -39,10 +40,11 @@ impl<A: HostAgent> HostAgent for GoLikeAgent<A> {
         req: CreateSnapshotRequest,
     ) -> Result<CreateSnapshotResponse, AgentError> {
         match self.inner.create_snapshot(req).await {
+            Ok(response) => Ok(response.with_compat(None)),
             Err(AgentError::Rejected { message, .. }) => {
                 Err(AgentError::rejected(AgentCode::Internal, message))
             }
-            other => other,
+            Err(other) => Err(other),
         }
     }
 
@@ -60,5 +62,16 @@ impl<A: HostAgent> HostAgent for GoLikeAgent<A> {
         let mut list = self.inner.list_sandboxes().await?;
         list.sandboxes.retain(|s| s.status == "running");
         Ok(list)
+    }
+
+    async fn create_sandbox(
+        &self,
+        req: CreateSandboxRequest,
+    ) -> Result<CreateSandboxResponse, AgentError> {
+        self.inner.create_sandbox(req).await
+    }
+
+    async fn destroy_sandbox(&self, req: DestroySandboxRequest) -> Result<(), AgentError> {
+        self.inner.destroy_sandbox(req).await
     }
 }

@@ -20,8 +20,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use super::pb::{self, ClientVerdict, SentStatus, wire};
 use super::{
-    AgentError, AgentTransport, BearerToken, CreateSnapshotRequest, CreateSnapshotResponse,
-    DeleteSnapshotRequest, HostAgent, HostTarget, SandboxList, SnapshotInfo,
+    AgentError, AgentTransport, BearerToken, CreateSandboxRequest, CreateSandboxResponse,
+    CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest, DestroySandboxRequest,
+    HostAgent, HostInfo, HostTarget, SandboxList, SnapshotInfo,
 };
 use crate::ids::HostId;
 
@@ -529,5 +530,38 @@ impl HostAgent for GrpcAgent {
             })
             .await?;
         pb::snapshots_from_wire(response)
+    }
+
+    async fn create_sandbox(
+        &self,
+        req: CreateSandboxRequest,
+    ) -> Result<CreateSandboxResponse, AgentError> {
+        // Starting a VM from a snapshot takes as long as making one.
+        let message = wire::CreateSandboxRequest::from(req);
+        let response = self
+            .call(message, self.create_timeout, |mut c, r| async move {
+                c.create_sandbox(r).await
+            })
+            .await?;
+        Ok(response.into())
+    }
+
+    async fn destroy_sandbox(&self, req: DestroySandboxRequest) -> Result<(), AgentError> {
+        let message = wire::DestroySandboxRequest::from(req);
+        self.call(message, self.call_timeout, |mut c, r| async move {
+            c.destroy_sandbox(r).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn host_info(&self) -> Result<HostInfo, AgentError> {
+        let message = wire::GetHostInfoRequest {};
+        let response = self
+            .call(message, self.call_timeout, |mut c, r| async move {
+                c.get_host_info(r).await
+            })
+            .await?;
+        Ok(pb::host_info_from_wire(Some(response))?.unwrap_or_default())
     }
 }

@@ -6,8 +6,9 @@ use std::sync::{Arc, RwLock};
 use async_trait::async_trait;
 
 use super::{
-    AgentError, AgentTransport, CreateSnapshotRequest, CreateSnapshotResponse,
-    DeleteSnapshotRequest, HostAgent, HostTarget, SandboxList, SnapshotInfo,
+    AgentError, AgentTransport, CreateSandboxRequest, CreateSandboxResponse, CreateSnapshotRequest,
+    CreateSnapshotResponse, DeleteSnapshotRequest, DestroySandboxRequest, HostAgent, HostInfo,
+    HostTarget, SandboxList, SnapshotInfo,
 };
 use crate::ids::HostId;
 
@@ -105,5 +106,20 @@ impl HostAgent for Routed {
 
     async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, AgentError> {
         self.current()?.list_snapshots().await
+    }
+
+    async fn create_sandbox(
+        &self,
+        req: CreateSandboxRequest,
+    ) -> Result<CreateSandboxResponse, AgentError> {
+        self.current()?.create_sandbox(req).await
+    }
+
+    async fn destroy_sandbox(&self, req: DestroySandboxRequest) -> Result<(), AgentError> {
+        self.current()?.destroy_sandbox(req).await
+    }
+
+    async fn host_info(&self) -> Result<HostInfo, AgentError> {
+        self.current()?.host_info().await
     }
 }

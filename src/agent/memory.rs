@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use super::{
-    AgentCode, AgentError, CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest,
-    HostAgent, SandboxInfo, SandboxList, SnapshotInfo,
+    AgentCode, AgentError, CreateSandboxRequest, CreateSandboxResponse, CreateSnapshotRequest,
+    CreateSnapshotResponse, DeleteSnapshotRequest, DestroySandboxRequest, HostAgent, HostInfo,
+    SandboxInfo, SandboxList, SnapshotInfo,
 };
 use crate::ids::SandboxId;
 use crate::model::Timestamp;
@@ -26,6 +27,12 @@ pub enum AgentOp {
     ListSandboxes,
     /// `ListSnapshots`.
     ListSnapshots,
+    /// `CreateSandbox`.
+    CreateSandbox,
+    /// `DestroySandbox`.
+    DestroySandbox,
+    /// `GetHostInfo`.
+    GetHostInfo,
 }
 
 /// A fault to inject into one call of a [`MemoryHostAgent`].
@@ -120,6 +127,10 @@ struct State {
     snapshots: BTreeMap<String, SnapshotInfo>,
     /// Keys a create is still writing.
     writing: BTreeSet<String>,
+    /// Base templates every sandbox may start from.
+    base_templates: BTreeSet<String>,
+    /// What `GetHostInfo` answers; `None`: Unimplemented.
+    host_info: Option<HostInfo>,
 }
 
 /// A key being written, until the write is done or abandoned.
@@ -157,6 +168,16 @@ pub struct MemoryHostAgent {
     go_like: std::sync::atomic::AtomicBool,
 }
 
+/// What a memory agent says of itself by default.
+fn default_host_info() -> HostInfo {
+    HostInfo::new(
+        "memory",
+        env!("CARGO_PKG_VERSION"),
+        "memory-1",
+        std::env::consts::ARCH,
+    )
+}
+
 impl std::fmt::Debug for MemoryHostAgent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryHostAgent").finish_non_exhaustive()
@@ -168,9 +189,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl MemoryHostAgent {
-    /// An agent with no sandboxes, no snapshots and no faults.
+    /// An agent with no sandboxes, no snapshots and no faults, which
+    /// describes itself as VMM `memory` (see
+    /// [`MemoryHostAgent::set_host_info`]).
     pub fn new() -> Self {
-        Self::default()
+        let agent = Self::default();
+        lock(&agent.state).host_info = Some(default_host_info());
+        agent
+    }
+
+    /// Sets what `GetHostInfo` answers (and `CreateSnapshot` reports as what
+    /// produced a snapshot); `None` makes `GetHostInfo` Unimplemented and
+    /// snapshots say nothing.
+    pub fn set_host_info(&self, info: Option<HostInfo>) {
+        lock(&self.state).host_info = info;
+    }
+
+    /// Makes `template` a base template sandboxes may start from.
+    pub fn add_base_template(&self, template: &str) {
+        lock(&self.state).base_templates.insert(template.to_owned());
     }
 
     /// An agent that behaves like the original Go host agent (see the type's
@@ -372,6 +409,7 @@ impl MemoryHostAgent {
             key: req.key.as_str().to_owned(),
         };
         let size_bytes = (u64::from(memory_mb) + 16) * 1024 * 1024;
+        let compat = lock(&self.state).host_info.clone();
         let snapshot = SnapshotInfo::new(req.key.as_str(), size_bytes, Some(Timestamp::now()));
         if let Some(Fault::Detached(hold)) = &fault {
             // The agent goes on working after its caller gave up: until it
@@ -403,7 +441,7 @@ impl MemoryHostAgent {
         }
         Self::finish(
             fault,
-            CreateSnapshotResponse::new(req.key.as_str(), size_bytes),
+            CreateSnapshotResponse::new(req.key.as_str(), size_bytes).with_compat(compat),
         )
     }
 }
@@ -486,5 +524,73 @@ impl HostAgent for MemoryHostAgent {
         Self::wait(&fault).await;
         let snapshots = lock(&self.state).snapshots.values().cloned().collect();
         Self::finish(fault, snapshots)
+    }
+
+    async fn create_sandbox(
+        &self,
+        req: CreateSandboxRequest,
+    ) -> Result<CreateSandboxResponse, AgentError> {
+        let _guard = InFlight::new(&self.in_flight);
+        let fault = self.enter(AgentOp::CreateSandbox)?;
+        let id = req.sandbox_id.to_string();
+        let key = req.template.as_str();
+        {
+            let state = lock(&self.state);
+            if state.sandboxes.contains_key(&id) {
+                return Err(AgentError::rejected(
+                    AgentCode::AlreadyExists,
+                    format!("sandbox {id} exists"),
+                ));
+            }
+            if !state.snapshots.contains_key(key) && !state.base_templates.contains(key) {
+                return Err(AgentError::rejected(
+                    AgentCode::NotFound,
+                    format!("template {key} is not on this host"),
+                ));
+            }
+        }
+        // The VM starts after the wait: a call cut off meanwhile started
+        // nothing.
+        Self::wait(&fault).await;
+        let mut info = SandboxInfo::new(id.clone(), "running");
+        info.vcpus = req.vcpus;
+        info.memory_mb = req.memory_mb;
+        info.template = key.to_owned();
+        info.team_id = req.team_id.map(|t| t.to_string()).unwrap_or_default();
+        info.template_id = req.template_id.map(|t| t.to_string()).unwrap_or_default();
+        info.timeout_sec = i32::try_from(req.timeout_sec).unwrap_or(i32::MAX);
+        lock(&self.state).sandboxes.insert(id.clone(), info);
+        Self::finish(fault, CreateSandboxResponse::new(id, "running"))
+    }
+
+    async fn destroy_sandbox(&self, req: DestroySandboxRequest) -> Result<(), AgentError> {
+        let _guard = InFlight::new(&self.in_flight);
+        let fault = self.enter(AgentOp::DestroySandbox)?;
+        Self::wait(&fault).await;
+        let id = req.sandbox_id.to_string();
+        if lock(&self.state).sandboxes.remove(&id).is_none() {
+            return Err(AgentError::rejected(
+                AgentCode::NotFound,
+                format!("sandbox {id} not found"),
+            ));
+        }
+        Self::finish(fault, ())
+    }
+
+    async fn host_info(&self) -> Result<HostInfo, AgentError> {
+        let _guard = InFlight::new(&self.in_flight);
+        let fault = self.enter(AgentOp::GetHostInfo)?;
+        Self::wait(&fault).await;
+        let info = lock(&self.state).host_info.clone();
+        let info = match info {
+            Some(info) if !self.is_go_like() => info,
+            _ => {
+                return Err(AgentError::rejected(
+                    AgentCode::Unimplemented,
+                    "GetHostInfo is not implemented",
+                ));
+            }
+        };
+        Self::finish(fault, info)
     }
 }

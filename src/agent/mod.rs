@@ -277,6 +277,8 @@ pub struct CreateSnapshotResponse {
     pub key: String,
     /// Bytes allocated on disk.
     pub size_bytes: u64,
+    /// What produced the snapshot, when the agent says (our extension).
+    pub compat: Option<HostInfo>,
 }
 
 impl CreateSnapshotResponse {
@@ -285,7 +287,204 @@ impl CreateSnapshotResponse {
         Self {
             key: key.into(),
             size_bytes,
+            compat: None,
         }
+    }
+
+    /// Says what produced the snapshot.
+    pub fn with_compat(mut self, compat: Option<HostInfo>) -> Self {
+        self.compat = compat;
+        self
+    }
+}
+
+/// Longest text field of a [`HostInfo`].
+pub const HOST_INFO_MAX_TEXT: usize = 256;
+/// Most CPU flags of a [`HostInfo`].
+pub const HOST_INFO_MAX_FLAGS: usize = 1024;
+
+/// What a host produces and can restore: the VMM and its snapshot format,
+/// the kernel, the CPU (our `GetHostInfo` extension, and what a
+/// `CreateSnapshot` answer says produced the snapshot). Empty fields are
+/// unknown; a `HostInfo` whose every field is empty is no information at
+/// all, and decodes as `None`.
+///
+/// Values from the wire are checked ([`HostInfo::validate`]): each text at
+/// most [`HOST_INFO_MAX_TEXT`] bytes without control characters, at most
+/// [`HOST_INFO_MAX_FLAGS`] flags, each a non-empty word.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct HostInfo {
+    /// The VMM, e.g. `firecracker`.
+    pub vmm: String,
+    /// Its version.
+    pub vmm_version: String,
+    /// The snapshot format version the VMM writes.
+    pub snapshot_format: String,
+    /// The host kernel's release.
+    pub kernel_version: String,
+    /// The CPU vendor.
+    pub cpu_vendor: String,
+    /// The CPU model.
+    pub cpu_model: String,
+    /// The CPU feature flags.
+    pub cpu_flags: Vec<String>,
+    /// The machine architecture, e.g. `x86_64`.
+    pub arch: String,
+}
+
+impl HostInfo {
+    /// A host running `vmm` at `vmm_version`, writing `snapshot_format`,
+    /// on `arch`; the other fields unknown.
+    pub fn new(
+        vmm: impl Into<String>,
+        vmm_version: impl Into<String>,
+        snapshot_format: impl Into<String>,
+        arch: impl Into<String>,
+    ) -> Self {
+        Self {
+            vmm: vmm.into(),
+            vmm_version: vmm_version.into(),
+            snapshot_format: snapshot_format.into(),
+            arch: arch.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the kernel release.
+    pub fn kernel(mut self, version: impl Into<String>) -> Self {
+        self.kernel_version = version.into();
+        self
+    }
+
+    /// Sets the CPU.
+    pub fn cpu(
+        mut self,
+        vendor: impl Into<String>,
+        model: impl Into<String>,
+        flags: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.cpu_vendor = vendor.into();
+        self.cpu_model = model.into();
+        self.cpu_flags = flags.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Whether nothing at all is known.
+    pub fn is_unknown(&self) -> bool {
+        self == &Self::default()
+    }
+
+    /// Checks the limits above; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let texts = [
+            ("vmm", &self.vmm),
+            ("vmm_version", &self.vmm_version),
+            ("snapshot_format", &self.snapshot_format),
+            ("kernel_version", &self.kernel_version),
+            ("cpu_vendor", &self.cpu_vendor),
+            ("cpu_model", &self.cpu_model),
+            ("arch", &self.arch),
+        ];
+        for (field, text) in texts {
+            if text.len() > HOST_INFO_MAX_TEXT {
+                return Err(format!("{field} is longer than {HOST_INFO_MAX_TEXT} bytes"));
+            }
+            if text.chars().any(char::is_control) {
+                return Err(format!("{field} contains control characters"));
+            }
+        }
+        if self.cpu_flags.len() > HOST_INFO_MAX_FLAGS {
+            return Err(format!("more than {HOST_INFO_MAX_FLAGS} cpu_flags"));
+        }
+        for flag in &self.cpu_flags {
+            let word =
+                !flag.is_empty() && flag.len() <= 64 && flag.chars().all(|c| c.is_ascii_graphic());
+            if !word {
+                return Err(format!("cpu_flags holds a bad flag {flag:?}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Asks an agent to start a sandbox from a snapshot key it holds, or from
+/// a base template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CreateSandboxRequest {
+    /// The id to give the sandbox.
+    pub sandbox_id: SandboxId,
+    /// The snapshot key (`tpl-…`) or base template name to start from.
+    pub template: SnapshotKey,
+    /// Virtual CPUs (0: the template's).
+    pub vcpus: u32,
+    /// Memory in MiB (0: the template's).
+    pub memory_mb: u32,
+    /// Idle timeout in seconds (0: the agent's default).
+    pub timeout_sec: u32,
+    /// Disk size in MiB (0: the template's).
+    pub disk_size_mb: u32,
+    /// The team the sandbox belongs to (informational).
+    pub team_id: Option<TeamId>,
+    /// The template's id (informational).
+    pub template_id: Option<TemplateId>,
+}
+
+impl CreateSandboxRequest {
+    /// A request to start `sandbox_id` from `template`, sizes the
+    /// template's.
+    pub fn new(sandbox_id: SandboxId, template: SnapshotKey) -> Self {
+        Self {
+            sandbox_id,
+            template,
+            vcpus: 0,
+            memory_mb: 0,
+            timeout_sec: 0,
+            disk_size_mb: 0,
+            team_id: None,
+            template_id: None,
+        }
+    }
+}
+
+/// A sandbox the agent started.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct CreateSandboxResponse {
+    /// Its id, as the agent spells it.
+    pub sandbox_id: String,
+    /// Its status (`running`, …).
+    pub status: String,
+    /// Its IP on the host network.
+    pub host_ip: String,
+    /// Free-form labels.
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+impl CreateSandboxResponse {
+    /// A response for `sandbox_id` in `status`.
+    pub fn new(sandbox_id: impl Into<String>, status: impl Into<String>) -> Self {
+        Self {
+            sandbox_id: sandbox_id.into(),
+            status: status.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// Asks an agent to stop a sandbox and remove its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DestroySandboxRequest {
+    /// The sandbox.
+    pub sandbox_id: SandboxId,
+}
+
+impl DestroySandboxRequest {
+    /// A request to destroy `sandbox_id`.
+    pub fn new(sandbox_id: SandboxId) -> Self {
+        Self { sandbox_id }
     }
 }
 
@@ -334,6 +533,12 @@ pub struct SandboxInfo {
     pub last_active_at_unix: i64,
     /// Idle timeout in seconds.
     pub timeout_sec: i32,
+    /// The team that owns it, if the agent says.
+    pub team_id: String,
+    /// The template it was started from, by id, if the agent says.
+    pub template_id: String,
+    /// Free-form labels.
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 impl SandboxInfo {
@@ -387,9 +592,25 @@ impl SnapshotInfo {
 ///   VM paused. It either stores the whole snapshot under `key` or nothing;
 ///   after an error other than a definite rejection
 ///   ([`AgentError::is_definite_rejection`]) the caller must assume a partial
-///   key may exist and delete it.
+///   key may exist and delete it. NotFound: no such sandbox;
+///   FailedPrecondition: the sandbox cannot be snapshotted in its state;
+///   AlreadyExists: the key is taken. Its answer may say what produced the
+///   snapshot (`compat`).
 /// - `delete_snapshot` is idempotent in effect: a missing key answers
-///   `Rejected { code: NotFound }`, which callers treat as done.
+///   `Rejected { code: NotFound }`, which callers treat as done. A key the
+///   agent is still writing answers FailedPrecondition (retry later),
+///   never NotFound.
+/// - `create_sandbox` starts a sandbox from a snapshot key the host holds
+///   or a base template, running when it answers. NotFound: the template is
+///   not on this host; AlreadyExists: a sandbox with that id exists (the
+///   agent did nothing); InvalidArgument: a bad id, key or size;
+///   FailedPrecondition / ResourceExhausted: the host cannot run it now.
+///   After any other error the sandbox may or may not exist: ask
+///   `list_sandboxes`, and destroy it if it must not run.
+/// - `destroy_sandbox` stops a sandbox and removes its state; NotFound
+///   means there is none (callers treat it as done).
+/// - `host_info` (extension) says what the host produces and can restore;
+///   Unimplemented (the default) means unknown, never an error to act on.
 /// - `list_snapshots` is an extension; an agent without it answers
 ///   `Rejected { code: Unimplemented }` (the default). It lists only
 ///   complete snapshots: a key being written is not listed, because
@@ -415,6 +636,35 @@ pub trait HostAgent: Send + Sync + 'static {
         Err(AgentError::rejected(
             AgentCode::Unimplemented,
             "ListSnapshots is not implemented by this agent",
+        ))
+    }
+
+    /// Starts a sandbox from a snapshot or base template.
+    async fn create_sandbox(
+        &self,
+        req: CreateSandboxRequest,
+    ) -> Result<CreateSandboxResponse, AgentError> {
+        let _ = req;
+        Err(AgentError::rejected(
+            AgentCode::Unimplemented,
+            "CreateSandbox is not implemented by this agent",
+        ))
+    }
+
+    /// Stops a sandbox and removes its state.
+    async fn destroy_sandbox(&self, req: DestroySandboxRequest) -> Result<(), AgentError> {
+        let _ = req;
+        Err(AgentError::rejected(
+            AgentCode::Unimplemented,
+            "DestroySandbox is not implemented by this agent",
+        ))
+    }
+
+    /// What the host produces and can restore.
+    async fn host_info(&self) -> Result<HostInfo, AgentError> {
+        Err(AgentError::rejected(
+            AgentCode::Unimplemented,
+            "GetHostInfo is not implemented by this agent",
         ))
     }
 }

@@ -6,8 +6,9 @@ use std::error::Error as _;
 use std::sync::{Arc, Mutex};
 
 use super::{
-    AgentCode, AgentError, CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest,
-    SandboxInfo, SandboxList, SnapshotInfo, SnapshotKey,
+    AgentCode, AgentError, CreateSandboxRequest, CreateSandboxResponse, CreateSnapshotRequest,
+    CreateSnapshotResponse, DeleteSnapshotRequest, DestroySandboxRequest, HostInfo, SandboxInfo,
+    SandboxList, SnapshotInfo, SnapshotKey,
 };
 use crate::ids::{SandboxId, TeamId, TemplateId};
 use crate::model::Timestamp;
@@ -122,6 +123,7 @@ impl From<CreateSnapshotResponse> for wire::CreateSnapshotResponse {
         Self {
             name: r.key,
             size_bytes: clamp_i64(r.size_bytes),
+            compat: r.compat.map(Into::into),
         }
     }
 }
@@ -132,7 +134,125 @@ impl TryFrom<wire::CreateSnapshotResponse> for CreateSnapshotResponse {
         Ok(Self {
             key: r.name,
             size_bytes: non_negative_u64(r.size_bytes, "size_bytes")?,
+            compat: host_info_from_wire(r.compat)?,
         })
+    }
+}
+
+impl From<HostInfo> for wire::HostInfo {
+    fn from(h: HostInfo) -> Self {
+        Self {
+            vmm: h.vmm,
+            vmm_version: h.vmm_version,
+            snapshot_format: h.snapshot_format,
+            kernel_version: h.kernel_version,
+            cpu_vendor: h.cpu_vendor,
+            cpu_model: h.cpu_model,
+            cpu_flags: h.cpu_flags,
+            arch: h.arch,
+        }
+    }
+}
+
+/// A `HostInfo` from the wire, checked; `None` when absent or empty (the
+/// agent does not say: unknown, never guessed).
+pub(crate) fn host_info_from_wire(
+    h: Option<wire::HostInfo>,
+) -> Result<Option<HostInfo>, AgentError> {
+    let Some(h) = h else {
+        return Ok(None);
+    };
+    let info = HostInfo {
+        vmm: h.vmm,
+        vmm_version: h.vmm_version,
+        snapshot_format: h.snapshot_format,
+        kernel_version: h.kernel_version,
+        cpu_vendor: h.cpu_vendor,
+        cpu_model: h.cpu_model,
+        cpu_flags: h.cpu_flags,
+        arch: h.arch,
+    };
+    info.validate()
+        .map_err(|e| protocol(format!("bad host info: {e}")))?;
+    Ok((!info.is_unknown()).then_some(info))
+}
+
+impl From<CreateSandboxRequest> for wire::CreateSandboxRequest {
+    fn from(r: CreateSandboxRequest) -> Self {
+        Self {
+            template: r.template.as_str().to_owned(),
+            vcpus: clamp_i32(r.vcpus),
+            memory_mb: clamp_i32(r.memory_mb),
+            timeout_sec: clamp_i32(r.timeout_sec),
+            sandbox_id: r.sandbox_id.to_string(),
+            disk_size_mb: clamp_i32(r.disk_size_mb),
+            team_id: opt_text(r.team_id),
+            template_id: opt_text(r.template_id),
+        }
+    }
+}
+
+fn size_arg(value: i32, field: &str) -> Result<u32, AgentError> {
+    u32::try_from(value).map_err(|_| invalid(format!("negative {field}: {value}")))
+}
+
+/// Server side: validated before it reaches an agent.
+impl TryFrom<wire::CreateSandboxRequest> for CreateSandboxRequest {
+    type Error = AgentError;
+    fn try_from(r: wire::CreateSandboxRequest) -> Result<Self, AgentError> {
+        let sandbox_id = SandboxId::parse(&r.sandbox_id)
+            .map_err(|e| invalid(format!("invalid sandbox_id: {e}")))?;
+        let template = SnapshotKey::parse(&r.template)
+            .map_err(|e| invalid(format!("invalid template: {e}")))?;
+        Ok(Self {
+            sandbox_id,
+            template,
+            vcpus: size_arg(r.vcpus, "vcpus")?,
+            memory_mb: size_arg(r.memory_mb, "memory_mb")?,
+            timeout_sec: size_arg(r.timeout_sec, "timeout_sec")?,
+            disk_size_mb: size_arg(r.disk_size_mb, "disk_size_mb")?,
+            team_id: parse_opt(&r.team_id, TeamId::parse, "team_id")?,
+            template_id: parse_opt(&r.template_id, TemplateId::parse, "template_id")?,
+        })
+    }
+}
+
+impl From<CreateSandboxResponse> for wire::CreateSandboxResponse {
+    fn from(r: CreateSandboxResponse) -> Self {
+        Self {
+            sandbox_id: r.sandbox_id,
+            status: r.status,
+            host_ip: r.host_ip,
+            metadata: r.metadata.into_iter().collect(),
+        }
+    }
+}
+
+impl From<wire::CreateSandboxResponse> for CreateSandboxResponse {
+    fn from(r: wire::CreateSandboxResponse) -> Self {
+        Self {
+            sandbox_id: r.sandbox_id,
+            status: r.status,
+            host_ip: r.host_ip,
+            metadata: r.metadata.into_iter().collect(),
+        }
+    }
+}
+
+impl From<DestroySandboxRequest> for wire::DestroySandboxRequest {
+    fn from(r: DestroySandboxRequest) -> Self {
+        Self {
+            sandbox_id: r.sandbox_id.to_string(),
+        }
+    }
+}
+
+impl TryFrom<wire::DestroySandboxRequest> for DestroySandboxRequest {
+    type Error = AgentError;
+    fn try_from(r: wire::DestroySandboxRequest) -> Result<Self, AgentError> {
+        let sandbox_id = SandboxId::parse(&r.sandbox_id)
+            .map_err(|e| invalid(format!("invalid sandbox_id: {e}")))?;
+        Ok(Self { sandbox_id })
     }
 }
 
@@ -148,6 +268,9 @@ impl From<SandboxInfo> for wire::SandboxInfo {
             created_at_unix: s.created_at_unix,
             last_active_at_unix: s.last_active_at_unix,
             timeout_sec: s.timeout_sec,
+            team_id: s.team_id,
+            template_id: s.template_id,
+            metadata: s.metadata.into_iter().collect(),
         }
     }
 }
@@ -165,6 +288,9 @@ impl TryFrom<wire::SandboxInfo> for SandboxInfo {
             created_at_unix: s.created_at_unix,
             last_active_at_unix: s.last_active_at_unix,
             timeout_sec: s.timeout_sec,
+            team_id: s.team_id,
+            template_id: s.template_id,
+            metadata: s.metadata.into_iter().collect(),
         })
     }
 }
@@ -505,6 +631,7 @@ mod tests {
         let resp = wire::CreateSnapshotResponse {
             name: "k".into(),
             size_bytes: -1,
+            compat: None,
         };
         assert!(matches!(
             CreateSnapshotResponse::try_from(resp),

@@ -194,107 +194,167 @@ fn logged<T>(
     result
 }
 
+impl Adapter {
+    /// One call: the token check, the request validated into domain terms,
+    /// the agent's work, the answer back in wire terms, one log line.
+    async fn call<Req, D, Fut, Out, Resp>(
+        &self,
+        method: &str,
+        subject: String,
+        request: Request<Req>,
+        work: impl FnOnce(Arc<dyn HostAgent>, D) -> Fut,
+        answer: impl FnOnce(Out) -> Resp,
+    ) -> Result<Response<Resp>, Status>
+    where
+        D: TryFrom<Req, Error = super::AgentError>,
+        Fut: Future<Output = Result<Out, super::AgentError>>,
+    {
+        let started = Instant::now();
+        let result = async {
+            self.0.check(&request)?;
+            let req = D::try_from(request.into_inner()).map_err(pb::error_to_status)?;
+            let out = work(self.0.agent.clone(), req)
+                .await
+                .map_err(pb::error_to_status)?;
+            Ok(Response::new(answer(out)))
+        }
+        .await;
+        logged(method, &subject, started, result)
+    }
+}
+
+/// A request without fields: nothing to validate.
+struct Empty;
+
+macro_rules! empty_request {
+    ($($ty:ty),+) => {$(
+        impl TryFrom<$ty> for Empty {
+            type Error = super::AgentError;
+            fn try_from(_: $ty) -> Result<Self, Self::Error> {
+                Ok(Empty)
+            }
+        }
+    )+};
+}
+empty_request!(
+    wire::ListSandboxesRequest,
+    wire::ListSnapshotsRequest,
+    wire::GetHostInfoRequest
+);
+
 #[tonic::async_trait]
 impl wire::host_agent_service_server::HostAgentService for Adapter {
     async fn create_snapshot(
         &self,
         request: Request<wire::CreateSnapshotRequest>,
     ) -> Result<Response<wire::CreateSnapshotResponse>, Status> {
-        let started = Instant::now();
-        let subject = format!(
-            "{} -> {}",
-            request.get_ref().sandbox_id,
-            request.get_ref().name
-        );
-        let result = async {
-            self.0.check(&request)?;
-            let req = request
-                .into_inner()
-                .try_into()
-                .map_err(pb::error_to_status)?;
-            let resp = self
-                .0
-                .agent
-                .create_snapshot(req)
-                .await
-                .map_err(pb::error_to_status)?;
-            Ok(Response::new(resp.into()))
-        }
-        .await;
-        logged("CreateSnapshot", &subject, started, result)
+        let r = request.get_ref();
+        let subject = format!("{} -> {}", r.sandbox_id, r.name);
+        self.call(
+            "CreateSnapshot",
+            subject,
+            request,
+            |agent, req| async move { agent.create_snapshot(req).await },
+            Into::into,
+        )
+        .await
     }
 
     async fn delete_snapshot(
         &self,
         request: Request<wire::DeleteSnapshotRequest>,
     ) -> Result<Response<wire::DeleteSnapshotResponse>, Status> {
-        let started = Instant::now();
         let subject = request.get_ref().name.clone();
-        let result = async {
-            self.0.check(&request)?;
-            let req = request
-                .into_inner()
-                .try_into()
-                .map_err(pb::error_to_status)?;
-            self.0
-                .agent
-                .delete_snapshot(req)
-                .await
-                .map_err(pb::error_to_status)?;
-            Ok(Response::new(wire::DeleteSnapshotResponse {}))
-        }
-        .await;
-        logged("DeleteSnapshot", &subject, started, result)
+        self.call(
+            "DeleteSnapshot",
+            subject,
+            request,
+            |agent, req| async move { agent.delete_snapshot(req).await },
+            |()| wire::DeleteSnapshotResponse {},
+        )
+        .await
     }
 
     async fn list_sandboxes(
         &self,
         request: Request<wire::ListSandboxesRequest>,
     ) -> Result<Response<wire::ListSandboxesResponse>, Status> {
-        let started = Instant::now();
-        let result = async {
-            self.0.check(&request)?;
-            let list = self
-                .0
-                .agent
-                .list_sandboxes()
-                .await
-                .map_err(pb::error_to_status)?;
-            Ok(Response::new(list.into()))
-        }
-        .await;
-        logged("ListSandboxes", "", started, result)
+        self.call(
+            "ListSandboxes",
+            String::new(),
+            request,
+            |agent, Empty| async move { agent.list_sandboxes().await },
+            Into::into,
+        )
+        .await
     }
 
     async fn create_sandbox(
         &self,
         request: Request<wire::CreateSandboxRequest>,
     ) -> Result<Response<wire::CreateSandboxResponse>, Status> {
-        let started = Instant::now();
-        let result = self.0.check(&request).and_then(|()| {
-            Err(Status::unimplemented(
-                "CreateSandbox is not served by this agent",
-            ))
-        });
-        logged("CreateSandbox", "", started, result)
+        let r = request.get_ref();
+        let subject = format!("{} -> {}", r.template, r.sandbox_id);
+        self.call(
+            "CreateSandbox",
+            subject,
+            request,
+            |agent, req| async move { agent.create_sandbox(req).await },
+            Into::into,
+        )
+        .await
+    }
+
+    async fn destroy_sandbox(
+        &self,
+        request: Request<wire::DestroySandboxRequest>,
+    ) -> Result<Response<wire::DestroySandboxResponse>, Status> {
+        let subject = request.get_ref().sandbox_id.clone();
+        self.call(
+            "DestroySandbox",
+            subject,
+            request,
+            |agent, req| async move { agent.destroy_sandbox(req).await },
+            |()| wire::DestroySandboxResponse {},
+        )
+        .await
     }
 
     async fn list_snapshots(
         &self,
         request: Request<wire::ListSnapshotsRequest>,
     ) -> Result<Response<wire::ListSnapshotsResponse>, Status> {
-        let started = Instant::now();
-        let result = async {
-            self.0.check(&request)?;
-            let list = self
-                .0
-                .agent
-                .list_snapshots()
-                .await
-                .map_err(pb::error_to_status)?;
-            Ok(Response::new(pb::snapshots_to_wire(list)))
-        }
-        .await;
-        logged("ListSnapshots", "", started, result)
+        self.call(
+            "ListSnapshots",
+            String::new(),
+            request,
+            |agent, Empty| async move { agent.list_snapshots().await },
+            pb::snapshots_to_wire,
+        )
+        .await
+    }
+
+    async fn get_host_info(
+        &self,
+        request: Request<wire::GetHostInfoRequest>,
+    ) -> Result<Response<wire::HostInfo>, Status> {
+        self.call(
+            "GetHostInfo",
+            String::new(),
+            request,
+            |agent, Empty| async move {
+                let info = agent.host_info().await?;
+                // An agent's own answer is checked like one from the wire.
+                info.validate().map_err(|e| {
+                    super::AgentError::rejected(
+                        super::AgentCode::Internal,
+                        format!("bad host info: {e}"),
+                    )
+                })?;
+                Ok(info)
+            },
+            Into::into,
+        )
+        .await
     }
 }
