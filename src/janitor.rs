@@ -78,11 +78,54 @@ pub(crate) struct WorkerState {
     busy_hosts: Mutex<HashSet<HostId>>,
     /// Per operation: failed tries, and not before when to try again.
     held_back: Mutex<HashMap<OperationId, (u32, Instant)>>,
-    pub(crate) passes: AtomicU64,
+    passes: AtomicU64,
+    sleeps: AtomicU64,
+    last_sleep_ms: AtomicU64,
     sweeping: AtomicBool,
 }
 
+/// What the background worker has done (see
+/// [`crate::SqliteSnapshotManager::worker_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// Passes over the due work, the worker's and `run_pending_work`'s.
+    pub passes: u64,
+    /// Times the worker went to sleep after a pass.
+    pub sleeps: u64,
+    /// How long it chose to sleep the last time (it wakes earlier when new
+    /// work arrives).
+    pub last_sleep: Duration,
+}
+
 impl WorkerState {
+    pub(crate) fn stats(&self) -> WorkerStats {
+        WorkerStats {
+            passes: self.passes.load(Ordering::SeqCst),
+            sleeps: self.sleeps.load(Ordering::SeqCst),
+            last_sleep: Duration::from_millis(self.last_sleep_ms.load(Ordering::SeqCst)),
+        }
+    }
+
+    fn record_sleep(&self, sleep: Duration) {
+        let ms = u64::try_from(sleep.as_millis()).unwrap_or(u64::MAX);
+        self.last_sleep_ms.store(ms, Ordering::SeqCst);
+        self.sleeps.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Operations held back now, and when the first of them is due again.
+    fn held_back_now(&self) -> (Vec<OperationId>, Option<Instant>) {
+        let now = Instant::now();
+        let held = lock_unpoisoned(&self.held_back);
+        let waiting: Vec<(OperationId, Instant)> = held
+            .iter()
+            .filter(|(_, (_, until))| *until > now)
+            .map(|(id, (_, until))| (*id, *until))
+            .collect();
+        let first = waiting.iter().map(|(_, until)| *until).min();
+        (waiting.into_iter().map(|(id, _)| id).collect(), first)
+    }
+
     fn held_back(&self, id: OperationId) -> bool {
         lock_unpoisoned(&self.held_back)
             .get(&id)
@@ -165,6 +208,8 @@ pub(crate) fn spawn(inner: Weak<Inner>) -> tokio::task::JoinHandle<()> {
                 }
             };
             let mut sleep = match next_sleep(&strong).await {
+                // Due now, yet nothing could start (a race with the work in
+                // hand): back off rather than spin.
                 Some(wait) if wait.is_zero() && started > 0 => {
                     idle = 0;
                     wait
@@ -191,6 +236,7 @@ pub(crate) fn spawn(inner: Weak<Inner>) -> tokio::task::JoinHandle<()> {
                     }
                 }
             }
+            strong.worker.record_sleep(sleep);
             let wake = strong.wake.clone();
             let shutdown = strong.shutdown.clone();
             drop(strong);
@@ -231,17 +277,30 @@ fn idle_backoff(options: &ManagerOptions, idle: u32) -> Duration {
 }
 
 /// How long until queued work is due (zero: due now), at most the
-/// janitor interval; `None` when the store cannot say.
+/// janitor interval; `None` when the store cannot say. Work in hand (a
+/// busy host's, a create in flight) is left out: it wakes the worker when
+/// it is done. Work held back in memory counts from when it may go again.
 async fn next_sleep(inner: &Inner) -> Option<Duration> {
     let max = inner.options.janitor_interval;
-    match inner.store.read(sql::next_due).await {
+    let (operations, first_held) = inner.worker.held_back_now();
+    let in_hand = sql::InHand {
+        hosts: lock_unpoisoned(&inner.worker.busy_hosts)
+            .iter()
+            .copied()
+            .collect(),
+        creates: inner.in_flight(),
+        operations,
+    };
+    let held = first_held.map_or(max, |at| at.saturating_duration_since(Instant::now()));
+    match inner.store.read(move |c| sql::next_due(c, &in_hand)).await {
         Ok(Some(at)) => {
             let wait = at
                 .unix_millis()
                 .saturating_sub(Timestamp::now().unix_millis());
-            Some(Duration::from_millis(u64::try_from(wait).unwrap_or(0)).min(max))
+            let wait = Duration::from_millis(u64::try_from(wait).unwrap_or(0));
+            Some(wait.min(held).min(max))
         }
-        Ok(None) => Some(max),
+        Ok(None) => Some(held.min(max)),
         Err(err) => {
             tracing::warn!(error = ?err, "cannot read the work queue");
             None
@@ -404,10 +463,9 @@ async fn dispatch(inner: &Arc<Inner>, wait: bool) -> Result<Dispatched> {
         let task = async move {
             let report = host_work(&inner2, work).await;
             drop(busy);
-            if report != WorkReport::default() {
-                // What is left of this host's work may be due now.
-                inner2.wake.notify_one();
-            }
+            // The worker left this host's work out of its sleep while it
+            // was in hand: what is left of it may be due now.
+            inner2.wake.notify_one();
             report
         };
         if wait {
@@ -480,9 +538,11 @@ fn past_deadline(inner: &Inner, op: &CreateOp) -> bool {
 }
 
 /// Resolves `op` without its host's answer: the sandbox becomes `error`,
-/// a create not yet rolled back is, its key stays queued.
+/// a create not yet rolled back is, its key stays queued (tried after the
+/// late-write grace: an agent that cannot be asked may still be writing).
 async fn resolve_by_deadline(inner: &Inner, op: &CreateOp, report: &mut WorkReport) -> Result<()> {
     let (id, now) = (op.id, Timestamp::now());
+    let first_attempt = after(now, inner.options.late_write_grace);
     let resolved = inner
         .store
         .write(move |c| {
@@ -492,7 +552,7 @@ async fn resolve_by_deadline(inner: &Inner, op: &CreateOp, report: &mut WorkRepo
                 SandboxStatus::Error,
                 &Actor::System,
                 ResolveReason::Deadline,
-                now,
+                first_attempt,
                 now,
             )
         })
@@ -571,7 +631,12 @@ async fn resolve_interrupted(
                     tracing::info!(template = %op.template_id, "rolled an interrupted snapshot forward");
                     report.rolled_forward += 1;
                     if !done.replaced.is_empty() {
-                        delete_files(inner, done.replaced).await;
+                        // The replaced files may be on other hosts: their
+                        // deletions must not hold up this host's work.
+                        let inner2 = inner.clone();
+                        inner.tasks_spawn(async move {
+                            delete_files(&inner2, done.replaced).await;
+                        });
                     }
                     return Ok(());
                 }

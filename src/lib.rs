@@ -83,7 +83,7 @@ pub use agent::{
 pub use audit::{AuditEntry, AuditOutcome, AuditQuery, RESOURCE_TEMPLATE, actions};
 pub use error::{Error, ErrorCode, Result};
 pub use ids::{ApiKeyId, AuditLogId, HostId, IdError, OperationId, SandboxId, TeamId, TemplateId};
-pub use janitor::{SweepReport, WorkReport};
+pub use janitor::{SweepReport, WorkReport, WorkerStats};
 pub use manager::{
     Deleted, ListQuery, MAX_PAGE_SIZE, ManagerOptions, NewSnapshot, Page, Placement,
     ResolvedOperation, SnapshotManager, SqliteSnapshotManager, SweepOptions,

@@ -370,7 +370,12 @@ impl SqliteSnapshotManager {
                 .with_source(e)
             })?;
         }
-        let lock = DbLock::acquire(path)?;
+        let lock = {
+            let path = path.to_path_buf();
+            tokio::task::spawn_blocking(move || DbLock::acquire(&path))
+                .await
+                .map_err(|e| Error::new(ErrorCode::DbError, format!("lock task failed: {e}")))??
+        };
         let store = Store::open(path, options.store.clone()).await?;
         let manager = Self {
             inner: Arc::new(Inner {
@@ -508,13 +513,11 @@ impl SqliteSnapshotManager {
         })
     }
 
-    /// How many passes the background worker (and
-    /// [`SqliteSnapshotManager::run_pending_work`]) has made since open.
-    pub fn worker_passes(&self) -> u64 {
-        self.inner
-            .worker
-            .passes
-            .load(std::sync::atomic::Ordering::Relaxed)
+    /// What the background worker has done since open: its passes (and
+    /// those of [`SqliteSnapshotManager::run_pending_work`]) and how long
+    /// it last chose to sleep.
+    pub fn worker_stats(&self) -> crate::janitor::WorkerStats {
+        self.inner.worker.stats()
     }
 
     /// Compares every online or draining host's snapshots with the store
@@ -751,6 +754,9 @@ impl SqliteSnapshotManager {
     }
 }
 
+/// The shortest retry delay, whatever the options say.
+const MIN_RETRY: Duration = Duration::from_millis(10);
+
 pub(crate) fn after(now: Timestamp, d: Duration) -> Timestamp {
     let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     Timestamp::from_unix_millis(now.unix_millis().saturating_add(ms))
@@ -760,10 +766,12 @@ pub(crate) fn after(now: Timestamp, d: Duration) -> Timestamp {
 /// capped at `retry_max`, with up to 20% jitter so hosts that come back
 /// together are not hit at once.
 pub(crate) fn backoff(options: &ManagerOptions, attempts: u32) -> Duration {
+    // Never zero, whatever the options say: a zero delay would spin.
     let exp = options
         .retry_base
+        .max(MIN_RETRY)
         .saturating_mul(1u32.checked_shl(attempts.min(20)).unwrap_or(u32::MAX));
-    let capped = exp.min(options.retry_max);
+    let capped = exp.min(options.retry_max.max(MIN_RETRY));
     let jitter_pct = u64::from(uuid::Uuid::new_v4().as_bytes()[0] % 21);
     capped + capped.mul_f64(jitter_pct as f64 / 100.0)
 }
@@ -826,6 +834,11 @@ impl Inner {
 
     pub(crate) fn is_in_flight(&self, id: TemplateId) -> bool {
         lock_unpoisoned(&self.in_flight).contains(&id)
+    }
+
+    /// The creates driven by tasks of this process.
+    pub(crate) fn in_flight(&self) -> Vec<TemplateId> {
+        lock_unpoisoned(&self.in_flight).iter().copied().collect()
     }
 
     /// `ListSandboxes` on a host, within the list timeout.

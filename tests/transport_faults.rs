@@ -489,3 +489,32 @@ async fn large_answers_are_received_up_to_the_configured_limit() {
     }
     connect.stop().await;
 }
+
+/// Once a host's channel has met an HTTP/1.1-only peer, a later refused
+/// connection (the agent went down) is still "not sent", not a protocol
+/// error: what the last peer spoke says nothing about a connect that
+/// failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_after_an_http1_peer_is_still_not_sent() {
+    let server = go_http1_server().await;
+    let client = agent(Kind::Grpc, &server.addr.to_string());
+    let err = client.list_sandboxes().await.unwrap_err();
+    assert!(matches!(err, AgentError::Protocol { .. }), "{err:?}");
+    drop(server);
+    // The listener is closed with the server's task; wait for the port to
+    // refuse (aborting is asynchronous), without a fixed sleep.
+    let addr = go_http1_addr_closed(&client).await;
+    assert!(addr.is_not_sent(), "{addr:?}");
+}
+
+/// Calls until the answer is no longer the old peer's, and returns it.
+async fn go_http1_addr_closed(client: &Arc<dyn HostAgent>) -> AgentError {
+    for _ in 0..1000 {
+        let err = client.list_sandboxes().await.unwrap_err();
+        if !matches!(err, AgentError::Protocol { .. }) {
+            return err;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the closed port kept answering as the HTTP/1.1 peer did");
+}

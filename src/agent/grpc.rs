@@ -336,7 +336,7 @@ impl Service<http::Request<tonic::body::Body>> for Checked {
                 // The connection died because the server speaks HTTP/1.1
                 // only: h2 reports a frame error or a closed connection,
                 // but the answer was just not HTTP/2.
-                Err(e) if http1_peer.load(Ordering::SeqCst) => {
+                Err(e) if http1_peer.load(Ordering::SeqCst) && !failed_to_connect(&e) => {
                     return Err(ClientVerdict(AgentError::Protocol {
                         message: format!(
                             "the agent answered in HTTP/1.1; it does not serve gRPC here ({e})"
@@ -364,6 +364,19 @@ impl Service<http::Request<tonic::body::Body>> for Checked {
 
 const GRPC_STATUS: &str = "grpc-status";
 
+/// Whether `err` is (or was caused by) a failure to connect: nothing was
+/// sent, whatever an earlier connection's peer spoke.
+fn failed_to_connect(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// The TCP connector of gRPC channels: hyper's, with a [`Sniff`] on
 /// cleartext (h2c) connections.
 #[derive(Clone)]
@@ -386,10 +399,11 @@ impl Service<http::Uri> for SniffingConnector {
         // fails the ALPN check while connecting.
         let cleartext = uri.scheme_str() == Some("http");
         let http1_peer = self.http1_peer.clone();
+        // A new connection: what the last peer spoke no longer tells.
+        http1_peer.store(false, Ordering::SeqCst);
         let connecting = self.http.call(uri);
         Box::pin(async move {
             let tcp = connecting.await?.into_inner();
-            http1_peer.store(false, Ordering::SeqCst);
             Ok(TokioIo::new(Sniff {
                 tcp,
                 http1_peer: cleartext.then_some(http1_peer),

@@ -1273,18 +1273,6 @@ pub(crate) fn deletion_failed(
 /// Most deletions claimed for one host in one batch.
 const PER_HOST: u32 = 16;
 
-/// Hex of ids, as a JSON array, for `json_each` in a query.
-fn hex_id_list(hosts: &[HostId]) -> String {
-    let items: Vec<String> = hosts
-        .iter()
-        .map(|h| {
-            let hex: String = h.as_blob().iter().map(|b| format!("{b:02x}")).collect();
-            format!("\"{hex}\"")
-        })
-        .collect();
-    format!("[{}]", items.join(","))
-}
-
 /// Takes up to `limit` due deletions (skipping hosts marked offline and
 /// the hosts in `skip_hosts`, whose work is in hand) and leases them until
 /// `lease_until` so nobody else tries them meanwhile. A key whose create is
@@ -1311,7 +1299,12 @@ pub(crate) fn claim_due_deletions(
     )?;
     let due = stmt
         .query_map(
-            params![now.unix_millis(), limit, PER_HOST, hex_id_list(skip_hosts)],
+            params![
+                now.unix_millis(),
+                limit,
+                PER_HOST,
+                hex_blobs(skip_hosts.iter().map(HostId::as_blob))
+            ],
             deletion_row,
         )
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())?;
@@ -1324,20 +1317,55 @@ pub(crate) fn claim_due_deletions(
     Ok(due)
 }
 
-/// The earliest time any queued work becomes due, if there is any.
-pub(crate) fn next_due(conn: &Connection) -> Result<Option<Timestamp>> {
-    let at: Option<i64> = conn.query_row(
-        "SELECT min(t) FROM (
+/// Work the worker has in hand or holds back in memory, left out of
+/// [`next_due`]: it says by itself when it is due again.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct InHand {
+    /// Hosts whose work is running.
+    pub(crate) hosts: Vec<HostId>,
+    /// Creates driven by tasks of this process.
+    pub(crate) creates: Vec<TemplateId>,
+    /// Operations held back in memory.
+    pub(crate) operations: Vec<OperationId>,
+}
+
+fn hex_blobs<'a>(blobs: impl Iterator<Item = &'a [u8; 16]>) -> String {
+    let items: Vec<String> = blobs
+        .map(|b| {
+            let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            format!("\"{hex}\"")
+        })
+        .collect();
+    format!("[{}]", items.join(","))
+}
+
+/// The earliest time any queued work not in hand becomes due, if any.
+pub(crate) fn next_due(conn: &Connection, in_hand: &InHand) -> Result<Option<Timestamp>> {
+    let at: Option<i64> = conn
+        .prepare_cached(
+            "SELECT min(t) FROM (
                  SELECT min(max(p.next_attempt, coalesce(p.lease_until, 0))) AS t
                  FROM placements p JOIN hosts h ON h.id = p.host_id
                  WHERE p.state = 'deleting' AND h.status <> 'offline'
+                   AND p.host_id NOT IN (SELECT unhex(value) FROM json_each(?1))
                    AND NOT EXISTS (SELECT 1 FROM operations o
                                    WHERE o.template_id = p.template_id)
                  UNION ALL
-                 SELECT min(next_attempt) FROM operations)",
-        [],
-        |r| r.get(0),
-    )?;
+                 SELECT min(o.next_attempt) FROM operations o
+                 WHERE o.host_id NOT IN (SELECT unhex(value) FROM json_each(?1))
+                   AND o.template_id NOT IN (SELECT unhex(value) FROM json_each(?2))
+                   AND coalesce(o.id, x'') NOT IN (SELECT unhex(value) FROM json_each(?3)))",
+        )
+        .and_then(|mut s| {
+            s.query_row(
+                params![
+                    hex_blobs(in_hand.hosts.iter().map(HostId::as_blob)),
+                    hex_blobs(in_hand.creates.iter().map(TemplateId::as_blob)),
+                    hex_blobs(in_hand.operations.iter().map(OperationId::as_blob)),
+                ],
+                |r| r.get(0),
+            )
+        })?;
     Ok(at.map(Timestamp::from_unix_millis))
 }
 
