@@ -569,6 +569,14 @@ async fn delete_rows_and_the_audit_log() {
     );
     assert_eq!(entries[0]["actor"]["type"], "api_key");
     assert_eq!(entries[1]["action"], "snapshot.create");
+    // The reference's field names for the same facts (SPEC §4 item 8).
+    for e in entries {
+        assert_eq!(e["status"], "success", "{e}");
+        assert_eq!(e["scope"], "team", "{e}");
+        assert_eq!(e["actor_type"], e["actor"]["type"], "{e}");
+        assert_eq!(e["actor_id"], e["actor"]["id"], "{e}");
+        assert_eq!(e["actor_name"], e["actor"]["name"], "{e}");
+    }
     let (_, filtered) = api
         .send(
             Method::GET,

@@ -1745,5 +1745,19 @@ async fn open_operations_are_listed_and_resolved_as_documented() {
     let entries = check_reply(&doc, &ops, "get", "/v1/audit-logs", &reply);
     assert_eq!(entries.as_array().unwrap().len(), 1, "{entries}");
     assert_eq!(entries[0]["metadata"]["reason"], "operator");
+    assert_eq!(entries[0]["status"], "success");
+    assert_eq!(entries[0]["scope"], "team");
+    // The snapshot that failed is in the log as the reference reads it.
+    let reply = server
+        .send(
+            "get",
+            "/v1/audit-logs?action=snapshot.create",
+            Some(&key),
+            None,
+        )
+        .await;
+    let created = check_reply(&doc, &ops, "get", "/v1/audit-logs", &reply);
+    assert_eq!(created[0]["status"], "error", "{created}");
+    assert_eq!(created[0]["outcome"], "failure", "{created}");
     assert_eq!(entries[0]["metadata"]["operation_id"], id.as_str());
 }

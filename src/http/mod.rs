@@ -129,6 +129,8 @@ impl From<&Template> for TemplateBody {
     }
 }
 
+/// An audit entry over HTTP: our fields, plus the reference's names for
+/// the same facts (SPEC §4 item 8), so that its clients read it unchanged.
 #[derive(Serialize)]
 struct AuditBody {
     id: String,
@@ -141,6 +143,14 @@ struct AuditBody {
     actor: ActorBody,
     metadata: serde_json::Value,
     created_at: String,
+    /// The reference's outcome: `success` or `error`.
+    status: &'static str,
+    /// The reference's scope: `team`, or `platform` for the platform
+    /// team's log.
+    scope: &'static str,
+    actor_type: &'static str,
+    actor_id: Option<String>,
+    actor_name: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -179,6 +189,18 @@ impl From<&AuditEntry> for AuditBody {
             resource_id: e.resource_id.clone(),
             outcome: e.outcome.as_str(),
             error_code: e.error_code.clone(),
+            status: match e.outcome {
+                crate::audit::AuditOutcome::Success => "success",
+                crate::audit::AuditOutcome::Failure => "error",
+            },
+            scope: if e.team.is_platform() {
+                "platform"
+            } else {
+                "team"
+            },
+            actor_type: actor.kind,
+            actor_id: actor.id.clone(),
+            actor_name: actor.name.clone(),
             actor,
             metadata: e.metadata.clone(),
             created_at: e.created_at.to_rfc3339(),
