@@ -9,7 +9,8 @@ use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::{Path, PathBuf};
 
 use sandbox_snapshots::agent::{
-    CreateSnapshotRequest, DeleteSnapshotRequest, Hold, SandboxList, SnapshotKey,
+    CreateSandboxRequest, CreateSnapshotRequest, DeleteSnapshotRequest, DestroySandboxRequest,
+    Hold, SandboxList, SnapshotKey,
 };
 use sandbox_snapshots::{AgentCode, DirHostAgent, HostAgent, SandboxId, Timestamp};
 use tempfile::TempDir;
@@ -498,4 +499,257 @@ async fn a_delete_removes_what_a_crashed_copy_left_and_answers_not_found() {
     let err = delete(&agent, "tpl-c-2").await.unwrap_err();
     assert_eq!(err.code(), Some(AgentCode::NotFound), "{err}");
     assert_eq!(entries(&snapshots), [".tmp-tpl-c"]);
+}
+
+/// A sandbox directory with a sparse memory file, a disk image, nested
+/// directories, a symlink and odd permissions.
+fn populate(src: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(src.join("vmstate"), b"cpu registers").unwrap();
+    fs::create_dir_all(src.join("disks/extra")).unwrap();
+    fs::write(src.join("disks/rootfs.img"), vec![7u8; 100_000]).unwrap();
+    fs::write(src.join("disks/extra/notes"), b"nested").unwrap();
+    fs::set_permissions(
+        src.join("disks/extra/notes"),
+        fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    symlink("disks/rootfs.img", src.join("rootfs")).unwrap();
+    let mut memory = fs::File::create(src.join("memory")).unwrap();
+    memory.set_len(64 << 20).unwrap();
+    for offset in [0u64, 20 << 20, 63 << 20] {
+        memory.seek(SeekFrom::Start(offset)).unwrap();
+        memory.write_all(&[0xcd; 8192]).unwrap();
+    }
+}
+
+fn restore_request(id: SandboxId, template: &str) -> CreateSandboxRequest {
+    CreateSandboxRequest::new(id, key(template))
+}
+
+/// A snapshot restored into a new sandbox is the snapshot, byte for byte,
+/// holes kept; the new sandbox is listed running; destroying it removes
+/// it.
+#[tokio::test]
+async fn create_sandbox_restores_a_snapshot_byte_for_byte_and_destroy_removes_it() {
+    let root = TempDir::new().unwrap();
+    let agent = DirHostAgent::open(root.path()).await.unwrap();
+    let source = SandboxId::new();
+    let src = sandbox_dir(root.path(), source);
+    populate(&src);
+    create(&agent, source, "tpl-snap").await.unwrap();
+
+    let restored = SandboxId::new();
+    let answer = agent
+        .create_sandbox(restore_request(restored, "tpl-snap"))
+        .await
+        .unwrap();
+    assert_eq!(answer.sandbox_id, restored.to_string());
+    assert_eq!(answer.status, "running");
+    let dst = root.path().join("sandboxes").join(restored.to_string());
+    assert_eq!(tree(&dst), tree(&src));
+    let ((a_src, len_src), (a_dst, len_dst)) = (sizes(&src), sizes(&dst));
+    assert_eq!(len_dst, len_src);
+    assert!(
+        a_dst <= a_src + 4096 * 4 && a_dst < len_dst / 4,
+        "holes kept: {a_dst} allocated of {len_dst} (source {a_src})"
+    );
+    let mode = fs::metadata(dst.join("disks/extra/notes")).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+    let list = agent.list_sandboxes().await.unwrap();
+    assert_eq!(status_of(&list, restored), Some("running"));
+    // No leftovers of the copy.
+    assert!(
+        entries(&root.path().join("sandboxes"))
+            .iter()
+            .all(|n| !n.starts_with('.'))
+    );
+
+    // The same id again: refused, nothing changed.
+    let again = agent
+        .create_sandbox(restore_request(restored, "tpl-snap"))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Some(AgentCode::AlreadyExists));
+
+    agent
+        .destroy_sandbox(DestroySandboxRequest::new(restored))
+        .await
+        .unwrap();
+    assert!(!dst.exists());
+    let list = agent.list_sandboxes().await.unwrap();
+    assert_eq!(status_of(&list, restored), None);
+    let gone = agent
+        .destroy_sandbox(DestroySandboxRequest::new(restored))
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Some(AgentCode::NotFound));
+}
+
+/// A base template is a directory under the images root; an unknown
+/// template is NotFound and leaves nothing behind.
+#[tokio::test]
+async fn create_sandbox_from_a_base_template_and_unknown_templates() {
+    let root = TempDir::new().unwrap();
+    let images = TempDir::new().unwrap();
+    let agent = DirHostAgent::open(root.path())
+        .await
+        .unwrap()
+        .with_images(images.path());
+    let base = images.path().join("ubuntu-24.04");
+    fs::create_dir_all(&base).unwrap();
+    fs::write(base.join("rootfs.img"), b"base image").unwrap();
+
+    let id = SandboxId::new();
+    agent
+        .create_sandbox(restore_request(id, "ubuntu-24.04"))
+        .await
+        .unwrap();
+    let dst = root.path().join("sandboxes").join(id.to_string());
+    assert_eq!(fs::read(dst.join("rootfs.img")).unwrap(), b"base image");
+
+    let missing = SandboxId::new();
+    let err = agent
+        .create_sandbox(restore_request(missing, "tpl-nowhere"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(AgentCode::NotFound));
+    assert_eq!(entries(&root.path().join("sandboxes")), [id.to_string()]);
+}
+
+/// Requests whose template or sandbox would name a path outside the root
+/// are refused on the wire (InvalidArgument) before they reach the agent:
+/// the domain types cannot even express them.
+#[tokio::test]
+async fn create_sandbox_requests_that_would_leave_the_root_are_refused() {
+    use sandbox_snapshots::HostAgentServer;
+    let root = TempDir::new().unwrap();
+    let agent = DirHostAgent::open(root.path()).await.unwrap();
+    let (addr, _server) = HostAgentServer::new(std::sync::Arc::new(agent))
+        .spawn("127.0.0.1:0".parse().unwrap(), std::future::pending())
+        .await
+        .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for (template, sandbox) in [
+        ("../../etc", SandboxId::new().to_string()),
+        ("tpl-ok", "../../etc".to_owned()),
+        ("a/b", SandboxId::new().to_string()),
+        (".tmp-x", SandboxId::new().to_string()),
+        ("tpl-ok", ".".to_owned()),
+    ] {
+        let status = raw_create_sandbox(channel.clone(), template, &sandbox).await;
+        assert_eq!(status, tonic::Code::InvalidArgument, "{template} {sandbox}");
+    }
+    assert!(entries(&root.path().join("sandboxes")).is_empty());
+}
+
+/// Calls `CreateSandbox` with raw strings, as a hostile client could.
+async fn raw_create_sandbox(
+    channel: tonic::transport::Channel,
+    template: &str,
+    sandbox: &str,
+) -> tonic::Code {
+    use prost::Message;
+    #[derive(Clone, PartialEq, Message)]
+    struct RawRequest {
+        #[prost(string, tag = "1")]
+        template: String,
+        #[prost(string, tag = "5")]
+        sandbox_id: String,
+    }
+    #[derive(Clone, PartialEq, Message)]
+    struct RawResponse {}
+    let mut client = tonic::client::Grpc::new(channel);
+    client.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/hostagent.v1.HostAgentService/CreateSandbox");
+    let request = tonic::Request::new(RawRequest {
+        template: template.to_owned(),
+        sandbox_id: sandbox.to_owned(),
+    });
+    let codec = tonic_prost::ProstCodec::<RawRequest, RawResponse>::default();
+    match client.unary(request, path, codec).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+/// While a restore copies a snapshot, a delete of that key is refused
+/// (retry later) rather than pulling the files from under it; once the
+/// restore is done it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_being_restored_from_is_not_deleted() {
+    let root = TempDir::new().unwrap();
+    let agent = DirHostAgent::open(root.path()).await.unwrap();
+    let source = SandboxId::new();
+    fs::write(
+        sandbox_dir(root.path(), source).join("memory.bin"),
+        b"state",
+    )
+    .unwrap();
+    create(&agent, source, "tpl-busy").await.unwrap();
+    let hold = Hold::new();
+    let _release = ReleaseOnDrop(hold.clone());
+    agent.pause_before_rename(Some(hold.clone()));
+    let restored = SandboxId::new();
+    let restore = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            agent
+                .create_sandbox(restore_request(restored, "tpl-busy"))
+                .await
+        })
+    };
+    hold.arrived(1).await;
+    let refused = delete(&agent, "tpl-busy").await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(AgentCode::FailedPrecondition),
+        "{refused:?}"
+    );
+    hold.release();
+    restore.await.unwrap().unwrap();
+    agent.pause_before_rename(None);
+    delete(&agent, "tpl-busy").await.unwrap();
+    let dst = root.path().join("sandboxes").join(restored.to_string());
+    assert_eq!(fs::read(dst.join("memory.bin")).unwrap(), b"state");
+}
+
+/// `host_info` reports the configured VMM and the machine; every snapshot
+/// says what produced it.
+#[tokio::test]
+async fn host_info_reports_the_vmm_and_the_machine() {
+    let root = TempDir::new().unwrap();
+    let agent =
+        DirHostAgent::open(root.path())
+            .await
+            .unwrap()
+            .with_vmm("firecracker", "1.7.0", "4.0.0");
+    let info = agent.host_info().await.unwrap();
+    assert_eq!(
+        (
+            info.vmm.as_str(),
+            info.vmm_version.as_str(),
+            info.snapshot_format.as_str()
+        ),
+        ("firecracker", "1.7.0", "4.0.0")
+    );
+    assert_eq!(info.arch, std::env::consts::ARCH);
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(info.kernel_version, release.trim());
+    assert!(
+        !info.cpu_model.is_empty() || !info.cpu_vendor.is_empty(),
+        "{info:?}"
+    );
+    assert!(info.validate().is_ok());
+    let source = SandboxId::new();
+    fs::write(sandbox_dir(root.path(), source).join("m"), b"x").unwrap();
+    let answer = agent
+        .create_snapshot(CreateSnapshotRequest::new(source, key("tpl-c")))
+        .await
+        .unwrap();
+    assert_eq!(answer.compat, Some(info));
 }

@@ -226,10 +226,11 @@ impl DirHostAgent {
     }
 
     /// Testing aid for deterministic interleavings: while set, every
-    /// `create_snapshot` of this agent (and its clones) waits at `hold` once
-    /// its copy is complete, just before moving it under its key; the key is
-    /// being written meanwhile. `None` removes the gate. A real host has no
-    /// use for this.
+    /// `create_snapshot` and `create_sandbox` of this agent (and its
+    /// clones) waits at `hold` once its copy is complete, just before
+    /// moving it into place; the key is being written (or the snapshot
+    /// read) meanwhile. `None` removes the gate. A real host has no use for
+    /// this.
     pub fn pause_before_rename(&self, hold: Option<Hold>) {
         *lock(&self.inner.pause_before_rename) = hold;
     }
@@ -413,6 +414,10 @@ impl Inner {
         let written = copy_tree(&source, &temp)
             .map_err(|e| e.into_agent_error(&format!("sandbox {sandbox}: copying {template}")))
             .and_then(|()| {
+                let gate = lock(&self.pause_before_rename).clone();
+                if let Some(hold) = gate {
+                    hold.pass_blocking();
+                }
                 fs::rename(&temp, &target)
                     .map_err(|e| io_error(format!("sandbox {sandbox}: moving it into place"), &e))
             });
