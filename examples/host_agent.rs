@@ -13,6 +13,11 @@
 //!   --tls-cert PEM --tls-key PEM
 //!                   serve over TLS with this certificate and key
 //!   --client-ca PEM require client certificates signed by this CA
+//!   --images DIR    base templates sandboxes may start from (default
+//!                   ROOT/images)
+//!   --vmm NAME --vmm-version V --snapshot-format F
+//!                   what GetHostInfo reports this host runs (defaults
+//!                   describe the reference agent itself)
 //!
 //! Prints `listening on ADDR` once it accepts calls, logs each call, and on
 //! Ctrl-C or SIGTERM stops accepting and finishes the calls in progress.
@@ -33,11 +38,14 @@ struct Args {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
+    images: Option<PathBuf>,
+    vmm: Option<(String, String, String)>,
 }
 
 fn usage() -> String {
     "usage: host_agent --root DIR [--listen ADDR] [--token TOKEN] \
-     [--tls-cert PEM --tls-key PEM [--client-ca PEM]]"
+     [--tls-cert PEM --tls-key PEM [--client-ca PEM]] [--images DIR] \
+     [--vmm NAME --vmm-version V --snapshot-format F]"
         .to_owned()
 }
 
@@ -45,6 +53,7 @@ fn parse_args() -> Result<Args, Failure> {
     let mut listen: SocketAddr = "127.0.0.1:50051".parse()?;
     let mut root = None;
     let (mut tls_cert, mut tls_key, mut client_ca) = (None, None, None);
+    let (mut images, mut vmm, mut vmm_version, mut snapshot_format) = (None, None, None, None);
     let mut token = std::env::var("HOST_AGENT_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
@@ -61,6 +70,10 @@ fn parse_args() -> Result<Args, Failure> {
             "--tls-cert" => tls_cert = Some(PathBuf::from(value()?)),
             "--tls-key" => tls_key = Some(PathBuf::from(value()?)),
             "--client-ca" => client_ca = Some(PathBuf::from(value()?)),
+            "--images" => images = Some(PathBuf::from(value()?)),
+            "--vmm" => vmm = Some(value()?),
+            "--vmm-version" => vmm_version = Some(value()?),
+            "--snapshot-format" => snapshot_format = Some(value()?),
             "-h" | "--help" => {
                 println!("{}", usage());
                 std::process::exit(0);
@@ -72,6 +85,17 @@ fn parse_args() -> Result<Args, Failure> {
     if tls_cert.is_some() != tls_key.is_some() || (client_ca.is_some() && tls_cert.is_none()) {
         return Err(format!("--tls-cert and --tls-key go together\n{}", usage()).into());
     }
+    let vmm = match (vmm, vmm_version, snapshot_format) {
+        (None, None, None) => None,
+        (Some(vmm), Some(version), Some(format)) => Some((vmm, version, format)),
+        _ => {
+            return Err(format!(
+                "--vmm, --vmm-version and --snapshot-format go together\n{}",
+                usage()
+            )
+            .into());
+        }
+    };
     Ok(Args {
         listen,
         root,
@@ -79,6 +103,8 @@ fn parse_args() -> Result<Args, Failure> {
         tls_cert,
         tls_key,
         client_ca,
+        images,
+        vmm,
     })
 }
 
@@ -91,7 +117,13 @@ async fn main() -> Result<(), Failure> {
         .with_writer(std::io::stderr)
         .init();
     let args = parse_args()?;
-    let agent = DirHostAgent::open(&args.root).await?;
+    let mut agent = DirHostAgent::open(&args.root).await?;
+    if let Some(images) = &args.images {
+        agent = agent.with_images(images);
+    }
+    if let Some((vmm, version, format)) = &args.vmm {
+        agent = agent.with_vmm(vmm, version, format);
+    }
     let mut server = HostAgentServer::new(Arc::new(agent));
     if let Some(token) = args.token {
         server = server.with_token(BearerToken::new(token));
