@@ -638,4 +638,46 @@ mod tests {
             Err(AgentError::Protocol { .. })
         ));
     }
+
+    /// An agent's `HostInfo` is checked when it arrives: an empty one is
+    /// unknown, a bad one is a protocol error, never passed on.
+    #[test]
+    fn host_info_from_the_wire_is_checked() {
+        assert_eq!(host_info_from_wire(None).unwrap(), None);
+        assert_eq!(
+            host_info_from_wire(Some(wire::HostInfo::default())).unwrap(),
+            None
+        );
+        let good = wire::HostInfo {
+            vmm: "firecracker".into(),
+            cpu_flags: vec!["avx2".into()],
+            ..Default::default()
+        };
+        let info = host_info_from_wire(Some(good)).unwrap().unwrap();
+        assert_eq!(info.vmm, "firecracker");
+        let bad = wire::HostInfo {
+            cpu_model: "x".repeat(1000),
+            ..Default::default()
+        };
+        assert!(matches!(
+            host_info_from_wire(Some(bad)),
+            Err(AgentError::Protocol { .. })
+        ));
+        // And a restore request from the wire is validated like a snapshot's.
+        let escape = wire::CreateSandboxRequest {
+            template: "../x".into(),
+            sandbox_id: crate::ids::SandboxId::new().to_string(),
+            ..Default::default()
+        };
+        let err = CreateSandboxRequest::try_from(escape).unwrap_err();
+        assert_eq!(err.code(), Some(AgentCode::InvalidArgument));
+        let negative = wire::CreateSandboxRequest {
+            template: "tpl-a".into(),
+            sandbox_id: crate::ids::SandboxId::new().to_string(),
+            memory_mb: -1,
+            ..Default::default()
+        };
+        let err = CreateSandboxRequest::try_from(negative).unwrap_err();
+        assert_eq!(err.code(), Some(AgentCode::InvalidArgument));
+    }
 }
