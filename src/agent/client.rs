@@ -212,3 +212,70 @@ impl ClientConfig {
         self.gzip && encoded_len > COMPRESS_OVER_BYTES
     }
 }
+
+/// A loopback server for the transports' unit tests: it records each
+/// request's headers and body, and answers with `answer`.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod recording {
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use http_body_util::combinators::BoxBody;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    pub(crate) type Body = BoxBody<Bytes, Infallible>;
+    pub(crate) type Seen = Arc<Mutex<Vec<(http::HeaderMap, Bytes)>>>;
+
+    /// Serves HTTP/2 with prior knowledge when `h2`, HTTP/1.1 otherwise.
+    pub(crate) async fn start(
+        h2: bool,
+        answer: fn() -> http::Response<Body>,
+    ) -> (SocketAddr, Seen) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Seen::default();
+        let record = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let record = record.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let body: Bytes = body.collect().await.unwrap().to_bytes();
+                                record.lock().unwrap().push((parts.headers, body));
+                                Ok::<_, Infallible>(answer())
+                            }
+                        },
+                    );
+                    let io = TokioIo::new(stream);
+                    let _ = if h2 {
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, service)
+                            .await
+                    } else {
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await
+                    };
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    pub(crate) fn gunzip(body: &[u8]) -> Vec<u8> {
+        use std::io::Read;
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(body)
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    }
+}

@@ -75,7 +75,7 @@ impl std::fmt::Debug for ConnectTransport {
 
 impl ConnectTransport {
     /// A transport with `config`. Bad TLS material shows up as
-    /// [`AgentError::Unavailable`] (not sent) for every host.
+    /// [`AgentError::Unavailable`] (not sent) on every call, as on gRPC.
     pub fn new(config: ClientConfig) -> Self {
         let client = http_client(&config).map_err(Arc::from);
         Self {
@@ -206,10 +206,6 @@ impl AgentTransport for ConnectTransport {
                 host.id
             )));
         }
-        let client = self
-            .client
-            .as_ref()
-            .map_err(|e| AgentError::not_sent(format!("host {}: {e}", host.id)))?;
         let base = if host.address.contains("://") {
             host.address.trim_end_matches('/').to_owned()
         } else if self.config.tls.is_some() {
@@ -233,7 +229,7 @@ impl AgentTransport for ConnectTransport {
         Ok(Arc::new(ConnectAgent {
             base,
             config: self.config.clone(),
-            client: client.clone(),
+            client: self.client.clone(),
         }))
     }
 }
@@ -282,7 +278,8 @@ fn with_sources(e: &(dyn std::error::Error + 'static)) -> String {
 struct ConnectAgent {
     base: String,
     config: Arc<ClientConfig>,
-    client: HttpClient,
+    /// `Err`: the TLS settings are unusable.
+    client: Result<HttpClient, Arc<str>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -321,8 +318,12 @@ impl ConnectAgent {
         let request = builder
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| AgentError::not_sent(format!("bad agent address {uri}: {e}")))?;
+        let client = self
+            .client
+            .as_ref()
+            .map_err(|e| AgentError::not_sent(format!("cannot connect to {}: {e}", self.base)))?;
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| {
+            let response = client.request(request).await.map_err(|e| {
                 let why = with_sources(&e);
                 if e.is_connect() {
                     // Refused, unresolvable, timed out, TLS handshake
@@ -472,5 +473,73 @@ impl HostAgent for ConnectAgent {
             )
             .await?;
         Ok(pb::host_info_from_wire(Some(resp))?.unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::agent::client::{USER_AGENT, recording};
+    use crate::ids::HostId;
+
+    fn answer() -> http::Response<recording::Body> {
+        http::Response::builder()
+            .header(http::header::CONTENT_TYPE, "application/proto")
+            .body(Full::new(Bytes::new()).boxed())
+            .unwrap()
+    }
+
+    /// Requests over 1 KiB go out gzipped, smaller ones as they are; gzip
+    /// answers are asked for; the user-agent names the crate.
+    #[tokio::test]
+    async fn requests_over_1_kib_are_compressed_and_gzip_is_asked_for() {
+        let (addr, seen) = recording::start(false, answer).await;
+        let host = HostTarget {
+            id: HostId::new(),
+            address: addr.to_string(),
+        };
+        for (gzip, template_len, compressed) in
+            [(true, 10, false), (true, 2000, true), (false, 2000, false)]
+        {
+            let config = ClientConfig::default().gzip(gzip).user_agent("tests/1");
+            let transport = ConnectTransport::new(config.clone());
+            let agent = ConnectAgent {
+                base: format!("http://{}", host.address),
+                config: Arc::new(config),
+                client: transport.client,
+            };
+            let message = wire::CreateSandboxRequest {
+                template: "t".repeat(template_len),
+                ..Default::default()
+            };
+            let encoded = message.encode_to_vec();
+            let _: wire::CreateSandboxResponse = agent
+                .call("CreateSandbox", message, Duration::from_secs(10))
+                .await
+                .unwrap();
+            let (headers, body) = seen.lock().unwrap().pop().unwrap();
+            let case = format!("gzip {gzip}, {template_len} byte template");
+            let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+            assert_eq!(
+                header("user-agent"),
+                Some(format!("tests/1 {USER_AGENT}").as_str()),
+                "{case}"
+            );
+            assert_eq!(header("accept-encoding") == Some("gzip"), gzip, "{case}");
+            assert_eq!(
+                header("content-encoding") == Some("gzip"),
+                compressed,
+                "{case}"
+            );
+            let payload = if compressed {
+                recording::gunzip(&body)
+            } else {
+                body.to_vec()
+            };
+            assert_eq!(payload, encoded, "{case}");
+        }
     }
 }

@@ -137,19 +137,25 @@ impl GrpcTransport {
 
 impl AgentTransport for GrpcTransport {
     fn agent(&self, host: &HostTarget) -> Result<Arc<dyn HostAgent>, AgentError> {
+        Ok(Arc::new(self.grpc_agent(host)?))
+    }
+}
+
+impl GrpcTransport {
+    fn grpc_agent(&self, host: &HostTarget) -> Result<GrpcAgent, AgentError> {
         let channel = self.channel(host)?;
         let mut client =
             Client::new(channel).max_decoding_message_size(self.config.max_response_bytes);
         if self.config.gzip {
             client = client.accept_compressed(CompressionEncoding::Gzip);
         }
-        Ok(Arc::new(GrpcAgent {
+        Ok(GrpcAgent {
             client,
             token: self.config.token.as_ref().map(BearerToken::header_value),
             create_timeout: self.config.create_timeout,
             call_timeout: self.config.call_timeout,
             gzip: self.config.gzip,
-        }))
+        })
     }
 }
 
@@ -488,5 +494,85 @@ impl HostAgent for GrpcAgent {
             })
             .await?;
         Ok(pb::host_info_from_wire(Some(response))?.unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use prost::Message;
+
+    use super::*;
+    use crate::agent::client::{USER_AGENT, recording};
+
+    /// An empty `CreateSandboxResponse`, uncompressed.
+    fn answer() -> http::Response<recording::Body> {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(GRPC_STATUS, http::HeaderValue::from_static("0"));
+        let frames = vec![
+            Ok(hyper::body::Frame::data(Bytes::from_static(&[
+                0, 0, 0, 0, 0,
+            ]))),
+            Ok(hyper::body::Frame::trailers(trailers)),
+        ];
+        http::Response::builder()
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .body(StreamBody::new(tokio_stream::iter(frames)).boxed())
+            .unwrap()
+    }
+
+    /// Requests over 1 KiB go out gzipped, smaller ones as they are; gzip
+    /// answers are asked for; the user-agent names the crate.
+    #[tokio::test]
+    async fn requests_over_1_kib_are_compressed_and_gzip_is_asked_for() {
+        let (addr, seen) = recording::start(true, answer).await;
+        let host = HostTarget {
+            id: HostId::new(),
+            address: addr.to_string(),
+        };
+        for (gzip, template_len, compressed) in
+            [(true, 10, false), (true, 2000, true), (false, 2000, false)]
+        {
+            let agent = GrpcTransport::new(ClientConfig::default().gzip(gzip))
+                .grpc_agent(&host)
+                .unwrap();
+            let message = wire::CreateSandboxRequest {
+                template: "t".repeat(template_len),
+                ..Default::default()
+            };
+            let encoded = message.encode_to_vec();
+            agent
+                .call(message, Duration::from_secs(10), |mut c, r| async move {
+                    c.create_sandbox(r).await
+                })
+                .await
+                .unwrap();
+            let (headers, body) = seen.lock().unwrap().pop().unwrap();
+            let case = format!("gzip {gzip}, {template_len} byte template");
+            let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+            assert!(
+                header("user-agent").unwrap().starts_with(USER_AGENT),
+                "{case}: {headers:?}"
+            );
+            assert_eq!(
+                header("grpc-accept-encoding").is_some_and(|v| v.contains("gzip")),
+                gzip,
+                "{case}: {headers:?}"
+            );
+            assert_eq!(
+                header("grpc-encoding") == Some("gzip"),
+                compressed,
+                "{case}"
+            );
+            assert_eq!(body[0] == 1, compressed, "{case}: the compressed flag");
+            let payload = if compressed {
+                recording::gunzip(&body[5..])
+            } else {
+                body[5..].to_vec()
+            };
+            assert_eq!(payload, encoded, "{case}");
+        }
     }
 }
