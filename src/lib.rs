@@ -51,7 +51,8 @@
 //!   the one-manager-per-file lock).
 //! - [`agent`]: the [`HostAgent`] service and the [`AgentTransport`] trait;
 //!   transports: in-process, gRPC ([`GrpcTransport`]) and Connect over
-//!   HTTP/1.1 ([`ConnectTransport`]); the gRPC server adapter
+//!   HTTP/1.1 or HTTP/2 ([`ConnectTransport`]), both set up by one
+//!   [`ClientConfig`] (TLS, token, gzip, receive limit); the gRPC server adapter
 //!   ([`HostAgentServer`]); agents: in-memory (with fault injection) and the
 //!   directory-backed reference agent. Protobuf types stay private in
 //!   `agent::pb`, generated from `proto/` at build time.
@@ -76,9 +77,9 @@ mod signal;
 mod store;
 
 pub use agent::{
-    AgentCode, AgentError, AgentTransport, BearerToken, ConnectConfig, ConnectTransport,
-    DirHostAgent, GrpcConfig, GrpcTransport, HostAgent, HostAgentServer, HostTarget,
-    InProcessTransport, MemoryHostAgent,
+    AgentCode, AgentError, AgentTransport, BearerToken, ClientConfig, ConnectConfig,
+    ConnectTransport, DirHostAgent, GrpcConfig, GrpcTransport, HostAgent, HostAgentServer,
+    HostTarget, InProcessTransport, MemoryHostAgent,
 };
 pub use audit::{AuditEntry, AuditOutcome, AuditQuery, RESOURCE_TEMPLATE, actions};
 pub use error::{Error, ErrorCode, Result};

@@ -2,8 +2,8 @@
 //! agent's answer (SPEC §5, "Transports are classified by what the caller
 //! should do next"), against real servers on loopback ports: nothing
 //! listening, a name that does not resolve, a failed TLS handshake, a
-//! connection dropped mid-call, an HTTP/1.1-only server, an unasked
-//! compressed answer, the Go agent mux's plain-text 404, an agent answering
+//! connection dropped mid-call, an HTTP/1.1-only server, an answer in an
+//! encoding never asked for, the Go agent mux's plain-text 404, an agent answering
 //! "canceled", and answers over the receive limit.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -62,6 +62,9 @@ fn agent_with(
         }
         Kind::Connect => {
             let mut config = ConnectConfig::default().timeouts(DEADLINE, DEADLINE, DEADLINE);
+            if let Some(tls) = tls {
+                config = config.tls(tls);
+            }
             if let Some(n) = max_response_bytes {
                 config = config.max_response_bytes(n);
             }
@@ -93,9 +96,9 @@ enum Reply {
     Drop,
     /// What the Go agent's `http.ServeMux` answers for an unknown route.
     Plain404,
-    /// A 200 answer compressed with gzip, which was not asked for: gRPC
-    /// over h2c, Connect over HTTP/1.1.
-    UnaskedGzip,
+    /// A 200 answer compressed with brotli, which is never asked for
+    /// (only gzip is): gRPC over h2c, Connect over HTTP/1.1.
+    UnaskedEncoding,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -128,14 +131,14 @@ fn reply_body(http: Http, reply: Reply) -> Response<Body> {
             .header("x-content-type-options", "nosniff")
             .body(Full::new(Bytes::from_static(b"404 page not found\n")).boxed())
             .unwrap(),
-        Reply::UnaskedGzip if matches!(http, Http::H1) => Response::builder()
+        Reply::UnaskedEncoding if matches!(http, Http::H1) => Response::builder()
             .status(200)
             .header("content-type", "application/proto")
-            .header("content-encoding", "gzip")
+            .header("content-encoding", "br")
             .body(Full::new(Bytes::from_static(&[0x1f, 0x8b, 8, 0])).boxed())
             .unwrap(),
-        Reply::UnaskedGzip => {
-            // Compressed-flag 1, length 5, five bytes that are not gzip.
+        Reply::UnaskedEncoding => {
+            // Compressed-flag 1, length 5, five bytes.
             let frame = Bytes::from_static(&[1, 0, 0, 0, 5, 1, 2, 3, 4, 5]);
             let mut trailers = ::http::HeaderMap::new();
             trailers.insert("grpc-status", ::http::HeaderValue::from_static("0"));
@@ -146,7 +149,7 @@ fn reply_body(http: Http, reply: Reply) -> Response<Body> {
             Response::builder()
                 .status(200)
                 .header("content-type", "application/grpc")
-                .header("grpc-encoding", "gzip")
+                .header("grpc-encoding", "br")
                 .body(StreamBody::new(tokio_stream::iter(frames)).boxed())
                 .unwrap()
         }
@@ -308,6 +311,24 @@ async fn failures_before_the_request_is_sent_are_not_sent() {
             tls_addr.clone(),
             tls(&other_ca),
         ),
+        (
+            "tls against a server that hangs up",
+            Kind::Connect,
+            slamming.addr.to_string(),
+            tls("unused"),
+        ),
+        (
+            "tls against a server of another CA",
+            Kind::Connect,
+            tls_addr.clone(),
+            tls(&other_ca),
+        ),
+        (
+            "https to a port where nothing listens",
+            Kind::Connect,
+            format!("https://{}", dead_port()),
+            tls(&other_ca),
+        ),
     ];
     for (what, kind, address, tls) in cases {
         let err = agent_with(kind, &address, tls, None)
@@ -373,14 +394,14 @@ async fn answers_that_cannot_be_understood_are_protocol_errors() {
             go_http1_server().await,
         ),
         (
-            "an unasked gzip answer",
+            "an unasked encoding",
             Kind::Grpc,
-            HandServer::start(Http::H2c, Reply::UnaskedGzip).await,
+            HandServer::start(Http::H2c, Reply::UnaskedEncoding).await,
         ),
         (
-            "an unasked gzip answer",
+            "an unasked encoding",
             Kind::Connect,
-            HandServer::start(Http::H1, Reply::UnaskedGzip).await,
+            HandServer::start(Http::H1, Reply::UnaskedEncoding).await,
         ),
     ] {
         let err = agent(kind, &server.addr.to_string())

@@ -15,9 +15,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tonic::codec::CompressionEncoding;
 use tonic::codegen::Service;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use super::client::{COMPRESS_OVER_BYTES, ClientConfig};
 use super::pb::{self, ClientVerdict, SentStatus, wire};
 use super::{
     AgentError, AgentTransport, BearerToken, CreateSandboxRequest, CreateSandboxResponse,
@@ -28,128 +30,16 @@ use crate::ids::HostId;
 
 type Client = wire::host_agent_service_client::HostAgentServiceClient<Checked>;
 
-/// Largest answer accepted by default (both transports).
-pub(crate) const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
-
-/// TLS for gRPC connections to host agents (rustls).
-#[derive(Clone)]
-#[non_exhaustive]
-pub struct TlsConfig {
-    /// PEM of the CA that signs the agents' certificates.
-    pub ca_pem: Vec<u8>,
-    /// PEM certificate and key of the control plane, for mutual TLS.
-    pub client_identity: Option<(Vec<u8>, Vec<u8>)>,
-    /// The name to verify in agents' certificates, when it differs from
-    /// the host part of their address.
-    pub domain_name: Option<String>,
-}
-
-impl TlsConfig {
-    /// Verify agents against `ca_pem`.
-    pub fn new(ca_pem: impl Into<Vec<u8>>) -> Self {
-        Self {
-            ca_pem: ca_pem.into(),
-            client_identity: None,
-            domain_name: None,
-        }
-    }
-
-    /// Present this certificate and key to agents (mutual TLS).
-    pub fn client_identity(
-        mut self,
-        cert_pem: impl Into<Vec<u8>>,
-        key_pem: impl Into<Vec<u8>>,
-    ) -> Self {
-        self.client_identity = Some((cert_pem.into(), key_pem.into()));
-        self
-    }
-
-    /// Expect this name in agents' certificates.
-    pub fn domain_name(mut self, name: impl Into<String>) -> Self {
-        self.domain_name = Some(name.into());
-        self
-    }
-}
-
-impl std::fmt::Debug for TlsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsConfig")
-            .field(
-                "client_identity",
-                &self.client_identity.as_ref().map(|_| "[redacted]"),
-            )
-            .field("domain_name", &self.domain_name)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Settings of the gRPC transport.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct GrpcConfig {
-    /// Longest a TCP (and TLS) connect may take. Default 5 s.
-    pub connect_timeout: Duration,
-    /// Deadline of a `CreateSnapshot` call, sent to the agent as the gRPC
-    /// deadline. Default 5 min.
-    pub create_timeout: Duration,
-    /// Deadline of every other call. Default 30 s.
-    pub call_timeout: Duration,
-    /// Sent as `authorization: Bearer <token>` on every call.
-    pub token: Option<BearerToken>,
-    /// TLS; plain HTTP/2 when `None`.
-    pub tls: Option<TlsConfig>,
-    /// Largest answer accepted (one decoded message); larger ones are an
-    /// [`AgentError::Protocol`]. Default 64 MiB (a `ListSnapshots` of a
-    /// host with 56k keys is about 4.3 MB).
-    pub max_response_bytes: usize,
-}
-
-impl Default for GrpcConfig {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(5),
-            create_timeout: Duration::from_secs(300),
-            call_timeout: Duration::from_secs(30),
-            token: None,
-            tls: None,
-            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
-        }
-    }
-}
-
-impl GrpcConfig {
-    /// Sends `token` on every call.
-    pub fn token(mut self, token: BearerToken) -> Self {
-        self.token = Some(token);
-        self
-    }
-
-    /// Uses TLS.
-    pub fn tls(mut self, tls: TlsConfig) -> Self {
-        self.tls = Some(tls);
-        self
-    }
-
-    /// Sets the per-call deadlines.
-    pub fn timeouts(mut self, connect: Duration, create: Duration, call: Duration) -> Self {
-        self.connect_timeout = connect;
-        self.create_timeout = create;
-        self.call_timeout = call;
-        self
-    }
-
-    /// Accepts answers of up to `n` bytes.
-    pub fn max_response_bytes(mut self, n: usize) -> Self {
-        self.max_response_bytes = n;
-        self
-    }
-}
-
 /// Reaches host agents over gRPC. Addresses are `host:port` or a URL
 /// (`http://…`, `https://…`); without a scheme, `https` is used when TLS is
 /// configured and `http` otherwise.
+///
+/// With [`ClientConfig::gzip`] on, requests over 1 KiB are sent with
+/// `grpc-encoding: gzip` and gzip answers are asked for
+/// (`grpc-accept-encoding`); an answer in any other encoding is an
+/// [`AgentError::Protocol`].
 pub struct GrpcTransport {
-    config: GrpcConfig,
+    config: ClientConfig,
     tls: Option<ClientTlsConfig>,
     channels: Mutex<HashMap<HostId, (String, Checked)>>,
 }
@@ -165,7 +55,7 @@ impl std::fmt::Debug for GrpcTransport {
 impl GrpcTransport {
     /// A transport with `config`. Bad TLS material shows up as
     /// [`AgentError::Unavailable`] on the first call to a host.
-    pub fn new(config: GrpcConfig) -> Self {
+    pub fn new(config: ClientConfig) -> Self {
         let tls = config.tls.as_ref().map(|t| {
             let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&t.ca_pem));
             if let Some((cert, key)) = &t.client_identity {
@@ -215,7 +105,9 @@ impl GrpcTransport {
         let mut endpoint = Endpoint::from_shared(self.uri(&host.address))
             .map_err(bad)?
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(true)
+            .user_agent(self.config.user_agent_header())
+            .map_err(bad)?;
         if let Some(tls) = &self.tls {
             let tls = tls.clone().timeout(self.config.connect_timeout);
             endpoint = endpoint.tls_config(tls).map_err(bad)?;
@@ -236,6 +128,7 @@ impl GrpcTransport {
         let channel = Checked {
             channel: endpoint.connect_with_connector_lazy(connector),
             http1_peer,
+            gzip_asked: self.config.gzip,
         };
         channels.insert(host.id, (host.address.clone(), channel.clone()));
         Ok(channel)
@@ -244,13 +137,25 @@ impl GrpcTransport {
 
 impl AgentTransport for GrpcTransport {
     fn agent(&self, host: &HostTarget) -> Result<Arc<dyn HostAgent>, AgentError> {
+        Ok(Arc::new(self.grpc_agent(host)?))
+    }
+}
+
+impl GrpcTransport {
+    fn grpc_agent(&self, host: &HostTarget) -> Result<GrpcAgent, AgentError> {
         let channel = self.channel(host)?;
-        Ok(Arc::new(GrpcAgent {
-            client: Client::new(channel).max_decoding_message_size(self.config.max_response_bytes),
+        let mut client =
+            Client::new(channel).max_decoding_message_size(self.config.max_response_bytes);
+        if self.config.gzip {
+            client = client.accept_compressed(CompressionEncoding::Gzip);
+        }
+        Ok(GrpcAgent {
+            client,
             token: self.config.token.as_ref().map(BearerToken::header_value),
             create_timeout: self.config.create_timeout,
             call_timeout: self.config.call_timeout,
-        }))
+            gzip: self.config.gzip,
+        })
     }
 }
 
@@ -260,6 +165,7 @@ struct GrpcAgent {
     token: Option<String>,
     create_timeout: Duration,
     call_timeout: Duration,
+    gzip: bool,
 }
 
 impl GrpcAgent {
@@ -272,8 +178,15 @@ impl GrpcAgent {
         call: impl FnOnce(Client, tonic::Request<Req>) -> Fut,
     ) -> Result<Resp, AgentError>
     where
+        Req: prost::Message,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
+        // tonic compresses every message of a client that compresses:
+        // the choice is made per call, from this message's size.
+        let mut client = self.client.clone();
+        if self.gzip && message.encoded_len() > COMPRESS_OVER_BYTES {
+            client = client.send_compressed(CompressionEncoding::Gzip);
+        }
         let mut request = tonic::Request::new(message);
         request.set_timeout(timeout);
         if let Some(token) = &self.token {
@@ -284,7 +197,7 @@ impl GrpcAgent {
         }
         let sent = SentStatus::default();
         request.extensions_mut().insert(sent.clone());
-        match tokio::time::timeout(timeout, call(self.client.clone(), request)).await {
+        match tokio::time::timeout(timeout, call(client, request)).await {
             Err(_) => Err(AgentError::Timeout),
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(pb::status_to_error(status, &sent)),
@@ -309,6 +222,8 @@ struct Checked {
     /// Set when the server of the current connection answered our h2c
     /// preface in HTTP/1 (see [`Sniff`]).
     http1_peer: Arc<AtomicBool>,
+    /// Whether gzip answers were asked for.
+    gzip_asked: bool,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -330,6 +245,7 @@ impl Service<http::Request<tonic::body::Body>> for Checked {
             .unwrap_or_default();
         let call = self.channel.call(request);
         let http1_peer = self.http1_peer.clone();
+        let gzip_asked = self.gzip_asked;
         Box::pin(async move {
             let response = match call.await {
                 Ok(response) => response,
@@ -346,7 +262,7 @@ impl Service<http::Request<tonic::body::Body>> for Checked {
                 }
                 Err(e) => return Err(e.into()),
             };
-            check_answer(&response).map_err(ClientVerdict)?;
+            check_answer(&response, gzip_asked).map_err(ClientVerdict)?;
             if let Some(value) = response.headers().get(GRPC_STATUS) {
                 sent.record(value);
             }
@@ -476,7 +392,7 @@ impl AsyncWrite for Sniff {
 }
 
 /// Whether `response` is a gRPC answer we can read (see [`Checked`]).
-fn check_answer<B>(response: &http::Response<B>) -> Result<(), AgentError> {
+fn check_answer<B>(response: &http::Response<B>, gzip_asked: bool) -> Result<(), AgentError> {
     let headers = response.headers();
     let content_type = headers
         .get(http::header::CONTENT_TYPE)
@@ -489,10 +405,11 @@ fn check_answer<B>(response: &http::Response<B>) -> Result<(), AgentError> {
     if !is_grpc && !headers.contains_key(GRPC_STATUS) {
         return Err(pb::http_status_to_error(response.status()));
     }
-    // We send no `grpc-accept-encoding`: a compressed answer was not asked
-    // for and cannot be trusted to be read right.
+    // Only gzip is ever asked for (`grpc-accept-encoding`), and only when
+    // configured: anything else cannot be trusted to be read right.
     if let Some(encoding) = headers.get("grpc-encoding")
         && encoding.as_bytes() != b"identity"
+        && !(gzip_asked && encoding.as_bytes() == b"gzip")
     {
         return Err(AgentError::Protocol {
             message: format!(
@@ -577,5 +494,85 @@ impl HostAgent for GrpcAgent {
             })
             .await?;
         Ok(pb::host_info_from_wire(Some(response))?.unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use prost::Message;
+
+    use super::*;
+    use crate::agent::client::{USER_AGENT, recording};
+
+    /// An empty `CreateSandboxResponse`, uncompressed.
+    fn answer() -> http::Response<recording::Body> {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(GRPC_STATUS, http::HeaderValue::from_static("0"));
+        let frames = vec![
+            Ok(hyper::body::Frame::data(Bytes::from_static(&[
+                0, 0, 0, 0, 0,
+            ]))),
+            Ok(hyper::body::Frame::trailers(trailers)),
+        ];
+        http::Response::builder()
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .body(StreamBody::new(tokio_stream::iter(frames)).boxed())
+            .unwrap()
+    }
+
+    /// Requests over 1 KiB go out gzipped, smaller ones as they are; gzip
+    /// answers are asked for; the user-agent names the crate.
+    #[tokio::test]
+    async fn requests_over_1_kib_are_compressed_and_gzip_is_asked_for() {
+        let (addr, seen) = recording::start(true, answer).await;
+        let host = HostTarget {
+            id: HostId::new(),
+            address: addr.to_string(),
+        };
+        for (gzip, template_len, compressed) in
+            [(true, 10, false), (true, 2000, true), (false, 2000, false)]
+        {
+            let agent = GrpcTransport::new(ClientConfig::default().gzip(gzip))
+                .grpc_agent(&host)
+                .unwrap();
+            let message = wire::CreateSandboxRequest {
+                template: "t".repeat(template_len),
+                ..Default::default()
+            };
+            let encoded = message.encode_to_vec();
+            agent
+                .call(message, Duration::from_secs(10), |mut c, r| async move {
+                    c.create_sandbox(r).await
+                })
+                .await
+                .unwrap();
+            let (headers, body) = seen.lock().unwrap().pop().unwrap();
+            let case = format!("gzip {gzip}, {template_len} byte template");
+            let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+            assert!(
+                header("user-agent").unwrap().starts_with(USER_AGENT),
+                "{case}: {headers:?}"
+            );
+            assert_eq!(
+                header("grpc-accept-encoding").is_some_and(|v| v.contains("gzip")),
+                gzip,
+                "{case}: {headers:?}"
+            );
+            assert_eq!(
+                header("grpc-encoding") == Some("gzip"),
+                compressed,
+                "{case}"
+            );
+            assert_eq!(body[0] == 1, compressed, "{case}: the compressed flag");
+            let payload = if compressed {
+                recording::gunzip(&body[5..])
+            } else {
+                body[5..].to_vec()
+            };
+            assert_eq!(payload, encoded, "{case}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! on a host) and by clients that reach a remote agent. An
 //! [`AgentTransport`] hands out a client for a given host.
 
+mod client;
 mod connect;
 mod dir;
 mod go_like;
@@ -23,10 +24,11 @@ use crate::ids::{HostId, SandboxId, TeamId, TemplateId};
 use crate::model::Timestamp;
 use crate::names::{NameError, TemplateName};
 
-pub use connect::{ConnectConfig, ConnectTransport};
+pub use client::{ClientConfig, ConnectConfig, GrpcConfig, HttpVersion, TlsConfig};
+pub use connect::ConnectTransport;
 pub use dir::DirHostAgent;
 pub use go_like::GoLikeAgent;
-pub use grpc::{GrpcConfig, GrpcTransport, TlsConfig};
+pub use grpc::GrpcTransport;
 pub use in_process::InProcessTransport;
 pub use memory::{AgentOp, Fault, Hold, MemoryHostAgent};
 pub use server::{HostAgentServer, ServerTls};

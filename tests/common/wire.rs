@@ -81,3 +81,61 @@ pub struct ListSnapshotsResponse {
     #[prost(message, repeated, tag = "1")]
     pub snapshots: Vec<SnapshotInfo>,
 }
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreateSandboxRequest {
+    #[prost(string, tag = "1")]
+    pub template: String,
+    #[prost(int32, tag = "2")]
+    pub vcpus: i32,
+    #[prost(int32, tag = "3")]
+    pub memory_mb: i32,
+    #[prost(int32, tag = "4")]
+    pub timeout_sec: i32,
+    #[prost(string, tag = "5")]
+    pub sandbox_id: String,
+    #[prost(int32, tag = "6")]
+    pub disk_size_mb: i32,
+    #[prost(string, tag = "7")]
+    pub team_id: String,
+    #[prost(string, tag = "8")]
+    pub template_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreateSandboxResponse {
+    #[prost(string, tag = "1")]
+    pub sandbox_id: String,
+    #[prost(string, tag = "2")]
+    pub status: String,
+    #[prost(string, tag = "3")]
+    pub host_ip: String,
+    #[prost(map = "string, string", tag = "4")]
+    pub metadata: std::collections::HashMap<String, String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DestroySandboxRequest {
+    #[prost(string, tag = "1")]
+    pub sandbox_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HostInfo {
+    #[prost(string, tag = "1")]
+    pub vmm: String,
+    #[prost(string, tag = "2")]
+    pub vmm_version: String,
+    #[prost(string, tag = "3")]
+    pub snapshot_format: String,
+    #[prost(string, tag = "4")]
+    pub kernel_version: String,
+    #[prost(string, tag = "5")]
+    pub cpu_vendor: String,
+    #[prost(string, tag = "6")]
+    pub cpu_model: String,
+    #[prost(string, repeated, tag = "7")]
+    pub cpu_flags: Vec<String>,
+    #[prost(string, tag = "8")]
+    pub arch: String,
+}
