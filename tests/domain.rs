@@ -339,7 +339,9 @@ async fn one_manager_per_store_file() {
     assert!(err.message().contains("in use"), "{err:?}");
     first.shutdown().await;
     drop(first);
-    SqliteSnapshotManager::open(&db, transport, ManagerOptions::default())
+    let again = SqliteSnapshotManager::open(&db, transport, ManagerOptions::default())
         .await
         .unwrap();
+    // Before the directory goes with the test.
+    again.shutdown().await;
 }

@@ -246,6 +246,9 @@ fn open_blocking(
     let readers = r2d2::Pool::builder()
         .max_size(options.read_connections.max(1))
         .min_idle(Some(1))
+        // A reader that cannot be had within the busy timeout (the file
+        // gone, say) is a store failure, not r2d2's 30 s stall.
+        .connection_timeout(busy.max(Duration::from_secs(1)))
         .build(manager)?;
     Ok((conn, readers))
 }
