@@ -16,6 +16,9 @@ use crate::model::Timestamp;
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub(crate) mod wire {
     tonic::include_proto!("hostagent.v1");
+    // The proto3 JSON mapping (pbjson): lowerCamelCase names, 64-bit
+    // integers as strings, defaults left out; either name form accepted.
+    include!(concat!(env!("OUT_DIR"), "/hostagent.v1.serde.rs"));
 }
 
 /// Fully-qualified service name, the path prefix of every method.
@@ -583,6 +586,33 @@ fn agent_status_to_error(status: tonic::Status) -> AgentError {
         Code::Unauthenticated => AgentCode::Unauthenticated,
     };
     AgentError::Rejected { code, message }
+}
+
+/// The Connect protocol's name for a gRPC code and the HTTP status a
+/// Connect server answers it with (the Connect specification's table, as
+/// connect-go and connect-es apply it). Server side.
+pub(crate) fn connect_error_of(code: tonic::Code) -> (&'static str, http::StatusCode) {
+    use http::StatusCode as H;
+    use tonic::Code;
+    match code {
+        Code::Cancelled => ("canceled", H::from_u16(499).unwrap_or(H::BAD_REQUEST)),
+        Code::InvalidArgument => ("invalid_argument", H::BAD_REQUEST),
+        Code::DeadlineExceeded => ("deadline_exceeded", H::GATEWAY_TIMEOUT),
+        Code::NotFound => ("not_found", H::NOT_FOUND),
+        Code::AlreadyExists => ("already_exists", H::CONFLICT),
+        Code::PermissionDenied => ("permission_denied", H::FORBIDDEN),
+        Code::ResourceExhausted => ("resource_exhausted", H::TOO_MANY_REQUESTS),
+        Code::FailedPrecondition => ("failed_precondition", H::BAD_REQUEST),
+        Code::Aborted => ("aborted", H::CONFLICT),
+        Code::OutOfRange => ("out_of_range", H::BAD_REQUEST),
+        Code::Unimplemented => ("unimplemented", H::NOT_IMPLEMENTED),
+        Code::Internal => ("internal", H::INTERNAL_SERVER_ERROR),
+        Code::Unavailable => ("unavailable", H::SERVICE_UNAVAILABLE),
+        Code::DataLoss => ("data_loss", H::INTERNAL_SERVER_ERROR),
+        Code::Unauthenticated => ("unauthenticated", H::UNAUTHORIZED),
+        // `Ok` is not an error; an error that says so is unknown.
+        Code::Unknown | Code::Ok => ("unknown", H::INTERNAL_SERVER_ERROR),
+    }
 }
 
 /// The one conversion from [`AgentError`] to `tonic::Status` (server side).
