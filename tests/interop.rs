@@ -51,7 +51,11 @@ async fn probe(program: &str, args: &[&str], dir: &Path) -> Result<(), String> {
         Err(format!(
             "{program} {}: {}",
             args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .find(|l| l.contains("Error") || l.contains("rror:"))
+                .unwrap_or_default()
+                .trim()
         ))
     }
 }
@@ -67,7 +71,13 @@ async fn available(what: &str, probes: Vec<Result<(), String>>, install: &str) -
     if std::env::var_os("CI").is_some() {
         panic!("{what} is needed under CI ({install}): {why}");
     }
-    eprintln!("skipped: {what} is not installed ({install}): {why}");
+    // Straight to stderr, past the test harness's capture, so that the
+    // skip shows in a passing run.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped: {what} is not installed ({install}): {why}"
+    );
     false
 }
 

@@ -649,6 +649,42 @@ mod tests {
         assert_eq!(msg.encode_to_vec(), expected);
     }
 
+    /// What the server answers, our Connect client reads back as the same
+    /// code (the client side of the mapping is `connect_code_to_error`).
+    #[test]
+    fn connect_names_round_trip() {
+        use tonic::Code;
+        let codes = [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::PermissionDenied,
+            Code::ResourceExhausted,
+            Code::FailedPrecondition,
+            Code::Aborted,
+            Code::OutOfRange,
+            Code::Unimplemented,
+            Code::Internal,
+            Code::DataLoss,
+            Code::Unauthenticated,
+            Code::Unknown,
+        ];
+        for code in codes {
+            let (name, status) = connect_error_of(code);
+            assert_eq!(AgentCode::from_connect(name).to_grpc(), code, "{name}");
+            assert!(
+                status.is_client_error() || status.is_server_error(),
+                "{name}"
+            );
+        }
+        assert_eq!(connect_error_of(Code::Cancelled).1.as_u16(), 499);
+        assert_eq!(connect_error_of(Code::Unavailable).0, "unavailable");
+        assert_eq!(
+            connect_error_of(Code::DeadlineExceeded).0,
+            "deadline_exceeded"
+        );
+    }
+
     #[test]
     fn bad_wire_values_are_refused_not_panicked_on() {
         let bad = wire::CreateSnapshotRequest {
