@@ -1,7 +1,8 @@
 //! Run with: cargo run --example host_agent -- --listen 127.0.0.1:50051 --root ./agent-root
 //!
-//! The reference host agent (`DirHostAgent`) served over gRPC, for a
-//! single-node self-hoster: a sandbox's state lives in
+//! The reference host agent (`DirHostAgent`) served over gRPC, gRPC-Web and
+//! the Connect protocol (binary and JSON; `curl` works, see README.md) on one
+//! port, for a single-node self-hoster: a sandbox's state lives in
 //! `ROOT/sandboxes/<sandbox_id>/`, snapshots go to `ROOT/snapshots/<key>/`.
 //!
 //! Options:

@@ -52,8 +52,9 @@
 //! - [`agent`]: the [`HostAgent`] service and the [`AgentTransport`] trait;
 //!   transports: in-process, gRPC ([`GrpcTransport`]) and Connect over
 //!   HTTP/1.1 or HTTP/2 ([`ConnectTransport`]), both set up by one
-//!   [`ClientConfig`] (TLS, token, gzip, receive limit); the gRPC server adapter
-//!   ([`HostAgentServer`]); agents: in-memory (with fault injection) and the
+//!   [`ClientConfig`] (TLS, token, gzip, receive limit); the server
+//!   ([`HostAgentServer`]: gRPC, gRPC-Web and Connect on one port,
+//!   `agent/server/`); agents: in-memory (with fault injection) and the
 //!   directory-backed reference agent. Protobuf types stay private in
 //!   `agent::pb`, generated from `proto/` at build time.
 //! - `janitor`: the background worker and start-up recovery.

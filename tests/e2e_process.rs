@@ -2,6 +2,7 @@
 //! example binary) reached over gRPC on loopback: create → files under its
 //! root → list → delete → files gone; kill the agent, delete another
 //! snapshot → queued; restart the agent → the background worker finishes.
+//! And the README's `curl` line (Connect JSON) against the same example.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -152,4 +153,68 @@ async fn manager_and_agent_in_separate_processes() {
             .is_none()
     );
     manager.shutdown().await;
+}
+
+/// The `curl` line of the README (between `<!-- curl:begin -->` and
+/// `<!-- curl:end -->`), with the agent's real address for the README's
+/// `127.0.0.1:50051`.
+fn readme_curl_line(addr: &str) -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let block = readme
+        .split("<!-- curl:begin -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- curl:end -->").next())
+        .expect("README.md has a curl block");
+    let lines: Vec<&str> = block
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("```"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one curl line: {lines:?}");
+    assert!(lines[0].starts_with("curl "), "{lines:?}");
+    assert!(lines[0].contains("127.0.0.1:50051"), "{lines:?}");
+    lines[0].replace("127.0.0.1:50051", addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_curl_line_creates_a_snapshot_over_connect_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("agent-root");
+    // The README's set-up: a sandbox's state under the agent's root.
+    let state = root.join("sandboxes/sb-0000000000000000000000003");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("memory.bin"), b"state\n").unwrap();
+    let (_agent, addr) = start_agent(&root, "127.0.0.1:0", "s3cret").await;
+
+    let line = readme_curl_line(&addr);
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new("bash")
+            .args(["-c", &line])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("curl answers within 30 s")
+    .expect("bash and curl are installed");
+    assert!(out.status.success(), "{line}: {out:?}");
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(answer["name"], "tpl-curl", "{answer}");
+    assert!(answer["sizeBytes"].as_str().is_some(), "{answer}");
+    assert_eq!(
+        std::fs::read(root.join("snapshots/tpl-curl/memory.bin")).unwrap(),
+        b"state\n"
+    );
+
+    // The same line with a wrong token is a Connect error.
+    let wrong = line.replace("Bearer s3cret", "Bearer wrong");
+    let out = Command::new("bash")
+        .args(["-c", &wrong])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["code"], "unauthenticated", "{answer}");
 }

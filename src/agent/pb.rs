@@ -16,6 +16,9 @@ use crate::model::Timestamp;
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub(crate) mod wire {
     tonic::include_proto!("hostagent.v1");
+    // The proto3 JSON mapping (pbjson): lowerCamelCase names, 64-bit
+    // integers as strings, defaults left out; either name form accepted.
+    include!(concat!(env!("OUT_DIR"), "/hostagent.v1.serde.rs"));
 }
 
 /// Fully-qualified service name, the path prefix of every method.
@@ -585,6 +588,33 @@ fn agent_status_to_error(status: tonic::Status) -> AgentError {
     AgentError::Rejected { code, message }
 }
 
+/// The Connect protocol's name for a gRPC code and the HTTP status a
+/// Connect server answers it with (the Connect specification's table, as
+/// connect-go and connect-es apply it). Server side.
+pub(crate) fn connect_error_of(code: tonic::Code) -> (&'static str, http::StatusCode) {
+    use http::StatusCode as H;
+    use tonic::Code;
+    match code {
+        Code::Cancelled => ("canceled", H::from_u16(499).unwrap_or(H::BAD_REQUEST)),
+        Code::InvalidArgument => ("invalid_argument", H::BAD_REQUEST),
+        Code::DeadlineExceeded => ("deadline_exceeded", H::GATEWAY_TIMEOUT),
+        Code::NotFound => ("not_found", H::NOT_FOUND),
+        Code::AlreadyExists => ("already_exists", H::CONFLICT),
+        Code::PermissionDenied => ("permission_denied", H::FORBIDDEN),
+        Code::ResourceExhausted => ("resource_exhausted", H::TOO_MANY_REQUESTS),
+        Code::FailedPrecondition => ("failed_precondition", H::BAD_REQUEST),
+        Code::Aborted => ("aborted", H::CONFLICT),
+        Code::OutOfRange => ("out_of_range", H::BAD_REQUEST),
+        Code::Unimplemented => ("unimplemented", H::NOT_IMPLEMENTED),
+        Code::Internal => ("internal", H::INTERNAL_SERVER_ERROR),
+        Code::Unavailable => ("unavailable", H::SERVICE_UNAVAILABLE),
+        Code::DataLoss => ("data_loss", H::INTERNAL_SERVER_ERROR),
+        Code::Unauthenticated => ("unauthenticated", H::UNAUTHORIZED),
+        // `Ok` is not an error; an error that says so is unknown.
+        Code::Unknown | Code::Ok => ("unknown", H::INTERNAL_SERVER_ERROR),
+    }
+}
+
 /// The one conversion from [`AgentError`] to `tonic::Status` (server side).
 pub(crate) fn error_to_status(err: AgentError) -> tonic::Status {
     match err {
@@ -617,6 +647,42 @@ mod tests {
             0x22, 1, b'p', // field 4
         ];
         assert_eq!(msg.encode_to_vec(), expected);
+    }
+
+    /// What the server answers, our Connect client reads back as the same
+    /// code (the client side of the mapping is `connect_code_to_error`).
+    #[test]
+    fn connect_names_round_trip() {
+        use tonic::Code;
+        let codes = [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::PermissionDenied,
+            Code::ResourceExhausted,
+            Code::FailedPrecondition,
+            Code::Aborted,
+            Code::OutOfRange,
+            Code::Unimplemented,
+            Code::Internal,
+            Code::DataLoss,
+            Code::Unauthenticated,
+            Code::Unknown,
+        ];
+        for code in codes {
+            let (name, status) = connect_error_of(code);
+            assert_eq!(AgentCode::from_connect(name).to_grpc(), code, "{name}");
+            assert!(
+                status.is_client_error() || status.is_server_error(),
+                "{name}"
+            );
+        }
+        assert_eq!(connect_error_of(Code::Cancelled).1.as_u16(), 499);
+        assert_eq!(connect_error_of(Code::Unavailable).0, "unavailable");
+        assert_eq!(
+            connect_error_of(Code::DeadlineExceeded).0,
+            "deadline_exceeded"
+        );
     }
 
     #[test]

@@ -1,22 +1,55 @@
-//! Serves any [`HostAgent`] over gRPC with tonic: the adapter between the
-//! generated service and the domain trait.
+//! Serves any [`HostAgent`] over gRPC, gRPC-Web and the Connect protocol
+//! on one port: the adapter between the generated tonic service and the
+//! domain trait, and the dispatch that picks a protocol by content type.
+//!
+//! - `application/grpc*`: tonic (gRPC over HTTP/2; gRPC-Web over HTTP/1.1
+//!   or HTTP/2 through `tonic-web`).
+//! - `application/proto`, `application/json`: Connect unary calls
+//!   ([`connect`]), answered by the same [`Adapter`] methods.
+//!
+//! HTTP/1.1 and h2c (and TLS, with ALPN `h2` and `http/1.1`) share the
+//! port: tonic's server detects the HTTP version of each connection.
 
+mod connect;
+mod tls;
+
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use tokio::net::TcpListener;
+use tonic::body::Body;
+use tonic::codec::CompressionEncoding;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
+use tower_layer::Layer as _;
 
 use super::pb::{self, wire};
 use super::{BearerToken, HostAgent};
 
-/// Serves a host agent over gRPC (package `hostagent.v1`, service
-/// `HostAgentService`). Requests are validated (ids, keys) before they
-/// reach the agent; agent errors become the matching gRPC codes.
+/// Largest request message accepted, on every protocol (compressed or
+/// not): the same as our clients' default receive limit. Larger ones are
+/// ResourceExhausted.
+pub(crate) const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+
+/// Serves a host agent (package `hostagent.v1`, service
+/// `HostAgentService`) over gRPC, gRPC-Web and the Connect protocol
+/// (unary; binary and JSON codecs), HTTP/1.1 and h2c on one port, or TLS.
+/// Requests are validated (ids, keys) before they reach the agent; agent
+/// errors become the matching gRPC or Connect codes. Requests and answers
+/// may be gzip-compressed on every protocol.
+///
+/// A Connect call with `curl`:
+///
+/// ```sh
+/// curl -s -H 'content-type: application/json' -H 'authorization: Bearer s3cret' \
+///   -d '{"sandboxId":"sb-…","name":"tpl-…"}' \
+///   http://127.0.0.1:50051/hostagent.v1.HostAgentService/CreateSnapshot
+/// ```
 ///
 /// ```no_run
 /// use std::sync::Arc;
@@ -107,41 +140,65 @@ impl HostAgentServer {
         self
     }
 
-    /// The service as tonic routes, to mount next to other services (TLS
-    /// is then the hosting server's business; the token check stays).
+    /// The gRPC service alone as tonic routes, to mount next to other
+    /// services (TLS is then the hosting server's business; the token
+    /// check stays). gRPC-Web and the Connect protocol are served by
+    /// [`serve`](Self::serve) only.
     pub fn into_routes(self) -> tonic::service::Routes {
         // No limit on answers: a `ListSnapshots` of a full host is several
         // MB, and clients set their own receive limit (64 MiB by default
         // for ours). tonic's default is the same; it is set here so that
-        // it stays so.
+        // it stays so. gzip both ways when the client asks for it.
         tonic::service::Routes::new(
             wire::host_agent_service_server::HostAgentServiceServer::new(Adapter(self))
-                .max_encoding_message_size(usize::MAX),
+                .max_encoding_message_size(usize::MAX)
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip),
         )
     }
 
     /// Serves on `listener` until `shutdown` completes, then finishes the
     /// calls in progress.
+    ///
+    /// # Errors
+    ///
+    /// A TLS configuration that cannot be used (unreadable certificate,
+    /// key or CA), before anything is served.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = &self.tls {
-            let mut config =
-                ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
-            if let Some(ca) = &tls.client_ca_pem {
-                config = config.client_ca_root(Certificate::from_pem(ca));
+        // HTTP/1.1 for gRPC-Web and Connect; HTTP/2 (h2c or ALPN) for all.
+        let server = tonic::transport::Server::builder().accept_http1(true);
+        match self.tls.clone() {
+            None => {
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                server
+                    .serve_with_incoming_shutdown(self.dispatch(), incoming, shutdown)
+                    .await
+                    .map_err(std::io::Error::other)
             }
-            builder = builder.tls_config(config).map_err(std::io::Error::other)?;
+            Some(tls) => {
+                let (incoming, acceptor) = tls::incoming(listener, &tls)?;
+                let served = server
+                    .serve_with_incoming_shutdown(self.dispatch(), incoming, shutdown)
+                    .await
+                    .map_err(std::io::Error::other);
+                // The incoming stream is gone: the accept loop closes the
+                // listener; wait for it so that the port is free on return.
+                let _ = acceptor.await;
+                served
+            }
         }
-        builder
-            .add_routes(self.into_routes())
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-            .map_err(std::io::Error::other)
+    }
+
+    fn dispatch(self) -> Dispatch {
+        Dispatch {
+            grpc: tonic_web::GrpcWebLayer::new().layer(self.clone().into_routes()),
+            connect: Adapter(self),
+        }
     }
 
     /// Binds `addr` (port 0 picks a free port) and serves in a background
@@ -176,6 +233,73 @@ impl HostAgentServer {
 
 #[derive(Clone)]
 struct Adapter(HostAgentServer);
+
+/// Every request of a connection, by protocol (see the module docs).
+#[derive(Clone)]
+struct Dispatch {
+    grpc: tonic_web::GrpcWebService<tonic::service::Routes>,
+    connect: Adapter,
+}
+
+/// The protocol of a request, by its content type.
+enum Protocol {
+    /// gRPC or gRPC-Web.
+    Grpc,
+    /// A Connect unary call with this codec.
+    Connect(connect::Codec),
+    /// Neither.
+    Other,
+}
+
+impl Protocol {
+    fn of(headers: &http::HeaderMap) -> Self {
+        let Some(value) = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return Self::Other;
+        };
+        let value = value.trim().to_ascii_lowercase();
+        if value.starts_with("application/grpc") {
+            return Self::Grpc;
+        }
+        connect::Codec::from_content_type(&value).map_or(Self::Other, Self::Connect)
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl tower_service::Service<http::Request<Body>> for Dispatch {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Each call clones the inner service and waits for it to be ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        match Protocol::of(request.headers()) {
+            Protocol::Grpc => {
+                let mut grpc = self.grpc.clone();
+                Box::pin(async move {
+                    use tower_service::Service;
+                    std::future::poll_fn(|cx| {
+                        Service::<http::Request<Body>>::poll_ready(&mut grpc, cx)
+                    })
+                    .await?;
+                    grpc.call(request).await
+                })
+            }
+            Protocol::Connect(codec) => {
+                let adapter = self.connect.clone();
+                Box::pin(async move { Ok(connect::handle(&adapter, codec, request).await) })
+            }
+            Protocol::Other => Box::pin(std::future::ready(Ok(connect::not_rpc(&request)))),
+        }
+    }
+}
 
 /// One log line per call: the method, what it was about, how it ended.
 fn logged<T>(
