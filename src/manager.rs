@@ -538,8 +538,10 @@ impl SqliteSnapshotManager {
         crate::janitor::tick(&self.inner).await
     }
 
-    /// Stops the background worker and waits for operations in flight to
-    /// record their result. Everything left queued resumes on the next open.
+    /// Stops the background worker, waits for operations in flight to
+    /// record their result, and checkpoints the store so that the database
+    /// file holds everything by itself. Everything left queued resumes on
+    /// the next open.
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         self.inner.tasks.close();
@@ -547,6 +549,10 @@ impl SqliteSnapshotManager {
         let handle = lock_unpoisoned(&self.inner.janitor).take();
         if let Some(handle) = handle {
             let _ = handle.await;
+        }
+        // Leave the file whole on its own, whatever name opens it next.
+        if let Err(err) = self.inner.store.checkpoint().await {
+            tracing::warn!(error = %err, "cannot checkpoint the store at shutdown");
         }
     }
 }

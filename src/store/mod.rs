@@ -83,6 +83,15 @@ type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// says whether it succeeded, plus how to reply once the commit is known.
 type Job = Box<dyn FnOnce(Result<&Connection, StoreError>) -> Option<(bool, Completion)> + Send>;
 
+/// What the writer thread is asked to do.
+enum Msg {
+    /// A write, batched with the others that arrive together.
+    Write(Job),
+    /// Move everything in the WAL into the database file and empty the WAL,
+    /// outside any transaction, after the writes before it.
+    Checkpoint(oneshot::Sender<Result<(), StoreError>>),
+}
+
 /// A handle to the store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -91,7 +100,7 @@ pub struct Store {
 
 struct Inner {
     path: PathBuf,
-    writer: mpsc::Sender<Job>,
+    writer: mpsc::Sender<Msg>,
     readers: ReadPool,
 }
 
@@ -119,7 +128,7 @@ impl Store {
                 .map_err(|e| StoreError::internal(format!("open task failed: {e}")))??
         };
         let (writer, readers) = opened;
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<Msg>();
         let max_batch = options.max_batch.max(1);
         std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
@@ -174,11 +183,27 @@ impl Store {
         });
         self.inner
             .writer
-            .send(job)
+            .send(Msg::Write(job))
             .map_err(|_| E::from(StoreError::writer_gone()))?;
         reply_rx
             .await
             .unwrap_or_else(|_| Err(E::from(StoreError::writer_gone())))
+    }
+
+    /// Checkpoints the WAL into the database file and truncates it, after
+    /// every write sent before. A manager does this when it shuts down, so
+    /// that the file is whole on its own: opened next under another name (a
+    /// hard link, a bind mount), whose WAL is another file, nothing
+    /// committed is missed.
+    pub(crate) async fn checkpoint(&self) -> Result<(), StoreError> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.inner
+            .writer
+            .send(Msg::Checkpoint(reply_tx))
+            .map_err(|_| StoreError::writer_gone())?;
+        reply_rx
+            .await
+            .unwrap_or_else(|_| Err(StoreError::writer_gone()))
     }
 
     /// Runs `f` on a pooled read-only connection on a blocking thread.
@@ -255,17 +280,45 @@ fn open_blocking(
 
 /// Takes jobs in batches, runs each in a savepoint of one transaction,
 /// commits, then replies to every job of the batch.
-fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, max_batch: usize) {
-    while let Some(first) = next_job(&jobs) {
+fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Msg>, max_batch: usize) {
+    let mut pending: Option<Msg> = None;
+    while let Some(first) = pending.take().or_else(|| next_job(&jobs)) {
+        let first = match first {
+            Msg::Write(job) => job,
+            Msg::Checkpoint(reply) => {
+                let _ = reply.send(checkpoint(&conn));
+                continue;
+            }
+        };
         let mut batch = vec![first];
         while batch.len() < max_batch {
             match jobs.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(Msg::Write(job)) => batch.push(job),
+                // After this batch, in order.
+                Ok(checkpoint) => {
+                    pending = Some(checkpoint);
+                    break;
+                }
                 Err(_) => break,
             }
         }
         run_batch(&conn, batch);
     }
+}
+
+fn checkpoint(conn: &Connection) -> Result<(), StoreError> {
+    // (busy, frames in the WAL, frames checkpointed): busy means a reader
+    // kept it from finishing, which is not an error of the store.
+    let (busy, _, _): (i64, i64, i64) =
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+    if busy != 0 {
+        return Err(StoreError::internal(
+            "the WAL checkpoint was blocked by a reader",
+        ));
+    }
+    Ok(())
 }
 
 /// How long the writer keeps looking for the next job before it sleeps
@@ -275,7 +328,7 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, max_batch: usize) {
 /// microseconds on small VMs, more than a whole commit without fsync.
 const WRITER_LINGER: Duration = Duration::from_micros(1000);
 
-fn next_job(jobs: &mpsc::Receiver<Job>) -> Option<Job> {
+fn next_job(jobs: &mpsc::Receiver<Msg>) -> Option<Msg> {
     let until = std::time::Instant::now() + WRITER_LINGER;
     loop {
         match jobs.try_recv() {
