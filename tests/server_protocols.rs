@@ -1318,3 +1318,70 @@ async fn tls_serves_every_protocol_over_h2_and_http1_with_mutual_tls() {
     };
     assert!(refused, "a client without a certificate is refused");
 }
+
+/// The bearer token is checked on the headers: a gRPC (or gRPC-Web) call
+/// without it is refused before its body is read — here, a body that never
+/// ends.
+#[tokio::test]
+async fn a_grpc_call_without_the_token_is_refused_before_its_body_is_read() {
+    let rig = Rig::new().await;
+    for content_type in ["application/grpc", "application/grpc-web+proto"] {
+        let (tx, rx) = tokio::sync::mpsc::channel::<
+            Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+        >(1);
+        // One frame header promising a large message, and then nothing.
+        tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(&[
+            0, 0, 0x10, 0, 0,
+        ]))))
+        .await
+        .unwrap();
+        let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}{SERVICE}/ListSandboxes", rig.addr))
+            .header("content-type", content_type)
+            .header("te", "trailers")
+            .header("authorization", "Bearer wrong")
+            .body(body)
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(20), client.request(request))
+            .await
+            .expect("answered while the body is still open")
+            .unwrap();
+        assert_eq!(
+            response.headers().get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"16"[..]),
+            "{content_type}: {:?}",
+            response.headers()
+        );
+        assert_eq!(
+            response.headers().get("content-type").map(|v| v.as_bytes()),
+            Some(content_type.as_bytes())
+        );
+        drop(tx);
+    }
+    assert_eq!(rig.agent.calls(AgentOp::ListSandboxes), 0);
+}
+
+/// A snapshot's description of what produced it that a client would refuse
+/// (here, a control character) is dropped by the server, not allowed to
+/// fail a snapshot that was taken.
+#[tokio::test]
+async fn a_bad_compat_is_dropped_not_a_failed_snapshot() {
+    let rig = Rig::new().await;
+    rig.agent
+        .set_host_info(Some(HostInfo::new("fire\ncracker", "1", "1", "x86_64")));
+    let client = transport(Ours::Grpc, TOKEN).agent(&rig.target()).unwrap();
+    let made = client
+        .create_snapshot(CreateSnapshotRequest::new(
+            rig.sandbox,
+            key("tpl-bad-compat"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(made.compat, None);
+    assert!(rig.agent.has_snapshot("tpl-bad-compat"));
+}

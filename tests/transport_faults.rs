@@ -99,6 +99,9 @@ enum Reply {
     /// A 200 answer compressed with brotli, which is never asked for
     /// (only gzip is): gRPC over h2c, Connect over HTTP/1.1.
     UnaskedEncoding,
+    /// A 200 with an empty HTML body, as a proxy's page: not a Connect
+    /// answer, though an empty body would decode as an empty message.
+    Html200,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -130,6 +133,11 @@ fn reply_body(http: Http, reply: Reply) -> Response<Body> {
             .header("content-type", "text/plain; charset=utf-8")
             .header("x-content-type-options", "nosniff")
             .body(Full::new(Bytes::from_static(b"404 page not found\n")).boxed())
+            .unwrap(),
+        Reply::Html200 => Response::builder()
+            .status(200)
+            .header("content-type", "text/html")
+            .body(Full::new(Bytes::new()).boxed())
             .unwrap(),
         Reply::UnaskedEncoding if matches!(http, Http::H1) => Response::builder()
             .status(200)
@@ -538,4 +546,43 @@ async fn go_http1_addr_closed(client: &Arc<dyn HostAgent>) -> AgentError {
         tokio::task::yield_now().await;
     }
     panic!("the closed port kept answering as the HTTP/1.1 peer did");
+}
+
+/// A 200 that is not a Connect answer (a proxy's empty page) is a protocol
+/// error, not an empty `DeleteSnapshotResponse`: a delete that never
+/// happened must not read as done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_that_is_not_a_connect_answer_is_a_protocol_error() {
+    let server = HandServer::start(Http::H1, Reply::Html200).await;
+    let err = agent(Kind::Connect, &server.addr.to_string())
+        .delete_snapshot(sandbox_snapshots::agent::DeleteSnapshotRequest::new(
+            sandbox_snapshots::agent::SnapshotKey::parse("tpl-x").unwrap(),
+        ))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AgentError::Protocol { .. }), "{err:?}");
+}
+
+/// With TLS configured, an address that says `http://` is refused before
+/// anything is sent: the token must not go out in cleartext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_configured_with_an_http_address_is_refused_unsent() {
+    let (ca, _server_tls) = pki();
+    for kind in [Kind::Grpc, Kind::Connect] {
+        let tls = TlsConfig::new(ca.clone().into_bytes());
+        let transport: Box<dyn AgentTransport> = match kind {
+            Kind::Grpc => Box::new(GrpcTransport::new(GrpcConfig::default().tls(tls))),
+            Kind::Connect => Box::new(ConnectTransport::new(ConnectConfig::default().tls(tls))),
+        };
+        let target = HostTarget {
+            id: HostId::new(),
+            address: format!("http://{}", dead_port()),
+        };
+        let err = match transport.agent(&target) {
+            Err(err) => err,
+            Ok(client) => client.list_sandboxes().await.unwrap_err(),
+        };
+        assert!(err.is_not_sent(), "{kind:?}: {err:?}");
+        assert!(err.to_string().contains("http://"), "{kind:?}: {err}");
+    }
 }

@@ -41,10 +41,6 @@ use super::{
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 type HttpClient = Client<Timed<HttpsConnector<HttpConnector>>, Full<Bytes>>;
 
-/// Compressed answers larger than this are decompressed off the async
-/// workers: up to the 64 MiB default limit is tens of milliseconds of CPU.
-const INLINE_GUNZIP_BYTES: usize = 64 * 1024;
-
 /// Reaches host agents with the Connect protocol. Addresses are
 /// `host:port` or `http[s]://host:port[/prefix]`; without a scheme,
 /// `https` is used when TLS is configured and `http` otherwise.
@@ -220,7 +216,16 @@ impl AgentTransport for ConnectTransport {
                     host.id
                 )));
             }
-        } else if !base.starts_with("http://") {
+        } else if base.starts_with("http://") {
+            if self.config.tls.is_some() {
+                // The token would go in cleartext to an agent that was
+                // meant to be reached over TLS.
+                return Err(AgentError::not_sent(format!(
+                    "host {}: TLS is configured but the address says http://",
+                    host.id
+                )));
+            }
+        } else {
             return Err(AgentError::not_sent(format!(
                 "host {}: the Connect transport speaks http and https only",
                 host.id
@@ -356,16 +361,14 @@ impl ConnectAgent {
             None => {}
             Some(encoding) if encoding.as_bytes() == b"identity" => {}
             Some(encoding) if self.config.gzip && encoding.as_bytes() == b"gzip" => {
-                body = if body.len() <= INLINE_GUNZIP_BYTES {
-                    gunzip(&body, limit)?
-                } else {
-                    tokio::task::spawn_blocking(move || gunzip(&body, limit))
-                        .await
-                        .map_err(|e| AgentError::Protocol {
-                            message: format!("decompressing the answer failed: {e}"),
-                        })??
-                }
-                .into();
+                // Always off the async threads: a small body can expand to
+                // the whole receive limit.
+                body = tokio::task::spawn_blocking(move || gunzip(&body, limit))
+                    .await
+                    .map_err(|e| AgentError::Protocol {
+                        message: format!("decompressing the answer failed: {e}"),
+                    })??
+                    .into();
             }
             Some(encoding) => {
                 return Err(AgentError::Protocol {
@@ -377,6 +380,23 @@ impl ConnectAgent {
             }
         }
         if parts.status == http::StatusCode::OK {
+            // A 200 that is not a Connect answer (a proxy's page, an empty
+            // body from something else) must not decode as an empty
+            // message: a delete that never happened would read as done.
+            let proto = parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| {
+                    v.split(';')
+                        .next()
+                        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/proto"))
+                });
+            if !proto {
+                return Err(AgentError::Protocol {
+                    message: format!("the {method} answer is not application/proto"),
+                });
+            }
             return Resp::decode(body).map_err(|e| AgentError::Protocol {
                 message: format!("undecodable {method} response: {e}"),
             });

@@ -99,6 +99,14 @@ impl GrpcTransport {
                 host.id
             )));
         }
+        if self.tls.is_some() && host.address.starts_with("http://") {
+            // The token would go in cleartext to an agent that was meant
+            // to be reached over TLS.
+            return Err(AgentError::not_sent(format!(
+                "host {}: TLS is configured but the address says http://",
+                host.id
+            )));
+        }
         let bad = |e: tonic::transport::Error| {
             AgentError::not_sent(format!("bad agent address for host {}: {e}", host.id))
         };

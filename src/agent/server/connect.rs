@@ -34,8 +34,8 @@ use crate::agent::pb::{self, wire};
 /// accepts gzip: compressing them saves nothing worth the time.
 const COMPRESS_ABOVE: usize = 1024;
 
-/// Compression and decompression of bodies up to this size run on the
-/// async worker; larger ones on the blocking pool.
+/// Compression of answers up to this size runs on the async worker; larger
+/// ones, and every decompression, on the blocking pool.
 const INLINE_CPU_BYTES: usize = 64 * 1024;
 
 /// The methods of the service, as they appear in the path.
@@ -257,7 +257,9 @@ async fn call(
     let work = async {
         let body = read_body(body, &parts.headers).await?;
         let body = if gzipped {
-            cpu(body.len(), move || gunzip(&body)).await??
+            // Always off the async threads: a small body can expand to the
+            // whole request limit.
+            off_thread(move || gunzip(&body)).await??
         } else {
             body
         };
@@ -377,6 +379,13 @@ async fn cpu<T: Send + 'static>(
     if size <= INLINE_CPU_BYTES {
         return Ok(work());
     }
+    off_thread(work).await
+}
+
+/// `work` on the blocking pool.
+async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Failure> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| Failure::framing(Code::Internal, format!("compression failed: {e}")))

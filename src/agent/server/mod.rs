@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status};
 use tower_layer::Layer as _;
 
 use super::pb::{self, wire};
-use super::{BearerToken, HostAgent};
+use super::{BearerToken, HostAgent, HostInfo};
 
 /// Largest request message accepted, on every protocol (compressed or
 /// not): the same as our clients' default receive limit. Larger ones are
@@ -171,7 +171,12 @@ impl HostAgentServer {
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         // HTTP/1.1 for gRPC-Web and Connect; HTTP/2 (h2c or ALPN) for all.
-        let server = tonic::transport::Server::builder().accept_http1(true);
+        // Keepalive pings find dead HTTP/2 peers, so that their
+        // connections do not stay open for ever.
+        let server = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
         match self.tls.clone() {
             None => {
                 let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -282,6 +287,18 @@ impl tower_service::Service<http::Request<Body>> for Dispatch {
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         match Protocol::of(request.headers()) {
             Protocol::Grpc => {
+                // The token is checked on the headers, before tonic reads
+                // (and decompresses) a body for a caller without one.
+                if let Some(token) = &self.connect.0.token {
+                    let given = request
+                        .headers()
+                        .get(http::header::AUTHORIZATION)
+                        .map(|v| v.as_bytes())
+                        .unwrap_or_default();
+                    if !token.matches(given) {
+                        return Box::pin(std::future::ready(Ok(grpc_refusal(&request))));
+                    }
+                }
                 let mut grpc = self.grpc.clone();
                 Box::pin(async move {
                     use tower_service::Service;
@@ -299,6 +316,19 @@ impl tower_service::Service<http::Request<Body>> for Dispatch {
             Protocol::Other => Box::pin(std::future::ready(Ok(connect::not_rpc(&request)))),
         }
     }
+}
+
+/// A trailers-only gRPC (or gRPC-Web) answer: unauthenticated.
+fn grpc_refusal(request: &http::Request<Body>) -> http::Response<Body> {
+    let mut response =
+        Status::unauthenticated("missing or invalid bearer token").into_http::<Body>();
+    if let Some(content_type) = request.headers().get(http::header::CONTENT_TYPE) {
+        // gRPC-Web clients expect their own content type back.
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, content_type.clone());
+    }
+    response
 }
 
 /// One log line per call: the method, what it was about, how it ended.
@@ -378,7 +408,16 @@ impl wire::host_agent_service_server::HostAgentService for Adapter {
             "CreateSnapshot",
             subject,
             request,
-            |agent, req| async move { agent.create_snapshot(req).await },
+            |agent, req| async move {
+                let mut answer = agent.create_snapshot(req).await?;
+                // Checked like `GetHostInfo`'s: a description the client
+                // would refuse must not fail a snapshot that was taken.
+                if let Some(Err(err)) = answer.compat.as_ref().map(HostInfo::validate) {
+                    tracing::warn!(error = %err, "dropping a bad compat from a snapshot's answer");
+                    answer.compat = None;
+                }
+                Ok(answer)
+            },
             Into::into,
         )
         .await

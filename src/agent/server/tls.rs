@@ -22,6 +22,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::ServerTls;
 
+/// TLS handshakes in progress at once, at most.
+const MAX_HANDSHAKES: usize = 256;
+
 /// Longest a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -97,7 +100,10 @@ async fn accept_loop(
         tokio::select! {
             () = tx.closed() => break,
             Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
-            accepted = listener.accept() => {
+            // At most this many handshakes at once: connections that never
+            // say hello wait in the kernel's backlog instead of taking file
+            // descriptors and tasks without bound.
+            accepted = listener.accept(), if handshakes.len() < MAX_HANDSHAKES => {
                 let (tcp, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
