@@ -95,7 +95,9 @@ async fn api_keys_and_agent_tokens_are_never_logged() {
         .await
         .unwrap();
     assert_eq!(created.status(), 201);
-    let wrong = format!("{}0", &secret[..secret.len() - 1]);
+    // The secret with its last character changed (to one it is not).
+    let last = if secret.ends_with('0') { '1' } else { '0' };
+    let wrong = format!("{}{last}", &secret[..secret.len() - 1]);
     let refused = http
         .get(format!("{base}/v1/snapshots"))
         .header("X-API-Key", &wrong)
