@@ -42,23 +42,6 @@ fn options() -> ManagerOptions {
     o
 }
 
-const CODES: [AgentCode; 14] = [
-    AgentCode::Cancelled,
-    AgentCode::Unknown,
-    AgentCode::InvalidArgument,
-    AgentCode::NotFound,
-    AgentCode::AlreadyExists,
-    AgentCode::PermissionDenied,
-    AgentCode::ResourceExhausted,
-    AgentCode::FailedPrecondition,
-    AgentCode::Aborted,
-    AgentCode::OutOfRange,
-    AgentCode::Unimplemented,
-    AgentCode::Internal,
-    AgentCode::DataLoss,
-    AgentCode::Unauthenticated,
-];
-
 /// One way an agent call can fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failure {

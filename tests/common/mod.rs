@@ -14,6 +14,24 @@ use std::time::Duration;
 use sandbox_snapshots::*;
 use tempfile::TempDir;
 
+/// Every code an agent can answer with.
+pub const CODES: [AgentCode; 14] = [
+    AgentCode::Cancelled,
+    AgentCode::Unknown,
+    AgentCode::InvalidArgument,
+    AgentCode::NotFound,
+    AgentCode::AlreadyExists,
+    AgentCode::PermissionDenied,
+    AgentCode::ResourceExhausted,
+    AgentCode::FailedPrecondition,
+    AgentCode::Aborted,
+    AgentCode::OutOfRange,
+    AgentCode::Unimplemented,
+    AgentCode::Internal,
+    AgentCode::DataLoss,
+    AgentCode::Unauthenticated,
+];
+
 /// Options tuned for tests: short retries, and FULL sync kept (it is what
 /// users run).
 pub fn fast_options() -> ManagerOptions {
