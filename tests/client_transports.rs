@@ -23,6 +23,8 @@
 
 mod common;
 
+use common::pki::{Pki, pki};
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,7 +41,6 @@ use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use sandbox_snapshots::agent::{
@@ -61,32 +62,6 @@ const USER_AGENT: &str = concat!("sandbox-snapshots/", env!("CARGO_PKG_VERSION")
 const SERVICE: &str = "/hostagent.v1.HostAgentService";
 
 // ------------------------------------------------------------------ PKI
-
-struct Pki {
-    ca_pem: String,
-    server: (String, String),
-    client: (String, String),
-}
-
-fn leaf(names: &[&str], ca: &CertifiedIssuer<'_, KeyPair>) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let params =
-        CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
-    let cert = params.signed_by(&key, ca).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-/// A throwaway CA, a `localhost` server certificate and a client one.
-fn pki() -> Pki {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    Pki {
-        ca_pem: ca.pem(),
-        server: leaf(&["localhost"], &ca),
-        client: leaf(&["control-plane"], &ca),
-    }
-}
 
 // ---------------------------------------------------------------- setups
 

@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::pki::{Pki, pki};
+
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -1157,32 +1159,6 @@ async fn shutdown_finishes_connect_calls_in_progress() {
 }
 
 // ----------------------------------------------------------------- TLS
-
-struct Pki {
-    ca_pem: String,
-    server: (String, String),
-    client: (String, String),
-}
-
-fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    let leaf = |name: &str| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![name.to_owned()])
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    Pki {
-        ca_pem: ca.pem(),
-        server: leaf("localhost"),
-        client: leaf("control-plane"),
-    }
-}
 
 /// A TLS connection to the rig offering `alpn`, with the client
 /// certificate when `client_cert`.

@@ -2,37 +2,15 @@
 //! made for the test by a throwaway CA.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::pki::{Pki, pki};
+
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use sandbox_snapshots::agent::{ServerTls, TlsConfig};
 use sandbox_snapshots::*;
 use tokio::sync::oneshot;
-
-struct Pki {
-    ca_pem: String,
-    server: (String, String),
-    client: (String, String),
-}
-
-fn leaf(names: &[&str], ca: &CertifiedIssuer<'_, KeyPair>) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let params =
-        CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
-    let cert = params.signed_by(&key, ca).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-fn pki() -> Pki {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    Pki {
-        ca_pem: ca.pem(),
-        server: leaf(&["localhost"], &ca),
-        client: leaf(&["control-plane"], &ca),
-    }
-}
 
 async fn serve(pki: &Pki, agent: Arc<MemoryHostAgent>) -> (String, oneshot::Sender<()>) {
     let tls =

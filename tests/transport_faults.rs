@@ -21,7 +21,6 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use sandbox_snapshots::agent::{AgentOp, Fault, ServerTls, TlsConfig};
 use sandbox_snapshots::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -279,15 +278,8 @@ async fn grpc_server(agent: Arc<MemoryHostAgent>, tls: Option<ServerTls>) -> (St
 
 /// A CA, and a `localhost` server certificate and key it signed.
 fn pki() -> (String, ServerTls) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    (ca.pem(), ServerTls::new(cert.pem(), key.serialize_pem()))
+    let p = common::pki::pki();
+    (p.ca_pem, ServerTls::new(p.server.0, p.server.1))
 }
 
 // ------------------------------------------------------------------ tests

@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod connect_server;
+pub mod pki;
 pub mod wire;
 
 use std::future::Future;
