@@ -296,7 +296,24 @@ impl tower_service::Service<http::Request<Body>> for Dispatch {
                         .map(|v| v.as_bytes())
                         .unwrap_or_default();
                     if !token.matches(given) {
-                        return Box::pin(std::future::ready(Ok(grpc_refusal(&request))));
+                        let refusal = grpc_refusal(&request);
+                        if request.version() >= http::Version::HTTP_2 {
+                            // HTTP/2 lets the answer come before the body
+                            // ends (the rest of the stream is reset).
+                            return Box::pin(std::future::ready(Ok(refusal)));
+                        }
+                        // Over HTTP/1.1 (gRPC-Web) a client still writing
+                        // its body would see the connection close under
+                        // it: read a small body first, discarding it; a
+                        // larger one is not read, and the connection goes.
+                        let body = request.into_body();
+                        return Box::pin(async move {
+                            use http_body_util::BodyExt as _;
+                            let _ = http_body_util::Limited::new(body, REFUSED_BODY_BYTES)
+                                .collect()
+                                .await;
+                            Ok(refusal)
+                        });
                     }
                 }
                 let mut grpc = self.grpc.clone();
@@ -317,6 +334,10 @@ impl tower_service::Service<http::Request<Body>> for Dispatch {
         }
     }
 }
+
+/// How much of an unauthenticated HTTP/1.1 request's body is read (and
+/// thrown away) before it is refused.
+const REFUSED_BODY_BYTES: usize = 64 * 1024;
 
 /// A trailers-only gRPC (or gRPC-Web) answer: unauthenticated.
 fn grpc_refusal(request: &http::Request<Body>) -> http::Response<Body> {
