@@ -1010,9 +1010,14 @@ fn copy_file(src: &Path, meta: &Metadata, dst: &Path) -> Result<(), FsError> {
 /// so a trailing hole stays a hole. A filesystem without `SEEK_DATA` gets
 /// [`zero_detecting_copy`]. Never holds more than [`COPY_BUFFER`] bytes.
 fn extent_copy(from: &File, to: &File, meta: &Metadata) -> io::Result<()> {
+    copy_extents(from, to, meta, true)
+}
+
+/// [`extent_copy`]; `kernel_copy` false starts with the read/write
+/// fallback (what an unsupported `copy_file_range` leads to).
+fn copy_extents(from: &File, to: &File, meta: &Metadata, mut kernel_copy: bool) -> io::Result<()> {
     let len = meta.len();
     to.set_len(0)?;
-    let mut kernel_copy = true;
     let mut pos: u64 = 0;
     let mut buf: Vec<u8> = Vec::new();
     'extents: while pos < len {
@@ -1173,6 +1178,40 @@ fn allocated_size(dir: &Path) -> Result<u64, FsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fallbacks `extent_copy` takes where the kernel or filesystem
+    /// lacks `copy_file_range` or `SEEK_DATA`: same bytes, holes kept.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn the_fallback_copies_keep_bytes_and_holes() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let src = dir.path().join("src");
+        let mut file = File::create(&src).unwrap();
+        file.set_len(40 << 20).unwrap();
+        for offset in [0u64, 5 << 20, (40 << 20) - 3000] {
+            file.seek(SeekFrom::Start(offset)).unwrap();
+            file.write_all(&[0x3c; 3000]).unwrap();
+        }
+        file.sync_all().unwrap();
+        let meta = file.metadata().unwrap();
+        let want = fs::read(&src).unwrap();
+        type Copy = fn(&File, &File, &Metadata) -> io::Result<()>;
+        let read_write: Copy = |from, to, meta| copy_extents(from, to, meta, false);
+        let copies: [(&str, Copy); 3] = [
+            ("kernel", extent_copy),
+            ("read-write", read_write),
+            ("zero-detecting", zero_detecting_copy),
+        ];
+        for (name, copy) in copies {
+            let dst = dir.path().join(name);
+            let to = File::create_new(&dst).unwrap();
+            copy(&File::open(&src).unwrap(), &to, &meta).unwrap();
+            to.sync_all().unwrap();
+            assert!(fs::read(&dst).unwrap() == want, "{name}: same bytes");
+            let blocks = to.metadata().unwrap().blocks() * 512;
+            assert!(blocks < 1 << 20, "{name}: holes kept, {blocks} allocated");
+        }
+    }
 
     #[test]
     fn child_path_accepts_only_one_plain_component() {
