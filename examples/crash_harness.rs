@@ -30,6 +30,11 @@
 //!   hold-manager --db PATH
 //!     Opens a manager on PATH (no hosts, no background worker), prints
 //!     `OPEN` and waits forever, for `tests/lock.rs`.
+//!   dir-copy --root DIR --sandbox ID --key KEY
+//!     Opens the reference agent on DIR alone (no manager) and snapshots
+//!     the sandbox ID (whose directory the test filled) as KEY; when the
+//!     copy is complete in its `.tmp-` directory but not yet renamed under
+//!     KEY, prints `PAUSED before-rename` and waits forever.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -40,7 +45,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sandbox_snapshots::agent::GoLikeAgent;
 use sandbox_snapshots::agent::{
-    CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest, SandboxList, SnapshotInfo,
+    CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest, Hold, SandboxList,
+    SnapshotInfo, SnapshotKey,
 };
 use sandbox_snapshots::{
     Actor, AgentCode, AgentError, AgentTransport, Caller, DirHostAgent, HostAgent, HostId,
@@ -258,17 +264,37 @@ async fn hold_manager(opts: HashMap<String, String>) -> Result<(), Failure> {
     }
 }
 
+/// The `dir-copy` mode: the agent's own copy, stopped before its rename.
+async fn dir_copy(opts: HashMap<String, String>) -> Result<(), Failure> {
+    let agent = DirHostAgent::open(PathBuf::from(get(&opts, "root")?)).await?;
+    let sandbox = SandboxId::parse(get(&opts, "sandbox")?)?;
+    let key = SnapshotKey::parse(get(&opts, "key")?)?;
+    let hold = Hold::new();
+    agent.pause_before_rename(Some(hold.clone()));
+    let copying = agent.clone();
+    let create = tokio::spawn(async move {
+        copying
+            .create_snapshot(CreateSnapshotRequest::new(sandbox, key))
+            .await
+    });
+    tokio::select! {
+        () = hold.arrived(1) => stop_here("before-rename").await,
+        done = create => Err(format!("the create ended before its rename: {done:?}").into()),
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Failure> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((mode, rest)) = args.split_first() else {
-        return Err("usage: crash_harness run|hold-lock|hold-manager [options]".into());
+        return Err("usage: crash_harness run|hold-lock|hold-manager|dir-copy [options]".into());
     };
     let opts = options(rest)?;
     match mode.as_str() {
         "run" => run(opts).await,
         "hold-lock" => hold_lock(opts),
         "hold-manager" => hold_manager(opts).await,
+        "dir-copy" => dir_copy(opts).await,
         other => Err(format!("unknown mode {other:?}").into()),
     }
 }

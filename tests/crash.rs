@@ -656,3 +656,61 @@ async fn a_full_disk_backs_the_worker_off() {
         SandboxStatus::Snapshotting
     );
 }
+
+/// The reference agent killed with SIGKILL while a snapshot of a large
+/// sparse file sits complete in its `.tmp-` directory, not yet renamed:
+/// reopened, the agent lists no such key and has removed the leftover.
+#[tokio::test]
+async fn the_reference_agent_killed_mid_copy_leaves_no_partial_key() {
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = tempfile::TempDir::new().unwrap();
+    let root = dir.path().join("agent");
+    let sandbox = SandboxId::new();
+    let src = root.join("sandboxes").join(sandbox.to_string());
+    std::fs::create_dir_all(&src).unwrap();
+    let mut memory = std::fs::File::create(src.join("memory")).unwrap();
+    memory.set_len(4 << 30).unwrap();
+    for i in 0..16u64 {
+        memory.seek(SeekFrom::Start(i * (256 << 20))).unwrap();
+        memory.write_all(&[0x5a; 1 << 20]).unwrap();
+    }
+    drop(memory);
+
+    let mut child = Command::new(example_binary("crash_harness"))
+        .arg("dir-copy")
+        .args(["--root", root.to_str().unwrap()])
+        .args(["--sandbox", &sandbox.to_string()])
+        .args(["--key", "tpl-killed"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("the harness reaches its pause point")
+        .unwrap()
+        .unwrap_or_default();
+    assert_eq!(line, "PAUSED before-rename");
+    let snapshots = root.join("snapshots");
+    let names = || -> Vec<String> {
+        std::fs::read_dir(&snapshots)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert!(
+        names().iter().any(|n| n.starts_with(".tmp-tpl-killed-")),
+        "the copy is in its temporary directory: {:?}",
+        names()
+    );
+    child.start_kill().unwrap(); // SIGKILL
+    let status = child.wait().await.unwrap();
+    assert!(!status.success(), "killed, not exited");
+
+    let agent = DirHostAgent::open(&root).await.unwrap();
+    let listed = agent.list_snapshots().await.unwrap();
+    assert!(listed.is_empty(), "{listed:?}");
+    assert!(names().is_empty(), "leftovers removed: {:?}", names());
+}

@@ -6,12 +6,13 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{self, DirBuilder, File, FileTimes, Metadata, OpenOptions, Permissions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::UNIX_EPOCH;
 
 use async_trait::async_trait;
+use rustix::io::Errno;
 
 use super::{
     AgentCode, AgentError, CreateSandboxRequest, CreateSandboxResponse, CreateSnapshotRequest,
@@ -30,10 +31,14 @@ const TMP_PREFIX: &str = ".tmp-";
 const TRASH_PREFIX: &str = ".trash-";
 const RUNNING: &str = "running";
 const PAUSED: &str = "paused";
-/// Granularity of hole detection in the plain copy.
+/// Granularity of hole detection in the zero-detecting copy.
 const HOLE_BLOCK: usize = 4096;
-/// Read buffer of the plain copy.
+/// Buffer of the copies that read and write (at most this much of a file
+/// is ever in memory).
 const COPY_BUFFER: usize = 1 << 20;
+/// Most bytes one `copy_file_range` call is asked to copy, so one call of a
+/// huge extent stays interruptible and its progress visible.
+const CHUNK: u64 = 64 << 20;
 
 /// The reference host agent: a sandbox is a directory, a snapshot is a copy
 /// of it. Cheap to clone; clones share their state.
@@ -51,10 +56,17 @@ const COPY_BUFFER: usize = 1 << 20;
 /// ```
 ///
 /// - `create_snapshot` copies `sandboxes/<sandbox_id>/` into a `.tmp-`
-///   directory (a copy-on-write reflink where the filesystem supports it,
-///   otherwise a plain copy that keeps holes in sparse files), fsyncs every
-///   file and directory, then renames it to `snapshots/<key>/` and fsyncs
-///   `snapshots/`. `snapshots/<key>` is therefore complete or absent, also
+///   directory, fsyncs every file and directory, then renames it to
+///   `snapshots/<key>/` and fsyncs `snapshots/`. Each regular file is a
+///   copy-on-write reflink (`FICLONE`) where the filesystem supports it
+///   (constant time in the file's size); otherwise only its data extents
+///   are copied (`SEEK_DATA`/`SEEK_HOLE`, each extent with
+///   `copy_file_range` in chunks of at most 64 MiB, or a 1 MiB-buffered
+///   read/write where that call is unsupported), so holes are never read
+///   and stay holes, and the length is kept (a trailing hole too). Only on
+///   a filesystem without `SEEK_DATA` is every byte read, its zero blocks
+///   written back as holes. No copy holds more than 1 MiB of a file in
+///   memory, whatever its size. `snapshots/<key>` is therefore complete or absent, also
 ///   after a crash. A failed copy removes its `.tmp-` directory. The answer's
 ///   `size_bytes` is the space allocated on disk (`st_blocks × 512` summed
 ///   over regular files), not the apparent size.
@@ -64,7 +76,8 @@ const COPY_BUFFER: usize = 1 << 20;
 ///   recreated with the same target and never followed. Sockets, FIFOs and
 ///   device nodes are skipped: they hold no state a restore could use (a
 ///   VMM's API socket, for one). Hard links become independent files.
-/// - `delete_snapshot` renames `snapshots/<key>` to a `.trash-` name, then
+/// - `delete_snapshot` renames `snapshots/<key>` to a `.trash-` name,
+///   fsyncs `snapshots/` (so the key stays gone after a crash), then
 ///   removes it without following symlinks, so a crash never leaves a
 ///   partial snapshot under its key.
 /// - A key is being written from the moment its `create_snapshot` passes
@@ -79,8 +92,9 @@ const COPY_BUFFER: usize = 1 << 20;
 ///   as for a missing key.
 /// - `create_sandbox` copies `snapshots/<key>/` (or, for a name that is not
 ///   a snapshot here, the base template `<images>/<name>/`) the same way
-///   into `sandboxes/.tmp-<id>-…`, then renames it to `sandboxes/<id>/` and
-///   reports it `running`. NotFound: neither exists; AlreadyExists: the
+///   into `sandboxes/.tmp-<id>-…` (every file and directory fsynced), then
+///   renames it to `sandboxes/<id>/`, fsyncs `sandboxes/` and reports it
+///   `running`. NotFound: neither exists; AlreadyExists: the
 ///   sandbox exists or is being restored. While a restore copies a
 ///   snapshot, a delete of that key answers FailedPrecondition.
 /// - `destroy_sandbox` removes `sandboxes/<id>/` (moved aside first) and
@@ -978,7 +992,7 @@ fn copy_file(src: &Path, meta: &Metadata, dst: &Path) -> Result<(), FsError> {
         .map_err(FsError::at(dst))?;
     if let Err(e) = reflink_copy::reflink_file(&from, &to) {
         tracing::trace!(error = %e, "no reflink, copying");
-        plain_copy(&from, &to, &opened).map_err(FsError::at(dst))?;
+        extent_copy(&from, &to, &opened).map_err(FsError::at(dst))?;
     }
     // No setuid/setgid/sticky: the copy is owned by the agent's user.
     to.set_permissions(Permissions::from_mode(meta.mode() & 0o777))
@@ -989,10 +1003,89 @@ fn copy_file(src: &Path, meta: &Metadata, dst: &Path) -> Result<(), FsError> {
     to.sync_all().map_err(FsError::at(dst))
 }
 
-/// Copies `from` into the empty file `to`. A file with fewer allocated
-/// blocks than its length is sparse: its zero blocks become holes again
-/// instead of allocated zeros.
-fn plain_copy(mut from: &File, mut to: &File, meta: &Metadata) -> io::Result<()> {
+/// Copies `from` into the empty file `to` without reading its holes: asks
+/// the filesystem for the data extents (`SEEK_DATA`/`SEEK_HOLE`) and copies
+/// only those, each with `copy_file_range` in bounded chunks (a bounded
+/// read/write where the kernel or filesystem cannot), then sets the length
+/// so a trailing hole stays a hole. A filesystem without `SEEK_DATA` gets
+/// [`zero_detecting_copy`]. Never holds more than [`COPY_BUFFER`] bytes.
+fn extent_copy(from: &File, to: &File, meta: &Metadata) -> io::Result<()> {
+    copy_extents(from, to, meta, true)
+}
+
+/// [`extent_copy`]; `kernel_copy` false starts with the read/write
+/// fallback (what an unsupported `copy_file_range` leads to).
+fn copy_extents(from: &File, to: &File, meta: &Metadata, mut kernel_copy: bool) -> io::Result<()> {
+    let len = meta.len();
+    to.set_len(0)?;
+    let mut pos: u64 = 0;
+    let mut buf: Vec<u8> = Vec::new();
+    'extents: while pos < len {
+        let start = match rustix::fs::seek(from, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(start) => start,
+            // No data at or after `pos`: the rest is a hole.
+            Err(Errno::NXIO) => break,
+            Err(e) if pos == 0 && (e == Errno::INVAL || e == Errno::OPNOTSUPP) => {
+                tracing::trace!(error = %e, "no SEEK_DATA, copying every byte");
+                return zero_detecting_copy(from, to, meta);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if start >= len {
+            break;
+        }
+        let end = match rustix::fs::seek(from, rustix::fs::SeekFrom::Hole(start)) {
+            Ok(end) => end.min(len),
+            // The file shrank under us; what is left is copied as data.
+            Err(Errno::NXIO) => len,
+            Err(e) => return Err(e.into()),
+        };
+        let mut at = start;
+        while at < end {
+            let want = usize::try_from((end - at).min(CHUNK)).map_err(io::Error::other)?;
+            let copied = if kernel_copy {
+                let (mut off_in, mut off_out) = (at, at);
+                match rustix::fs::copy_file_range(
+                    from,
+                    Some(&mut off_in),
+                    to,
+                    Some(&mut off_out),
+                    want,
+                ) {
+                    Ok(n) => n,
+                    Err(Errno::INTR) => continue,
+                    Err(e @ (Errno::XDEV | Errno::NOSYS | Errno::OPNOTSUPP | Errno::INVAL)) => {
+                        tracing::trace!(error = %e, "no copy_file_range, reading and writing");
+                        kernel_copy = false;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                if buf.is_empty() {
+                    buf = vec![0u8; COPY_BUFFER];
+                }
+                let take = want.min(buf.len());
+                let n = read_full_at(from, &mut buf[..take], at)?;
+                to.write_all_at(&buf[..n], at)?;
+                n
+            };
+            if copied == 0 {
+                // The file ended early (it shrank while being copied).
+                break 'extents;
+            }
+            at = at.saturating_add(copied as u64);
+        }
+        pos = end;
+    }
+    // Covers a trailing hole, which no write extended the file over.
+    to.set_len(len)
+}
+
+/// The copy for filesystems without `SEEK_DATA`: reads every byte. A file
+/// with fewer allocated blocks than its length is sparse: its zero blocks
+/// become holes again instead of allocated zeros.
+fn zero_detecting_copy(mut from: &File, mut to: &File, meta: &Metadata) -> io::Result<()> {
     from.seek(SeekFrom::Start(0))?;
     to.set_len(0)?;
     to.seek(SeekFrom::Start(0))?;
@@ -1027,6 +1120,21 @@ fn plain_copy(mut from: &File, mut to: &File, meta: &Metadata) -> io::Result<()>
     }
     // Covers a trailing hole, which no write extended the file over.
     to.set_len(length)
+}
+
+/// Reads at `offset` until `buf` is full or the file ends; returns the
+/// bytes read.
+fn read_full_at(from: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match from.read_at(&mut buf[filled..], offset.saturating_add(filled as u64)) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 fn is_zero_block(chunk: &[u8], start: usize) -> bool {
@@ -1070,6 +1178,40 @@ fn allocated_size(dir: &Path) -> Result<u64, FsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fallbacks `extent_copy` takes where the kernel or filesystem
+    /// lacks `copy_file_range` or `SEEK_DATA`: same bytes, holes kept.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn the_fallback_copies_keep_bytes_and_holes() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let src = dir.path().join("src");
+        let mut file = File::create(&src).unwrap();
+        file.set_len(40 << 20).unwrap();
+        for offset in [0u64, 5 << 20, (40 << 20) - 3000] {
+            file.seek(SeekFrom::Start(offset)).unwrap();
+            file.write_all(&[0x3c; 3000]).unwrap();
+        }
+        file.sync_all().unwrap();
+        let meta = file.metadata().unwrap();
+        let want = fs::read(&src).unwrap();
+        type Copy = fn(&File, &File, &Metadata) -> io::Result<()>;
+        let read_write: Copy = |from, to, meta| copy_extents(from, to, meta, false);
+        let copies: [(&str, Copy); 3] = [
+            ("kernel", extent_copy),
+            ("read-write", read_write),
+            ("zero-detecting", zero_detecting_copy),
+        ];
+        for (name, copy) in copies {
+            let dst = dir.path().join(name);
+            let to = File::create_new(&dst).unwrap();
+            copy(&File::open(&src).unwrap(), &to, &meta).unwrap();
+            to.sync_all().unwrap();
+            assert!(fs::read(&dst).unwrap() == want, "{name}: same bytes");
+            let blocks = to.metadata().unwrap().blocks() * 512;
+            assert!(blocks < 1 << 20, "{name}: holes kept, {blocks} allocated");
+        }
+    }
 
     #[test]
     fn child_path_accepts_only_one_plain_component() {
