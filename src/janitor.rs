@@ -386,12 +386,41 @@ pub(crate) struct Dispatched {
     report: WorkReport,
 }
 
+/// Sets the backlog gauges. A store that cannot answer leaves them as they
+/// were (the pass's own reads report the failure).
+async fn report_backlogs(inner: &Arc<Inner>, now: Timestamp) {
+    match inner.store.read(sql::backlogs).await {
+        Ok(((deletions, oldest_deletion), (operations, oldest_operation))) => {
+            let age = |oldest: Option<i64>| {
+                oldest.map_or(Duration::ZERO, |ms| {
+                    Duration::from_millis(
+                        u64::try_from(now.unix_millis().saturating_sub(ms)).unwrap_or(0),
+                    )
+                })
+            };
+            crate::metrics::backlogs(
+                crate::metrics::Backlog {
+                    count: deletions,
+                    oldest_age: age(oldest_deletion),
+                },
+                crate::metrics::Backlog {
+                    count: operations,
+                    oldest_age: age(oldest_operation),
+                },
+            );
+        }
+        Err(err) => tracing::debug!(error = ?err, "cannot read the backlogs for metrics"),
+    }
+}
+
 /// One pass: reads what is due, and starts each host's share on a task of
 /// its own — unless that host's earlier work is still in hand. With
 /// `wait`, waits for the tasks and reports what they did.
 async fn dispatch(inner: &Arc<Inner>, wait: bool) -> Result<Dispatched> {
     inner.worker.passes.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::janitor_pass();
     let now = Timestamp::now();
+    report_backlogs(inner, now).await;
     let started = inner
         .store
         .read(move |c| sql::open_operations(c, "started", Some(now)))

@@ -71,6 +71,7 @@ pub mod http;
 pub mod ids;
 mod janitor;
 mod manager;
+pub mod metrics;
 mod model;
 pub mod names;
 mod registry;

@@ -380,7 +380,7 @@ impl SqliteSnapshotManager {
         let manager = Self {
             inner: Arc::new(Inner {
                 store,
-                transport,
+                transport: crate::metrics::MeteredTransport::wrap(transport),
                 options,
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
@@ -617,6 +617,7 @@ fn log_failure(operation: &str, err: &Error) {
 #[async_trait]
 impl SnapshotManager for SqliteSnapshotManager {
     async fn create(&self, caller: &Caller, snapshot: NewSnapshot) -> Result<Template> {
+        let started = std::time::Instant::now();
         let span = tracing::info_span!(
             "snapshot.create",
             team = %caller.team(),
@@ -653,6 +654,7 @@ impl SnapshotManager for SqliteSnapshotManager {
         if let Err(err) = &result {
             span.in_scope(|| log_failure("create", err));
         }
+        crate::metrics::operation("create", started, &result);
         result
     }
 
@@ -699,6 +701,7 @@ impl SqliteSnapshotManager {
     }
 
     async fn delete_template(&self, caller: &Caller, name: &TemplateName) -> Result<Deleted> {
+        let started = std::time::Instant::now();
         let span = tracing::info_span!("snapshot.delete", team = %caller.team(), name = %name);
         let result = async {
             let (committed_tx, committed_rx) = oneshot::channel();
@@ -756,6 +759,7 @@ impl SqliteSnapshotManager {
         if let Err(err) = &result {
             span.in_scope(|| log_failure("delete", err));
         }
+        crate::metrics::operation("delete", started, &result);
         result
     }
 }

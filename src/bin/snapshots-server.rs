@@ -67,6 +67,11 @@ struct Cli {
         hide_env_values = true
     )]
     agent_token: Option<String>,
+    /// Also serve `GET /metrics` here, without an API key (serve). Bind it
+    /// where only the monitoring network reaches; on the API address
+    /// `/metrics` needs an admin key.
+    #[arg(long, global = true, env = "SNAPSHOTS_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -128,7 +133,10 @@ async fn serve(
     listen: SocketAddr,
     agent: AgentKind,
     token: Option<String>,
+    metrics_listen: Option<SocketAddr>,
 ) -> Result<(), Failure> {
+    // Before the manager exists, so that its first counts are recorded.
+    let metrics = sandbox_snapshots::http::install_prometheus()?;
     let local = HostId::parse(LOCAL_HOST)?;
     let transport: Arc<dyn AgentTransport> = match agent {
         AgentKind::InProcess => {
@@ -163,6 +171,23 @@ async fn serve(
             .register_host(local, "in-process", HostStatus::Online)
             .await?;
     }
+    if let Some(metrics_listen) = metrics_listen {
+        let listener = tokio::net::TcpListener::bind(metrics_listen).await?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "serving /metrics without a key");
+        println!("metrics listening on {addr}");
+        let handle = metrics.clone();
+        tokio::spawn(async move {
+            let serving = sandbox_snapshots::http::serve_metrics(
+                listener,
+                handle,
+                sandbox_snapshots::shutdown_signal(),
+            );
+            if let Err(err) = serving.await {
+                tracing::error!(error = %err, "the metrics listener stopped");
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %data_dir.display(), "serving");
@@ -170,7 +195,7 @@ async fn serve(
     println!("listening on {addr}");
     sandbox_snapshots::http::serve(
         listener,
-        ApiState::new(manager),
+        ApiState::new(manager).with_metrics(metrics),
         sandbox_snapshots::shutdown_signal(),
     )
     .await?;
@@ -189,7 +214,16 @@ async fn main() -> Result<(), Failure> {
     let cli = Cli::parse();
     let data_dir = cli.data_dir;
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(&data_dir, cli.listen, cli.agent, cli.agent_token).await,
+        Command::Serve => {
+            serve(
+                &data_dir,
+                cli.listen,
+                cli.agent,
+                cli.agent_token,
+                cli.metrics_listen,
+            )
+            .await
+        }
         Command::CreateTeam { name } => {
             let keys = keys(&data_dir).await?;
             let team = keys.create_team(&name).await?;

@@ -25,6 +25,7 @@ use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 pub use auth::{ApiKeys, NewApiKey};
+pub use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::audit::{AuditEntry, AuditQuery};
 use crate::error::{Error, ErrorCode};
@@ -47,13 +48,27 @@ pub const OPENAPI_JSON: &str = include_str!("../../openapi.json");
 pub struct ApiState {
     manager: SqliteSnapshotManager,
     keys: ApiKeys,
+    metrics: Option<PrometheusHandle>,
 }
 
 impl ApiState {
-    /// Serves `manager`, with keys in the manager's store.
+    /// Serves `manager`, with keys in the manager's store. `GET /metrics`
+    /// renders the recorder of [`install_prometheus`], once it is installed,
+    /// unless [`ApiState::with_metrics`] names another.
     pub fn new(manager: SqliteSnapshotManager) -> Self {
         let keys = ApiKeys::new(manager.store().clone());
-        Self { manager, keys }
+        Self {
+            manager,
+            keys,
+            metrics: None,
+        }
+    }
+
+    /// Serves `handle` at `GET /metrics` (a Prometheus recorder the
+    /// application installed itself).
+    pub fn with_metrics(mut self, handle: PrometheusHandle) -> Self {
+        self.metrics = Some(handle);
+        self
     }
 
     /// The API keys.
@@ -396,6 +411,91 @@ async fn openapi() -> Response {
         .into_response()
 }
 
+static PROMETHEUS: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+
+/// Buckets of `snapshots_operation_duration_seconds`: from a fast delete
+/// (milliseconds) to a large snapshot (minutes).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// Installs a Prometheus recorder as the process's global `metrics`
+/// recorder, once; later calls return the same handle. The
+/// `snapshots-server` binary calls it at start-up; an application with its
+/// own recorder does not, and passes a handle with
+/// [`ApiState::with_metrics`] if it wants `/metrics` served.
+///
+/// # Errors
+/// Another global recorder is installed already.
+pub fn install_prometheus() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // Serialised, so that two racing first calls install one recorder.
+    let _installing = INSTALLING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(handle) = PROMETHEUS.get() {
+        return Ok(handle.clone());
+    }
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                crate::metrics::OPERATION_DURATION_SECONDS.to_owned(),
+            ),
+            LATENCY_BUCKETS,
+        )?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder)?;
+    let handle = PROMETHEUS.get_or_init(|| handle);
+    crate::metrics::describe();
+    Ok(handle.clone())
+}
+
+fn render_metrics(handle: Option<&PrometheusHandle>) -> ApiResult<Response> {
+    let handle = handle
+        .or_else(|| PROMETHEUS.get())
+        .ok_or_else(|| Error::not_found("metrics are not enabled on this server"))?;
+    handle.run_upkeep();
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
+        .into_response())
+}
+
+async fn metrics_page(State(state): State<ApiState>) -> ApiResult<Response> {
+    render_metrics(state.metrics.as_ref())
+}
+
+/// `GET /metrics` alone, without a key: for a separate listen address
+/// that only the monitoring network reaches (`--metrics-listen`).
+pub fn metrics_router(handle: PrometheusHandle) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let handle = handle.clone();
+                async move { render_metrics(Some(&handle)) }
+            }),
+        )
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+}
+
+/// Serves [`metrics_router`] on `listener` until `shutdown` completes.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, metrics_router(handle))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 async fn no_route() -> ApiError {
     Error::not_found("no such route").into()
 }
@@ -450,7 +550,11 @@ pub fn router(state: ApiState) -> Router {
             get(get_snapshot).delete(delete_snapshot),
         )
         .route("/v1/audit-logs", get(audit_logs))
-        .merge(admin::routes().layer(middleware::from_fn(require_admin)))
+        .merge(
+            admin::routes()
+                .route("/metrics", get(metrics_page))
+                .layer(middleware::from_fn(require_admin)),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/healthz", get(healthz))

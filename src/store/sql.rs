@@ -633,6 +633,33 @@ pub(crate) fn open_operations(
     Ok(rows)
 }
 
+/// A backlog's size and its oldest start (unix millis), if any.
+pub(crate) type Backlog = (u64, Option<i64>);
+
+/// The backlogs the worker reports as gauges: queued deletions and open
+/// operations, each as (count, oldest start in unix millis). A deletion
+/// started when its template went to `deleting` (a placement queued on its
+/// own, by recovery or the sweep, when it was inserted). Two aggregate
+/// scans of small tables: queued rows are few (see `placements_due`).
+pub(crate) fn backlogs(conn: &Connection) -> Result<(Backlog, Backlog)> {
+    let deletions = conn
+        .prepare_cached(
+            "SELECT count(*), min(CASE WHEN t.state = 'deleting' THEN t.updated_at
+                                       ELSE p.created_at END)
+             FROM placements p LEFT JOIN templates t ON t.id = p.template_id
+             WHERE p.state = 'deleting'",
+        )
+        .and_then(|mut s| s.query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?))))?;
+    let operations = conn
+        .prepare_cached("SELECT count(*), min(created_at) FROM operations")
+        .and_then(|mut s| s.query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?))))?;
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    Ok((
+        (count(deletions.0), deletions.1),
+        (count(operations.0), operations.1),
+    ))
+}
+
 /// The open operation `id`, if there is one.
 pub(crate) fn get_operation(conn: &Connection, id: OperationId) -> Result<Option<CreateOp>> {
     Ok(conn
