@@ -10,14 +10,11 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Mode, caller, eventually, example_binary, fast_options, name};
+use common::{Mode, caller, eventually, fast_options, harness, name};
 use sandbox_snapshots::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 
 struct Scene {
     mode: Mode,
@@ -103,34 +100,38 @@ impl Scene {
 
     /// Runs the harness until it reports `pause`, then SIGKILLs it.
     async fn crash(&self, op: &str, n: &str, pause: &str) {
-        let mut child = Command::new(example_binary("crash_harness"))
-            .arg("run")
-            .args(["--db", self.db.to_str().unwrap()])
-            .args(["--root", self.root.to_str().unwrap()])
-            .args(["--host", &self.host.to_string()])
-            .args(["--team", &self.team.to_string()])
-            .args(["--sandbox", &self.sandbox.to_string()])
-            .args(["--name", n, "--op", op, "--pause", pause])
-            .args([
-                "--agent",
-                if self.mode == Mode::GoLike {
-                    "go"
-                } else {
-                    "ours"
-                },
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("the harness reaches its pause point")
-            .unwrap()
-            .unwrap_or_default();
-        assert_eq!(line, format!("PAUSED {pause}"), "{op} {pause}");
+        let (host, team, sandbox) = (
+            self.host.to_string(),
+            self.team.to_string(),
+            self.sandbox.to_string(),
+        );
+        let agent = if self.mode == Mode::GoLike {
+            "go"
+        } else {
+            "ours"
+        };
+        let args = [
+            "run",
+            "--db",
+            self.db.to_str().unwrap(),
+            "--root",
+            self.root.to_str().unwrap(),
+            "--host",
+            &host,
+            "--team",
+            &team,
+            "--sandbox",
+            &sandbox,
+            "--name",
+            n,
+            "--op",
+            op,
+            "--pause",
+            pause,
+            "--agent",
+            agent,
+        ];
+        let mut child = harness(&args, &format!("PAUSED {pause}")).await;
         child.start_kill().unwrap(); // SIGKILL
         let status = child.wait().await.unwrap();
         assert!(!status.success(), "killed, not exited");
@@ -464,20 +465,17 @@ async fn another_process_holding_the_write_lock_gives_db_error_and_no_half_write
         .await
         .unwrap();
 
-    let mut locker = Command::new(example_binary("crash_harness"))
-        .args([
+    let mut locker = harness(
+        &[
             "hold-lock",
             "--db",
             scene.db.to_str().unwrap(),
             "--seconds",
             "3",
-        ])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(locker.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("LOCKED"));
+        ],
+        "LOCKED",
+    )
+    .await;
 
     let err = manager
         .create(
@@ -676,23 +674,17 @@ async fn the_reference_agent_killed_mid_copy_leaves_no_partial_key() {
     }
     drop(memory);
 
-    let mut child = Command::new(example_binary("crash_harness"))
-        .arg("dir-copy")
-        .args(["--root", root.to_str().unwrap()])
-        .args(["--sandbox", &sandbox.to_string()])
-        .args(["--key", "tpl-killed"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-        .await
-        .expect("the harness reaches its pause point")
-        .unwrap()
-        .unwrap_or_default();
-    assert_eq!(line, "PAUSED before-rename");
+    let sandbox_arg = sandbox.to_string();
+    let args = [
+        "dir-copy",
+        "--root",
+        root.to_str().unwrap(),
+        "--sandbox",
+        &sandbox_arg,
+        "--key",
+        "tpl-killed",
+    ];
+    let mut child = harness(&args, "PAUSED before-rename").await;
     let snapshots = root.join("snapshots");
     let names = || -> Vec<String> {
         std::fs::read_dir(&snapshots)

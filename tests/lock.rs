@@ -6,15 +6,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{Env, caller, example_binary, name};
+use common::{Env, caller, harness, name};
 use sandbox_snapshots::agent::{AgentOp, Fault, Hold};
 use sandbox_snapshots::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 
 async fn open(db: &Path) -> Result<SqliteSnapshotManager> {
     let mut options = ManagerOptions::default();
@@ -172,21 +168,7 @@ async fn a_manager_in_another_process_holds_the_file_until_it_dies() {
     let db = dir.path().join("s.db");
     let link = dir.path().join("hard.db");
     // The child creates the file; the hard link is made once it exists.
-    let mut child = Command::new(example_binary("crash_harness"))
-        .arg("hold-manager")
-        .args(["--db", db.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-        .await
-        .expect("the harness opens its manager")
-        .unwrap()
-        .unwrap_or_default();
-    assert_eq!(line, "OPEN");
+    let mut child = harness(&["hold-manager", "--db", db.to_str().unwrap()], "OPEN").await;
     std::fs::hard_link(&db, &link).unwrap();
 
     assert_in_use(open(&db).await, "same path, child alive");

@@ -483,6 +483,20 @@ fn fill(path: &str) -> String {
     filled
 }
 
+fn assert_content_type(reply: &Reply, expected: &str, op: &Operation) {
+    let content_type = reply
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(
+        content_type.starts_with(expected),
+        "{} {}: content-type {content_type:?}",
+        op.label(),
+        reply.status
+    );
+}
+
 /// Checks `reply` against what the document says `method path` answers
 /// with its status, and returns the body (JSON, or `Null` when empty).
 fn check_reply(doc: &Value, ops: &[Operation], method: &str, path: &str, reply: &Reply) -> Value {
@@ -502,32 +516,12 @@ fn check_reply(doc: &Value, ops: &[Operation], method: &str, path: &str, reply: 
         None => response,
     };
     if response.pointer("/content/text~1plain").is_some() {
-        let content_type = reply
-            .headers
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        assert!(
-            content_type.starts_with("text/plain"),
-            "{} {}: content-type {content_type:?}",
-            op.label(),
-            reply.status
-        );
+        assert_content_type(reply, "text/plain", op);
         return Value::Null;
     }
     match response.pointer("/content/application~1json/schema") {
         Some(schema) => {
-            let content_type = reply
-                .headers
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            assert!(
-                content_type.starts_with("application/json"),
-                "{} {}: content-type {content_type:?}",
-                op.label(),
-                reply.status
-            );
+            assert_content_type(reply, "application/json", op);
             let body = reply.json();
             assert_valid(
                 doc,

@@ -324,3 +324,25 @@ pub fn example_binary(name: &str) -> PathBuf {
     }
     binary
 }
+
+/// Starts the `crash_harness` example with `args`, waits (at most 60 s)
+/// for its first line, checks it is `expect`, and returns the running
+/// child (killed when dropped).
+pub async fn harness(args: &[&str], expect: &str) -> tokio::process::Child {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(example_binary("crash_harness"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("the harness ({args:?}) did not say {expect:?} in 60 s"))
+        .unwrap()
+        .unwrap_or_default();
+    assert_eq!(line, expect, "harness {args:?}");
+    child
+}

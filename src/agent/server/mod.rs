@@ -306,12 +306,14 @@ impl tower_service::Service<http::Request<Body>> for Dispatch {
                         // its body would see the connection close under
                         // it: read a small body first, discarding it; a
                         // larger one is not read, and the connection goes.
+                        // A body that trickles is given a few seconds,
+                        // not its connection for ever.
                         let body = request.into_body();
                         return Box::pin(async move {
                             use http_body_util::BodyExt as _;
-                            let _ = http_body_util::Limited::new(body, REFUSED_BODY_BYTES)
-                                .collect()
-                                .await;
+                            let drain =
+                                http_body_util::Limited::new(body, REFUSED_BODY_BYTES).collect();
+                            let _ = tokio::time::timeout(REFUSED_BODY_WAIT, drain).await;
                             Ok(refusal)
                         });
                     }
@@ -338,6 +340,10 @@ impl tower_service::Service<http::Request<Body>> for Dispatch {
 /// How much of an unauthenticated HTTP/1.1 request's body is read (and
 /// thrown away) before it is refused.
 const REFUSED_BODY_BYTES: usize = 64 * 1024;
+
+/// How long an unauthenticated HTTP/1.1 request's body is waited for
+/// before it is refused anyway.
+const REFUSED_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A trailers-only gRPC (or gRPC-Web) answer: unauthenticated.
 fn grpc_refusal(request: &http::Request<Body>) -> http::Response<Body> {
