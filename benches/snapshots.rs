@@ -105,7 +105,7 @@ fn sync_pragma(sync: Synchronous) -> &'static str {
 }
 
 struct Fleet {
-    manager: SqliteSnapshotManager,
+    manager: Manager,
     team: TeamId,
     host: HostId,
 }
@@ -114,8 +114,7 @@ async fn fleet(dir: &Path, sync: Synchronous, agent: Arc<dyn HostAgent>) -> Benc
     let transport = Arc::new(InProcessTransport::new());
     let host = HostId::new();
     transport.add_host(host, agent);
-    let manager =
-        SqliteSnapshotManager::open(dir.join("bench.db"), transport, options(sync)).await?;
+    let manager = Manager::open(dir.join("bench.db"), transport, options(sync)).await?;
     manager
         .registry()
         .register_host(host, "in-process", HostStatus::Online)
@@ -453,8 +452,7 @@ fn lists(rt: &Runtime) -> BenchResult<Vec<Row>> {
     rt.block_on(async {
         let mut o = ManagerOptions::default();
         o.run_janitor = false;
-        let manager =
-            SqliteSnapshotManager::open(&db, Arc::new(InProcessTransport::new()), o).await?;
+        let manager = Manager::open(&db, Arc::new(InProcessTransport::new()), o).await?;
         let caller = Caller::new(big, Actor::System);
         for (label, limit, iterations) in [
             ("first page of 100", Some(100u32), 300),
@@ -550,8 +548,7 @@ fn page_all(db: &str) -> BenchResult<()> {
     let seen = rt.block_on(async {
         let mut o = ManagerOptions::default();
         o.run_janitor = false;
-        let manager =
-            SqliteSnapshotManager::open(db, Arc::new(InProcessTransport::new()), o).await?;
+        let manager = Manager::open(db, Arc::new(InProcessTransport::new()), o).await?;
         let mut seen = 0usize;
         for team in teams {
             let caller = Caller::new(team, Actor::System);
@@ -597,8 +594,7 @@ fn fleet_delete(rt: &Runtime, dir: &Path) -> BenchResult<Row> {
         let agent: Arc<dyn HostAgent> = Arc::new(SlowDeleteAgent(delay));
         let mut o = options(Synchronous::Full);
         o.run_janitor = false;
-        let manager =
-            SqliteSnapshotManager::open(dir.join("fleet.db"), transport.clone(), o).await?;
+        let manager = Manager::open(dir.join("fleet.db"), transport.clone(), o).await?;
         let mut hosts = Vec::new();
         for _ in 0..HOSTS {
             let h = HostId::new();
@@ -705,7 +701,7 @@ fn grpc_create(rt: &Runtime, dir: &Path) -> BenchResult<Row> {
             .await?;
         let mut o = options(Synchronous::Full);
         o.run_janitor = false;
-        let manager = SqliteSnapshotManager::open(
+        let manager = Manager::open(
             dir.join("grpc.db"),
             Arc::new(GrpcTransport::new(GrpcConfig::default())),
             o,

@@ -50,8 +50,8 @@ use sandbox_snapshots::agent::{
 };
 use sandbox_snapshots::{
     Actor, AgentCode, AgentError, AgentTransport, Caller, DirHostAgent, HostAgent, HostId,
-    HostStatus, HostTarget, InProcessTransport, ManagerOptions, NewSnapshot, Sandbox, SandboxId,
-    SandboxStatus, SnapshotManager, SqliteSnapshotManager, TeamId, TemplateName,
+    HostStatus, HostTarget, InProcessTransport, Manager, ManagerOptions, NewSnapshot, Sandbox,
+    SandboxId, SandboxStatus, SnapshotManager, TeamId, TemplateName,
 };
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -198,7 +198,7 @@ async fn run(opts: HashMap<String, String>) -> Result<(), Failure> {
     // This process only drives the one operation.
     manager_options.run_janitor = false;
     manager_options.store.busy_timeout = Duration::from_millis(100);
-    let manager = SqliteSnapshotManager::open(db, transport, manager_options).await?;
+    let manager = Manager::open(db, transport, manager_options).await?;
     let registry = manager.registry();
     registry
         .register_host(host, "in-process", HostStatus::Online)
@@ -252,7 +252,7 @@ fn hold_lock(opts: HashMap<String, String>) -> Result<(), Failure> {
 async fn hold_manager(opts: HashMap<String, String>) -> Result<(), Failure> {
     let mut manager_options = ManagerOptions::default();
     manager_options.run_janitor = false;
-    let _manager = SqliteSnapshotManager::open(
+    let _manager = Manager::open(
         PathBuf::from(get(&opts, "db")?),
         Arc::new(InProcessTransport::new()),
         manager_options,

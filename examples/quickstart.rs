@@ -20,8 +20,8 @@ use std::time::Instant;
 
 use sandbox_snapshots::{
     Actor, AgentTransport, AuditQuery, BearerToken, Caller, DirHostAgent, ErrorCode, GrpcConfig,
-    GrpcTransport, HostId, HostStatus, InProcessTransport, ListQuery, ManagerOptions, NewSnapshot,
-    Sandbox, SandboxId, SandboxStatus, SnapshotManager, SqliteSnapshotManager, TeamId, Template,
+    GrpcTransport, HostId, HostStatus, InProcessTransport, ListQuery, Manager, ManagerOptions,
+    NewSnapshot, Sandbox, SandboxId, SandboxStatus, SnapshotManager, TeamId, Template,
     TemplateName,
 };
 
@@ -118,7 +118,7 @@ async fn main() -> Result<(), Failure> {
                 (Arc::new(GrpcTransport::new(config)), addr.clone(), None)
             }
         };
-    let manager = SqliteSnapshotManager::open(&db, transport, ManagerOptions::default()).await?;
+    let manager = Manager::open(&db, transport, ManagerOptions::default()).await?;
     println!("  store      {}", db.display());
     println!("  host agent {address}");
 

@@ -70,7 +70,7 @@ pub struct AuditEntry {
     pub created_at: Timestamp,
 }
 
-/// Filters and paging for [`crate::SqliteSnapshotManager::audit_log`].
+/// Filters and paging for [`crate::Manager::audit_log`].
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct AuditQuery {

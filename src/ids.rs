@@ -191,6 +191,14 @@ prefixed_id!(
 );
 
 prefixed_id!(
+    /// A manager process (a control-plane replica), `inst-…`: the owner of
+    /// the journal entries and claims it writes, alive while its heartbeat
+    /// lease lasts.
+    InstanceId,
+    "inst-"
+);
+
+prefixed_id!(
     /// An audit log entry id, `log-…`.
     AuditLogId,
     "log-"

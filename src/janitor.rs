@@ -28,7 +28,7 @@ use crate::manager::{
     Inner, ManagerOptions, after, backoff, delete_files, lock_unpoisoned, reported_status,
 };
 use crate::model::{Actor, HostStatus, SandboxStatus, Timestamp};
-use crate::store::sql::{self, CreateOp, Deletion, Finish, ResolveReason, SandboxOutcome};
+use crate::store::{CreateOp, Deletion, Finish, InHand, Phase, ResolveReason, SandboxOutcome};
 
 /// Most deletions claimed per round.
 const BATCH: u32 = 64;
@@ -85,7 +85,7 @@ pub(crate) struct WorkerState {
 }
 
 /// What the background worker has done (see
-/// [`crate::SqliteSnapshotManager::worker_stats`]).
+/// [`crate::Manager::worker_stats`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WorkerStats {
@@ -178,6 +178,45 @@ impl Drop for BusyHost {
 /// Starts the worker. It holds only a weak reference, so dropping every
 /// manager handle stops it. Its first pass runs at once: that is the
 /// start-up recovery.
+/// Renews this process's instance lease every third of it, so that other
+/// replicas leave its journal entries alone while it lives. A renewal the
+/// store refuses is retried with backoff (each wait at most a third of the
+/// lease); the loop ends when the manager shuts down or is dropped.
+pub(crate) fn spawn_heartbeat(inner: Weak<Inner>) {
+    tokio::spawn(async move {
+        let mut failures = 0u32;
+        loop {
+            let Some(strong) = inner.upgrade() else {
+                return;
+            };
+            let period = strong.options.instance_lease / 3;
+            let wait = if failures == 0 {
+                period
+            } else {
+                backoff(&strong.options, failures - 1).min(period)
+            };
+            let shutdown = strong.shutdown.clone();
+            drop(strong);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let Some(strong) = inner.upgrade() else {
+                return;
+            };
+            let lease_until = after(Timestamp::now(), strong.options.instance_lease);
+            match strong.store.heartbeat(strong.instance, lease_until).await {
+                Ok(()) => failures = 0,
+                Err(err) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = ?err, attempt = failures,
+                        "cannot renew this instance's lease; retrying");
+                }
+            }
+        }
+    });
+}
+
 pub(crate) fn spawn(inner: Weak<Inner>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         // Consecutive passes that found work due but could start none of
@@ -283,7 +322,7 @@ fn idle_backoff(options: &ManagerOptions, idle: u32) -> Duration {
 async fn next_sleep(inner: &Inner) -> Option<Duration> {
     let max = inner.options.janitor_interval;
     let (operations, first_held) = inner.worker.held_back_now();
-    let in_hand = sql::InHand {
+    let in_hand = InHand {
         hosts: lock_unpoisoned(&inner.worker.busy_hosts)
             .iter()
             .copied()
@@ -292,7 +331,7 @@ async fn next_sleep(inner: &Inner) -> Option<Duration> {
         operations,
     };
     let held = first_held.map_or(max, |at| at.saturating_duration_since(Instant::now()));
-    match inner.store.read(move |c| sql::next_due(c, &in_hand)).await {
+    match inner.store.next_due(inner.instance, in_hand).await {
         Ok(Some(at)) => {
             let wait = at
                 .unix_millis()
@@ -322,7 +361,7 @@ impl HostViews {
         let status = match self.status.entry(host) {
             Entry::Occupied(e) => *e.get(),
             Entry::Vacant(e) => {
-                let status = inner.store.read(move |c| sql::get_host(c, host)).await?;
+                let status = inner.store.get_host(host).await?;
                 *e.insert(status.map(|h| h.status))
             }
         };
@@ -389,7 +428,7 @@ pub(crate) struct Dispatched {
 /// Sets the backlog gauges. A store that cannot answer leaves them as they
 /// were (the pass's own reads report the failure).
 async fn report_backlogs(inner: &Arc<Inner>, now: Timestamp) {
-    match inner.store.read(sql::backlogs).await {
+    match inner.store.backlogs().await {
         Ok(((deletions, oldest_deletion), (operations, oldest_operation))) => {
             let age = |oldest: Option<i64>| {
                 oldest.map_or(Duration::ZERO, |ms| {
@@ -421,13 +460,20 @@ async fn dispatch(inner: &Arc<Inner>, wait: bool) -> Result<Dispatched> {
     crate::metrics::janitor_pass();
     let now = Timestamp::now();
     report_backlogs(inner, now).await;
+    // Entries whose owner's lease ended (a replica that died) become ours.
+    match inner.store.adopt_operations(inner.instance, now).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(adopted = n, "adopted the open operations of a lapsed instance"),
+        Err(err) => tracing::warn!(error = ?err, "cannot adopt lapsed instances' operations"),
+    }
+    let me = inner.instance;
     let started = inner
         .store
-        .read(move |c| sql::open_operations(c, "started", Some(now)))
+        .open_operations(me, Phase::Started, Some(now))
         .await?;
     let resolving = inner
         .store
-        .read(move |c| sql::open_operations(c, "resolving", Some(now)))
+        .open_operations(me, Phase::Resolving, Some(now))
         .await?;
     let busy: Vec<HostId> = lock_unpoisoned(&inner.worker.busy_hosts)
         .iter()
@@ -436,7 +482,7 @@ async fn dispatch(inner: &Arc<Inner>, wait: bool) -> Result<Dispatched> {
     let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
     let claimed = inner
         .store
-        .write(move |c| sql::claim_due_deletions(c, now, lease, BATCH, &busy))
+        .claim_due_deletions(now, lease, BATCH, busy)
         .await;
     let deletions = match claimed {
         Ok(due) => due,
@@ -574,17 +620,14 @@ async fn resolve_by_deadline(inner: &Inner, op: &CreateOp, report: &mut WorkRepo
     let first_attempt = after(now, inner.options.late_write_grace);
     let resolved = inner
         .store
-        .write(move |c| {
-            sql::resolve_open_operation(
-                c,
-                id,
-                SandboxStatus::Error,
-                &Actor::System,
-                ResolveReason::Deadline,
-                first_attempt,
-                now,
-            )
-        })
+        .resolve_open_operation(
+            id,
+            SandboxStatus::Error,
+            Actor::System,
+            ResolveReason::Deadline,
+            first_attempt,
+            now,
+        )
         .await?;
     if resolved.is_some() {
         tracing::warn!(operation = %op.id, sandbox = %op.sandbox_id,
@@ -611,7 +654,7 @@ async fn postpone(
     );
     inner
         .store
-        .write(move |c| sql::postpone_operation(c, id, &why, at, now))
+        .postpone_operation(id, why, at, now)
         .await?;
     report.postponed += 1;
     Ok(())
@@ -653,7 +696,7 @@ async fn resolve_interrupted(
             let op2 = op.clone();
             let finished = inner
                 .store
-                .write(move |c| sql::finish_create(c, &op2, size_bytes, lease, now))
+                .finish_create(op2, size_bytes, lease, now)
                 .await?;
             match finished {
                 Finish::Done(done) => {
@@ -716,7 +759,7 @@ async fn resolve_status(
             let now = Timestamp::now();
             let closed = inner
                 .store
-                .write(move |c| sql::resolve_operation(c, &op2, status, now))
+                .resolve_operation(op2, status, now)
                 .await?;
             if closed {
                 tracing::info!(sandbox = %op.sandbox_id, %status, "sandbox status resolved from its host");
@@ -764,7 +807,7 @@ pub struct SweepReport {
 /// system action.
 pub(crate) async fn sweep(inner: &Arc<Inner>, grace: Duration) -> Result<SweepReport> {
     let mut report = SweepReport::default();
-    let hosts = inner.store.read(sql::list_hosts).await?;
+    let hosts = inner.store.list_hosts().await?;
     let cutoff = Timestamp::from_unix_millis(
         Timestamp::now()
             .unix_millis()
@@ -798,11 +841,7 @@ pub(crate) async fn sweep(inner: &Arc<Inner>, grace: Duration) -> Result<SweepRe
                 continue;
             };
             let (host_id, size, now) = (host.id, snapshot.size_bytes, Timestamp::now());
-            if inner
-                .store
-                .read(move |c| sql::key_is_owned(c, template))
-                .await?
-            {
+            if inner.store.key_is_owned(template).await? {
                 continue;
             }
             if snapshot.created_at.is_none_or(|at| at > cutoff) {
@@ -811,7 +850,7 @@ pub(crate) async fn sweep(inner: &Arc<Inner>, grace: Duration) -> Result<SweepRe
             }
             let queued = inner
                 .store
-                .write(move |c| sql::queue_orphan(c, template, host_id, size, now))
+                .queue_orphan(template, host_id, size, now)
                 .await?;
             if queued {
                 tracing::warn!(host = %host.id, key = %snapshot.key, size_bytes = size,

@@ -18,7 +18,7 @@
 //! transport.add_host(host, agent.clone());
 //!
 //! let manager =
-//!     SqliteSnapshotManager::open("data/snapshots.db", transport, ManagerOptions::default())
+//!     Manager::open("data/snapshots.db", transport, ManagerOptions::default())
 //!         .await?;
 //! let registry = manager.registry();
 //! registry.register_host(host, "in-process", HostStatus::Online).await?;
@@ -45,7 +45,7 @@
 //!   once at the boundary.
 //! - `model`: hosts, sandboxes, templates, callers, timestamps.
 //! - `error`: [`Error`] with a stable [`ErrorCode`] and HTTP status.
-//! - `manager`: the [`SnapshotManager`] trait and [`SqliteSnapshotManager`].
+//! - `manager`: the [`SnapshotManager`] trait and [`Manager`].
 //! - `registry`: [`Registry`] of hosts and sandboxes.
 //! - `store`: the SQLite [`Store`] (writer thread, read pool, migrations, SQL,
 //!   the one-manager-per-file lock).
@@ -85,11 +85,13 @@ pub use agent::{
 };
 pub use audit::{AuditEntry, AuditOutcome, AuditQuery, RESOURCE_TEMPLATE, actions};
 pub use error::{Error, ErrorCode, Result};
-pub use ids::{ApiKeyId, AuditLogId, HostId, IdError, OperationId, SandboxId, TeamId, TemplateId};
+pub use ids::{
+    ApiKeyId, AuditLogId, HostId, IdError, InstanceId, OperationId, SandboxId, TeamId, TemplateId,
+};
 pub use janitor::{SweepReport, WorkReport, WorkerStats};
 pub use manager::{
     Deleted, ListQuery, MAX_PAGE_SIZE, ManagerOptions, NewSnapshot, Page, Placement,
-    ResolvedOperation, SnapshotManager, SqliteSnapshotManager, SweepOptions,
+    ResolvedOperation, SnapshotManager, Manager, SweepOptions,
 };
 pub use model::{
     Actor, Caller, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateState, TemplateType,
@@ -98,8 +100,10 @@ pub use model::{
 pub use names::{NameError, TemplateName};
 pub use registry::{NewTemplate, Registry};
 pub use signal::shutdown_signal;
-pub use store::sql::{OpenOperation, PendingDeletion};
-pub use store::{SCHEMA_VERSION, Store, StoreError, StoreErrorKind, StoreOptions, Synchronous};
+pub use store::{
+    OpenOperation, PendingDeletion, SCHEMA_VERSION, StoreError, StoreErrorKind, StoreOptions,
+    Synchronous,
+};
 
 /// The README's examples are compiled as doc tests.
 #[cfg(doctest)]

@@ -1,5 +1,7 @@
-//! The [`SnapshotManager`] trait and its default implementation over the
-//! SQLite store, [`SqliteSnapshotManager`].
+//! The [`SnapshotManager`] trait and its implementation, [`Manager`],
+//! written once against the [`Store`](crate::store::Store) trait: on the
+//! embedded SQLite file or (feature `postgres`) on a PostgreSQL database
+//! shared by several replicas.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -19,17 +21,16 @@ use crate::agent::{
 };
 use crate::audit::{AuditEntry, AuditQuery, audit_cursor};
 use crate::error::{Error, ErrorCode, Result};
-use crate::ids::{HostId, OperationId, SandboxId, TemplateId};
+use crate::ids::{HostId, InstanceId, OperationId, SandboxId, TemplateId};
 use crate::janitor::SweepReport;
 use crate::model::{Caller, SandboxStatus, Template, TemplateType, Timestamp};
 use crate::names::TemplateName;
 use crate::registry::Registry;
-use crate::store::lock::DbLock;
-use crate::store::sql::{
-    self, CreateInput, CreateOp, Deletion, Finish, ListPosition, OpenOperation, PendingDeletion,
-    ResolveReason, SandboxOutcome,
+use crate::store::sqlite::lock::DbLock;
+use crate::store::{
+    CreateInput, CreateOp, Deletion, DeletionResult, Finish, ListPosition, OpenOperation,
+    PendingDeletion, ResolveReason, SandboxOutcome, SqliteStore, Store, StoreOptions,
 };
-use crate::store::{Store, StoreOptions};
 
 /// Largest page a list may ask for.
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -146,7 +147,7 @@ pub struct Deleted {
     pub hosts_pending: Vec<HostId>,
 }
 
-/// An operation resolved by [`SqliteSnapshotManager::resolve_operation`].
+/// An operation resolved by [`Manager::resolve_operation`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ResolvedOperation {
@@ -201,12 +202,19 @@ pub trait SnapshotManager: Send + Sync {
     async fn delete(&self, caller: &Caller, name: &TemplateName) -> Result<Deleted>;
 }
 
-/// Tuning for [`SqliteSnapshotManager`].
+/// Tuning for [`Manager`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ManagerOptions {
     /// How the SQLite file is opened.
     pub store: StoreOptions,
+    /// How the PostgreSQL pool is set up (feature `postgres`).
+    #[cfg(feature = "postgres")]
+    pub postgres: crate::store::postgres::PostgresOptions,
+    /// How long this process's instance lease lasts without a heartbeat
+    /// (renewed every third of it). Another replica adopts the journal
+    /// entries of an instance whose lease ended. Default 30 s.
+    pub instance_lease: Duration,
     /// Longest a host agent may take to create a snapshot. Default 5 min.
     pub create_timeout: Duration,
     /// Longest a `DeleteSnapshot` call may take. Default 30 s.
@@ -247,7 +255,7 @@ pub struct ManagerOptions {
 }
 
 /// Settings of the opt-in orphan sweep (see
-/// [`SqliteSnapshotManager::sweep_orphans`]).
+/// [`Manager::sweep_orphans`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SweepOptions {
@@ -279,6 +287,9 @@ impl Default for ManagerOptions {
     fn default() -> Self {
         Self {
             store: StoreOptions::default(),
+            #[cfg(feature = "postgres")]
+            postgres: crate::store::postgres::PostgresOptions::default(),
+            instance_lease: Duration::from_secs(30),
             create_timeout: Duration::from_secs(300),
             delete_timeout: Duration::from_secs(30),
             delete_wait: Duration::from_secs(10),
@@ -303,13 +314,13 @@ impl Default for ManagerOptions {
 /// use std::sync::Arc;
 /// use sandbox_snapshots::{
 ///     Actor, Caller, InProcessTransport, ManagerOptions, NewSnapshot, SnapshotManager,
-///     SqliteSnapshotManager, TeamId,
+///     Manager, TeamId,
 /// };
 ///
 /// # async fn demo() -> Result<(), sandbox_snapshots::Error> {
 /// let transport = Arc::new(InProcessTransport::new());
 /// let manager =
-///     SqliteSnapshotManager::open("data/snapshots.db", transport, ManagerOptions::default())
+///     Manager::open("data/snapshots.db", transport, ManagerOptions::default())
 ///         .await?;
 /// let caller = Caller::new(TeamId::new(), Actor::System);
 /// let request = NewSnapshot::parse("sb-0000000000000000000000001", "my-snapshot")?;
@@ -318,12 +329,14 @@ impl Default for ManagerOptions {
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
-pub struct SqliteSnapshotManager {
+pub struct Manager {
     inner: Arc<Inner>,
 }
 
 pub(crate) struct Inner {
-    pub(crate) store: Store,
+    pub(crate) store: Arc<dyn Store>,
+    /// This process's instance: the owner of the journal entries it writes.
+    pub(crate) instance: InstanceId,
     pub(crate) transport: Arc<dyn AgentTransport>,
     pub(crate) options: ManagerOptions,
     /// Detached operation tasks, awaited by `shutdown`.
@@ -337,23 +350,24 @@ pub(crate) struct Inner {
     last_sweep: Mutex<Option<tokio::time::Instant>>,
     /// What the background worker keeps in memory between passes.
     pub(crate) worker: crate::janitor::WorkerState,
-    _lock: DbLock,
+    /// SQLite's one-process lock (none on PostgreSQL).
+    _lock: Option<DbLock>,
 }
 
-impl std::fmt::Debug for SqliteSnapshotManager {
+impl std::fmt::Debug for Manager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteSnapshotManager")
+        f.debug_struct("Manager")
             .field("store", &self.inner.store)
             .finish_non_exhaustive()
     }
 }
 
-impl SqliteSnapshotManager {
+impl Manager {
     /// Opens the store at `path` (creating it if needed) and starts the
     /// background worker, whose first pass finishes or rolls back the
     /// operations a previous process left open (without
     /// [`ManagerOptions::run_janitor`], call
-    /// [`SqliteSnapshotManager::run_pending_work`] for that). One manager
+    /// [`Manager::run_pending_work`] for that). One manager
     /// may use a store file at a time.
     pub async fn open(
         path: impl AsRef<Path>,
@@ -376,10 +390,54 @@ impl SqliteSnapshotManager {
                 .await
                 .map_err(|e| Error::new(ErrorCode::DbError, format!("lock task failed: {e}")))??
         };
-        let store = Store::open(path, options.store.clone()).await?;
+        let store = SqliteStore::open(path, options.store.clone()).await?;
+        Self::start(Arc::new(store), Some(lock), transport, options).await
+    }
+
+    /// Opens the PostgreSQL database at `url` (`postgres://…`), migrating
+    /// its schema, and starts this process as one replica of the control
+    /// plane: any number of managers may share the database.
+    #[cfg(feature = "postgres")]
+    pub async fn open_postgres(
+        url: &str,
+        transport: Arc<dyn AgentTransport>,
+        options: ManagerOptions,
+    ) -> Result<Self> {
+        let store = crate::store::postgres::PostgresStore::open(url, options.postgres.clone()).await?;
+        Self::start(Arc::new(store), None, transport, options).await
+    }
+
+    /// Opens the database `url` names: `sqlite:PATH` (or a plain path) or,
+    /// with the `postgres` feature, `postgres://…`.
+    pub async fn open_url(
+        url: &str,
+        transport: Arc<dyn AgentTransport>,
+        options: ManagerOptions,
+    ) -> Result<Self> {
+        match crate::store::Database::parse(url)? {
+            crate::store::Database::Sqlite(path) => Self::open(path, transport, options).await,
+            #[cfg(feature = "postgres")]
+            crate::store::Database::Postgres(url) => {
+                Self::open_postgres(&url, transport, options).await
+            }
+        }
+    }
+
+    async fn start(
+        store: Arc<dyn Store>,
+        lock: Option<DbLock>,
+        transport: Arc<dyn AgentTransport>,
+        options: ManagerOptions,
+    ) -> Result<Self> {
+        let instance = InstanceId::new();
+        let now = Timestamp::now();
+        store
+            .register_instance(instance, after(now, options.instance_lease), now)
+            .await?;
         let manager = Self {
             inner: Arc::new(Inner {
                 store,
+                instance,
                 transport: crate::metrics::MeteredTransport::wrap(transport),
                 options,
                 tasks: TaskTracker::new(),
@@ -392,7 +450,7 @@ impl SqliteSnapshotManager {
                 _lock: lock,
             }),
         };
-        manager.inner.store.write(sql::void_leases).await?;
+        crate::janitor::spawn_heartbeat(Arc::downgrade(&manager.inner));
         // The worker's first pass, at once, is the start-up recovery.
         if manager.inner.options.run_janitor {
             let handle = crate::janitor::spawn(Arc::downgrade(&manager.inner));
@@ -407,8 +465,13 @@ impl SqliteSnapshotManager {
     }
 
     /// The store underneath.
-    pub fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
+    }
+
+    /// This process's instance id (the owner named by its journal entries).
+    pub fn instance(&self) -> InstanceId {
+        self.inner.instance
     }
 
     /// The team's audit entries, newest first.
@@ -419,16 +482,13 @@ impl SqliteSnapshotManager {
         let rows = self
             .inner
             .store
-            .read(move |c| {
-                sql::list_audit(
-                    c,
-                    team,
-                    before,
-                    query.resource_type.as_deref(),
-                    query.action.as_deref(),
-                    limit.map(|l| l + 1),
-                )
-            })
+            .list_audit(
+                team,
+                before,
+                query.resource_type,
+                query.action,
+                limit.map(|l| l + 1),
+            )
             .await?;
         Ok(paginate(
             rows,
@@ -444,7 +504,7 @@ impl SqliteSnapshotManager {
         let rows = self
             .inner
             .store
-            .read(move |c| sql::placements_of(c, template.id))
+            .placements_of(template.id)
             .await?;
         Ok(rows
             .into_iter()
@@ -455,14 +515,14 @@ impl SqliteSnapshotManager {
     /// Deletions waiting for a host to confirm, across all teams, per host
     /// with attempts and last error (operators).
     pub async fn pending_deletions(&self) -> Result<Vec<PendingDeletion>> {
-        self.inner.store.read(sql::pending_deletions).await
+        self.inner.store.pending_deletions().await
     }
 
     /// Operations still open in the journal: creates in flight, interrupted
     /// ones not yet resolved, and rolled-back ones waiting for their host to
     /// report the sandbox (operators).
     pub async fn open_operations(&self) -> Result<Vec<OpenOperation>> {
-        self.inner.store.read(sql::list_open_operations).await
+        self.inner.store.list_open_operations().await
     }
 
     /// Resolves the open operation `id` now, without waiting for its host
@@ -488,17 +548,14 @@ impl SqliteSnapshotManager {
         let resolved = self
             .inner
             .store
-            .write(move |c| {
-                sql::resolve_open_operation(
-                    c,
-                    id,
-                    sandbox_status,
-                    &actor,
-                    ResolveReason::Operator,
-                    first_attempt,
-                    now,
-                )
-            })
+            .resolve_open_operation(
+                id,
+                sandbox_status,
+                actor,
+                ResolveReason::Operator,
+                first_attempt,
+                now,
+            )
             .await?
             .ok_or_else(|| Error::not_found("operation not found"))?;
         tracing::info!(operation = %id, sandbox = %resolved.sandbox_id, status = %sandbox_status,
@@ -514,7 +571,7 @@ impl SqliteSnapshotManager {
     }
 
     /// What the background worker has done since open: its passes (and
-    /// those of [`SqliteSnapshotManager::run_pending_work`]) and how long
+    /// those of [`Manager::run_pending_work`]) and how long
     /// it last chose to sleep.
     pub fn worker_stats(&self) -> crate::janitor::WorkerStats {
         self.inner.worker.stats()
@@ -550,9 +607,10 @@ impl SqliteSnapshotManager {
         if let Some(handle) = handle {
             let _ = handle.await;
         }
-        // Leave the file whole on its own, whatever name opens it next.
-        if let Err(err) = self.inner.store.checkpoint().await {
-            tracing::warn!(error = %err, "cannot checkpoint the store at shutdown");
+        // End this instance (what it left open can be adopted at once) and
+        // leave the store whole on its own (SQLite: checkpoint the WAL).
+        if let Err(err) = self.inner.store.close(self.inner.instance).await {
+            tracing::warn!(error = %err, "cannot close the store at shutdown");
         }
     }
 }
@@ -615,7 +673,7 @@ fn log_failure(operation: &str, err: &Error) {
 }
 
 #[async_trait]
-impl SnapshotManager for SqliteSnapshotManager {
+impl SnapshotManager for Manager {
     async fn create(&self, caller: &Caller, snapshot: NewSnapshot) -> Result<Template> {
         let started = std::time::Instant::now();
         let span = tracing::info_span!(
@@ -664,7 +722,7 @@ impl SnapshotManager for SqliteSnapshotManager {
         let result = self
             .inner
             .store
-            .read(move |c| sql::find_visible(c, team, &name))
+            .find_visible(team, name)
             .await
             .and_then(|t| t.ok_or_else(|| Error::not_found("template not found")));
         if let Err(err) = &result {
@@ -686,7 +744,7 @@ impl SnapshotManager for SqliteSnapshotManager {
     }
 }
 
-impl SqliteSnapshotManager {
+impl Manager {
     async fn list_page(&self, caller: &Caller, query: ListQuery) -> Result<Page<Template>> {
         let limit = check_limit(query.limit)?;
         let after = query.cursor.as_deref().map(parse_list_cursor).transpose()?;
@@ -695,7 +753,7 @@ impl SqliteSnapshotManager {
         let rows = self
             .inner
             .store
-            .read(move |c| sql::list_visible(c, team, kind, after, limit.map(|l| l + 1)))
+            .list_visible(team, kind, after, limit.map(|l| l + 1))
             .await?;
         Ok(paginate(rows, limit, list_cursor, |t| t))
     }
@@ -717,9 +775,7 @@ impl SqliteSnapshotManager {
                     let (team, admin) = (caller.team(), caller.is_admin());
                     let begun = inner
                         .store
-                        .write(move |c| {
-                            sql::begin_delete(c, &actor, team, admin, &name, lease, now)
-                        })
+                        .begin_delete(actor, team, admin, name, lease, now)
                         .await;
                     let (template, targets) = match begun {
                         Ok(v) => v,
@@ -878,7 +934,7 @@ impl Inner {
         }
     }
 
-    /// Rolls a create back (see `sql::fail_create`). After an ambiguous
+    /// Rolls a create back (see `Store::fail_create`). After an ambiguous
     /// failure the key is deleted only after `late_write_grace`, so the
     /// deletion does not race an agent still writing it.
     pub(crate) async fn roll_back(
@@ -898,9 +954,7 @@ impl Inner {
         let op = op.clone();
         let applied = self
             .store
-            .write(move |c| {
-                sql::fail_create(c, &op, outcome, code, &detail, Some(first_attempt), now)
-            })
+            .fail_create(op, outcome, code, detail, Some(first_attempt), now)
             .await?;
         self.wake.notify_one();
         Ok(applied)
@@ -991,11 +1045,12 @@ async fn run_create(inner: &Arc<Inner>, caller: &Caller, snapshot: NewSnapshot, 
         overwrite: snapshot.overwrite,
         template_id,
         operation_id: OperationId::new(),
+        owner: inner.instance,
         lease_until: after(now, inner.create_lease()),
     };
     let op = match inner
         .store
-        .write(move |c| sql::begin_create(c, &input, now))
+        .begin_create(input, now)
         .await
     {
         Ok((op, _sandbox)) => op,
@@ -1037,7 +1092,7 @@ async fn finish_success(inner: &Arc<Inner>, op: &CreateOp, size_bytes: u64, repl
                 let op = op.clone();
                 inner
                     .store
-                    .write(move |c| sql::finish_create(c, &op, size_bytes, lease, now))
+                    .finish_create(op, size_bytes, lease, now)
             },
             |err| reply.send(Err(unrecorded("the snapshot was taken", err))),
         )
@@ -1071,7 +1126,7 @@ async fn finish_success(inner: &Arc<Inner>, op: &CreateOp, size_bytes: u64, repl
             let id = op.template_id;
             let result = inner
                 .store
-                .read(move |c| sql::get_ready_template(c, id))
+                .get_ready_template(id)
                 .await
                 .and_then(|t| {
                     t.ok_or_else(|| {
@@ -1132,9 +1187,9 @@ async fn finish_failure(inner: &Arc<Inner>, op: &CreateOp, err: AgentError, repl
             || {
                 let (op, detail) = (op.clone(), detail.clone());
                 let now = Timestamp::now();
-                inner.store.write(move |c| {
-                    sql::fail_create(c, &op, outcome, code, &detail, first_attempt, now)
-                })
+                inner
+                    .store
+                    .fail_create(op, outcome, code, detail, first_attempt, now)
             },
             |db| reply.send(Err(unrecorded("the snapshot failed", db))),
         )
@@ -1160,19 +1215,16 @@ pub(crate) async fn delete_files(
             // does not hold back the others; answers arriving together
             // share a commit through the writer's group commit.
             let now = Timestamp::now();
-            let (t, retry) = (
-                target.clone(),
-                result.as_ref().err().map(|err| {
-                    let next = after(now, backoff(&inner.options, target.attempts));
-                    (err.to_string(), next)
-                }),
-            );
+            let answer = match &result {
+                Ok(()) => DeletionResult::Confirmed,
+                Err(err) => DeletionResult::Failed {
+                    error: err.to_string(),
+                    retry_at: after(now, backoff(&inner.options, target.attempts)),
+                },
+            };
             let recorded = inner
                 .store
-                .write(move |c| match &retry {
-                    None => sql::deletion_confirmed(c, &t),
-                    Some((text, next)) => sql::deletion_failed(c, &t, text, *next, now),
-                })
+                .record_deletion(target.clone(), answer, now)
                 .await;
             if let Err(db) = recorded {
                 tracing::error!(error = ?db, "recording a deletion result failed; it will be retried");

@@ -9,8 +9,7 @@ use crate::error::Result;
 use crate::ids::{HostId, SandboxId, TeamId, TemplateId};
 use crate::model::{Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateType, Timestamp};
 use crate::names::TemplateName;
-use crate::store::Store;
-use crate::store::sql::{self, HostChange};
+use crate::store::{HostChange, Store};
 
 /// A template whose files already exist on hosts (a base image, or files
 /// copied by other means), for [`Registry::register_template`].
@@ -68,15 +67,15 @@ impl NewTemplate {
 }
 
 /// Registers and updates hosts and sandboxes. Obtained from
-/// [`crate::SqliteSnapshotManager::registry`]; cheap to clone.
+/// [`crate::Manager::registry`]; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Registry {
-    store: Store,
+    store: Arc<dyn Store>,
     wake: Arc<Notify>,
 }
 
 impl Registry {
-    pub(crate) fn new(store: Store, wake: Arc<Notify>) -> Self {
+    pub(crate) fn new(store: Arc<dyn Store>, wake: Arc<Notify>) -> Self {
         Self { store, wake }
     }
 
@@ -91,7 +90,7 @@ impl Registry {
         let address = address.into();
         let (host, came_online) = self
             .store
-            .write(move |c| sql::upsert_host(c, id, &address, status, Timestamp::now()))
+            .upsert_host(id, address, status, Timestamp::now())
             .await?;
         if came_online {
             self.wake.notify_one();
@@ -140,7 +139,7 @@ impl Registry {
     async fn update_host(&self, id: HostId, change: HostChange) -> Result<()> {
         let came_online = self
             .store
-            .write(move |c| sql::update_host(c, id, &change, Timestamp::now()))
+            .update_host(id, change, Timestamp::now())
             .await?;
         if came_online {
             self.wake.notify_one();
@@ -150,25 +149,25 @@ impl Registry {
 
     /// A host by id.
     pub async fn host(&self, id: HostId) -> Result<Option<Host>> {
-        self.store.read(move |c| sql::get_host(c, id)).await
+        self.store.get_host(id).await
     }
 
     /// Every host.
     pub async fn hosts(&self) -> Result<Vec<Host>> {
-        self.store.read(sql::list_hosts).await
+        self.store.list_hosts().await
     }
 
     /// Registers a sandbox or replaces its record. Refused with 409 while a
     /// snapshot owns the sandbox.
     pub async fn register_sandbox(&self, sandbox: Sandbox) -> Result<()> {
         self.store
-            .write(move |c| sql::upsert_sandbox(c, &sandbox, Timestamp::now()))
+            .upsert_sandbox(sandbox, Timestamp::now())
             .await
     }
 
     /// A sandbox by id (any team: this is the application's view).
     pub async fn sandbox(&self, id: SandboxId) -> Result<Option<Sandbox>> {
-        self.store.read(move |c| sql::get_sandbox(c, id)).await
+        self.store.get_sandbox(id).await
     }
 
     /// Sets a sandbox's status. While a snapshot owns the sandbox
@@ -180,7 +179,7 @@ impl Registry {
         status: SandboxStatus,
     ) -> Result<Sandbox> {
         self.store
-            .write(move |c| sql::set_sandbox_status(c, id, None, status, Timestamp::now()))
+            .set_sandbox_status(id, None, status, Timestamp::now())
             .await
     }
 
@@ -193,15 +192,13 @@ impl Registry {
         status: SandboxStatus,
     ) -> Result<Sandbox> {
         self.store
-            .write(move |c| {
-                sql::set_sandbox_status(c, id, Some(expected), status, Timestamp::now())
-            })
+            .set_sandbox_status(id, Some(expected), status, Timestamp::now())
             .await
     }
 
     /// Forgets a sandbox. Refused with 409 while a snapshot owns it.
     pub async fn remove_sandbox(&self, id: SandboxId) -> Result<()> {
-        self.store.write(move |c| sql::remove_sandbox(c, id)).await
+        self.store.remove_sandbox(id).await
     }
 
     /// Records a ready template whose files already exist on its hosts.
@@ -220,9 +217,8 @@ impl Registry {
             source_sandbox: None,
         };
         let hosts = template.hosts;
-        let stored = record.clone();
         self.store
-            .write(move |c| sql::insert_ready_template(c, &stored, &hosts, now))
+            .insert_ready_template(record.clone(), hosts, now)
             .await?;
         Ok(record)
     }

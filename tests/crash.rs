@@ -47,12 +47,12 @@ impl Scene {
     }
 
     /// A manager in this process over the same file and agent root.
-    async fn manager(&self) -> SqliteSnapshotManager {
+    async fn manager(&self) -> Manager {
         self.manager_with(true).await
     }
 
     /// The same, with an agent that may lack the `ListSnapshots` extension.
-    async fn manager_with(&self, list_snapshots: bool) -> SqliteSnapshotManager {
+    async fn manager_with(&self, list_snapshots: bool) -> Manager {
         let agent = DirHostAgent::open(&self.root).await.unwrap();
         let agent: Arc<dyn HostAgent> = match (self.mode, list_snapshots) {
             (Mode::GoLike, _) => Arc::new(agent::GoLikeAgent::new(agent)),
@@ -61,7 +61,7 @@ impl Scene {
         };
         let transport = Arc::new(InProcessTransport::new());
         transport.add_host(self.host, agent);
-        let manager = SqliteSnapshotManager::open(&self.db, transport, fast_options())
+        let manager = Manager::open(&self.db, transport, fast_options())
             .await
             .unwrap();
         let registry = manager.registry();
@@ -139,7 +139,7 @@ impl Scene {
 
     /// A fresh manager recovers; waits until the journal and the deletion
     /// queue are empty; checks the invariants; returns what `n` shows.
-    async fn recover_and_check(&self, n: &str) -> (SqliteSnapshotManager, Option<Template>) {
+    async fn recover_and_check(&self, n: &str) -> (Manager, Option<Template>) {
         self.recover_and_check_with(n, true).await
     }
 
@@ -147,7 +147,7 @@ impl Scene {
         &self,
         n: &str,
         list_snapshots: bool,
-    ) -> (SqliteSnapshotManager, Option<Template>) {
+    ) -> (Manager, Option<Template>) {
         let manager = self.manager_with(list_snapshots).await;
         eventually("recovery and the worker finish", || async {
             manager.open_operations().await.unwrap().is_empty()
@@ -207,7 +207,7 @@ impl Scene {
             .count()
     }
 
-    async fn sandbox_status(&self, manager: &SqliteSnapshotManager) -> SandboxStatus {
+    async fn sandbox_status(&self, manager: &Manager) -> SandboxStatus {
         manager
             .registry()
             .sandbox(self.sandbox)
@@ -456,9 +456,7 @@ async fn another_process_holding_the_write_lock_gives_db_error_and_no_half_write
     let agent = DirHostAgent::open(&scene.root).await.unwrap();
     let transport = Arc::new(InProcessTransport::new());
     transport.add_host(scene.host, Arc::new(agent));
-    let manager = SqliteSnapshotManager::open(&scene.db, transport, options)
-        .await
-        .unwrap();
+    let manager = Manager::open(&scene.db, transport, options).await.unwrap();
     manager
         .registry()
         .set_sandbox_status(scene.sandbox, SandboxStatus::Running)
@@ -526,10 +524,9 @@ async fn an_interrupted_create_whose_host_is_gone_resolves_at_the_deadline() {
     let mut options = fast_options();
     options.resolve_deadline = Duration::from_millis(300);
     // A transport that cannot reach the host.
-    let manager =
-        SqliteSnapshotManager::open(&scene.db, Arc::new(InProcessTransport::new()), options)
-            .await
-            .unwrap();
+    let manager = Manager::open(&scene.db, Arc::new(InProcessTransport::new()), options)
+        .await
+        .unwrap();
     eventually("the operation resolves at its deadline", || async {
         manager.open_operations().await.unwrap().is_empty()
     })
@@ -625,9 +622,7 @@ async fn a_full_disk_backs_the_worker_off() {
     let mut options = fast_options();
     options.run_janitor = false;
     options.retry_base = Duration::from_secs(60);
-    let manager = SqliteSnapshotManager::open(&scene.db, transport, options)
-        .await
-        .unwrap();
+    let manager = Manager::open(&scene.db, transport, options).await.unwrap();
     let filler = tmpfs.fill();
 
     for _ in 0..20 {

@@ -306,7 +306,7 @@ async fn a_newer_schema_is_refused_and_the_file_untouched() {
 
     // Through the manager it is a db_error with the same explanation.
     let transport = std::sync::Arc::new(InProcessTransport::new());
-    let err = SqliteSnapshotManager::open(&db, transport, ManagerOptions::default())
+    let err = Manager::open(&db, transport, ManagerOptions::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), ErrorCode::DbError);
@@ -330,16 +330,16 @@ async fn one_manager_per_store_file() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("s.db");
     let transport = std::sync::Arc::new(InProcessTransport::new());
-    let first = SqliteSnapshotManager::open(&db, transport.clone(), ManagerOptions::default())
+    let first = Manager::open(&db, transport.clone(), ManagerOptions::default())
         .await
         .unwrap();
-    let err = SqliteSnapshotManager::open(&db, transport.clone(), ManagerOptions::default())
+    let err = Manager::open(&db, transport.clone(), ManagerOptions::default())
         .await
         .unwrap_err();
     assert!(err.message().contains("in use"), "{err:?}");
     first.shutdown().await;
     drop(first);
-    let again = SqliteSnapshotManager::open(&db, transport, ManagerOptions::default())
+    let again = Manager::open(&db, transport, ManagerOptions::default())
         .await
         .unwrap();
     // Before the directory goes with the test.

@@ -56,7 +56,7 @@ async fn manager_and_agent_in_separate_processes() {
     let transport = Arc::new(GrpcTransport::new(
         GrpcConfig::default().token(BearerToken::new("e2e-token")),
     ));
-    let manager = SqliteSnapshotManager::open(dir.path().join("s.db"), transport, fast_options())
+    let manager = Manager::open(dir.path().join("s.db"), transport, fast_options())
         .await
         .unwrap();
     let registry = manager.registry();

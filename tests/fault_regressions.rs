@@ -80,10 +80,9 @@ async fn a_host_that_refuses_connections_releases_the_sandbox_at_once() {
     ];
     for (kind, transport) in transports {
         let dir = tempfile::tempdir().unwrap();
-        let manager =
-            SqliteSnapshotManager::open(dir.path().join("s.db"), transport, fast_options())
-                .await
-                .unwrap();
+        let manager = Manager::open(dir.path().join("s.db"), transport, fast_options())
+            .await
+            .unwrap();
         let refusing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = refusing.local_addr().unwrap().to_string();
         drop(refusing);

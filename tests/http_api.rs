@@ -24,7 +24,7 @@ struct Api {
     db: std::path::PathBuf,
     base: String,
     http: reqwest::Client,
-    manager: SqliteSnapshotManager,
+    manager: Manager,
     state: ApiState,
     agent: Arc<MemoryHostAgent>,
     host: HostId,
@@ -52,9 +52,7 @@ impl Api {
         let transport = Arc::new(InProcessTransport::new());
         let host = HostId::new();
         transport.add_host(host, agent.clone());
-        let manager = SqliteSnapshotManager::open(&db, transport, options)
-            .await
-            .unwrap();
+        let manager = Manager::open(&db, transport, options).await.unwrap();
         manager
             .registry()
             .register_host(host, "in-process", HostStatus::Online)

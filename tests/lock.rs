@@ -12,14 +12,14 @@ use common::{Env, caller, harness, name};
 use sandbox_snapshots::agent::{AgentOp, Fault, Hold};
 use sandbox_snapshots::*;
 
-async fn open(db: &Path) -> Result<SqliteSnapshotManager> {
+async fn open(db: &Path) -> Result<Manager> {
     let mut options = ManagerOptions::default();
     options.run_janitor = false;
-    SqliteSnapshotManager::open(db, Arc::new(InProcessTransport::new()), options).await
+    Manager::open(db, Arc::new(InProcessTransport::new()), options).await
 }
 
 #[track_caller]
-fn assert_in_use(result: Result<SqliteSnapshotManager>, what: &str) {
+fn assert_in_use(result: Result<Manager>, what: &str) {
     match result {
         Ok(_) => panic!("{what}: a second manager opened the database"),
         Err(err) => {
@@ -206,7 +206,7 @@ async fn a_second_manager_cannot_roll_back_a_create_in_flight() {
     std::fs::hard_link(&env.db, &link).unwrap();
     let transport = Arc::new(InProcessTransport::new());
     transport.add_host(env.host, env.agent.clone());
-    let second = SqliteSnapshotManager::open(&link, transport, env.options.clone()).await;
+    let second = Manager::open(&link, transport, env.options.clone()).await;
     assert_in_use(second, "hard link, create in flight");
 
     hold.release();

@@ -49,10 +49,9 @@ async fn api_keys_and_agent_tokens_are_never_logged() {
     let transport = Arc::new(GrpcTransport::new(
         GrpcConfig::default().token(BearerToken::new(token)),
     ));
-    let manager =
-        SqliteSnapshotManager::open(dir.path().join("s.db"), transport, common::fast_options())
-            .await
-            .unwrap();
+    let manager = Manager::open(dir.path().join("s.db"), transport, common::fast_options())
+        .await
+        .unwrap();
     let host = HostId::new();
     manager
         .registry()

@@ -67,7 +67,7 @@ impl Server {
         let transport = Arc::new(InProcessTransport::new());
         let host = HostId::new();
         transport.add_host(host, agent.clone());
-        let manager = SqliteSnapshotManager::open(
+        let manager = Manager::open(
             dir.path().join("metrics.db"),
             transport,
             common::fast_options(),

@@ -26,8 +26,8 @@ use reqwest::Method;
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use sandbox_snapshots::http::{ApiState, OPENAPI_JSON};
 use sandbox_snapshots::{
-    ErrorCode, HostId, InProcessTransport, ManagerOptions, MemoryHostAgent, SandboxId,
-    SqliteSnapshotManager, TeamId,
+    ErrorCode, HostId, InProcessTransport, Manager, ManagerOptions, MemoryHostAgent, SandboxId,
+    TeamId,
 };
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -374,7 +374,7 @@ impl Server {
         let agent = Arc::new(MemoryHostAgent::new());
         let host = HostId::new();
         transport.add_host(host, agent.clone());
-        let manager = SqliteSnapshotManager::open(
+        let manager = Manager::open(
             dir.path().join("snapshots.db"),
             transport,
             ManagerOptions::default(),

@@ -206,9 +206,7 @@ async fn pending_work_is_visible_and_survives_a_clean_shutdown() {
     } = env;
     drop(manager);
     agent.set_unavailable(false);
-    let manager = SqliteSnapshotManager::open(&db, transport, fast_options())
-        .await
-        .unwrap();
+    let manager = Manager::open(&db, transport, fast_options()).await.unwrap();
     eventually("the reopened worker finishes the queue", || async {
         manager.pending_deletions().await.unwrap().is_empty()
             && manager.open_operations().await.unwrap().is_empty()

@@ -8,17 +8,24 @@
 //! `host-0000000000000000000000001`. With `--agent grpc` or
 //! `--agent connect` it reaches remote host agents registered through the
 //! admin API instead.
+//!
+//! `--database postgres://…` (a build with the `postgres` feature) keeps
+//! the state in PostgreSQL instead: any number of `snapshots-server`
+//! processes may then serve one database behind a load balancer, each a
+//! replica of the control plane (use `--agent grpc` or `--agent connect`
+//! there: an in-process agent belongs to one process).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sandbox_snapshots::http::{ApiKeys, ApiState};
 use sandbox_snapshots::{
     AgentTransport, ApiKeyId, BearerToken, ConnectConfig, ConnectTransport, DirHostAgent,
-    GrpcConfig, GrpcTransport, HostId, HostStatus, InProcessTransport, ManagerOptions,
-    SqliteSnapshotManager, Store, StoreOptions, TeamId,
+    GrpcConfig, GrpcTransport, HostId, HostStatus, InProcessTransport, Manager, ManagerOptions,
+    TeamId,
 };
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -41,6 +48,16 @@ struct Cli {
         default_value = "data"
     )]
     data_dir: PathBuf,
+    /// The database: `sqlite:PATH` (default `sqlite:DATA_DIR/snapshots.db`)
+    /// or `postgres://user:password@host:port/dbname` (feature `postgres`).
+    /// Prefer the environment variable when the URL holds a password.
+    #[arg(
+        long,
+        global = true,
+        env = "SNAPSHOTS_DATABASE",
+        hide_env_values = true
+    )]
+    database: Option<String>,
     /// Address to listen on (serve).
     #[arg(
         long,
@@ -119,16 +136,15 @@ enum Command {
     },
 }
 
-fn db_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("snapshots.db")
-}
-
-async fn keys(data_dir: &Path) -> Result<ApiKeys, Failure> {
-    let store = Store::open(db_path(data_dir), StoreOptions::default()).await?;
-    Ok(ApiKeys::new(store))
+fn database_url(database: Option<&str>, data_dir: &Path) -> String {
+    match database {
+        Some(url) => url.to_owned(),
+        None => format!("sqlite:{}", data_dir.join("snapshots.db").display()),
+    }
 }
 
 async fn serve(
+    database: &str,
     data_dir: &Path,
     listen: SocketAddr,
     agent: AgentKind,
@@ -162,9 +178,7 @@ async fn serve(
             Arc::new(ConnectTransport::new(config))
         }
     };
-    let manager =
-        SqliteSnapshotManager::open(db_path(data_dir), transport, ManagerOptions::default())
-            .await?;
+    let manager = Manager::open_url(database, transport, ManagerOptions::default()).await?;
     if matches!(agent, AgentKind::InProcess) {
         manager
             .registry()
@@ -213,9 +227,12 @@ async fn main() -> Result<(), Failure> {
         .init();
     let cli = Cli::parse();
     let data_dir = cli.data_dir;
+    let database = database_url(cli.database.as_deref(), &data_dir);
+    let keys = || ApiKeys::open(&database);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             serve(
+                &database,
                 &data_dir,
                 cli.listen,
                 cli.agent,
@@ -225,7 +242,7 @@ async fn main() -> Result<(), Failure> {
             .await
         }
         Command::CreateTeam { name } => {
-            let keys = keys(&data_dir).await?;
+            let keys = keys().await?;
             let team = keys.create_team(&name).await?;
             let key = keys.create_key(team, "default", false).await?;
             println!("team_id={team}");
@@ -235,21 +252,21 @@ async fn main() -> Result<(), Failure> {
             Ok(())
         }
         Command::CreateKey { team, name } => {
-            let keys = keys(&data_dir).await?;
+            let keys = keys().await?;
             let key = keys.create_key(TeamId::parse(&team)?, &name, false).await?;
             println!("key_id={}", key.id);
             println!("api_key={}", key.reveal());
             Ok(())
         }
         Command::CreateAdminKey { name } => {
-            let keys = keys(&data_dir).await?;
+            let keys = keys().await?;
             let key = keys.create_key(TeamId::PLATFORM, &name, true).await?;
             println!("key_id={}", key.id);
             println!("api_key={}", key.reveal());
             Ok(())
         }
         Command::RevokeKey { key } => {
-            let keys = keys(&data_dir).await?;
+            let keys = keys().await?;
             keys.revoke(ApiKeyId::parse(&key)?).await?;
             println!("revoked {key}");
             Ok(())

@@ -363,7 +363,7 @@ async fn pending(State(state): State<ApiState>) -> ApiResult<Response> {
     Ok(axum::Json(out).into_response())
 }
 
-fn operation_json(o: &crate::store::sql::OpenOperation) -> serde_json::Value {
+fn operation_json(o: &crate::store::OpenOperation) -> serde_json::Value {
     serde_json::json!({
         "id": o.id.to_string(),
         "template_id": o.template_id.to_string(),

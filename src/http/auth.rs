@@ -4,13 +4,15 @@
 
 use std::fmt;
 
-use rusqlite::{OptionalExtension, params};
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::{ApiKeyId, ID_DIGITS, TeamId};
 use crate::model::{Actor, Caller, Timestamp};
-use crate::store::{Store, StoreError};
+use crate::manager::Manager;
+use crate::store::{Database, KeyRecord, Store, StoreError};
 
 const KEY_PREFIX: &str = "sk-";
 const SECRET_HEX: usize = 64;
@@ -77,13 +79,31 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Teams and their API keys, in the manager's store.
 #[derive(Clone, Debug)]
 pub struct ApiKeys {
-    store: Store,
+    store: Arc<dyn Store>,
 }
 
 impl ApiKeys {
-    /// Keys in `store`.
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    /// The keys in `manager`'s store.
+    pub fn for_manager(manager: &Manager) -> Self {
+        Self {
+            store: manager.store().clone(),
+        }
+    }
+
+    /// The keys in the database `url` names (`sqlite:PATH`, a plain path,
+    /// or `postgres://…`), without starting a manager: for the key
+    /// commands of `snapshots-server`.
+    pub async fn open(url: &str) -> Result<Self> {
+        let store: Arc<dyn Store> = match Database::parse(url)? {
+            Database::Sqlite(path) => {
+                Arc::new(crate::store::SqliteStore::open(path, Default::default()).await?)
+            }
+            #[cfg(feature = "postgres")]
+            Database::Postgres(url) => Arc::new(
+                crate::store::postgres::PostgresStore::open(&url, Default::default()).await?,
+            ),
+        };
+        Ok(Self { store })
     }
 
     /// Creates a team.
@@ -93,15 +113,7 @@ impl ApiKeys {
             return Err(Error::invalid_request("team name must be 1-200 characters"));
         }
         let id = TeamId::new();
-        self.store
-            .write(move |c| {
-                c.execute(
-                    "INSERT INTO teams (id, name, created_at) VALUES (?1, ?2, ?3)",
-                    params![id, name, Timestamp::now().unix_millis()],
-                )?;
-                Ok::<_, Error>(())
-            })
-            .await?;
+        self.store.create_team(id, name, Timestamp::now()).await?;
         Ok(id)
     }
 
@@ -116,33 +128,15 @@ impl ApiKeys {
         let id = ApiKeyId::new();
         let digits = id.to_string()[ApiKeyId::PREFIX.len()..].to_owned();
         let secret = format!("{KEY_PREFIX}{digits}-{}", random_hex()?);
-        let hash = sha256(&secret[KEY_PREFIX.len() + ID_DIGITS + 1..]);
-        let name = name.trim().to_owned();
-        self.store
-            .write(move |c| {
-                let known: bool = c.query_row(
-                    "SELECT EXISTS (SELECT 1 FROM teams WHERE id = ?1)",
-                    [team],
-                    |r| r.get(0),
-                )?;
-                if !known {
-                    return Err(Error::not_found(format!("team {team} not found")));
-                }
-                c.execute(
-                    "INSERT INTO api_keys (id, team_id, name, secret_hash, admin, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![
-                        id,
-                        team,
-                        name,
-                        &hash[..],
-                        admin,
-                        Timestamp::now().unix_millis()
-                    ],
-                )?;
-                Ok(())
-            })
-            .await?;
+        let secret_hash = sha256(&secret[KEY_PREFIX.len() + ID_DIGITS + 1..]);
+        let record = KeyRecord {
+            id,
+            team,
+            name: name.trim().to_owned(),
+            secret_hash,
+            admin,
+        };
+        self.store.create_key(record, Timestamp::now()).await?;
         Ok(NewApiKey {
             id,
             team,
@@ -153,16 +147,7 @@ impl ApiKeys {
 
     /// Revokes a key: it stops working at once.
     pub async fn revoke(&self, id: ApiKeyId) -> Result<()> {
-        let changed = self
-            .store
-            .write(move |c| {
-                Ok::<_, Error>(c.execute(
-                    "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                    params![id, Timestamp::now().unix_millis()],
-                )?)
-            })
-            .await?;
-        if changed == 0 {
+        if !self.store.revoke_key(id, Timestamp::now()).await? {
             return Err(Error::not_found(format!("api key {id} not found")));
         }
         Ok(())
@@ -175,38 +160,17 @@ impl ApiKeys {
             return Ok(None);
         };
         let presented_hash = sha256(secret);
-        let row = self
-            .store
-            .read(move |c| {
-                Ok::<_, Error>(
-                    c.query_row(
-                        "SELECT team_id, name, secret_hash, admin FROM api_keys
-                         WHERE id = ?1 AND revoked_at IS NULL",
-                        [id],
-                        |r| {
-                            Ok((
-                                r.get::<_, TeamId>(0)?,
-                                r.get::<_, String>(1)?,
-                                r.get::<_, Vec<u8>>(2)?,
-                                r.get::<_, bool>(3)?,
-                            ))
-                        },
-                    )
-                    .optional()?,
-                )
-            })
-            .await?;
-        let Some((team, name, stored, admin)) = row else {
+        let Some(key) = self.store.find_key(id).await? else {
             return Ok(None);
         };
-        if !constant_time_eq(&stored, &presented_hash) {
+        if !constant_time_eq(&key.secret_hash, &presented_hash) {
             return Ok(None);
         }
-        let actor = Actor::ApiKey { id, name };
-        Ok(Some(if admin {
-            Caller::admin(team, actor)
+        let actor = Actor::ApiKey { id, name: key.name };
+        Ok(Some(if key.admin {
+            Caller::admin(key.team, actor)
         } else {
-            Caller::new(team, actor)
+            Caller::new(key.team, actor)
         }))
     }
 }

@@ -1,5 +1,5 @@
 //! The HTTP API for self-hosters and non-Rust clients (feature `server`):
-//! the REST endpoints of SPEC §3 over a [`SqliteSnapshotManager`], API-key
+//! the REST endpoints of SPEC §3 over a [`Manager`], API-key
 //! authentication, admin endpoints for the registry, and the OpenAPI
 //! document.
 //!
@@ -29,7 +29,7 @@ pub use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::audit::{AuditEntry, AuditQuery};
 use crate::error::{Error, ErrorCode};
-use crate::manager::{ListQuery, NewSnapshot, SnapshotManager, SqliteSnapshotManager};
+use crate::manager::{ListQuery, NewSnapshot, SnapshotManager, Manager};
 use crate::model::{Caller, Template, TemplateType};
 use crate::names::TemplateName;
 
@@ -46,7 +46,7 @@ pub const OPENAPI_JSON: &str = include_str!("../../openapi.json");
 /// What the handlers share.
 #[derive(Clone, Debug)]
 pub struct ApiState {
-    manager: SqliteSnapshotManager,
+    manager: Manager,
     keys: ApiKeys,
     metrics: Option<PrometheusHandle>,
 }
@@ -55,8 +55,8 @@ impl ApiState {
     /// Serves `manager`, with keys in the manager's store. `GET /metrics`
     /// renders the recorder of [`install_prometheus`], once it is installed,
     /// unless [`ApiState::with_metrics`] names another.
-    pub fn new(manager: SqliteSnapshotManager) -> Self {
-        let keys = ApiKeys::new(manager.store().clone());
+    pub fn new(manager: Manager) -> Self {
+        let keys = ApiKeys::for_manager(&manager);
         Self {
             manager,
             keys,

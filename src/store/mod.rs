@@ -1,416 +1,500 @@
-//! The SQLite store: one writer thread that owns the only write connection,
-//! and an r2d2 pool of read-only connections used from `spawn_blocking`.
+//! The store: one [`Store`] trait of domain transactions — begin a create,
+//! finish it, fail it, resolve it, begin a delete, record a host's answer,
+//! claim due work, list what a team sees, the registry, the audit log, API
+//! keys, and the replicas' instance leases — with two implementations:
 //!
-//! No SQLite call runs on an async worker thread. Writes are closures sent
-//! to the writer thread; it runs each in its own savepoint and commits the
-//! jobs that arrived together in one transaction (group commit), replying
-//! only after the commit is durable.
+//! - `sqlite/`: [`SqliteStore`], the embedded default. One writer thread
+//!   with group commit, a read pool, `schema.sql` at the crate root, and a
+//!   lock on the database file so that one process at a time uses it.
+//! - `postgres/` (feature `postgres`): `PostgresStore`, `tokio-postgres`
+//!   over a `deadpool-postgres` pool, `schema/postgres.sql`; any number of
+//!   manager processes (replicas) share one database.
+//!
+//! The manager, the background worker and the HTTP server are written once
+//! against the trait. Every invariant of SPEC §4a (name uniqueness, the
+//! sandbox compare-and-swap, one operation per sandbox, claims) is enforced
+//! inside these transactions, by the database, so it holds across replicas.
+//! Each method is one transaction: it applies whole or not at all.
 
 mod error;
-pub(crate) mod lock;
-mod migrate;
-pub(crate) mod sql;
+pub(crate) mod sqlite;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::mpsc;
-use std::time::Duration;
+use async_trait::async_trait;
 
-use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{Connection, OpenFlags};
-use tokio::sync::oneshot;
+use crate::agent::HostTarget;
+use crate::audit::AuditEntry;
+use crate::error::Result;
+use crate::ids::{ApiKeyId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId};
+use crate::model::{
+    Actor, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateType, Timestamp,
+};
+use crate::names::TemplateName;
 
 pub use error::{StoreError, StoreErrorKind};
-pub use migrate::SCHEMA_VERSION;
+pub(crate) use sqlite::SqliteStore;
+pub use sqlite::{SCHEMA_VERSION, StoreOptions, Synchronous};
 
-/// SQLite's `synchronous` setting for the write connection.
+/// Which database a manager uses, from a URL: `sqlite:PATH` (or a plain
+/// path) or `postgres://…` / `postgresql://…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Database {
+    Sqlite(std::path::PathBuf),
+    #[cfg(feature = "postgres")]
+    Postgres(String),
+}
+
+impl Database {
+    pub(crate) fn parse(url: &str) -> Result<Self> {
+        let url = url.trim();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            #[cfg(feature = "postgres")]
+            return Ok(Self::Postgres(url.to_owned()));
+            #[cfg(not(feature = "postgres"))]
+            return Err(crate::error::Error::invalid_request(
+                "this build has no PostgreSQL support (the `postgres` feature)",
+            ));
+        }
+        let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
+        if path.is_empty() {
+            return Err(crate::error::Error::invalid_request(
+                "a database URL is `sqlite:PATH` or `postgres://…`",
+            ));
+        }
+        if path.contains("://") {
+            return Err(crate::error::Error::invalid_request(format!(
+                "unknown database URL scheme in {url:?}: use `sqlite:PATH` or `postgres://…`"
+            )));
+        }
+        Ok(Self::Sqlite(path.into()))
+    }
+}
+
+/// A backlog's size and its oldest start (unix millis), if any.
+pub(crate) type Backlog = (u64, Option<i64>);
+
+/// A journal entry's phase (SPEC §4a).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Synchronous {
-    /// Sync the WAL on every commit: survives power loss (the default).
-    Full,
-    /// Sync at checkpoints only: survives a process crash, may lose the last
-    /// commits on power loss.
-    Normal,
-    /// Never sync (tests and benchmarks only).
-    Off,
+pub(crate) enum Phase {
+    /// The host may be working on it (or its driver is gone).
+    Started,
+    /// Rolled back; the sandbox's status is still to be read from its host.
+    Resolving,
 }
 
-impl Synchronous {
-    fn pragma(self) -> &'static str {
+impl Phase {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
-            Self::Full => "FULL",
-            Self::Normal => "NORMAL",
-            Self::Off => "OFF",
+            Self::Started => "started",
+            Self::Resolving => "resolving",
         }
     }
 }
 
-/// How the store opens its SQLite file.
+impl ResolveReason {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Deadline => "resolve_deadline",
+            Self::Operator => "operator",
+        }
+    }
+}
+
+/// An API key as stored: only the SHA-256 of its secret.
 #[derive(Debug, Clone)]
+pub(crate) struct KeyRecord {
+    pub(crate) id: ApiKeyId,
+    pub(crate) team: TeamId,
+    pub(crate) name: String,
+    pub(crate) secret_hash: [u8; 32],
+    pub(crate) admin: bool,
+}
+
+/// A host's answer to one deletion.
+#[derive(Debug, Clone)]
+pub(crate) enum DeletionResult {
+    /// The files are gone (or were never there).
+    Confirmed,
+    /// It failed: try again from `retry_at`.
+    Failed { error: String, retry_at: Timestamp },
+}
+
+/// A change to a registered host.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HostChange {
+    pub(crate) status: Option<HostStatus>,
+    pub(crate) address: Option<String>,
+    /// A heartbeat: records the time, and brings a `pending` or
+    /// `unreachable` host online (a `draining` or `offline` one stays so).
+    pub(crate) heartbeat: bool,
+}
+
+/// Position of a template in the newest-first order, used as a cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ListPosition {
+    pub(crate) created_at: i64,
+    pub(crate) id: TemplateId,
+}
+
+/// A create operation as journaled: everything needed to finish it or roll
+/// it back, in this process or after a restart.
+#[derive(Debug, Clone)]
+pub(crate) struct CreateOp {
+    pub(crate) id: OperationId,
+    pub(crate) template_id: TemplateId,
+    pub(crate) team: TeamId,
+    pub(crate) name: TemplateName,
+    pub(crate) sandbox_id: SandboxId,
+    pub(crate) host: HostTarget,
+    pub(crate) prev_status: SandboxStatus,
+    pub(crate) replaces: Option<TemplateId>,
+    pub(crate) actor: Actor,
+    pub(crate) attempts: u32,
+    /// When the operation began; it resolves without its host's answer
+    /// once `resolve_deadline` has passed since.
+    pub(crate) created_at: Timestamp,
+}
+
+/// What a create starts from, validated.
+#[derive(Debug, Clone)]
+pub(crate) struct CreateInput {
+    pub(crate) actor: Actor,
+    pub(crate) team: TeamId,
+    pub(crate) sandbox_id: SandboxId,
+    pub(crate) name: TemplateName,
+    pub(crate) overwrite: bool,
+    pub(crate) template_id: TemplateId,
+    pub(crate) operation_id: OperationId,
+    /// Until when the create's own task drives it: the worker treats the
+    /// entry as interrupted only after this (or after a restart).
+    pub(crate) lease_until: Timestamp,
+    /// The manager process that drives it: the journal entry names it, and
+    /// other replicas adopt the entry only once its heartbeat lease ends.
+    pub(crate) owner: InstanceId,
+}
+
+/// Files to delete from one host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Deletion {
+    pub(crate) template_id: TemplateId,
+    pub(crate) team: TeamId,
+    pub(crate) host: HostTarget,
+    pub(crate) attempts: u32,
+}
+
+/// Result of the final transaction of a successful create.
+#[derive(Debug)]
+pub(crate) struct CreateDone {
+    pub(crate) template: Template,
+    /// Files of the replaced template, to delete now.
+    pub(crate) replaced: Vec<Deletion>,
+}
+
+/// What the final transaction of a successful create did.
+#[derive(Debug)]
+pub(crate) enum Finish {
+    /// The template is ready.
+    Done(CreateDone),
+    /// Someone else already closed the journal entry (a recovery pass, or
+    /// a second resolver): nothing was written.
+    AlreadyResolved,
+    /// Another template holds the name: nothing was written; the caller
+    /// rolls this one back.
+    NameTaken,
+}
+
+/// What became of the sandbox after a failed create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SandboxOutcome {
+    /// Set this status and close the operation.
+    Known(SandboxStatus),
+    /// The host could not be asked: keep the sandbox `snapshotting` and the
+    /// operation open (phase `resolving`) until it can.
+    Unknown { retry_at: Timestamp },
+}
+
+/// Why an open operation was resolved without its host's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResolveReason {
+    /// `resolve_deadline` passed while the host could not say.
+    Deadline,
+    /// An operator resolved it.
+    Operator,
+}
+
+/// Work the worker has in hand or holds back in memory, left out of
+/// [`next_due`]: it says by itself when it is due again.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct InHand {
+    /// Hosts whose work is running.
+    pub(crate) hosts: Vec<HostId>,
+    /// Creates driven by tasks of this process.
+    pub(crate) creates: Vec<TemplateId>,
+    /// Operations held back in memory.
+    pub(crate) operations: Vec<OperationId>,
+}
+
+/// Queued deletions, for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct StoreOptions {
-    /// Durability of commits. Default [`Synchronous::Full`].
-    pub synchronous: Synchronous,
-    /// How long a connection waits for a lock held by another connection
-    /// (or process) before failing with `db_error`. Default 5 s.
-    pub busy_timeout: Duration,
-    /// Read connections in the pool. Default 4.
-    pub read_connections: u32,
-    /// Most write jobs committed in one transaction. Default 64.
-    pub max_batch: usize,
+pub struct PendingDeletion {
+    /// The template whose files are to be deleted (its row may be gone).
+    pub template_id: TemplateId,
+    /// The host holding them.
+    pub host: HostId,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// The last error, if an attempt failed.
+    pub last_error: Option<String>,
+    /// When the next attempt is due.
+    pub next_attempt: Timestamp,
 }
 
-impl Default for StoreOptions {
-    fn default() -> Self {
-        Self {
-            synchronous: Synchronous::Full,
-            busy_timeout: Duration::from_secs(5),
-            read_connections: 4,
-            max_batch: 64,
-        }
-    }
+/// An operation still open in the journal, for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OpenOperation {
+    /// The operation's id (`op-…`), by which an operator resolves it.
+    pub id: OperationId,
+    /// The template being created.
+    pub template_id: TemplateId,
+    /// Its team.
+    pub team: TeamId,
+    /// Its name.
+    pub name: TemplateName,
+    /// The sandbox being snapshotted (held `snapshotting` meanwhile).
+    pub sandbox: SandboxId,
+    /// The sandbox's host.
+    pub host: HostId,
+    /// `started` (the host may be working on it, or the process that drove
+    /// it is gone) or `resolving` (rolled back; the sandbox's status is
+    /// still to be read from its host).
+    pub phase: String,
+    /// Attempts to resolve it so far.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// When it began.
+    pub started_at: Timestamp,
 }
 
-type ReadPool = r2d2::Pool<SqliteConnectionManager>;
+/// The domain transactions the manager, the worker and the HTTP server
+/// need. Every method is one transaction. `now` is passed in (never read
+/// inside) so that one operation's steps agree on the time.
+#[async_trait]
+pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
+    // ------------------------------------------------------- lifecycle
 
-/// Prepared statements kept per connection.
-const STATEMENT_CACHE: usize = 256;
+    /// Registers this manager process with a heartbeat lease. On SQLite,
+    /// where the file lock proves no other manager runs, it also voids the
+    /// leases of every earlier process (their work is retried at once).
+    async fn register_instance(&self, me: InstanceId, lease_until: Timestamp, now: Timestamp)
+    -> Result<()>;
 
-/// A finished job's reply, sent once the batch's commit is known.
-type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-/// A write job: runs inside its savepoint (or is told why it cannot run) and
-/// says whether it succeeded, plus how to reply once the commit is known.
-type Job = Box<dyn FnOnce(Result<&Connection, StoreError>) -> Option<(bool, Completion)> + Send>;
+    /// Extends this process's lease. Fails (`conflict`) when the instance
+    /// is gone: another replica took its work over.
+    async fn heartbeat(&self, me: InstanceId, lease_until: Timestamp) -> Result<()>;
 
-/// What the writer thread is asked to do.
-enum Msg {
-    /// A write, batched with the others that arrive together.
-    Write(Job),
-    /// Move everything in the WAL into the database file and empty the WAL,
-    /// outside any transaction, after the writes before it.
-    Checkpoint(oneshot::Sender<Result<(), StoreError>>),
-}
+    /// Takes over the journal entries whose owner's lease has ended (or
+    /// that name no owner); returns how many.
+    async fn adopt_operations(&self, me: InstanceId, now: Timestamp) -> Result<u64>;
 
-/// A handle to the store. Cheap to clone.
-#[derive(Clone)]
-pub struct Store {
-    inner: Arc<Inner>,
-}
+    /// Ends this process's instance (its remaining entries can be adopted
+    /// at once) and leaves the store consistent on its own (SQLite:
+    /// checkpoints the WAL).
+    async fn close(&self, me: InstanceId) -> Result<()>;
 
-struct Inner {
-    path: PathBuf,
-    writer: mpsc::Sender<Msg>,
-    readers: ReadPool,
-}
+    // -------------------------------------------------------- registry
 
-impl std::fmt::Debug for Store {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("path", &self.inner.path)
-            .finish()
-    }
-}
+    /// Registers a host or replaces its address and status. Returns the
+    /// host and whether it just came online (its queued work is then due).
+    async fn upsert_host(
+        &self,
+        id: HostId,
+        address: String,
+        status: HostStatus,
+        now: Timestamp,
+    ) -> Result<(Host, bool)>;
+    /// Applies `change` to a host; returns whether it just came online.
+    async fn update_host(&self, id: HostId, change: HostChange, now: Timestamp) -> Result<bool>;
+    /// A host by id.
+    async fn get_host(&self, id: HostId) -> Result<Option<Host>>;
+    /// Every host.
+    async fn list_hosts(&self) -> Result<Vec<Host>>;
+    /// Registers a sandbox or replaces its record (409 while a snapshot
+    /// owns it).
+    async fn upsert_sandbox(&self, sandbox: Sandbox, now: Timestamp) -> Result<()>;
+    /// A sandbox by id.
+    async fn get_sandbox(&self, id: SandboxId) -> Result<Option<Sandbox>>;
+    /// Sets a sandbox's status, only if it is `expected` when given.
+    async fn set_sandbox_status(
+        &self,
+        id: SandboxId,
+        expected: Option<SandboxStatus>,
+        status: SandboxStatus,
+        now: Timestamp,
+    ) -> Result<Sandbox>;
+    /// Forgets a sandbox (409 while a snapshot owns it).
+    async fn remove_sandbox(&self, id: SandboxId) -> Result<()>;
+    /// Records a ready template whose files exist on `hosts`.
+    async fn insert_ready_template(
+        &self,
+        template: Template,
+        hosts: Vec<HostId>,
+        now: Timestamp,
+    ) -> Result<()>;
 
-impl Store {
-    /// Opens (creating if needed) the SQLite file at `path`, applies the
-    /// schema, and starts the writer thread.
-    ///
-    /// A file that is not an SQLite database, or whose schema is newer than
-    /// this build knows, is refused without being changed.
-    pub async fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Self, StoreError> {
-        let path = path.as_ref().to_path_buf();
-        let opened = {
-            let path = path.clone();
-            let options = options.clone();
-            tokio::task::spawn_blocking(move || open_blocking(&path, &options))
-                .await
-                .map_err(|e| StoreError::internal(format!("open task failed: {e}")))??
-        };
-        let (writer, readers) = opened;
-        let (tx, rx) = mpsc::channel::<Msg>();
-        let max_batch = options.max_batch.max(1);
-        std::thread::Builder::new()
-            .name("sqlite-writer".to_owned())
-            .spawn(move || writer_loop(writer, rx, max_batch))
-            .map_err(|e| StoreError::internal(format!("cannot start the writer thread: {e}")))?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                path,
-                writer: tx,
-                readers,
-            }),
-        })
-    }
+    // ------------------------------------------------------- templates
 
-    /// The SQLite file's path.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
+    /// The template `team` sees under `name`.
+    async fn find_visible(&self, team: TeamId, name: TemplateName) -> Result<Option<Template>>;
+    /// What `team` sees, newest first, after `after`, at most `limit`.
+    async fn list_visible(
+        &self,
+        team: TeamId,
+        kind: Option<TemplateType>,
+        after: Option<ListPosition>,
+        limit: Option<u32>,
+    ) -> Result<Vec<Template>>;
+    /// The hosts holding a template's files, with their placement state.
+    async fn placements_of(&self, template: TemplateId) -> Result<Vec<(HostId, String)>>;
+    /// A template by id, if it is ready.
+    async fn get_ready_template(&self, id: TemplateId) -> Result<Option<Template>>;
 
-    /// Runs `f` on the writer thread inside a transaction. When `f` returns
-    /// `Err`, everything it wrote is rolled back; `Ok` is returned only after
-    /// the commit. The job runs to the end even if this future is dropped.
-    pub(crate) async fn write<T, E, F>(&self, f: F) -> Result<T, E>
-    where
-        T: Send + 'static,
-        E: From<StoreError> + Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
-    {
-        let (reply_tx, reply_rx) = oneshot::channel::<Result<T, E>>();
-        let job: Job = Box::new(move |conn| {
-            let conn = match conn {
-                Ok(conn) => conn,
-                Err(err) => {
-                    let _ = reply_tx.send(Err(E::from(err)));
-                    return None;
-                }
-            };
-            let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(conn))) {
-                Ok(result) => result,
-                Err(_) => Err(E::from(StoreError::internal("a write job panicked"))),
-            };
-            let ok = result.is_ok();
-            let completion: Completion = Box::new(move |commit| {
-                let reply = match (result, commit) {
-                    (Ok(value), Ok(())) => Ok(value),
-                    (Ok(_), Err(err)) => Err(E::from(err)),
-                    (Err(err), _) => Err(err),
-                };
-                let _ = reply_tx.send(reply);
-            });
-            Some((ok, completion))
-        });
-        self.inner
-            .writer
-            .send(Msg::Write(job))
-            .map_err(|_| E::from(StoreError::writer_gone()))?;
-        reply_rx
-            .await
-            .unwrap_or_else(|_| Err(E::from(StoreError::writer_gone())))
-    }
+    // ---------------------------------------------------------- create
 
-    /// Checkpoints the WAL into the database file and truncates it, after
-    /// every write sent before. A manager does this when it shuts down, so
-    /// that the file is whole on its own: opened next under another name (a
-    /// hard link, a bind mount), whose WAL is another file, nothing
-    /// committed is missed.
-    pub(crate) async fn checkpoint(&self) -> Result<(), StoreError> {
-        let (reply_tx, reply_rx) = oneshot::channel();
-        self.inner
-            .writer
-            .send(Msg::Checkpoint(reply_tx))
-            .map_err(|_| StoreError::writer_gone())?;
-        reply_rx
-            .await
-            .unwrap_or_else(|_| Err(StoreError::writer_gone()))
-    }
+    /// Step one of a create: name checks, the team-scoped sandbox, its
+    /// status and host, sandbox → `snapshotting` (CAS), the `creating`
+    /// template and the journal entry.
+    async fn begin_create(&self, input: CreateInput, now: Timestamp)
+    -> Result<(CreateOp, Sandbox)>;
+    /// The last step of a successful create (only while the entry is open
+    /// in phase `started`).
+    async fn finish_create(
+        &self,
+        op: CreateOp,
+        size_bytes: u64,
+        lease_until: Timestamp,
+        now: Timestamp,
+    ) -> Result<Finish>;
+    /// Rolls a failed create back (only while the entry is open in phase
+    /// `started`); returns whether it did.
+    async fn fail_create(
+        &self,
+        op: CreateOp,
+        outcome: SandboxOutcome,
+        error_code: &'static str,
+        detail: String,
+        first_attempt: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<bool>;
+    /// Closes a `resolving` entry once the host reported the sandbox.
+    async fn resolve_operation(
+        &self,
+        op: CreateOp,
+        status: SandboxStatus,
+        now: Timestamp,
+    ) -> Result<bool>;
+    /// Resolves the open entry `id` without its host's answer.
+    async fn resolve_open_operation(
+        &self,
+        id: OperationId,
+        status: SandboxStatus,
+        actor: Actor,
+        reason: ResolveReason,
+        first_attempt: Timestamp,
+        now: Timestamp,
+    ) -> Result<Option<CreateOp>>;
+    /// Backs off an entry that could not be resolved yet.
+    async fn postpone_operation(
+        &self,
+        template: TemplateId,
+        error: String,
+        next_attempt: Timestamp,
+        now: Timestamp,
+    ) -> Result<()>;
+    /// `me`'s open entries in `phase`, only those due at `due_before` if
+    /// given (all of them for SQLite's one process).
+    async fn open_operations(
+        &self,
+        me: InstanceId,
+        phase: Phase,
+        due_before: Option<Timestamp>,
+    ) -> Result<Vec<CreateOp>>;
+    /// Every open entry, for operators.
+    async fn list_open_operations(&self) -> Result<Vec<OpenOperation>>;
 
-    /// Runs `f` on a pooled read-only connection on a blocking thread.
-    pub(crate) async fn read<T, E, F>(&self, f: F) -> Result<T, E>
-    where
-        T: Send + 'static,
-        E: From<StoreError> + Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
-    {
-        let pool = self.inner.readers.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = pool.get().map_err(StoreError::from)?;
-            f(&conn)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(E::from(StoreError::internal(format!(
-                "read task failed: {e}"
-            ))))
-        })
-    }
-}
+    // ---------------------------------------------------------- delete
 
-fn open_blocking(
-    path: &Path,
-    options: &StoreOptions,
-) -> Result<(Connection, ReadPool), StoreError> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| {
-            StoreError::internal(format!("cannot create directory {}: {e}", parent.display()))
-        })?;
-    }
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-        | OpenFlags::SQLITE_OPEN_CREATE
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let mut conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(options.busy_timeout)?;
-    // Every statement the library runs stays prepared (the default cache of
-    // 16 is smaller than our set of statements, and re-preparing dominated
-    // the cost of an operation).
-    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-    // Check what the file is before changing anything in it.
-    migrate::check_version(&conn, path)?;
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::internal(format!(
-            "cannot switch {} to WAL mode (got {mode})",
-            path.display()
-        )));
-    }
-    conn.execute_batch(&format!(
-        "PRAGMA synchronous = {}; PRAGMA foreign_keys = ON;",
-        options.synchronous.pragma()
-    ))?;
-    migrate::migrate(&mut conn)?;
+    /// A delete's one transaction: the template invisible, its name free,
+    /// its placements queued (leased to the caller until `lease_until`).
+    async fn begin_delete(
+        &self,
+        actor: Actor,
+        team: TeamId,
+        admin: bool,
+        name: TemplateName,
+        lease_until: Timestamp,
+        now: Timestamp,
+    ) -> Result<(Template, Vec<Deletion>)>;
+    /// Records a host's answer to a deletion.
+    async fn record_deletion(
+        &self,
+        deletion: Deletion,
+        result: DeletionResult,
+        now: Timestamp,
+    ) -> Result<()>;
+    /// Claims up to `limit` due deletions (not on `skip_hosts`) until
+    /// `lease_until`; replicas never claim one deletion twice at once.
+    async fn claim_due_deletions(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+        skip_hosts: Vec<HostId>,
+    ) -> Result<Vec<Deletion>>;
+    /// Queued deletions, for operators.
+    async fn pending_deletions(&self) -> Result<Vec<PendingDeletion>>;
+    /// Whether anything accounts for the key of `template`.
+    async fn key_is_owned(&self, template: TemplateId) -> Result<bool>;
+    /// Queues an orphaned key for deletion (audited) unless something owns
+    /// it by now; returns whether it did.
+    async fn queue_orphan(
+        &self,
+        template: TemplateId,
+        host: HostId,
+        size_bytes: u64,
+        now: Timestamp,
+    ) -> Result<bool>;
 
-    let busy = options.busy_timeout;
-    let manager = SqliteConnectionManager::file(path)
-        .with_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .with_init(move |c| {
-            c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-            c.busy_timeout(busy)?;
-            c.execute_batch("PRAGMA foreign_keys = ON;")
-        });
-    let readers = r2d2::Pool::builder()
-        .max_size(options.read_connections.max(1))
-        .min_idle(Some(1))
-        // A reader that cannot be had within the busy timeout (the file
-        // gone, say) is a store failure, not r2d2's 30 s stall.
-        .connection_timeout(busy.max(Duration::from_secs(1)))
-        .build(manager)?;
-    Ok((conn, readers))
-}
+    // ---------------------------------------------------------- worker
 
-/// Takes jobs in batches, runs each in a savepoint of one transaction,
-/// commits, then replies to every job of the batch.
-fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Msg>, max_batch: usize) {
-    let mut pending: Option<Msg> = None;
-    while let Some(first) = pending.take().or_else(|| next_job(&jobs)) {
-        let first = match first {
-            Msg::Write(job) => job,
-            Msg::Checkpoint(reply) => {
-                let _ = reply.send(checkpoint(&conn));
-                continue;
-            }
-        };
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match jobs.try_recv() {
-                Ok(Msg::Write(job)) => batch.push(job),
-                // After this batch, in order.
-                Ok(checkpoint) => {
-                    pending = Some(checkpoint);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        run_batch(&conn, batch);
-    }
-}
+    /// The earliest time any of `me`'s queued work not in hand is due.
+    async fn next_due(&self, me: InstanceId, in_hand: InHand) -> Result<Option<Timestamp>>;
+    /// Queued deletions and open operations: (count, oldest start).
+    async fn backlogs(&self) -> Result<(Backlog, Backlog)>;
 
-fn checkpoint(conn: &Connection) -> Result<(), StoreError> {
-    // (busy, frames in the WAL, frames checkpointed): busy means a reader
-    // kept it from finishing, which is not an error of the store.
-    let (busy, _, _): (i64, i64, i64) =
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })?;
-    if busy != 0 {
-        return Err(StoreError::internal(
-            "the WAL checkpoint was blocked by a reader",
-        ));
-    }
-    Ok(())
-}
+    // ----------------------------------------------------------- audit
 
-/// How long the writer keeps looking for the next job before it sleeps
-/// (yielding the CPU between looks).
-/// Operations come in bursts of dependent writes (a create's two
-/// transactions, a delete's two); waking a sleeping thread costs tens of
-/// microseconds on small VMs, more than a whole commit without fsync.
-const WRITER_LINGER: Duration = Duration::from_micros(1000);
+    /// A team's audit entries, newest first, before `before`.
+    async fn list_audit(
+        &self,
+        team: TeamId,
+        before: Option<i64>,
+        resource_type: Option<String>,
+        action: Option<String>,
+        limit: Option<u32>,
+    ) -> Result<Vec<(i64, AuditEntry)>>;
 
-fn next_job(jobs: &mpsc::Receiver<Msg>) -> Option<Msg> {
-    let until = std::time::Instant::now() + WRITER_LINGER;
-    loop {
-        match jobs.try_recv() {
-            Ok(job) => return Some(job),
-            Err(mpsc::TryRecvError::Disconnected) => return None,
-            Err(mpsc::TryRecvError::Empty) if std::time::Instant::now() < until => {
-                std::thread::yield_now();
-            }
-            Err(mpsc::TryRecvError::Empty) => return jobs.recv().ok(),
-        }
-    }
-}
+    // ------------------------------------------------------------ keys
 
-/// Runs one statement from the statement cache (transaction control runs
-/// for every write; parsing it each time showed in profiles).
-fn exec(conn: &Connection, sql: &str) -> Result<(), StoreError> {
-    conn.prepare_cached(sql)
-        .and_then(|mut s| s.execute([]))
-        .map(|_| ())
-        .map_err(StoreError::from)
-}
-
-fn run_batch(conn: &Connection, batch: Vec<Job>) {
-    // A rollback that failed earlier would leave the connection inside a
-    // transaction and every later BEGIN failing: clear it first.
-    if !conn.is_autocommit()
-        && let Err(err) = exec(conn, "ROLLBACK")
-    {
-        tracing::error!(error = %err, "cannot leave a stale transaction");
-    }
-    if let Err(err) = exec(conn, "BEGIN IMMEDIATE") {
-        for job in batch {
-            job(Err(err.clone()));
-        }
-        return;
-    }
-    // A lone job needs no savepoint: if it fails, the whole transaction is
-    // rolled back instead.
-    let savepoints = batch.len() > 1;
-    let mut completions = Vec::with_capacity(batch.len());
-    let mut broken: Option<StoreError> = None;
-    let mut lone_failed = false;
-    for job in batch {
-        if let Some(err) = &broken {
-            job(Err(err.clone()));
-            continue;
-        }
-        if savepoints && let Err(err) = exec(conn, "SAVEPOINT job") {
-            job(Err(err.clone()));
-            broken = Some(err);
-            continue;
-        }
-        let Some((ok, completion)) = job(Ok(conn)) else {
-            continue;
-        };
-        completions.push(completion);
-        if !savepoints {
-            lone_failed = !ok;
-            continue;
-        }
-        let end = if ok {
-            exec(conn, "RELEASE job")
-        } else {
-            exec(conn, "ROLLBACK TO job").and_then(|()| exec(conn, "RELEASE job"))
-        };
-        if let Err(err) = end {
-            broken = Some(err);
-        }
-    }
-    let outcome = match broken {
-        Some(err) => Err(err),
-        // The failed job's own error is its answer; nothing to commit.
-        None if lone_failed => Ok(()),
-        None => exec(conn, "COMMIT"),
-    };
-    if (outcome.is_err() || lone_failed)
-        && !conn.is_autocommit()
-        && let Err(err) = exec(conn, "ROLLBACK")
-    {
-        tracing::error!(error = %err, "rollback after a failed batch failed");
-    }
-    for completion in completions {
-        completion(outcome.clone());
-    }
+    /// Creates a team.
+    async fn create_team(&self, id: TeamId, name: String, now: Timestamp) -> Result<()>;
+    /// Stores a key (404 when its team does not exist).
+    async fn create_key(&self, key: KeyRecord, now: Timestamp) -> Result<()>;
+    /// Revokes a key; returns whether it was live.
+    async fn revoke_key(&self, id: ApiKeyId, now: Timestamp) -> Result<bool>;
+    /// A live key by id.
+    async fn find_key(&self, id: ApiKeyId) -> Result<Option<KeyRecord>>;
 }

@@ -73,7 +73,7 @@ impl Mode {
 pub struct Env {
     pub dir: TempDir,
     pub db: PathBuf,
-    pub manager: SqliteSnapshotManager,
+    pub manager: Manager,
     pub transport: Arc<InProcessTransport>,
     pub agent: Arc<MemoryHostAgent>,
     pub host: HostId,
@@ -97,7 +97,7 @@ impl Env {
         let agent = Arc::new(mode.agent());
         let host = HostId::new();
         transport.add_host(host, agent.clone());
-        let manager = SqliteSnapshotManager::open(&db, transport.clone(), options.clone())
+        let manager = Manager::open(&db, transport.clone(), options.clone())
             .await
             .unwrap();
         manager

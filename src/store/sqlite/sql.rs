@@ -7,14 +7,17 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use crate::agent::HostTarget;
 use crate::audit::{AuditEntry, AuditOutcome, NewAuditEntry, RESOURCE_TEMPLATE};
 use crate::error::{Error, ErrorCode, Result};
-use crate::ids::{ApiKeyId, AuditLogId, HostId, OperationId, SandboxId, TeamId, TemplateId};
+use crate::ids::{ApiKeyId, AuditLogId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId};
 use crate::model::{
     Actor, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateState, TemplateType,
     Timestamp,
 };
 use crate::names::TemplateName;
 
-use super::StoreError;
+use crate::store::{
+    Backlog, CreateDone, CreateInput, CreateOp, Deletion, Finish, HostChange, InHand, KeyRecord,
+    ListPosition, OpenOperation, PendingDeletion, ResolveReason, SandboxOutcome, StoreError,
+};
 
 macro_rules! sql_id {
     ($($ty:ty),+) => {$(
@@ -41,7 +44,8 @@ sql_id!(
     TemplateId,
     AuditLogId,
     ApiKeyId,
-    OperationId
+    OperationId,
+    InstanceId
 );
 
 macro_rules! sql_enum {
@@ -131,15 +135,6 @@ pub(crate) fn list_hosts(conn: &Connection) -> Result<Vec<Host>> {
     Ok(rows)
 }
 
-/// A change to a registered host.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct HostChange {
-    pub(crate) status: Option<HostStatus>,
-    pub(crate) address: Option<String>,
-    /// A heartbeat: records the time, and brings a `pending` or
-    /// `unreachable` host online (a `draining` or `offline` one stays so).
-    pub(crate) heartbeat: bool,
-}
 
 /// Applies `change` to a host. When the host becomes online, its queued
 /// work is made due now. Returns whether it just came online.
@@ -349,12 +344,6 @@ pub(crate) fn find_visible(
         })?)
 }
 
-/// Position of a template in the newest-first order, used as a cursor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ListPosition {
-    pub(crate) created_at: i64,
-    pub(crate) id: TemplateId,
-}
 
 /// The caller's templates plus platform templates, newest first, after
 /// `after`, at most `limit` (all when `None`).
@@ -555,24 +544,6 @@ fn check_name_free(
 
 // -------------------------------------------------------------- journal
 
-/// A create operation as journaled: everything needed to finish it or roll
-/// it back, in this process or after a restart.
-#[derive(Debug, Clone)]
-pub(crate) struct CreateOp {
-    pub(crate) id: OperationId,
-    pub(crate) template_id: TemplateId,
-    pub(crate) team: TeamId,
-    pub(crate) name: TemplateName,
-    pub(crate) sandbox_id: SandboxId,
-    pub(crate) host: HostTarget,
-    pub(crate) prev_status: SandboxStatus,
-    pub(crate) replaces: Option<TemplateId>,
-    pub(crate) actor: Actor,
-    pub(crate) attempts: u32,
-    /// When the operation began; it resolves without its host's answer
-    /// once `resolve_deadline` has passed since.
-    pub(crate) created_at: Timestamp,
-}
 
 const OP_COLS: &str = "o.template_id, o.team_id, o.template_name, o.sandbox_id, o.host_id,
     coalesce(h.address, ''), o.prev_status, o.replaces, o.actor_type, o.actor_id, o.actor_name,
@@ -633,8 +604,6 @@ pub(crate) fn open_operations(
     Ok(rows)
 }
 
-/// A backlog's size and its oldest start (unix millis), if any.
-pub(crate) type Backlog = (u64, Option<i64>);
 
 /// The backlogs the worker reports as gauges: queued deletions and open
 /// operations, each as (count, oldest start in unix millis). A deletion
@@ -710,20 +679,6 @@ pub(crate) fn postpone_operation(
 
 // --------------------------------------------------------------- create
 
-/// What a create starts from, validated.
-#[derive(Debug, Clone)]
-pub(crate) struct CreateInput {
-    pub(crate) actor: Actor,
-    pub(crate) team: TeamId,
-    pub(crate) sandbox_id: SandboxId,
-    pub(crate) name: TemplateName,
-    pub(crate) overwrite: bool,
-    pub(crate) template_id: TemplateId,
-    pub(crate) operation_id: OperationId,
-    /// Until when the create's own task drives it: the worker treats the
-    /// entry as interrupted only after this (or after a restart).
-    pub(crate) lease_until: Timestamp,
-}
 
 /// Step one of a create, in one transaction: name checks, team-scoped
 /// sandbox lookup, status and host checks, sandbox → `snapshotting` (CAS),
@@ -742,6 +697,8 @@ pub(crate) fn begin_create(
         template_id,
         operation_id,
         lease_until,
+        // One process per file: every entry is this process's.
+        owner: _,
     } = input;
     let (team, sandbox_id, overwrite, template_id) = (*team, *sandbox_id, *overwrite, *template_id);
     let replaces = check_name_free(conn, team, name, overwrite)?;
@@ -841,14 +798,6 @@ pub(crate) fn begin_create(
     Ok((op, sandbox))
 }
 
-/// Files to delete from one host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Deletion {
-    pub(crate) template_id: TemplateId,
-    pub(crate) team: TeamId,
-    pub(crate) host: HostTarget,
-    pub(crate) attempts: u32,
-}
 
 /// Marks a template deleted and its placements queued for deletion (with
 /// a lease of `lease_until` for the caller's own immediate attempt).
@@ -912,26 +861,7 @@ fn purge_if_done(conn: &Connection, template: TemplateId) -> Result<()> {
     Ok(())
 }
 
-/// Result of the final transaction of a successful create.
-#[derive(Debug)]
-pub(crate) struct CreateDone {
-    pub(crate) template: Template,
-    /// Files of the replaced template, to delete now.
-    pub(crate) replaced: Vec<Deletion>,
-}
 
-/// What the final transaction of a successful create did.
-#[derive(Debug)]
-pub(crate) enum Finish {
-    /// The template is ready.
-    Done(CreateDone),
-    /// Someone else already closed the journal entry (a recovery pass, or
-    /// a second resolver): nothing was written.
-    AlreadyResolved,
-    /// Another template holds the name: nothing was written; the caller
-    /// rolls this one back.
-    NameTaken,
-}
 
 /// Whether the journal entry of `template` is open in `phase`.
 fn operation_in_phase(conn: &Connection, template: TemplateId, phase: &str) -> Result<bool> {
@@ -1031,15 +961,6 @@ pub(crate) fn finish_create(
     Ok(Finish::Done(CreateDone { template, replaced }))
 }
 
-/// What became of the sandbox after a failed create.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SandboxOutcome {
-    /// Set this status and close the operation.
-    Known(SandboxStatus),
-    /// The host could not be asked: keep the sandbox `snapshotting` and the
-    /// operation open (phase `resolving`) until it can.
-    Unknown { retry_at: Timestamp },
-}
 
 /// Rolls back a failed create in one transaction: the template row goes,
 /// the key is queued for deletion from `first_attempt` on (it may be half
@@ -1141,23 +1062,7 @@ pub(crate) fn resolve_operation(
     Ok(closed == 1)
 }
 
-/// Why an open operation was resolved without its host's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ResolveReason {
-    /// `resolve_deadline` passed while the host could not say.
-    Deadline,
-    /// An operator resolved it.
-    Operator,
-}
 
-impl ResolveReason {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Deadline => "resolve_deadline",
-            Self::Operator => "operator",
-        }
-    }
-}
 
 /// Resolves the open operation `id` now, without the host's answer: the
 /// sandbox gets `status`; a create still in phase `started` is rolled back
@@ -1344,17 +1249,6 @@ pub(crate) fn claim_due_deletions(
     Ok(due)
 }
 
-/// Work the worker has in hand or holds back in memory, left out of
-/// [`next_due`]: it says by itself when it is due again.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct InHand {
-    /// Hosts whose work is running.
-    pub(crate) hosts: Vec<HostId>,
-    /// Creates driven by tasks of this process.
-    pub(crate) creates: Vec<TemplateId>,
-    /// Operations held back in memory.
-    pub(crate) operations: Vec<OperationId>,
-}
 
 fn hex_blobs<'a>(blobs: impl Iterator<Item = &'a [u8; 16]>) -> String {
     let items: Vec<String> = blobs
@@ -1412,21 +1306,6 @@ pub(crate) fn void_leases(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// Queued deletions, for operators.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PendingDeletion {
-    /// The template whose files are to be deleted (its row may be gone).
-    pub template_id: TemplateId,
-    /// The host holding them.
-    pub host: HostId,
-    /// Attempts so far.
-    pub attempts: u32,
-    /// The last error, if an attempt failed.
-    pub last_error: Option<String>,
-    /// When the next attempt is due.
-    pub next_attempt: Timestamp,
-}
 
 pub(crate) fn pending_deletions(conn: &Connection) -> Result<Vec<PendingDeletion>> {
     let mut stmt = conn.prepare_cached(
@@ -1531,33 +1410,6 @@ pub(crate) fn list_audit(
 
 // ---------------------------------------------------------- visibility
 
-/// An operation still open in the journal, for operators.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct OpenOperation {
-    /// The operation's id (`op-…`), by which an operator resolves it.
-    pub id: OperationId,
-    /// The template being created.
-    pub template_id: TemplateId,
-    /// Its team.
-    pub team: TeamId,
-    /// Its name.
-    pub name: TemplateName,
-    /// The sandbox being snapshotted (held `snapshotting` meanwhile).
-    pub sandbox: SandboxId,
-    /// The sandbox's host.
-    pub host: HostId,
-    /// `started` (the host may be working on it, or the process that drove
-    /// it is gone) or `resolving` (rolled back; the sandbox's status is
-    /// still to be read from its host).
-    pub phase: String,
-    /// Attempts to resolve it so far.
-    pub attempts: u32,
-    /// Why the last attempt failed.
-    pub last_error: Option<String>,
-    /// When it began.
-    pub started_at: Timestamp,
-}
 
 pub(crate) fn list_open_operations(conn: &Connection) -> Result<Vec<OpenOperation>> {
     let mut stmt = conn.prepare_cached(
@@ -1646,4 +1498,73 @@ pub(crate) fn queue_orphan(
         now,
     )?;
     Ok(true)
+}
+
+// ----------------------------------------------------------------- keys
+
+pub(crate) fn create_team(conn: &Connection, id: TeamId, name: &str, now: Timestamp) -> Result<()> {
+    conn.prepare_cached("INSERT INTO teams (id, name, created_at) VALUES (?1, ?2, ?3)")
+        .and_then(|mut s| s.execute(params![id, name, now.unix_millis()]))?;
+    Ok(())
+}
+
+pub(crate) fn create_key(conn: &Connection, key: &KeyRecord, now: Timestamp) -> Result<()> {
+    let known: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM teams WHERE id = ?1)")
+        .and_then(|mut s| s.query_row([key.team], |r| r.get(0)))?;
+    if !known {
+        return Err(Error::not_found(format!("team {} not found", key.team)));
+    }
+    conn.prepare_cached(
+        "INSERT INTO api_keys (id, team_id, name, secret_hash, admin, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            key.id,
+            key.team,
+            key.name,
+            &key.secret_hash[..],
+            key.admin,
+            now.unix_millis()
+        ])
+    })?;
+    Ok(())
+}
+
+pub(crate) fn revoke_key(conn: &Connection, id: ApiKeyId, now: Timestamp) -> Result<bool> {
+    let changed = conn
+        .prepare_cached("UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL")
+        .and_then(|mut s| s.execute(params![id, now.unix_millis()]))?;
+    Ok(changed == 1)
+}
+
+pub(crate) fn find_key(conn: &Connection, id: ApiKeyId) -> Result<Option<KeyRecord>> {
+    let row = conn
+        .prepare_cached(
+            "SELECT team_id, name, secret_hash, admin FROM api_keys
+             WHERE id = ?1 AND revoked_at IS NULL",
+        )
+        .and_then(|mut s| {
+            s.query_row([id], |r| {
+                Ok((
+                    r.get::<_, TeamId>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, bool>(3)?,
+                ))
+            })
+            .optional()
+        })?;
+    Ok(row.and_then(|(team, name, hash, admin)| {
+        // A hash of the wrong length matches no key.
+        let secret_hash: [u8; 32] = hash.try_into().ok()?;
+        Some(KeyRecord {
+            id,
+            team,
+            name,
+            secret_hash,
+            admin,
+        })
+    }))
 }

@@ -4,9 +4,9 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
-use super::{StoreError, StoreErrorKind};
+use crate::store::{StoreError, StoreErrorKind};
 
-const SCHEMA: &str = include_str!("../../schema.sql");
+const SCHEMA: &str = include_str!("../../../schema.sql");
 const MARKER: &str = "-- migration: ";
 
 /// The schema version this build writes (the last section of `schema.sql`).
