@@ -463,7 +463,10 @@ async fn dispatch(inner: &Arc<Inner>, wait: bool) -> Result<Dispatched> {
     // Entries whose owner's lease ended (a replica that died) become ours.
     match inner.store.adopt_operations(inner.instance, now).await {
         Ok(0) => {}
-        Ok(n) => tracing::info!(adopted = n, "adopted the open operations of a lapsed instance"),
+        Ok(n) => tracing::info!(
+            adopted = n,
+            "adopted the open operations of a lapsed instance"
+        ),
         Err(err) => tracing::warn!(error = ?err, "cannot adopt lapsed instances' operations"),
     }
     let me = inner.instance;
@@ -652,10 +655,7 @@ async fn postpone(
         after(Timestamp::now(), backoff(&inner.options, op.attempts)),
         Timestamp::now(),
     );
-    inner
-        .store
-        .postpone_operation(id, why, at, now)
-        .await?;
+    inner.store.postpone_operation(id, why, at, now).await?;
     report.postponed += 1;
     Ok(())
 }
@@ -757,10 +757,7 @@ async fn resolve_status(
         SandboxOutcome::Known(status) => {
             let op2 = op.clone();
             let now = Timestamp::now();
-            let closed = inner
-                .store
-                .resolve_operation(op2, status, now)
-                .await?;
+            let closed = inner.store.resolve_operation(op2, status, now).await?;
             if closed {
                 tracing::info!(sandbox = %op.sandbox_id, %status, "sandbox status resolved from its host");
                 report.statuses_resolved += 1;

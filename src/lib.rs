@@ -90,8 +90,8 @@ pub use ids::{
 };
 pub use janitor::{SweepReport, WorkReport, WorkerStats};
 pub use manager::{
-    Deleted, ListQuery, MAX_PAGE_SIZE, ManagerOptions, NewSnapshot, Page, Placement,
-    ResolvedOperation, SnapshotManager, Manager, SweepOptions,
+    Deleted, ListQuery, MAX_PAGE_SIZE, Manager, ManagerOptions, NewSnapshot, Page, Placement,
+    ResolvedOperation, SnapshotManager, SweepOptions,
 };
 pub use model::{
     Actor, Caller, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateState, TemplateType,

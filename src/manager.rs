@@ -403,7 +403,8 @@ impl Manager {
         transport: Arc<dyn AgentTransport>,
         options: ManagerOptions,
     ) -> Result<Self> {
-        let store = crate::store::postgres::PostgresStore::open(url, options.postgres.clone()).await?;
+        let store =
+            crate::store::postgres::PostgresStore::open(url, options.postgres.clone()).await?;
         Self::start(Arc::new(store), None, transport, options).await
     }
 
@@ -501,11 +502,7 @@ impl Manager {
     /// Where the files of the caller's template `name` are.
     pub async fn placements(&self, caller: &Caller, name: &TemplateName) -> Result<Vec<Placement>> {
         let template = self.get(caller, name).await?;
-        let rows = self
-            .inner
-            .store
-            .placements_of(template.id)
-            .await?;
+        let rows = self.inner.store.placements_of(template.id).await?;
         Ok(rows
             .into_iter()
             .map(|(host, state)| Placement { host, state })
@@ -1048,11 +1045,7 @@ async fn run_create(inner: &Arc<Inner>, caller: &Caller, snapshot: NewSnapshot, 
         owner: inner.instance,
         lease_until: after(now, inner.create_lease()),
     };
-    let op = match inner
-        .store
-        .begin_create(input, now)
-        .await
-    {
+    let op = match inner.store.begin_create(input, now).await {
         Ok((op, _sandbox)) => op,
         Err(err) => return reply.send(Err(err)),
     };
@@ -1090,9 +1083,7 @@ async fn finish_success(inner: &Arc<Inner>, op: &CreateOp, size_bytes: u64, repl
                 let now = Timestamp::now();
                 let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
                 let op = op.clone();
-                inner
-                    .store
-                    .finish_create(op, size_bytes, lease, now)
+                inner.store.finish_create(op, size_bytes, lease, now)
             },
             |err| reply.send(Err(unrecorded("the snapshot was taken", err))),
         )
@@ -1124,15 +1115,11 @@ async fn finish_success(inner: &Arc<Inner>, op: &CreateOp, size_bytes: u64, repl
             // Someone else closed the entry (an operator); report what it
             // became.
             let id = op.template_id;
-            let result = inner
-                .store
-                .get_ready_template(id)
-                .await
-                .and_then(|t| {
-                    t.ok_or_else(|| {
-                        Error::conflict("the snapshot was rolled back while it was being recorded")
-                    })
-                });
+            let result = inner.store.get_ready_template(id).await.and_then(|t| {
+                t.ok_or_else(|| {
+                    Error::conflict("the snapshot was rolled back while it was being recorded")
+                })
+            });
             return reply.send(result);
         }
     };

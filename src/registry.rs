@@ -137,10 +137,7 @@ impl Registry {
     }
 
     async fn update_host(&self, id: HostId, change: HostChange) -> Result<()> {
-        let came_online = self
-            .store
-            .update_host(id, change, Timestamp::now())
-            .await?;
+        let came_online = self.store.update_host(id, change, Timestamp::now()).await?;
         if came_online {
             self.wake.notify_one();
         }
@@ -160,9 +157,7 @@ impl Registry {
     /// Registers a sandbox or replaces its record. Refused with 409 while a
     /// snapshot owns the sandbox.
     pub async fn register_sandbox(&self, sandbox: Sandbox) -> Result<()> {
-        self.store
-            .upsert_sandbox(sandbox, Timestamp::now())
-            .await
+        self.store.upsert_sandbox(sandbox, Timestamp::now()).await
     }
 
     /// A sandbox by id (any team: this is the application's view).

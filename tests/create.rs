@@ -100,7 +100,7 @@ async fn success_records_template_pauses_sandbox_and_audits() {
     assert_eq!(placements.len(), 1);
     assert_eq!(placements[0].host, env.host);
     assert_eq!(
-        env.count("SELECT count(*) FROM operations"),
+        env.count("SELECT count(*) FROM operations").await,
         0,
         "journal closed"
     );
@@ -201,7 +201,7 @@ async fn sandbox_not_running_or_paused_is_409_invalid_state() {
         assert_eq!(env.sandbox_status(sb).await, status);
     }
     assert_eq!(env.agent.calls(AgentOp::CreateSnapshot), 0);
-    assert_eq!(env.count("SELECT count(*) FROM templates"), 0);
+    assert_eq!(env.count("SELECT count(*) FROM templates").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,8 +264,8 @@ async fn unknown_host_or_no_address_or_offline_is_503() {
     for s in [sb, sb2, sb3] {
         assert_eq!(env.sandbox_status(s).await, SandboxStatus::Running);
     }
-    assert_eq!(env.count("SELECT count(*) FROM templates"), 0);
-    assert_eq!(env.count("SELECT count(*) FROM operations"), 0);
+    assert_eq!(env.count("SELECT count(*) FROM templates").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM operations").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,7 +297,7 @@ async fn agent_rejections_map_to_spec_codes_and_restore_the_sandbox() {
         );
         // Nothing half-written; the failed key is queued or already gone.
         assert!(env.manager.get(&caller(team), &name("x")).await.is_err());
-        assert_eq!(env.count("SELECT count(*) FROM templates"), 0);
+        assert_eq!(env.count("SELECT count(*) FROM templates").await, 0);
         // The agent refused before touching the VM: its status is kept
         // (definite rejection) or read back from the host (ambiguous).
         assert_eq!(
@@ -347,7 +347,7 @@ async fn unavailable_agent_is_502_and_the_sandbox_waits_for_its_host() {
         env.sandbox_status(sb).await == SandboxStatus::Running
     })
     .await;
-    assert_eq!(env.count("SELECT count(*) FROM operations"), 0);
+    assert_eq!(env.count("SELECT count(*) FROM operations").await, 0);
     eventually("the key is deleted or confirmed absent", || async {
         env.manager.pending_deletions().await.unwrap().is_empty()
     })
@@ -373,13 +373,13 @@ async fn ambiguous_failure_reads_the_status_from_the_host() {
     );
     // Not the blind revert to `running` of the reference: the host says paused.
     assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Paused);
-    assert_eq!(env.count("SELECT count(*) FROM templates"), 0);
+    assert_eq!(env.count("SELECT count(*) FROM templates").await, 0);
     eventually("the half-written key is deleted", || async {
         env.agent.snapshot_keys().is_empty()
     })
     .await;
     eventually("the tombstone is purged", || async {
-        env.count("SELECT count(*) FROM placements") == 0
+        env.count("SELECT count(*) FROM placements").await == 0
     })
     .await;
 }
@@ -399,8 +399,8 @@ async fn store_failure_is_500_db_error_with_nothing_written() {
     blocker.execute_batch("ROLLBACK").unwrap();
 
     assert_eq!(env.agent.calls(AgentOp::CreateSnapshot), 0);
-    assert_eq!(env.count("SELECT count(*) FROM templates"), 0);
-    assert_eq!(env.count("SELECT count(*) FROM operations"), 0);
+    assert_eq!(env.count("SELECT count(*) FROM templates").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM operations").await, 0);
     assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Running);
     env.create(team, sb, "x").await.unwrap();
 }
@@ -427,7 +427,7 @@ async fn overwrite_replaces_files_and_frees_the_old_ones() {
     })
     .await;
     eventually("old row purged", || async {
-        env.count("SELECT count(*) FROM templates") == 1
+        env.count("SELECT count(*) FROM templates").await == 1
     })
     .await;
     // Overwrite of a name that does not exist yet is a plain create.
@@ -638,7 +638,7 @@ async fn a_dropped_caller_does_not_abort_the_snapshot() {
     })
     .await;
     assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Paused);
-    assert_eq!(env.count("SELECT count(*) FROM operations"), 0);
+    assert_eq!(env.count("SELECT count(*) FROM operations").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -660,10 +660,10 @@ async fn a_timed_out_create_leaves_no_template_and_the_hosts_status() {
         "in time",
     );
     assert!(env.manager.get(&caller(team), &name("slow")).await.is_err());
-    assert_eq!(env.count("SELECT count(*) FROM templates"), 0);
+    assert_eq!(env.count("SELECT count(*) FROM templates").await, 0);
     // The agent paused the VM before it was cut off; the host says so.
     assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Paused);
-    assert_eq!(env.count("SELECT count(*) FROM operations"), 0);
+    assert_eq!(env.count("SELECT count(*) FROM operations").await, 0);
     eventually(
         "the possibly half-written key is confirmed gone",
         || async { env.manager.pending_deletions().await.unwrap().is_empty() },

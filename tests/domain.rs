@@ -254,12 +254,32 @@ fn schema_of(db: &std::path::Path) -> (i64, Vec<String>) {
     (version, sql)
 }
 
+async fn open_and_close(db: &std::path::Path) {
+    let transport = std::sync::Arc::new(InProcessTransport::new());
+    let mut options = ManagerOptions::default();
+    options.run_janitor = false;
+    let manager = Manager::open(db, transport, options).await.unwrap();
+    manager.shutdown().await;
+}
+
+/// Opening `db` fails with `db_error`; its cause is the store's error.
+async fn open_error(db: &std::path::Path) -> StoreError {
+    let transport = std::sync::Arc::new(InProcessTransport::new());
+    let err = Manager::open(db, transport, ManagerOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::DbError);
+    std::error::Error::source(&err)
+        .and_then(|s| s.downcast_ref::<StoreError>())
+        .cloned()
+        .unwrap_or_else(|| panic!("no store error under {err:?}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opening_applies_the_schema_once_and_reopening_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("nested/dir/s.db");
-    let store = Store::open(&db, StoreOptions::default()).await.unwrap();
-    drop(store);
+    open_and_close(&db).await;
     let first = schema_of(&db);
     assert_eq!(first.0, SCHEMA_VERSION);
     assert!(first.1.iter().any(|s| s.contains("CREATE TABLE templates")));
@@ -279,7 +299,7 @@ async fn opening_applies_the_schema_once_and_reopening_changes_nothing() {
     )
     .unwrap();
     drop(conn);
-    let _store = Store::open(&db, StoreOptions::default()).await.unwrap();
+    open_and_close(&db).await;
     assert_eq!(schema_of(&db), first);
     assert_eq!(common::count(&db, "SELECT count(*) FROM hosts"), 1);
     let mode: String = rusqlite::Connection::open(&db)
@@ -299,17 +319,10 @@ async fn a_newer_schema_is_refused_and_the_file_untouched() {
             .unwrap();
     }
     let before = std::fs::read(&db).unwrap();
-    let err = Store::open(&db, StoreOptions::default()).await.unwrap_err();
+    // A db_error whose cause is the store's explanation.
+    let err = open_error(&db).await;
     assert_eq!(err.kind(), StoreErrorKind::NewerSchema);
     assert!(err.to_string().contains("999"), "{err}");
-    assert_eq!(std::fs::read(&db).unwrap(), before);
-
-    // Through the manager it is a db_error with the same explanation.
-    let transport = std::sync::Arc::new(InProcessTransport::new());
-    let err = Manager::open(&db, transport, ManagerOptions::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), ErrorCode::DbError);
     assert_eq!(std::fs::read(&db).unwrap(), before);
 }
 
@@ -319,7 +332,7 @@ async fn a_file_that_is_not_a_database_is_refused_and_untouched() {
     let db = dir.path().join("notes.txt");
     let content = b"these are my notes, not a database\n".repeat(200);
     std::fs::write(&db, &content).unwrap();
-    let err = Store::open(&db, StoreOptions::default()).await.unwrap_err();
+    let err = open_error(&db).await;
     assert_eq!(err.kind(), StoreErrorKind::NotADatabase, "{err}");
     assert!(err.to_string().contains("not an SQLite database"));
     assert_eq!(std::fs::read(&db).unwrap(), content);

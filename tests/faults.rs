@@ -338,7 +338,11 @@ async fn create_snapshot_failures() {
                 "{case}"
             );
             assert_eq!(env.agent.calls(AgentOp::ListSandboxes), 0, "{case}");
-            assert_eq!(env.count("SELECT count(*) FROM operations"), 0, "{case}");
+            assert_eq!(
+                env.count("SELECT count(*) FROM operations").await,
+                0,
+                "{case}"
+            );
         }
         if when == When::After {
             // The audit names the key the agent wrote: it is still there,
@@ -401,7 +405,7 @@ async fn list_sandboxes_failures_after_an_ambiguous_create() {
             "{case}"
         );
         assert_eq!(
-            env.count("SELECT count(*) FROM operations"),
+            env.count("SELECT count(*) FROM operations").await,
             1,
             "{case}: the operation stays open"
         );
@@ -421,7 +425,11 @@ async fn list_sandboxes_failures_after_an_ambiguous_create() {
             SandboxStatus::Paused,
             "{case}"
         );
-        assert_eq!(env.count("SELECT count(*) FROM operations"), 0, "{case}");
+        assert_eq!(
+            env.count("SELECT count(*) FROM operations").await,
+            0,
+            "{case}"
+        );
         assert!(keys(&env).is_empty(), "{case}: key left: {:?}", keys(&env));
         assert!(env.names(team).await.is_empty(), "{case}");
         assert_eq!(audit(&env, team).await.len(), 1, "{case}");

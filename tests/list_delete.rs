@@ -186,7 +186,8 @@ async fn delete_rows_of_the_spec_table() {
     assert!(!env.agent.has_snapshot(&t.id.to_string()));
     assert_eq!(env.names(team).await, vec!["base"]);
     assert_eq!(
-        env.count("SELECT count(*) FROM templates WHERE team_id <> zeroblob(16)"),
+        env.count("SELECT count(*) FROM templates WHERE team_id <> zeroblob(16)")
+            .await,
         0
     );
 
@@ -392,7 +393,7 @@ async fn delete_while_the_host_is_down_queues_the_files_until_it_is_back() {
             .contains("unavailable")
     );
     assert_eq!(
-        env.count("SELECT count(*) FROM templates"),
+        env.count("SELECT count(*) FROM templates").await,
         1,
         "row kept until confirmed"
     );
@@ -403,7 +404,7 @@ async fn delete_while_the_host_is_down_queues_the_files_until_it_is_back() {
     })
     .await;
     eventually("the row is purged", || async {
-        env.count("SELECT count(*) FROM templates") == 0
+        env.count("SELECT count(*) FROM templates").await == 0
     })
     .await;
     assert!(env.manager.pending_deletions().await.unwrap().is_empty());
@@ -446,7 +447,7 @@ async fn an_offline_host_is_skipped_and_retried_when_it_comes_back_online() {
     })
     .await;
     eventually("purged", || async {
-        env.count("SELECT count(*) FROM templates") == 0
+        env.count("SELECT count(*) FROM templates").await == 0
     })
     .await;
 }

@@ -200,7 +200,7 @@ async fn a_host_marked_offline_settles_an_unknown_sandbox_as_missing() {
         env.sandbox_status(sb).await == SandboxStatus::Missing
     })
     .await;
-    assert_eq!(env.count("SELECT count(*) FROM operations"), 0);
+    assert_eq!(env.count("SELECT count(*) FROM operations").await, 0);
     // The half-written key stays queued for when the host returns.
     assert_eq!(env.manager.pending_deletions().await.unwrap().len(), 1);
 }

@@ -231,7 +231,7 @@ async fn run_seed(seed: u64, mode: Mode) {
     drain(&env).await;
     assert_invariants(&env, &[team]).await;
     assert_eq!(
-        env.count("SELECT count(*) FROM operations"),
+        env.count("SELECT count(*) FROM operations").await,
         0,
         "{at}: the journal is empty"
     );

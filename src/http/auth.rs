@@ -10,8 +10,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::{ApiKeyId, ID_DIGITS, TeamId};
-use crate::model::{Actor, Caller, Timestamp};
 use crate::manager::Manager;
+use crate::model::{Actor, Caller, Timestamp};
 use crate::store::{Database, KeyRecord, Store, StoreError};
 
 const KEY_PREFIX: &str = "sk-";

@@ -29,7 +29,7 @@ pub use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::audit::{AuditEntry, AuditQuery};
 use crate::error::{Error, ErrorCode};
-use crate::manager::{ListQuery, NewSnapshot, SnapshotManager, Manager};
+use crate::manager::{ListQuery, Manager, NewSnapshot, SnapshotManager};
 use crate::model::{Caller, Template, TemplateType};
 use crate::names::TemplateName;
 

@@ -17,9 +17,9 @@
 //! Each method is one transaction: it applies whole or not at all.
 
 mod error;
-pub(crate) mod sqlite;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
+pub(crate) mod sqlite;
 
 use async_trait::async_trait;
 
@@ -56,7 +56,10 @@ impl Database {
                 "this build has no PostgreSQL support (the `postgres` feature)",
             ));
         }
-        let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .unwrap_or(url);
         if path.is_empty() {
             return Err(crate::error::Error::invalid_request(
                 "a database URL is `sqlite:PATH` or `postgres://…`",
@@ -289,8 +292,12 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Registers this manager process with a heartbeat lease. On SQLite,
     /// where the file lock proves no other manager runs, it also voids the
     /// leases of every earlier process (their work is retried at once).
-    async fn register_instance(&self, me: InstanceId, lease_until: Timestamp, now: Timestamp)
-    -> Result<()>;
+    async fn register_instance(
+        &self,
+        me: InstanceId,
+        lease_until: Timestamp,
+        now: Timestamp,
+    ) -> Result<()>;
 
     /// Extends this process's lease. Fails (`conflict`) when the instance
     /// is gone: another replica took its work over.

@@ -1,6 +1,10 @@
-//! Shared builders for the integration tests: a manager on a real SQLite
-//! file in a temp dir, one or more in-memory host agents behind the
-//! in-process transport.
+//! Shared builders for the integration tests: a manager on a real store —
+//! an SQLite file in a temp dir, or a fresh schema of the PostgreSQL server
+//! at `SNAPSHOTS_TEST_POSTGRES_URL` — and one or more in-memory host agents
+//! behind the in-process transport.
+//!
+//! [`conformance!`] runs one test body against both stores: the tests it
+//! generates are named `sqlite::NAME` and `postgres::NAME`.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod connect_server;
@@ -70,9 +74,181 @@ impl Mode {
     }
 }
 
+/// Which store a test runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// A fresh SQLite file in the test's temp dir.
+    Sqlite,
+    /// A fresh schema on the PostgreSQL server at this URL.
+    Postgres(String),
+}
+
+/// The variable naming the PostgreSQL server the tests use.
+pub const POSTGRES_URL_VAR: &str = "SNAPSHOTS_TEST_POSTGRES_URL";
+
+impl Backend {
+    /// The PostgreSQL server of this run, or `None` (with one skip line per
+    /// test binary) when there is none. With `CI` set, a missing server or
+    /// a build without the `postgres` feature fails the test instead: the
+    /// Postgres tests never silently skip there.
+    pub fn postgres() -> Option<Backend> {
+        static SKIP: std::sync::Once = std::sync::Once::new();
+        let url = std::env::var(POSTGRES_URL_VAR)
+            .ok()
+            .filter(|u| !u.is_empty());
+        let why = match (&url, cfg!(feature = "postgres")) {
+            (Some(url), true) => return Some(Backend::Postgres(url.clone())),
+            (None, _) => format!("{POSTGRES_URL_VAR} is not set"),
+            (Some(_), false) => "this build has no `postgres` feature".to_owned(),
+        };
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but the PostgreSQL tests cannot run: {why}"
+        );
+        SKIP.call_once(|| {
+            eprintln!("skipping the PostgreSQL tests of this binary: {why} (see .ci/postgres.sh)");
+        });
+        None
+    }
+}
+
+/// Where a test's store lives, for raw checks and for reopening it.
+#[derive(Debug, Clone)]
+pub enum Db {
+    Sqlite(PathBuf),
+    /// A URL whose `search_path` is the test's own schema.
+    Postgres(String),
+}
+
+impl Db {
+    /// A fresh store of `backend`'s kind (a file under `dir`, or a new
+    /// schema).
+    pub async fn fresh(backend: &Backend, dir: &Path) -> Db {
+        match backend {
+            Backend::Sqlite => Db::Sqlite(dir.join("snapshots.db")),
+            Backend::Postgres(base) => Db::Postgres(postgres::fresh_schema(base).await),
+        }
+    }
+
+    /// The URL `Manager::open_url` takes.
+    pub fn url(&self) -> String {
+        match self {
+            Db::Sqlite(path) => format!("sqlite:{}", path.display()),
+            Db::Postgres(url) => url.clone(),
+        }
+    }
+
+    /// Opens a manager on this store.
+    pub async fn open(
+        &self,
+        transport: Arc<dyn AgentTransport>,
+        options: ManagerOptions,
+    ) -> Result<Manager> {
+        Manager::open_url(&self.url(), transport, options).await
+    }
+
+    /// A single number from a raw query of the store (`SELECT count(*) …`),
+    /// for checks the public API hides on purpose (purged rows, journal
+    /// entries). Use SQL both databases accept.
+    pub async fn count(&self, sql: &str) -> i64 {
+        match self {
+            Db::Sqlite(path) => count(path, sql),
+            Db::Postgres(url) => postgres::count(url, sql).await,
+        }
+    }
+}
+
+/// PostgreSQL plumbing for the tests.
+pub mod postgres {
+    /// Creates a schema of its own for one test and returns `base` with
+    /// that schema as its `search_path`.
+    pub async fn fresh_schema(base: &str) -> String {
+        #[cfg(feature = "postgres")]
+        {
+            let schema = format!("t_{}", uuid_simple());
+            let (client, conn) = tokio_postgres::connect(base, tokio_postgres::NoTls)
+                .await
+                .expect("connect to the test PostgreSQL server");
+            tokio::spawn(conn);
+            client
+                .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                .await
+                .unwrap();
+            let sep = if base.contains('?') { '&' } else { '?' };
+            format!("{base}{sep}options=-csearch_path%3D{schema}")
+        }
+        #[cfg(not(feature = "postgres"))]
+        {
+            unreachable!("no postgres feature: {base}")
+        }
+    }
+
+    pub async fn count(url: &str, sql: &str) -> i64 {
+        #[cfg(feature = "postgres")]
+        {
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+        }
+        #[cfg(not(feature = "postgres"))]
+        {
+            unreachable!("no postgres feature: {url} {sql}")
+        }
+    }
+
+    #[cfg(feature = "postgres")]
+    fn uuid_simple() -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        format!(
+            "{}_{}_{}",
+            std::process::id(),
+            nanos,
+            N.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+/// Runs each named test body (an `async fn NAME(backend: Backend)`) twice:
+/// as `sqlite::NAME` on a temp SQLite file and as `postgres::NAME` on a
+/// fresh PostgreSQL schema (skipped with a line when no server is set,
+/// failed when `CI` is set and none is).
+#[macro_export]
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(backend) = $crate::common::Backend::postgres() {
+                        super::$name(backend).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
 pub struct Env {
     pub dir: TempDir,
+    /// The SQLite file (SQLite backend only; a path nobody uses otherwise).
     pub db: PathBuf,
+    /// The store, whichever backend.
+    pub store: Db,
     pub manager: Manager,
     pub transport: Arc<InProcessTransport>,
     pub agent: Arc<MemoryHostAgent>,
@@ -91,13 +267,26 @@ impl Env {
 
     /// A manager whose host agent behaves like ours or like the Go agent.
     pub async fn with_mode(options: ManagerOptions, mode: Mode) -> Env {
+        Self::on(&Backend::Sqlite, options, mode).await
+    }
+
+    /// A manager on `backend` with the fast test options.
+    pub async fn new_on(backend: &Backend) -> Env {
+        Self::on(backend, fast_options(), Mode::Ours).await
+    }
+
+    /// A manager on a fresh store of `backend`, whose host agent behaves
+    /// like ours or like the Go agent.
+    pub async fn on(backend: &Backend, options: ManagerOptions, mode: Mode) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("snapshots.db");
+        let store = Db::fresh(backend, dir.path()).await;
         let transport = Arc::new(InProcessTransport::new());
         let agent = Arc::new(mode.agent());
         let host = HostId::new();
         transport.add_host(host, agent.clone());
-        let manager = Manager::open(&db, transport.clone(), options.clone())
+        let manager = store
+            .open(transport.clone(), options.clone())
             .await
             .unwrap();
         manager
@@ -108,6 +297,7 @@ impl Env {
         Env {
             dir,
             db,
+            store,
             manager,
             transport,
             agent,
@@ -188,10 +378,10 @@ impl Env {
             .collect()
     }
 
-    /// Raw read of the store file, for checks the public API hides on
-    /// purpose (purged rows, journal entries).
-    pub fn count(&self, sql: &str) -> i64 {
-        count(&self.db, sql)
+    /// Raw read of the store, for checks the public API hides on purpose
+    /// (purged rows, journal entries). SQL both databases accept.
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.store.count(sql).await
     }
 }
 
@@ -287,8 +477,10 @@ pub async fn assert_invariants(env: &Env, teams: &[TeamId]) {
             "orphan key {key}"
         );
     }
-    let open_ops = env.count("SELECT count(*) FROM operations");
-    let stuck = env.count("SELECT count(*) FROM sandboxes WHERE status = 'snapshotting'");
+    let open_ops = env.count("SELECT count(*) FROM operations").await;
+    let stuck = env
+        .count("SELECT count(*) FROM sandboxes WHERE status = 'snapshotting'")
+        .await;
     assert!(
         stuck <= open_ops,
         "{stuck} sandboxes snapshotting with {open_ops} open operations"
@@ -303,7 +495,7 @@ pub async fn drain(env: &Env) {
     eventually("the worker drains", || async {
         let _ = env.manager.run_pending_work().await;
         env.manager.pending_deletions().await.unwrap().is_empty()
-            && env.count("SELECT count(*) FROM operations") == 0
+            && env.count("SELECT count(*) FROM operations").await == 0
     })
     .await;
 }

@@ -120,7 +120,10 @@ impl SqliteStore {
     ///
     /// A file that is not an SQLite database, or whose schema is newer than
     /// this build knows, is refused without being changed.
-    pub(crate) async fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Self, StoreError> {
+    pub(crate) async fn open(
+        path: impl AsRef<Path>,
+        options: StoreOptions,
+    ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let opened = {
             let path = path.clone();

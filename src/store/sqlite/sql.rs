@@ -7,7 +7,9 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use crate::agent::HostTarget;
 use crate::audit::{AuditEntry, AuditOutcome, NewAuditEntry, RESOURCE_TEMPLATE};
 use crate::error::{Error, ErrorCode, Result};
-use crate::ids::{ApiKeyId, AuditLogId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId};
+use crate::ids::{
+    ApiKeyId, AuditLogId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId,
+};
 use crate::model::{
     Actor, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateState, TemplateType,
     Timestamp,
@@ -134,7 +136,6 @@ pub(crate) fn list_hosts(conn: &Connection) -> Result<Vec<Host>> {
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())?;
     Ok(rows)
 }
-
 
 /// Applies `change` to a host. When the host becomes online, its queued
 /// work is made due now. Returns whether it just came online.
@@ -344,7 +345,6 @@ pub(crate) fn find_visible(
         })?)
 }
 
-
 /// The caller's templates plus platform templates, newest first, after
 /// `after`, at most `limit` (all when `None`).
 pub(crate) fn list_visible(
@@ -544,7 +544,6 @@ fn check_name_free(
 
 // -------------------------------------------------------------- journal
 
-
 const OP_COLS: &str = "o.template_id, o.team_id, o.template_name, o.sandbox_id, o.host_id,
     coalesce(h.address, ''), o.prev_status, o.replaces, o.actor_type, o.actor_id, o.actor_name,
     o.attempts, o.id, o.created_at";
@@ -603,7 +602,6 @@ pub(crate) fn open_operations(
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())?;
     Ok(rows)
 }
-
 
 /// The backlogs the worker reports as gauges: queued deletions and open
 /// operations, each as (count, oldest start in unix millis). A deletion
@@ -678,7 +676,6 @@ pub(crate) fn postpone_operation(
 }
 
 // --------------------------------------------------------------- create
-
 
 /// Step one of a create, in one transaction: name checks, team-scoped
 /// sandbox lookup, status and host checks, sandbox → `snapshotting` (CAS),
@@ -798,7 +795,6 @@ pub(crate) fn begin_create(
     Ok((op, sandbox))
 }
 
-
 /// Marks a template deleted and its placements queued for deletion (with
 /// a lease of `lease_until` for the caller's own immediate attempt).
 /// Purges the row at once if it has no placements.
@@ -860,8 +856,6 @@ fn purge_if_done(conn: &Connection, template: TemplateId) -> Result<()> {
     .and_then(|mut s| s.execute([template]))?;
     Ok(())
 }
-
-
 
 /// Whether the journal entry of `template` is open in `phase`.
 fn operation_in_phase(conn: &Connection, template: TemplateId, phase: &str) -> Result<bool> {
@@ -960,7 +954,6 @@ pub(crate) fn finish_create(
     )?;
     Ok(Finish::Done(CreateDone { template, replaced }))
 }
-
 
 /// Rolls back a failed create in one transaction: the template row goes,
 /// the key is queued for deletion from `first_attempt` on (it may be half
@@ -1061,8 +1054,6 @@ pub(crate) fn resolve_operation(
     }
     Ok(closed == 1)
 }
-
-
 
 /// Resolves the open operation `id` now, without the host's answer: the
 /// sandbox gets `status`; a create still in phase `started` is rolled back
@@ -1249,7 +1240,6 @@ pub(crate) fn claim_due_deletions(
     Ok(due)
 }
 
-
 fn hex_blobs<'a>(blobs: impl Iterator<Item = &'a [u8; 16]>) -> String {
     let items: Vec<String> = blobs
         .map(|b| {
@@ -1305,7 +1295,6 @@ pub(crate) fn void_leases(conn: &Connection) -> Result<()> {
     )?;
     Ok(())
 }
-
 
 pub(crate) fn pending_deletions(conn: &Connection) -> Result<Vec<PendingDeletion>> {
     let mut stmt = conn.prepare_cached(
@@ -1409,7 +1398,6 @@ pub(crate) fn list_audit(
 }
 
 // ---------------------------------------------------------- visibility
-
 
 pub(crate) fn list_open_operations(conn: &Connection) -> Result<Vec<OpenOperation>> {
     let mut stmt = conn.prepare_cached(

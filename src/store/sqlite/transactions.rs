@@ -15,13 +15,18 @@ use crate::model::{
 use crate::names::TemplateName;
 use crate::store::{
     Backlog, CreateInput, CreateOp, Deletion, DeletionResult, Finish, HostChange, InHand,
-    KeyRecord, ListPosition, OpenOperation, PendingDeletion, Phase, ResolveReason,
-    SandboxOutcome, Store,
+    KeyRecord, ListPosition, OpenOperation, PendingDeletion, Phase, ResolveReason, SandboxOutcome,
+    Store,
 };
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn register_instance(&self, _me: InstanceId, _lease: Timestamp, _now: Timestamp) -> Result<()> {
+    async fn register_instance(
+        &self,
+        _me: InstanceId,
+        _lease: Timestamp,
+        _now: Timestamp,
+    ) -> Result<()> {
         // The file lock proves no other manager runs: nothing an earlier
         // process claimed is in flight any more.
         self.write(sql::void_leases).await
@@ -52,7 +57,8 @@ impl Store for SqliteStore {
     }
 
     async fn update_host(&self, id: HostId, change: HostChange, now: Timestamp) -> Result<bool> {
-        self.write(move |c| sql::update_host(c, id, &change, now)).await
+        self.write(move |c| sql::update_host(c, id, &change, now))
+            .await
     }
 
     async fn get_host(&self, id: HostId) -> Result<Option<Host>> {
@@ -64,7 +70,8 @@ impl Store for SqliteStore {
     }
 
     async fn upsert_sandbox(&self, sandbox: Sandbox, now: Timestamp) -> Result<()> {
-        self.write(move |c| sql::upsert_sandbox(c, &sandbox, now)).await
+        self.write(move |c| sql::upsert_sandbox(c, &sandbox, now))
+            .await
     }
 
     async fn get_sandbox(&self, id: SandboxId) -> Result<Option<Sandbox>> {
@@ -119,7 +126,11 @@ impl Store for SqliteStore {
         self.read(move |c| sql::get_ready_template(c, id)).await
     }
 
-    async fn begin_create(&self, input: CreateInput, now: Timestamp) -> Result<(CreateOp, Sandbox)> {
+    async fn begin_create(
+        &self,
+        input: CreateInput,
+        now: Timestamp,
+    ) -> Result<(CreateOp, Sandbox)> {
         self.write(move |c| sql::begin_create(c, &input, now)).await
     }
 
@@ -287,7 +298,8 @@ impl Store for SqliteStore {
     }
 
     async fn create_team(&self, id: TeamId, name: String, now: Timestamp) -> Result<()> {
-        self.write(move |c| sql::create_team(c, id, &name, now)).await
+        self.write(move |c| sql::create_team(c, id, &name, now))
+            .await
     }
 
     async fn create_key(&self, key: KeyRecord, now: Timestamp) -> Result<()> {
