@@ -58,6 +58,12 @@ struct Cli {
         hide_env_values = true
     )]
     database: Option<String>,
+    /// Seconds this replica's instance lease lasts without a heartbeat
+    /// (serve): another replica adopts the operations of one whose lease
+    /// ended. Renewed every third of it.
+    #[arg(long, global = true, env = "SNAPSHOTS_INSTANCE_LEASE", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(3..=86_400))]
+    instance_lease: u64,
     /// Address to listen on (serve).
     #[arg(
         long,
@@ -145,6 +151,7 @@ fn database_url(database: Option<&str>, data_dir: &Path) -> String {
 
 async fn serve(
     database: &str,
+    options: ManagerOptions,
     data_dir: &Path,
     listen: SocketAddr,
     agent: AgentKind,
@@ -178,7 +185,7 @@ async fn serve(
             Arc::new(ConnectTransport::new(config))
         }
     };
-    let manager = Manager::open_url(database, transport, ManagerOptions::default()).await?;
+    let manager = Manager::open_url(database, transport, options).await?;
     if matches!(agent, AgentKind::InProcess) {
         manager
             .registry()
@@ -231,8 +238,11 @@ async fn main() -> Result<(), Failure> {
     let keys = || ApiKeys::open(&database);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
+            let mut options = ManagerOptions::default();
+            options.instance_lease = std::time::Duration::from_secs(cli.instance_lease);
             serve(
                 &database,
+                options,
                 &data_dir,
                 cli.listen,
                 cli.agent,
