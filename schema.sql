@@ -177,3 +177,10 @@ CREATE INDEX api_keys_by_team ON api_keys (team_id);
 ALTER TABLE operations ADD COLUMN id BLOB CHECK (id IS NULL OR length(id) = 16);
 UPDATE operations SET id = randomblob(16) WHERE id IS NULL;
 CREATE UNIQUE INDEX operations_by_id ON operations (id);
+
+-- migration: 4
+
+-- The manager process (instance, `inst-…`) that wrote a journal entry. One
+-- process uses an SQLite file at a time (the file lock), so here it is a
+-- record for operators; on PostgreSQL it is what replicas adopt by.
+ALTER TABLE operations ADD COLUMN owner BLOB CHECK (owner IS NULL OR length(owner) = 16);

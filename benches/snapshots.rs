@@ -354,8 +354,10 @@ fn big_store(rt: &Runtime) -> BenchResult<(PathBuf, TeamId)> {
     let started = Instant::now();
     // Create the schema the normal way.
     rt.block_on(async {
-        let s = Store::open(&db, StoreOptions::default()).await?;
-        drop(s);
+        let mut options = ManagerOptions::default();
+        options.run_janitor = false;
+        let m = Manager::open(&db, Arc::new(InProcessTransport::new()), options).await?;
+        m.shutdown().await;
         BenchResult::Ok(())
     })?;
     let mut conn = Connection::open(&db)?;

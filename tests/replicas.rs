@@ -89,7 +89,14 @@ fn field(lines: &[(String, String)], name: &str) -> String {
 
 async fn start_replica(db: &str, dir: &std::path::Path) -> Replica {
     let mut child = Command::new(server_binary())
-        .args(["--database", db, "--agent", "grpc", "--listen", "127.0.0.1:0"])
+        .args([
+            "--database",
+            db,
+            "--agent",
+            "grpc",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .args(["--instance-lease", &LEASE_SECS.to_string()])
         .arg("--data-dir")
         .arg(dir)
@@ -414,7 +421,10 @@ async fn replica_killed_mid_create_is_adopted_only_after_its_lease() {
 
     fleet.replicas[0].child.kill().await.unwrap();
     let killed_at = tokio::time::Instant::now();
-    assert!(creating.await.unwrap().is_err(), "the caller lost its replica");
+    assert!(
+        creating.await.unwrap().is_err(),
+        "the caller lost its replica"
+    );
 
     // Replica 1 leaves the entry alone while the dead replica's lease may
     // still run (it was renewed at most a third of a lease before the

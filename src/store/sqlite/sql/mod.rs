@@ -1,0 +1,99 @@
+//! Every SQL statement of the SQLite store, by concern. Functions take a
+//! connection that is already inside the right transaction (the writer's)
+//! or a read connection. Shared here: how ids, enumerations and numbers map
+//! to SQLite values, and the imports every part uses.
+
+mod audit;
+mod keys;
+mod operations;
+mod placements;
+mod registry;
+mod templates;
+
+pub(crate) use audit::*;
+pub(crate) use keys::*;
+pub(crate) use operations::*;
+pub(crate) use placements::*;
+pub(crate) use registry::*;
+pub(crate) use templates::*;
+
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::agent::HostTarget;
+use crate::audit::{AuditEntry, AuditOutcome, NewAuditEntry, RESOURCE_TEMPLATE};
+use crate::error::{Error, ErrorCode, Result};
+use crate::ids::{
+    ApiKeyId, AuditLogId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId,
+};
+use crate::model::{
+    Actor, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateState, TemplateType,
+    Timestamp,
+};
+use crate::names::TemplateName;
+
+use crate::store::{
+    Backlog, CreateDone, CreateInput, CreateOp, Deletion, Finish, HostChange, InHand, KeyRecord,
+    ListPosition, OpenOperation, PendingDeletion, ResolveReason, SandboxOutcome, StoreError,
+};
+
+macro_rules! sql_id {
+    ($($ty:ty),+) => {$(
+        impl ToSql for $ty {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                Ok(ToSqlOutput::Borrowed(ValueRef::Blob(self.as_blob())))
+            }
+        }
+        impl FromSql for $ty {
+            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+                let bytes = value.as_blob()?;
+                <$ty>::from_blob(bytes).ok_or(FromSqlError::InvalidBlobSize {
+                    expected_size: 16,
+                    blob_size: bytes.len(),
+                })
+            }
+        }
+    )+};
+}
+sql_id!(
+    SandboxId,
+    HostId,
+    TeamId,
+    TemplateId,
+    AuditLogId,
+    ApiKeyId,
+    OperationId,
+    InstanceId
+);
+
+macro_rules! sql_enum {
+    ($($ty:ty),+) => {$(
+        impl ToSql for $ty {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                Ok(ToSqlOutput::Borrowed(ValueRef::Text(self.as_str().as_bytes())))
+            }
+        }
+        impl FromSql for $ty {
+            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+                let text = value.as_str()?;
+                text.parse::<$ty>()
+                    .map_err(|e| FromSqlError::Other(Box::new(StoreError::corrupt(e.message().to_owned()))))
+            }
+        }
+    )+};
+}
+sql_enum!(SandboxStatus, HostStatus, TemplateType, TemplateState);
+
+pub(super) fn u32_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<u32> {
+    row.get::<_, i64>(idx)
+        .map(|v| u32::try_from(v).unwrap_or(0))
+}
+
+pub(super) fn u64_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
+    row.get::<_, i64>(idx)
+        .map(|v| u64::try_from(v).unwrap_or(0))
+}
+
+pub(super) fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
