@@ -43,7 +43,8 @@
 //! # Layout
 //! - [`ids`], [`names`]: validated identifiers and template names, parsed
 //!   once at the boundary.
-//! - `model`: hosts, sandboxes, templates, callers, timestamps.
+//! - `time`: [`Timestamp`], below every other layer.
+//! - `model`: hosts, sandboxes, templates, callers.
 //! - `error`: [`Error`] with a stable [`ErrorCode`] and HTTP status.
 //! - `manager`: the [`SnapshotManager`] trait and [`Manager`].
 //! - `registry`: [`Registry`] of hosts and sandboxes.
@@ -77,6 +78,7 @@ pub mod names;
 mod registry;
 mod signal;
 mod store;
+mod time;
 
 pub use agent::{
     AgentCode, AgentError, AgentTransport, BearerToken, ClientConfig, ConnectConfig,

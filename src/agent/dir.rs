@@ -20,7 +20,7 @@ use super::{
     HostInfo, SandboxInfo, SandboxList, SnapshotInfo, SnapshotKey,
 };
 use crate::ids::SandboxId;
-use crate::model::Timestamp;
+use crate::time::Timestamp;
 
 const SANDBOXES_DIR: &str = "sandboxes";
 const SNAPSHOTS_DIR: &str = "snapshots";

@@ -14,7 +14,7 @@ use super::{
     SandboxInfo, SandboxList, SnapshotInfo,
 };
 use crate::ids::SandboxId;
-use crate::model::Timestamp;
+use crate::time::Timestamp;
 
 /// The calls of [`HostAgent`], for aiming faults and counting calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

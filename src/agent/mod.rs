@@ -21,7 +21,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::ids::{HostId, SandboxId, TeamId, TemplateId};
-use crate::model::Timestamp;
+use crate::time::Timestamp;
 use crate::names::{NameError, TemplateName};
 
 pub use client::{ClientConfig, ConnectConfig, GrpcConfig, HttpVersion, TlsConfig};

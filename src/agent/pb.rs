@@ -11,7 +11,7 @@ use super::{
     SandboxList, SnapshotInfo, SnapshotKey,
 };
 use crate::ids::{SandboxId, TeamId, TemplateId};
-use crate::model::Timestamp;
+use crate::time::Timestamp;
 
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub(crate) mod wire {
