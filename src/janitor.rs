@@ -1,4 +1,5 @@
-//! The background worker: finishes or rolls back creates nobody is driving
+//! The background worker: the scheduling half of the engine (`engine/`
+//! holds the state machines it drives). It finishes or rolls back creates nobody is driving
 //! any more (after a crash: its first pass is the start-up recovery),
 //! resolves sandboxes whose status after a failure is still unknown (or,
 //! past `resolve_deadline`, without their host), and retries queued file
@@ -12,77 +13,29 @@
 //! Every step is safe to run twice or concurrently: each transaction
 //! applies only while the journal entry is still in the phase it read.
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::agent::{AgentCode, AgentError, HostTarget, SandboxList, SnapshotInfo, SnapshotKey};
+use crate::agent::{HostTarget, SnapshotKey};
+use crate::engine::create::{resolve_interrupted, resolve_status};
+use crate::engine::delete::delete_files;
+use crate::engine::{Engine, HostViews, WorkReport, after, backoff, lock_unpoisoned};
 use crate::error::Result;
 use crate::ids::{HostId, OperationId};
-use crate::manager::{
-    Inner, ManagerOptions, after, backoff, delete_files, lock_unpoisoned, reported_status,
-};
-use crate::model::{Actor, HostStatus, SandboxStatus, Timestamp};
-use crate::store::{CreateOp, Deletion, Finish, InHand, Phase, ResolveReason, SandboxOutcome};
+use crate::model::{HostStatus, Timestamp};
+use crate::options::ManagerOptions;
+use crate::store::{CreateOp, Deletion, InHand, Phase};
 
 /// Most deletions claimed per round.
 const BATCH: u32 = 64;
 
 /// Size of the in-memory backoff table at which lapsed entries are dropped.
 const HELD_BACK_PRUNE: usize = 1024;
-
-/// What one run of the worker did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct WorkReport {
-    /// Deletions a host confirmed.
-    pub deletions_confirmed: usize,
-    /// Deletions that failed and were rescheduled.
-    pub deletions_failed: usize,
-    /// Interrupted creates rolled forward (the host had the snapshot).
-    pub rolled_forward: usize,
-    /// Interrupted creates rolled back.
-    pub rolled_back: usize,
-    /// Sandboxes whose status was settled from their host.
-    pub statuses_resolved: usize,
-    /// Operations resolved without their host's answer because
-    /// `resolve_deadline` passed (the sandbox became `error`).
-    pub resolved_by_deadline: usize,
-    /// Journal entries that could not be settled yet (host unreachable).
-    pub postponed: usize,
-}
-
-impl WorkReport {
-    fn add(&mut self, other: &WorkReport) {
-        self.deletions_confirmed += other.deletions_confirmed;
-        self.deletions_failed += other.deletions_failed;
-        self.rolled_forward += other.rolled_forward;
-        self.rolled_back += other.rolled_back;
-        self.statuses_resolved += other.statuses_resolved;
-        self.resolved_by_deadline += other.resolved_by_deadline;
-        self.postponed += other.postponed;
-    }
-}
-
-/// What the worker keeps in memory: which hosts have work in hand (each
-/// host's work runs on a task of its own, so that a slow host delays only
-/// itself), backoff for operations the store would not let it settle, and
-/// counters.
-#[derive(Default)]
-pub(crate) struct WorkerState {
-    busy_hosts: Mutex<HashSet<HostId>>,
-    /// Per operation: failed tries, and not before when to try again.
-    held_back: Mutex<HashMap<OperationId, (u32, Instant)>>,
-    passes: AtomicU64,
-    sleeps: AtomicU64,
-    last_sleep_ms: AtomicU64,
-    sweeping: AtomicBool,
-}
 
 /// What the background worker has done (see
 /// [`crate::Manager::worker_stats`]).
@@ -98,7 +51,7 @@ pub struct WorkerStats {
     pub last_sleep: Duration,
 }
 
-impl WorkerState {
+impl crate::engine::WorkerState {
     pub(crate) fn stats(&self) -> WorkerStats {
         WorkerStats {
             passes: self.passes.load(Ordering::SeqCst),
@@ -154,12 +107,12 @@ impl WorkerState {
 
 /// Marks a host busy while its task runs; unmarks it however the task ends.
 struct BusyHost {
-    inner: Arc<Inner>,
+    inner: Arc<Engine>,
     host: HostId,
 }
 
 impl BusyHost {
-    fn take(inner: &Arc<Inner>, host: HostId) -> Option<Self> {
+    fn take(inner: &Arc<Engine>, host: HostId) -> Option<Self> {
         lock_unpoisoned(&inner.worker.busy_hosts)
             .insert(host)
             .then(|| Self {
@@ -182,7 +135,7 @@ impl Drop for BusyHost {
 /// replicas leave its journal entries alone while it lives. A renewal the
 /// store refuses is retried with backoff (each wait at most a third of the
 /// lease); the loop ends when the manager shuts down or is dropped.
-pub(crate) fn spawn_heartbeat(inner: Weak<Inner>) {
+pub(crate) fn spawn_heartbeat(inner: Weak<Engine>) {
     tokio::spawn(async move {
         let mut failures = 0u32;
         loop {
@@ -217,7 +170,7 @@ pub(crate) fn spawn_heartbeat(inner: Weak<Inner>) {
     });
 }
 
-pub(crate) fn spawn(inner: Weak<Inner>) -> tokio::task::JoinHandle<()> {
+pub(crate) fn spawn(inner: Weak<Engine>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         // Consecutive passes that found work due but could start none of
         // it (it is in hand, held back, or the store fails): they back off.
@@ -290,12 +243,12 @@ pub(crate) fn spawn(inner: Weak<Inner>) -> tokio::task::JoinHandle<()> {
 
 /// The sweep runs on a task of its own (one at a time): it asks every host
 /// in turn, and a hanging one must not hold up the worker.
-fn spawn_sweep(inner: &Arc<Inner>, grace: Duration) {
+fn spawn_sweep(inner: &Arc<Engine>, grace: Duration) {
     if inner.worker.sweeping.swap(true, Ordering::SeqCst) {
         return;
     }
     /// Clears the flag however the sweep ends (a panicking agent included).
-    struct Sweeping(Arc<Inner>);
+    struct Sweeping(Arc<Engine>);
     impl Drop for Sweeping {
         fn drop(&mut self) {
             self.0.worker.sweeping.store(false, Ordering::SeqCst);
@@ -319,7 +272,7 @@ fn idle_backoff(options: &ManagerOptions, idle: u32) -> Duration {
 /// janitor interval; `None` when the store cannot say. Work in hand (a
 /// busy host's, a create in flight) is left out: it wakes the worker when
 /// it is done. Work held back in memory counts from when it may go again.
-async fn next_sleep(inner: &Inner) -> Option<Duration> {
+async fn next_sleep(inner: &Engine) -> Option<Duration> {
     let max = inner.options.janitor_interval;
     let (operations, first_held) = inner.worker.held_back_now();
     let in_hand = InHand {
@@ -347,69 +300,6 @@ async fn next_sleep(inner: &Inner) -> Option<Duration> {
     }
 }
 
-/// What hosts said during one pass, so that each host is asked at most once
-/// per pass however many entries it has.
-#[derive(Default)]
-struct HostViews {
-    status: HashMap<HostId, Option<HostStatus>>,
-    sandboxes: HashMap<HostId, Result<SandboxList, AgentError>>,
-    snapshots: HashMap<HostId, Result<Vec<SnapshotInfo>, AgentError>>,
-}
-
-impl HostViews {
-    async fn offline(&mut self, inner: &Inner, host: HostId) -> Result<bool> {
-        let status = match self.status.entry(host) {
-            Entry::Occupied(e) => *e.get(),
-            Entry::Vacant(e) => {
-                let status = inner.store.get_host(host).await?;
-                *e.insert(status.map(|h| h.status))
-            }
-        };
-        Ok(status == Some(HostStatus::Offline))
-    }
-
-    async fn sandboxes(
-        &mut self,
-        inner: &Inner,
-        host: &HostTarget,
-    ) -> &Result<SandboxList, AgentError> {
-        match self.sandboxes.entry(host.id) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(inner.list_sandboxes(host).await),
-        }
-    }
-
-    async fn snapshots(
-        &mut self,
-        inner: &Inner,
-        host: &HostTarget,
-    ) -> &Result<Vec<SnapshotInfo>, AgentError> {
-        match self.snapshots.entry(host.id) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => {
-                let answer = async {
-                    let agent = inner.transport.agent(host)?;
-                    tokio::time::timeout(inner.options.list_timeout, agent.list_snapshots())
-                        .await
-                        .map_err(|_| AgentError::Timeout)?
-                }
-                .await;
-                e.insert(answer)
-            }
-        }
-    }
-
-    /// The sandbox's status per its host, or `Unknown` if it cannot say yet.
-    async fn outcome(&mut self, inner: &Inner, op: &CreateOp) -> SandboxOutcome {
-        let retry_at = after(Timestamp::now(), backoff(&inner.options, op.attempts));
-        match self.sandboxes(inner, &op.host).await {
-            Ok(list) => reported_status(list, op.sandbox_id)
-                .map_or(SandboxOutcome::Unknown { retry_at }, SandboxOutcome::Known),
-            Err(_) => SandboxOutcome::Unknown { retry_at },
-        }
-    }
-}
-
 /// One host's share of a pass.
 struct HostWork {
     started: Vec<CreateOp>,
@@ -427,7 +317,7 @@ pub(crate) struct Dispatched {
 
 /// Sets the backlog gauges. A store that cannot answer leaves them as they
 /// were (the pass's own reads report the failure).
-async fn report_backlogs(inner: &Arc<Inner>, now: Timestamp) {
+async fn report_backlogs(inner: &Arc<Engine>, now: Timestamp) {
     match inner.store.backlogs().await {
         Ok(((deletions, oldest_deletion), (operations, oldest_operation))) => {
             let age = |oldest: Option<i64>| {
@@ -455,7 +345,7 @@ async fn report_backlogs(inner: &Arc<Inner>, now: Timestamp) {
 /// One pass: reads what is due, and starts each host's share on a task of
 /// its own — unless that host's earlier work is still in hand. With
 /// `wait`, waits for the tasks and reports what they did.
-async fn dispatch(inner: &Arc<Inner>, wait: bool) -> Result<Dispatched> {
+async fn dispatch(inner: &Arc<Engine>, wait: bool) -> Result<Dispatched> {
     inner.worker.passes.fetch_add(1, Ordering::Relaxed);
     crate::metrics::janitor_pass();
     let now = Timestamp::now();
@@ -571,12 +461,12 @@ async fn dispatch(inner: &Arc<Inner>, wait: bool) -> Result<Dispatched> {
 }
 
 /// Runs the background work that is due now, once, and waits for it.
-pub(crate) async fn tick(inner: &Arc<Inner>) -> Result<WorkReport> {
+pub(crate) async fn tick(inner: &Arc<Engine>) -> Result<WorkReport> {
     dispatch(inner, true).await.map(|d| d.report)
 }
 
 /// One host's operations and deletions, each bounded by its own timeouts.
-async fn host_work(inner: &Arc<Inner>, work: HostWork) -> WorkReport {
+async fn host_work(inner: &Arc<Engine>, work: HostWork) -> WorkReport {
     let mut report = WorkReport::default();
     let mut views = HostViews::default();
     for op in &work.started {
@@ -600,180 +490,12 @@ async fn host_work(inner: &Arc<Inner>, work: HostWork) -> WorkReport {
     report
 }
 
-fn settle(inner: &Inner, op: &CreateOp, result: Result<()>, what: &str) {
+fn settle(inner: &Engine, op: &CreateOp, result: Result<()>, what: &str) {
     match result {
         Ok(()) => inner.worker.settled(op.id),
         Err(err) => {
             tracing::warn!(operation = %op.id, template = %op.template_id, error = ?err, "{what}");
             inner.worker.hold_back(&inner.options, op.id);
-        }
-    }
-}
-
-/// Whether `op` has been open longer than `resolve_deadline`.
-fn past_deadline(inner: &Inner, op: &CreateOp) -> bool {
-    after(op.created_at, inner.options.resolve_deadline) <= Timestamp::now()
-}
-
-/// Resolves `op` without its host's answer: the sandbox becomes `error`,
-/// a create not yet rolled back is, its key stays queued (tried after the
-/// late-write grace: an agent that cannot be asked may still be writing).
-async fn resolve_by_deadline(inner: &Inner, op: &CreateOp, report: &mut WorkReport) -> Result<()> {
-    let (id, now) = (op.id, Timestamp::now());
-    let first_attempt = after(now, inner.options.late_write_grace);
-    let resolved = inner
-        .store
-        .resolve_open_operation(
-            id,
-            SandboxStatus::Error,
-            Actor::System,
-            ResolveReason::Deadline,
-            first_attempt,
-            now,
-        )
-        .await?;
-    if resolved.is_some() {
-        tracing::warn!(operation = %op.id, sandbox = %op.sandbox_id,
-            "the host did not answer before resolve_deadline; sandbox set to error");
-        report.resolved_by_deadline += 1;
-        inner.wake.notify_one();
-    }
-    Ok(())
-}
-
-async fn postpone(
-    inner: &Inner,
-    op: &CreateOp,
-    why: String,
-    report: &mut WorkReport,
-) -> Result<()> {
-    if past_deadline(inner, op) {
-        return resolve_by_deadline(inner, op, report).await;
-    }
-    let (id, at, now) = (
-        op.template_id,
-        after(Timestamp::now(), backoff(&inner.options, op.attempts)),
-        Timestamp::now(),
-    );
-    inner.store.postpone_operation(id, why, at, now).await?;
-    report.postponed += 1;
-    Ok(())
-}
-
-/// A create that nobody is driving any more: the agent may or may not have
-/// written the snapshot. If the host lists the key (agents list only
-/// complete snapshots), roll forward: the caller never got an answer, so
-/// either outcome is allowed, and keeping the work is kinder. Otherwise
-/// roll back. An agent without `ListSnapshots` gets the conservative path:
-/// roll back and delete the key. A host marked offline cannot be asked:
-/// roll back, and the sandbox is `missing` (an operator said the host is
-/// gone). A host that cannot answer before `resolve_deadline` leaves the
-/// sandbox `error`.
-async fn resolve_interrupted(
-    inner: &Arc<Inner>,
-    op: &CreateOp,
-    views: &mut HostViews,
-    report: &mut WorkReport,
-) -> Result<()> {
-    let outcome = if views.offline(inner, op.host.id).await? {
-        SandboxOutcome::Known(SandboxStatus::Missing)
-    } else {
-        let key = op.template_id.to_string();
-        let held = match views.snapshots(inner, &op.host).await {
-            Ok(list) => list.iter().find(|s| s.key == key).map(|s| s.size_bytes),
-            Err(AgentError::Rejected {
-                code: AgentCode::Unimplemented,
-                ..
-            }) => None,
-            Err(err) => {
-                let why = format!("cannot list the host's snapshots: {err}");
-                return postpone(inner, op, why, report).await;
-            }
-        };
-        if let Some(size_bytes) = held {
-            let now = Timestamp::now();
-            let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
-            let op2 = op.clone();
-            let finished = inner
-                .store
-                .finish_create(op2, size_bytes, lease, now)
-                .await?;
-            match finished {
-                Finish::Done(done) => {
-                    tracing::info!(template = %op.template_id, "rolled an interrupted snapshot forward");
-                    report.rolled_forward += 1;
-                    if !done.replaced.is_empty() {
-                        // The replaced files may be on other hosts: their
-                        // deletions must not hold up this host's work.
-                        let inner2 = inner.clone();
-                        inner.tasks_spawn(async move {
-                            delete_files(&inner2, done.replaced).await;
-                        });
-                    }
-                    return Ok(());
-                }
-                Finish::AlreadyResolved => return Ok(()),
-                // The name went to another template meanwhile: roll back.
-                Finish::NameTaken => {}
-            }
-        }
-        views.outcome(inner, op).await
-    };
-    if matches!(outcome, SandboxOutcome::Unknown { .. }) && past_deadline(inner, op) {
-        return resolve_by_deadline(inner, op, report).await;
-    }
-    let applied = inner
-        .roll_back(
-            op,
-            outcome,
-            "interrupted",
-            "interrupted before completion".into(),
-            false,
-        )
-        .await?;
-    if applied {
-        tracing::info!(template = %op.template_id, "rolled back an interrupted snapshot");
-        report.rolled_back += 1;
-        if matches!(outcome, SandboxOutcome::Unknown { .. }) {
-            report.postponed += 1;
-        }
-    }
-    Ok(())
-}
-
-/// A rolled-back create whose sandbox status was unknown: ask again.
-async fn resolve_status(
-    inner: &Arc<Inner>,
-    op: &CreateOp,
-    views: &mut HostViews,
-    report: &mut WorkReport,
-) -> Result<()> {
-    let outcome = if views.offline(inner, op.host.id).await? {
-        SandboxOutcome::Known(SandboxStatus::Missing)
-    } else {
-        views.outcome(inner, op).await
-    };
-    match outcome {
-        SandboxOutcome::Known(status) => {
-            let op2 = op.clone();
-            let now = Timestamp::now();
-            let closed = inner.store.resolve_operation(op2, status, now).await?;
-            if closed {
-                tracing::info!(sandbox = %op.sandbox_id, %status, "sandbox status resolved from its host");
-                report.statuses_resolved += 1;
-                // Its half-written key may be deleted now.
-                inner.wake.notify_one();
-            }
-            Ok(())
-        }
-        SandboxOutcome::Unknown { .. } => {
-            postpone(
-                inner,
-                op,
-                "the host cannot report the sandbox yet".into(),
-                report,
-            )
-            .await
         }
     }
 }
@@ -802,7 +524,7 @@ pub struct SweepReport {
 /// or open operation owns and that are older than `grace`. Keys that are
 /// not ours are never touched; each queued key is logged and audited as a
 /// system action.
-pub(crate) async fn sweep(inner: &Arc<Inner>, grace: Duration) -> Result<SweepReport> {
+pub(crate) async fn sweep(inner: &Arc<Engine>, grace: Duration) -> Result<SweepReport> {
     let mut report = SweepReport::default();
     let hosts = inner.store.list_hosts().await?;
     let cutoff = Timestamp::from_unix_millis(

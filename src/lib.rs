@@ -66,6 +66,7 @@
 
 pub mod agent;
 mod audit;
+mod engine;
 mod error;
 #[cfg(feature = "server")]
 pub mod http;
@@ -75,6 +76,7 @@ mod manager;
 pub mod metrics;
 mod model;
 pub mod names;
+mod options;
 mod registry;
 mod signal;
 mod store;
@@ -86,11 +88,12 @@ pub use agent::{
     HostTarget, InProcessTransport, MemoryHostAgent,
 };
 pub use audit::{AuditEntry, AuditOutcome, AuditQuery, RESOURCE_TEMPLATE, actions};
+pub use engine::WorkReport;
 pub use error::{Error, ErrorCode, Result};
 pub use ids::{
     ApiKeyId, AuditLogId, HostId, IdError, InstanceId, OperationId, SandboxId, TeamId, TemplateId,
 };
-pub use janitor::{SweepReport, WorkReport, WorkerStats};
+pub use janitor::{SweepReport, WorkerStats};
 pub use manager::{
     Deleted, ListQuery, MAX_PAGE_SIZE, Manager, ManagerOptions, NewSnapshot, Page, Placement,
     ResolvedOperation, SnapshotManager, SweepOptions,

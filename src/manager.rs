@@ -10,26 +10,25 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{Notify, oneshot};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::agent::{
-    AgentCode, AgentError, AgentTransport, CreateSnapshotRequest, DeleteSnapshotRequest,
-    HostTarget, SandboxList, SnapshotKey,
-};
+use crate::agent::AgentTransport;
 use crate::audit::{AuditEntry, AuditQuery, audit_cursor};
+use crate::engine::create::{CreateRequest, Reply, run_create};
+use crate::engine::delete::run_delete;
+use crate::engine::{Engine, after, lock_unpoisoned};
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::{HostId, InstanceId, OperationId, SandboxId, TemplateId};
 use crate::janitor::SweepReport;
 use crate::model::{Caller, SandboxStatus, Template, TemplateType, Timestamp};
 use crate::names::TemplateName;
+pub use crate::options::{ManagerOptions, SweepOptions};
 use crate::registry::Registry;
 use crate::store::sqlite::lock::DbLock;
 use crate::store::{
-    CreateInput, CreateOp, Deletion, DeletionResult, Finish, ListPosition, OpenOperation,
-    PendingDeletion, ResolveReason, SandboxOutcome, SqliteStore, Store, StoreOptions,
+    ListPosition, OpenOperation, PendingDeletion, ResolveReason, SqliteStore, Store,
 };
 
 /// Largest page a list may ask for.
@@ -202,110 +201,6 @@ pub trait SnapshotManager: Send + Sync {
     async fn delete(&self, caller: &Caller, name: &TemplateName) -> Result<Deleted>;
 }
 
-/// Tuning for [`Manager`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct ManagerOptions {
-    /// How the SQLite file is opened.
-    pub store: StoreOptions,
-    /// How the PostgreSQL pool is set up (feature `postgres`).
-    #[cfg(feature = "postgres")]
-    pub postgres: crate::store::postgres::PostgresOptions,
-    /// How long this process's instance lease lasts without a heartbeat
-    /// (renewed every third of it). Another replica adopts the journal
-    /// entries of an instance whose lease ended. Default 30 s.
-    pub instance_lease: Duration,
-    /// Longest a host agent may take to create a snapshot. Default 5 min.
-    pub create_timeout: Duration,
-    /// Longest a `DeleteSnapshot` call may take. Default 30 s.
-    pub delete_timeout: Duration,
-    /// Longest `delete` (and an overwriting `create`) waits for the hosts
-    /// to delete files before returning; the deletion goes on in the
-    /// background either way. Default 10 s.
-    pub delete_wait: Duration,
-    /// Longest a `ListSandboxes` call may take. Default 10 s.
-    pub list_timeout: Duration,
-    /// After an ambiguous create failure (a timeout, a lost reply, a crash),
-    /// how long the possibly half-written key is left alone before it is
-    /// deleted, so that the deletion does not race an agent still writing
-    /// it. Default 5 min (the default create timeout, which agents receive
-    /// as their deadline).
-    pub late_write_grace: Duration,
-    /// An operation whose outcome needs its host's answer (the host could
-    /// not be asked, or still reports the sandbox `snapshotting`) resolves
-    /// without it this long after it began: the sandbox becomes `error` and
-    /// a possibly half-written key stays queued for deletion. Default 15 min.
-    pub resolve_deadline: Duration,
-    /// How long a create whose agent has answered keeps trying to record
-    /// the answer in a failing store (a lock held by another process, a
-    /// full disk) before it answers `db_error`, outcome unknown. It goes on
-    /// trying in the background after that, until the answer is recorded
-    /// or the manager shuts down. Default 30 s.
-    pub record_patience: Duration,
-    /// First retry delay of queued work; doubles per attempt. Default 1 s.
-    pub retry_base: Duration,
-    /// Longest retry delay. Default 5 min.
-    pub retry_max: Duration,
-    /// Longest the background worker sleeps between scans. Default 30 s.
-    pub janitor_interval: Duration,
-    /// Whether to run the background worker. Default true.
-    pub run_janitor: bool,
-    /// The background orphan sweep; off (`None`) by default.
-    pub orphan_sweep: Option<SweepOptions>,
-}
-
-/// Settings of the opt-in orphan sweep (see
-/// [`Manager::sweep_orphans`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct SweepOptions {
-    /// Keys younger than this are never swept: they may belong to a create
-    /// in flight elsewhere or to an agent that missed its deadline. Should
-    /// exceed the create timeout by a margin. Default 1 h.
-    pub grace: Duration,
-    /// How often the background worker sweeps. Default 1 h.
-    pub interval: Duration,
-}
-
-impl Default for SweepOptions {
-    fn default() -> Self {
-        Self {
-            grace: Duration::from_secs(3600),
-            interval: Duration::from_secs(3600),
-        }
-    }
-}
-
-impl SweepOptions {
-    /// A sweep every `interval` of keys older than `grace`.
-    pub fn new(grace: Duration, interval: Duration) -> Self {
-        Self { grace, interval }
-    }
-}
-
-impl Default for ManagerOptions {
-    fn default() -> Self {
-        Self {
-            store: StoreOptions::default(),
-            #[cfg(feature = "postgres")]
-            postgres: crate::store::postgres::PostgresOptions::default(),
-            instance_lease: Duration::from_secs(30),
-            create_timeout: Duration::from_secs(300),
-            delete_timeout: Duration::from_secs(30),
-            delete_wait: Duration::from_secs(10),
-            list_timeout: Duration::from_secs(10),
-            late_write_grace: Duration::from_secs(300),
-            resolve_deadline: Duration::from_secs(15 * 60),
-            record_patience: Duration::from_secs(30),
-            retry_base: Duration::from_secs(1),
-            retry_max: Duration::from_secs(300),
-            janitor_interval: Duration::from_secs(30),
-            run_janitor: true,
-            orphan_sweep: None,
-        }
-    }
-}
-
 /// The default [`SnapshotManager`]: templates in an SQLite file, host
 /// agents through an [`AgentTransport`], a background worker that finishes
 /// deletions. Cheap to clone.
@@ -330,28 +225,7 @@ impl Default for ManagerOptions {
 /// ```
 #[derive(Clone)]
 pub struct Manager {
-    inner: Arc<Inner>,
-}
-
-pub(crate) struct Inner {
-    pub(crate) store: Arc<dyn Store>,
-    /// This process's instance: the owner of the journal entries it writes.
-    pub(crate) instance: InstanceId,
-    pub(crate) transport: Arc<dyn AgentTransport>,
-    pub(crate) options: ManagerOptions,
-    /// Detached operation tasks, awaited by `shutdown`.
-    tasks: TaskTracker,
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) wake: Arc<Notify>,
-    /// Templates whose create is being driven by a task of this process;
-    /// recovery leaves them alone.
-    in_flight: Mutex<HashSet<TemplateId>>,
-    janitor: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    last_sweep: Mutex<Option<tokio::time::Instant>>,
-    /// What the background worker keeps in memory between passes.
-    pub(crate) worker: crate::janitor::WorkerState,
-    /// SQLite's one-process lock (none on PostgreSQL).
-    _lock: Option<DbLock>,
+    inner: Arc<Engine>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -436,7 +310,7 @@ impl Manager {
             .register_instance(instance, after(now, options.instance_lease), now)
             .await?;
         let manager = Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new(Engine {
                 store,
                 instance,
                 transport: crate::metrics::MeteredTransport::wrap(transport),
@@ -447,7 +321,7 @@ impl Manager {
                 in_flight: Mutex::new(HashSet::new()),
                 janitor: Mutex::new(None),
                 last_sweep: Mutex::new(None),
-                worker: crate::janitor::WorkerState::default(),
+                worker: crate::engine::WorkerState::default(),
                 _lock: lock,
             }),
         };
@@ -588,7 +462,7 @@ impl Manager {
     /// Runs the background worker's work that is due now, once, and says
     /// what it did. The worker does this by itself; this is for operators
     /// and tests.
-    pub async fn run_pending_work(&self) -> Result<crate::janitor::WorkReport> {
+    pub async fn run_pending_work(&self) -> Result<crate::engine::WorkReport> {
         crate::janitor::tick(&self.inner).await
     }
 
@@ -610,10 +484,6 @@ impl Manager {
             tracing::warn!(error = %err, "cannot close the store at shutdown");
         }
     }
-}
-
-pub(crate) fn lock_unpoisoned<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn check_limit(limit: Option<u32>) -> Result<Option<u32>> {
@@ -693,7 +563,12 @@ impl SnapshotManager for Manager {
             let caller = caller.clone();
             self.inner.tasks.spawn(
                 async move {
-                    run_create(&inner, &caller, snapshot, Reply(Some(tx))).await;
+                    let request = CreateRequest {
+                        sandbox_id: snapshot.sandbox_id,
+                        name: snapshot.name,
+                        overwrite: snapshot.overwrite,
+                    };
+                    run_create(&inner, &caller, request, Reply(Some(tx))).await;
                 }
                 .in_current_span(),
             );
@@ -765,28 +640,8 @@ impl Manager {
             let caller = caller.clone();
             let name = name.clone();
             self.inner.tasks.spawn(
-                async move {
-                    let now = Timestamp::now();
-                    let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
-                    let actor = caller.actor().clone();
-                    let (team, admin) = (caller.team(), caller.is_admin());
-                    let begun = inner
-                        .store
-                        .begin_delete(actor, team, admin, name, lease, now)
-                        .await;
-                    let (template, targets) = match begun {
-                        Ok(v) => v,
-                        Err(err) => {
-                            let _ = committed_tx.send(Err(err));
-                            return;
-                        }
-                    };
-                    let hosts: Vec<HostId> = targets.iter().map(|d| d.host.id).collect();
-                    let _ = committed_tx.send(Ok((template, hosts)));
-                    let outcome = delete_files(&inner, targets).await;
-                    let _ = done_tx.send(outcome);
-                }
-                .in_current_span(),
+                async move { run_delete(&inner, &caller, name, committed_tx, done_tx).await }
+                    .in_current_span(),
             );
             let (template, hosts) = committed_rx.await.unwrap_or_else(|_| {
                 Err(Error::new(
@@ -814,448 +669,5 @@ impl Manager {
         }
         crate::metrics::operation("delete", started, &result);
         result
-    }
-}
-
-/// The shortest retry delay, whatever the options say.
-const MIN_RETRY: Duration = Duration::from_millis(10);
-
-pub(crate) fn after(now: Timestamp, d: Duration) -> Timestamp {
-    let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-    Timestamp::from_unix_millis(now.unix_millis().saturating_add(ms))
-}
-
-/// The delay before attempt `attempts + 1`: exponential from `retry_base`,
-/// capped at `retry_max`, with up to 20% jitter so hosts that come back
-/// together are not hit at once.
-pub(crate) fn backoff(options: &ManagerOptions, attempts: u32) -> Duration {
-    // Never zero, whatever the options say: a zero delay would spin.
-    let exp = options
-        .retry_base
-        .max(MIN_RETRY)
-        .saturating_mul(1u32.checked_shl(attempts.min(20)).unwrap_or(u32::MAX));
-    let capped = exp.min(options.retry_max.max(MIN_RETRY));
-    let jitter_pct = u64::from(uuid::Uuid::new_v4().as_bytes()[0] % 21);
-    capped + capped.mul_f64(jitter_pct as f64 / 100.0)
-}
-
-struct InFlightGuard<'a> {
-    inner: &'a Inner,
-    id: TemplateId,
-}
-
-impl<'a> InFlightGuard<'a> {
-    fn new(inner: &'a Inner, id: TemplateId) -> Self {
-        lock_unpoisoned(&inner.in_flight).insert(id);
-        Self { inner, id }
-    }
-}
-
-impl Drop for InFlightGuard<'_> {
-    fn drop(&mut self) {
-        lock_unpoisoned(&self.inner.in_flight).remove(&self.id);
-    }
-}
-
-/// The status a host reports for `sandbox` after a snapshot attempt:
-/// `None` while the host still reports it `snapshotting` (it is still
-/// working on it), `error` for a status we do not know. A sandbox the host
-/// does not list is `paused`: real agents list only running VMs, and a
-/// snapshot attempt leaves the VM paused (SPEC §4a "What a host's answer
-/// means"); `missing` needs the host to say so.
-pub(crate) fn reported_status(list: &SandboxList, sandbox: SandboxId) -> Option<SandboxStatus> {
-    let wanted = sandbox.to_string();
-    match list.sandboxes.iter().find(|s| s.sandbox_id == wanted) {
-        None => Some(SandboxStatus::Paused),
-        Some(info) => match info.status.parse::<SandboxStatus>() {
-            Ok(SandboxStatus::Snapshotting) => None,
-            Ok(status) => Some(status),
-            Err(_) => Some(SandboxStatus::Error),
-        },
-    }
-}
-
-impl Inner {
-    /// `None` when an orphan sweep is due now (and records it as started),
-    /// else how long until it is.
-    pub(crate) fn sweep_due(&self, interval: Duration) -> Option<Duration> {
-        let mut last = lock_unpoisoned(&self.last_sweep);
-        let now = tokio::time::Instant::now();
-        match *last {
-            Some(at) if now < at + interval => Some(at + interval - now),
-            _ => {
-                *last = Some(now);
-                None
-            }
-        }
-    }
-
-    /// Runs `work` on a task that `shutdown` waits for.
-    pub(crate) fn tasks_spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.tasks.spawn(work.in_current_span());
-    }
-
-    pub(crate) fn is_in_flight(&self, id: TemplateId) -> bool {
-        lock_unpoisoned(&self.in_flight).contains(&id)
-    }
-
-    /// The creates driven by tasks of this process.
-    pub(crate) fn in_flight(&self) -> Vec<TemplateId> {
-        lock_unpoisoned(&self.in_flight).iter().copied().collect()
-    }
-
-    /// `ListSandboxes` on a host, within the list timeout.
-    pub(crate) async fn list_sandboxes(
-        &self,
-        host: &HostTarget,
-    ) -> Result<SandboxList, AgentError> {
-        let agent = self.transport.agent(host)?;
-        tokio::time::timeout(self.options.list_timeout, agent.list_sandboxes())
-            .await
-            .map_err(|_| AgentError::Timeout)?
-    }
-
-    /// What to do with the sandbox after an ambiguous failure: the status
-    /// its host reports, or wait until the host can say.
-    async fn sandbox_outcome(&self, op: &CreateOp) -> SandboxOutcome {
-        let retry_at = after(Timestamp::now(), backoff(&self.options, 0));
-        match self.list_sandboxes(&op.host).await {
-            Ok(list) => match reported_status(&list, op.sandbox_id) {
-                Some(status) => SandboxOutcome::Known(status),
-                None => SandboxOutcome::Unknown { retry_at },
-            },
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot ask the host for the sandbox's status; will retry");
-                SandboxOutcome::Unknown { retry_at }
-            }
-        }
-    }
-
-    /// Rolls a create back (see `Store::fail_create`). After an ambiguous
-    /// failure the key is deleted only after `late_write_grace`, so the
-    /// deletion does not race an agent still writing it.
-    pub(crate) async fn roll_back(
-        &self,
-        op: &CreateOp,
-        outcome: SandboxOutcome,
-        code: &'static str,
-        detail: String,
-        definite: bool,
-    ) -> Result<bool> {
-        let now = Timestamp::now();
-        let first_attempt = if definite {
-            now
-        } else {
-            after(now, self.options.late_write_grace)
-        };
-        let op = op.clone();
-        let applied = self
-            .store
-            .fail_create(op, outcome, code, detail, Some(first_attempt), now)
-            .await?;
-        self.wake.notify_one();
-        Ok(applied)
-    }
-
-    /// How long a create's own task holds its journal entry: the worker
-    /// leaves the entry alone until then (after a restart, at once).
-    fn create_lease(&self) -> Duration {
-        self.options
-            .create_timeout
-            .saturating_add(self.options.list_timeout)
-            .saturating_add(self.options.record_patience)
-    }
-
-    /// Runs `attempt` until the store takes it, backing off between tries.
-    /// Once `record_patience` has passed, `impatient` is called (once) with
-    /// the last error so that the caller can be answered; the tries go on
-    /// in the background until the store takes it. `None` when the manager
-    /// shuts down first: the journal entry stays open for the next start.
-    async fn persist<T, F, Fut>(
-        &self,
-        what: &str,
-        mut attempt: F,
-        impatient: impl FnOnce(&Error),
-    ) -> Option<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T>>,
-    {
-        let started = tokio::time::Instant::now();
-        let mut impatient = Some(impatient);
-        let mut tries = 0u32;
-        loop {
-            let err = match attempt().await {
-                Ok(value) => return Some(value),
-                Err(err) => err,
-            };
-            tries += 1;
-            if started.elapsed() >= self.options.record_patience
-                && let Some(answer) = impatient.take()
-            {
-                answer(&err);
-            }
-            tracing::warn!(attempt = tries, error = ?err, "recording {what} failed; retrying");
-            let delay = Duration::from_millis(50u64 << tries.min(6));
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = self.shutdown.cancelled() => return None,
-            }
-        }
-    }
-}
-
-/// The answer to a create's caller, sent at most once.
-struct Reply(Option<oneshot::Sender<Result<Template>>>);
-
-impl Reply {
-    fn send(&mut self, result: Result<Template>) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(result);
-        }
-    }
-}
-
-/// What a caller hears when the store cannot record what the host did:
-/// the outcome is unknown (a crash before the store recovers may still
-/// decide it either way).
-fn unrecorded(what: &str, cause: &Error) -> Error {
-    Error::new(
-        ErrorCode::DbError,
-        format!(
-            "{what}, but the store could not record it yet; the outcome is unknown until \
-             the store recovers"
-        ),
-    )
-    .with_source(cause.to_string())
-}
-
-async fn run_create(inner: &Arc<Inner>, caller: &Caller, snapshot: NewSnapshot, mut reply: Reply) {
-    let template_id = TemplateId::new();
-    let _guard = InFlightGuard::new(inner, template_id);
-    let now = Timestamp::now();
-    let input = CreateInput {
-        actor: caller.actor().clone(),
-        team: caller.team(),
-        sandbox_id: snapshot.sandbox_id,
-        name: snapshot.name,
-        overwrite: snapshot.overwrite,
-        template_id,
-        operation_id: OperationId::new(),
-        owner: inner.instance,
-        lease_until: after(now, inner.create_lease()),
-    };
-    let op = match inner.store.begin_create(input, now).await {
-        Ok((op, _sandbox)) => op,
-        Err(err) => return reply.send(Err(err)),
-    };
-    tracing::debug!(template = %template_id, host = %op.host.id, "snapshot started");
-
-    let request = CreateSnapshotRequest::for_template(op.sandbox_id, op.team, template_id);
-    let called = async {
-        let agent = inner.transport.agent(&op.host)?;
-        tokio::time::timeout(inner.options.create_timeout, agent.create_snapshot(request))
-            .await
-            .map_err(|_| AgentError::Timeout)?
-    }
-    .await;
-    match called {
-        Ok(response) => finish_success(inner, &op, response.size_bytes, &mut reply).await,
-        Err(err) => finish_failure(inner, &op, err, &mut reply).await,
-    }
-    // Only a shutdown gets here without an answer: the entry stays open and
-    // the next start resolves it.
-    reply.send(Err(Error::new(
-        ErrorCode::DbError,
-        "the snapshot manager shut down before the snapshot's outcome was recorded",
-    )));
-}
-
-async fn finish_success(inner: &Arc<Inner>, op: &CreateOp, size_bytes: u64, reply: &mut Reply) {
-    // The host holds the snapshot: giving up would tell the caller it
-    // failed and then let recovery roll it forward (or, without
-    // `ListSnapshots`, back). Keep what this process knows and retry until
-    // the store takes it.
-    let finished = inner
-        .persist(
-            "a finished snapshot",
-            || {
-                let now = Timestamp::now();
-                let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
-                let op = op.clone();
-                inner.store.finish_create(op, size_bytes, lease, now)
-            },
-            |err| reply.send(Err(unrecorded("the snapshot was taken", err))),
-        )
-        .await;
-    let done = match finished {
-        None => return,
-        Some(Finish::Done(done)) => done,
-        Some(Finish::NameTaken) => {
-            // Lost the name to another template meanwhile: undo ours. The
-            // agent answered, so the VM is paused and the key whole.
-            let err = Error::conflict(
-                "another snapshot took this name while the snapshot was being created",
-            );
-            let outcome = SandboxOutcome::Known(SandboxStatus::Paused);
-            let code = err.code().as_str();
-            let recorded = inner
-                .persist(
-                    "a conflicting snapshot's rollback",
-                    || inner.roll_back(op, outcome, code, err.message().to_owned(), true),
-                    |db| reply.send(Err(unrecorded("the snapshot lost its name", db))),
-                )
-                .await;
-            if recorded.is_some() {
-                reply.send(Err(err));
-            }
-            return;
-        }
-        Some(Finish::AlreadyResolved) => {
-            // Someone else closed the entry (an operator); report what it
-            // became.
-            let id = op.template_id;
-            let result = inner.store.get_ready_template(id).await.and_then(|t| {
-                t.ok_or_else(|| {
-                    Error::conflict("the snapshot was rolled back while it was being recorded")
-                })
-            });
-            return reply.send(result);
-        }
-    };
-    tracing::info!(template = %done.template.id, size_bytes, "snapshot ready");
-    if !done.replaced.is_empty() {
-        // Delete the replaced files now, waiting a bounded time so that an
-        // overwrite usually returns with the old files gone; a slow or
-        // unreachable host is left to the worker.
-        let targets = done.replaced;
-        let inner2 = inner.clone();
-        let deleting = inner.tasks.spawn(
-            async move {
-                delete_files(&inner2, targets).await;
-            }
-            .in_current_span(),
-        );
-        let _ = tokio::time::timeout(inner.options.delete_wait, deleting).await;
-    }
-    reply.send(Ok(done.template));
-}
-
-/// Records a failed create, then tells the caller. A failure the store
-/// cannot record within `record_patience` is answered `db_error` (outcome
-/// unknown), and recording it goes on in the background, so that what the
-/// caller was told (and what this process knows) is what happens.
-async fn finish_failure(inner: &Arc<Inner>, op: &CreateOp, err: AgentError, reply: &mut Reply) {
-    tracing::warn!(template = %op.template_id, error = %err, "host agent failed to snapshot");
-    let user_error = Error::from_create_failure(err.clone());
-    let not_sent = err.is_not_sent();
-    let definite = not_sent || err.is_definite_rejection();
-    let outcome = if definite {
-        SandboxOutcome::Known(op.prev_status)
-    } else {
-        inner.sandbox_outcome(op).await
-    };
-    let now = Timestamp::now();
-    // A request that never reached the agent left nothing to delete; after
-    // a rejection the agent wrote nothing either, but a delete is cheap and
-    // an agent's word is not proof.
-    let first_attempt = if not_sent {
-        None
-    } else if definite {
-        Some(now)
-    } else {
-        Some(after(now, inner.options.late_write_grace))
-    };
-    let code = user_error.code().as_str();
-    let detail = err.to_string();
-    let recorded = inner
-        .persist(
-            "a failed snapshot",
-            || {
-                let (op, detail) = (op.clone(), detail.clone());
-                let now = Timestamp::now();
-                inner
-                    .store
-                    .fail_create(op, outcome, code, detail, first_attempt, now)
-            },
-            |db| reply.send(Err(unrecorded("the snapshot failed", db))),
-        )
-        .await;
-    if recorded.is_some() {
-        inner.wake.notify_one();
-        reply.send(Err(user_error));
-    }
-}
-
-/// Deletes files on their hosts in parallel and records each answer.
-/// Returns the hosts that confirmed and those left to the worker.
-pub(crate) async fn delete_files(
-    inner: &Arc<Inner>,
-    targets: Vec<Deletion>,
-) -> (Vec<HostId>, Vec<HostId>) {
-    let mut calls = JoinSet::new();
-    for target in targets {
-        let inner = inner.clone();
-        calls.spawn(async move {
-            let result = delete_on_host(&inner, &target).await;
-            // Each answer is recorded as soon as it arrives, so a slow host
-            // does not hold back the others; answers arriving together
-            // share a commit through the writer's group commit.
-            let now = Timestamp::now();
-            let answer = match &result {
-                Ok(()) => DeletionResult::Confirmed,
-                Err(err) => DeletionResult::Failed {
-                    error: err.to_string(),
-                    retry_at: after(now, backoff(&inner.options, target.attempts)),
-                },
-            };
-            let recorded = inner
-                .store
-                .record_deletion(target.clone(), answer, now)
-                .await;
-            if let Err(db) = recorded {
-                tracing::error!(error = ?db, "recording a deletion result failed; it will be retried");
-            }
-            (target, result)
-        });
-    }
-    let mut confirmed = Vec::new();
-    let mut pending = Vec::new();
-    while let Some(joined) = calls.join_next().await {
-        // A call that panicked keeps its lease and is retried after it.
-        let Ok((target, result)) = joined else {
-            continue;
-        };
-        match result {
-            Ok(()) => confirmed.push(target.host.id),
-            Err(err) => {
-                tracing::warn!(host = %target.host.id, template = %target.template_id, error = %err,
-                    "deleting snapshot files failed; queued for retry");
-                pending.push(target.host.id);
-            }
-        }
-    }
-    if !pending.is_empty() {
-        // The worker may be asleep past the retry time it must now keep.
-        inner.wake.notify_one();
-    }
-    (confirmed, pending)
-}
-
-/// One `DeleteSnapshot` call; NotFound counts as done.
-async fn delete_on_host(inner: &Inner, target: &Deletion) -> Result<(), AgentError> {
-    let mut request = DeleteSnapshotRequest::new(SnapshotKey::for_template(target.template_id));
-    request.team_id = Some(target.team);
-    request.template_id = Some(target.template_id);
-    let agent = inner.transport.agent(&target.host)?;
-    let result = tokio::time::timeout(inner.options.delete_timeout, agent.delete_snapshot(request))
-        .await
-        .map_err(|_| AgentError::Timeout)?;
-    match result {
-        Err(AgentError::Rejected {
-            code: AgentCode::NotFound,
-            ..
-        }) => Ok(()),
-        other => other,
     }
 }

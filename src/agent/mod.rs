@@ -21,8 +21,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::ids::{HostId, SandboxId, TeamId, TemplateId};
-use crate::time::Timestamp;
 use crate::names::{NameError, TemplateName};
+use crate::time::Timestamp;
 
 pub use client::{ClientConfig, ConnectConfig, GrpcConfig, HttpVersion, TlsConfig};
 pub use connect::ConnectTransport;

@@ -1,0 +1,354 @@
+//! The operations engine: the create and delete state machines (`create`,
+//! `delete`) and what they share — the [`Engine`] (store, transport,
+//! options, tasks, the creates this process drives), retry timing, and how
+//! a host's answers are read. The foreground calls of the manager and the
+//! background worker (`janitor`) both drive operations through here, so
+//! each state machine is written once.
+
+pub(crate) mod create;
+pub(crate) mod delete;
+
+use std::collections::HashMap;
+use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::agent::{AgentError, AgentTransport, HostTarget, SandboxList, SnapshotInfo};
+use crate::error::{Error, Result};
+use crate::ids::{HostId, InstanceId, OperationId, SandboxId, TemplateId};
+use crate::model::{HostStatus, SandboxStatus, Timestamp};
+use crate::options::ManagerOptions;
+use crate::store::sqlite::lock::DbLock;
+use crate::store::{CreateOp, SandboxOutcome, Store};
+
+pub(crate) struct Engine {
+    pub(crate) store: Arc<dyn Store>,
+    /// This process's instance: the owner of the journal entries it writes.
+    pub(crate) instance: InstanceId,
+    pub(crate) transport: Arc<dyn AgentTransport>,
+    pub(crate) options: ManagerOptions,
+    /// Detached operation tasks, awaited by `shutdown`.
+    pub(crate) tasks: TaskTracker,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) wake: Arc<Notify>,
+    /// Templates whose create is being driven by a task of this process;
+    /// recovery leaves them alone.
+    pub(crate) in_flight: Mutex<HashSet<TemplateId>>,
+    pub(crate) janitor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    pub(crate) last_sweep: Mutex<Option<tokio::time::Instant>>,
+    /// What the background worker keeps in memory between passes.
+    pub(crate) worker: WorkerState,
+    /// SQLite's one-process lock (none on PostgreSQL).
+    pub(crate) _lock: Option<DbLock>,
+}
+
+pub(crate) fn lock_unpoisoned<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The shortest retry delay, whatever the options say.
+const MIN_RETRY: Duration = Duration::from_millis(10);
+
+pub(crate) fn after(now: Timestamp, d: Duration) -> Timestamp {
+    let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    Timestamp::from_unix_millis(now.unix_millis().saturating_add(ms))
+}
+
+/// The delay before attempt `attempts + 1`: exponential from `retry_base`,
+/// capped at `retry_max`, with up to 20% jitter so hosts that come back
+/// together are not hit at once.
+pub(crate) fn backoff(options: &ManagerOptions, attempts: u32) -> Duration {
+    // Never zero, whatever the options say: a zero delay would spin.
+    let exp = options
+        .retry_base
+        .max(MIN_RETRY)
+        .saturating_mul(1u32.checked_shl(attempts.min(20)).unwrap_or(u32::MAX));
+    let capped = exp.min(options.retry_max.max(MIN_RETRY));
+    let jitter_pct = u64::from(uuid::Uuid::new_v4().as_bytes()[0] % 21);
+    capped + capped.mul_f64(jitter_pct as f64 / 100.0)
+}
+
+pub(crate) struct InFlightGuard<'a> {
+    inner: &'a Engine,
+    id: TemplateId,
+}
+
+impl<'a> InFlightGuard<'a> {
+    fn new(inner: &'a Engine, id: TemplateId) -> Self {
+        lock_unpoisoned(&inner.in_flight).insert(id);
+        Self { inner, id }
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        lock_unpoisoned(&self.inner.in_flight).remove(&self.id);
+    }
+}
+
+/// The status a host reports for `sandbox` after a snapshot attempt:
+/// `None` while the host still reports it `snapshotting` (it is still
+/// working on it), `error` for a status we do not know. A sandbox the host
+/// does not list is `paused`: real agents list only running VMs, and a
+/// snapshot attempt leaves the VM paused (SPEC §4a "What a host's answer
+/// means"); `missing` needs the host to say so.
+pub(crate) fn reported_status(list: &SandboxList, sandbox: SandboxId) -> Option<SandboxStatus> {
+    let wanted = sandbox.to_string();
+    match list.sandboxes.iter().find(|s| s.sandbox_id == wanted) {
+        None => Some(SandboxStatus::Paused),
+        Some(info) => match info.status.parse::<SandboxStatus>() {
+            Ok(SandboxStatus::Snapshotting) => None,
+            Ok(status) => Some(status),
+            Err(_) => Some(SandboxStatus::Error),
+        },
+    }
+}
+
+impl Engine {
+    /// `None` when an orphan sweep is due now (and records it as started),
+    /// else how long until it is.
+    pub(crate) fn sweep_due(&self, interval: Duration) -> Option<Duration> {
+        let mut last = lock_unpoisoned(&self.last_sweep);
+        let now = tokio::time::Instant::now();
+        match *last {
+            Some(at) if now < at + interval => Some(at + interval - now),
+            _ => {
+                *last = Some(now);
+                None
+            }
+        }
+    }
+
+    /// Runs `work` on a task that `shutdown` waits for.
+    pub(crate) fn tasks_spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(work.in_current_span());
+    }
+
+    pub(crate) fn is_in_flight(&self, id: TemplateId) -> bool {
+        lock_unpoisoned(&self.in_flight).contains(&id)
+    }
+
+    /// The creates driven by tasks of this process.
+    pub(crate) fn in_flight(&self) -> Vec<TemplateId> {
+        lock_unpoisoned(&self.in_flight).iter().copied().collect()
+    }
+
+    /// `ListSandboxes` on a host, within the list timeout.
+    pub(crate) async fn list_sandboxes(
+        &self,
+        host: &HostTarget,
+    ) -> Result<SandboxList, AgentError> {
+        let agent = self.transport.agent(host)?;
+        tokio::time::timeout(self.options.list_timeout, agent.list_sandboxes())
+            .await
+            .map_err(|_| AgentError::Timeout)?
+    }
+
+    /// What to do with the sandbox after an ambiguous failure: the status
+    /// its host reports, or wait until the host can say.
+    async fn sandbox_outcome(&self, op: &CreateOp) -> SandboxOutcome {
+        let retry_at = after(Timestamp::now(), backoff(&self.options, 0));
+        match self.list_sandboxes(&op.host).await {
+            Ok(list) => match reported_status(&list, op.sandbox_id) {
+                Some(status) => SandboxOutcome::Known(status),
+                None => SandboxOutcome::Unknown { retry_at },
+            },
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot ask the host for the sandbox's status; will retry");
+                SandboxOutcome::Unknown { retry_at }
+            }
+        }
+    }
+
+    /// Rolls a create back (see `Store::fail_create`). After an ambiguous
+    /// failure the key is deleted only after `late_write_grace`, so the
+    /// deletion does not race an agent still writing it.
+    pub(crate) async fn roll_back(
+        &self,
+        op: &CreateOp,
+        outcome: SandboxOutcome,
+        code: &'static str,
+        detail: String,
+        definite: bool,
+    ) -> Result<bool> {
+        let now = Timestamp::now();
+        let first_attempt = if definite {
+            now
+        } else {
+            after(now, self.options.late_write_grace)
+        };
+        let op = op.clone();
+        let applied = self
+            .store
+            .fail_create(op, outcome, code, detail, Some(first_attempt), now)
+            .await?;
+        self.wake.notify_one();
+        Ok(applied)
+    }
+
+    /// How long a create's own task holds its journal entry: the worker
+    /// leaves the entry alone until then (after a restart, at once).
+    fn create_lease(&self) -> Duration {
+        self.options
+            .create_timeout
+            .saturating_add(self.options.list_timeout)
+            .saturating_add(self.options.record_patience)
+    }
+
+    /// Runs `attempt` until the store takes it, backing off between tries.
+    /// Once `record_patience` has passed, `impatient` is called (once) with
+    /// the last error so that the caller can be answered; the tries go on
+    /// in the background until the store takes it. `None` when the manager
+    /// shuts down first: the journal entry stays open for the next start.
+    async fn persist<T, F, Fut>(
+        &self,
+        what: &str,
+        mut attempt: F,
+        impatient: impl FnOnce(&Error),
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let started = tokio::time::Instant::now();
+        let mut impatient = Some(impatient);
+        let mut tries = 0u32;
+        loop {
+            let err = match attempt().await {
+                Ok(value) => return Some(value),
+                Err(err) => err,
+            };
+            tries += 1;
+            if started.elapsed() >= self.options.record_patience
+                && let Some(answer) = impatient.take()
+            {
+                answer(&err);
+            }
+            tracing::warn!(attempt = tries, error = ?err, "recording {what} failed; retrying");
+            let delay = Duration::from_millis(50u64 << tries.min(6));
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.shutdown.cancelled() => return None,
+            }
+        }
+    }
+}
+
+/// What one run of the worker did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkReport {
+    /// Deletions a host confirmed.
+    pub deletions_confirmed: usize,
+    /// Deletions that failed and were rescheduled.
+    pub deletions_failed: usize,
+    /// Interrupted creates rolled forward (the host had the snapshot).
+    pub rolled_forward: usize,
+    /// Interrupted creates rolled back.
+    pub rolled_back: usize,
+    /// Sandboxes whose status was settled from their host.
+    pub statuses_resolved: usize,
+    /// Operations resolved without their host's answer because
+    /// `resolve_deadline` passed (the sandbox became `error`).
+    pub resolved_by_deadline: usize,
+    /// Journal entries that could not be settled yet (host unreachable).
+    pub postponed: usize,
+}
+
+impl WorkReport {
+    pub(crate) fn add(&mut self, other: &WorkReport) {
+        self.deletions_confirmed += other.deletions_confirmed;
+        self.deletions_failed += other.deletions_failed;
+        self.rolled_forward += other.rolled_forward;
+        self.rolled_back += other.rolled_back;
+        self.statuses_resolved += other.statuses_resolved;
+        self.resolved_by_deadline += other.resolved_by_deadline;
+        self.postponed += other.postponed;
+    }
+}
+
+/// What hosts said during one pass, so that each host is asked at most once
+/// per pass however many entries it has.
+#[derive(Default)]
+pub(crate) struct HostViews {
+    status: HashMap<HostId, Option<HostStatus>>,
+    sandboxes: HashMap<HostId, Result<SandboxList, AgentError>>,
+    snapshots: HashMap<HostId, Result<Vec<SnapshotInfo>, AgentError>>,
+}
+
+impl HostViews {
+    pub(crate) async fn offline(&mut self, inner: &Engine, host: HostId) -> Result<bool> {
+        let status = match self.status.entry(host) {
+            Entry::Occupied(e) => *e.get(),
+            Entry::Vacant(e) => {
+                let status = inner.store.get_host(host).await?;
+                *e.insert(status.map(|h| h.status))
+            }
+        };
+        Ok(status == Some(HostStatus::Offline))
+    }
+
+    pub(crate) async fn sandboxes(
+        &mut self,
+        inner: &Engine,
+        host: &HostTarget,
+    ) -> &Result<SandboxList, AgentError> {
+        match self.sandboxes.entry(host.id) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(inner.list_sandboxes(host).await),
+        }
+    }
+
+    pub(crate) async fn snapshots(
+        &mut self,
+        inner: &Engine,
+        host: &HostTarget,
+    ) -> &Result<Vec<SnapshotInfo>, AgentError> {
+        match self.snapshots.entry(host.id) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let answer = async {
+                    let agent = inner.transport.agent(host)?;
+                    tokio::time::timeout(inner.options.list_timeout, agent.list_snapshots())
+                        .await
+                        .map_err(|_| AgentError::Timeout)?
+                }
+                .await;
+                e.insert(answer)
+            }
+        }
+    }
+
+    /// The sandbox's status per its host, or `Unknown` if it cannot say yet.
+    pub(crate) async fn outcome(&mut self, inner: &Engine, op: &CreateOp) -> SandboxOutcome {
+        let retry_at = after(Timestamp::now(), backoff(&inner.options, op.attempts));
+        match self.sandboxes(inner, &op.host).await {
+            Ok(list) => reported_status(list, op.sandbox_id)
+                .map_or(SandboxOutcome::Unknown { retry_at }, SandboxOutcome::Known),
+            Err(_) => SandboxOutcome::Unknown { retry_at },
+        }
+    }
+}
+
+/// What the background worker (`janitor`, which holds the logic) keeps
+/// in memory: which hosts have work in hand (each
+/// host's work runs on a task of its own, so that a slow host delays only
+/// itself), backoff for operations the store would not let it settle, and
+/// counters.
+#[derive(Default)]
+pub(crate) struct WorkerState {
+    pub(crate) busy_hosts: Mutex<HashSet<HostId>>,
+    /// Per operation: failed tries, and not before when to try again.
+    pub(crate) held_back: Mutex<HashMap<OperationId, (u32, tokio::time::Instant)>>,
+    pub(crate) passes: AtomicU64,
+    pub(crate) sleeps: AtomicU64,
+    pub(crate) last_sleep_ms: AtomicU64,
+    pub(crate) sweeping: AtomicBool,
+}
