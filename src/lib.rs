@@ -1,6 +1,7 @@
 //! Snapshot management for a microVM sandbox platform's control plane.
 //!
-//! A [`SnapshotManager`] records snapshot *templates* per team in SQLite,
+//! A [`SnapshotManager`] records snapshot *templates* per team in SQLite
+//! (or PostgreSQL, shared by several control-plane replicas),
 //! asks the host agent that runs a sandbox to snapshot it, lists what a team
 //! can see, and deletes templates together with their files on the hosts —
 //! without losing or leaking a snapshot when a host, the network or the
@@ -42,14 +43,21 @@
 //!
 //! # Layout
 //! - [`ids`], [`names`]: validated identifiers and template names, parsed
-//!   once at the boundary.
-//! - `time`: [`Timestamp`], below every other layer.
+//!   once at the boundary; `time`: [`Timestamp`], below every other layer.
 //! - `model`: hosts, sandboxes, templates, callers.
 //! - `error`: [`Error`] with a stable [`ErrorCode`] and HTTP status.
-//! - `manager`: the [`SnapshotManager`] trait and [`Manager`].
+//! - `manager`: the [`SnapshotManager`] trait and [`Manager`], the public
+//!   API; `options`: [`ManagerOptions`].
+//! - `engine`: the create and delete state machines (`engine/create.rs`,
+//!   `engine/delete.rs`), foreground steps and recovery together, driven
+//!   by the manager's calls and by the background worker alike.
+//! - `janitor`: the background worker's scheduling (what is due, per-host
+//!   tasks, backoff, the instance heartbeat) and the orphan sweep.
 //! - `registry`: [`Registry`] of hosts and sandboxes.
-//! - `store`: the SQLite [`Store`] (writer thread, read pool, migrations, SQL,
-//!   the one-manager-per-file lock).
+//! - `store`: the `Store` trait of domain transactions; `store/sqlite/`
+//!   (writer thread with group commit, read pool, migrations, the
+//!   one-process file lock, SQL by concern) and `store/postgres/` (feature
+//!   `postgres`: a pooled `tokio-postgres` store shared by replicas).
 //! - [`agent`]: the [`HostAgent`] service and the [`AgentTransport`] trait;
 //!   transports: in-process, gRPC ([`GrpcTransport`]) and Connect over
 //!   HTTP/1.1 or HTTP/2 ([`ConnectTransport`]), both set up by one
@@ -58,7 +66,6 @@
 //!   `agent/server/`); agents: in-memory (with fault injection) and the
 //!   directory-backed reference agent. Protobuf types stay private in
 //!   `agent::pb`, generated from `proto/` at build time.
-//! - `janitor`: the background worker and start-up recovery.
 //! - `audit`: the audit log.
 //! - [`http`] (feature `server`): the REST API for self-hosters, API keys,
 //!   admin endpoints and the OpenAPI document; `src/bin/snapshots-server.rs`

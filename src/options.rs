@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::store::StoreOptions;
 
-/// Tuning for [`Manager`].
+/// Tuning for [`Manager`](crate::Manager).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ManagerOptions {
@@ -57,7 +57,7 @@ pub struct ManagerOptions {
 }
 
 /// Settings of the opt-in orphan sweep (see
-/// [`Manager::sweep_orphans`]).
+/// [`Manager::sweep_orphans`](crate::Manager::sweep_orphans)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SweepOptions {
