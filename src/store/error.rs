@@ -1,5 +1,6 @@
 //! Store errors. `rusqlite::Error` and `r2d2::Error` are converted here and
-//! nowhere else.
+//! nowhere else, and so (feature `postgres`) are `tokio_postgres::Error`
+//! and `deadpool_postgres::PoolError`.
 
 use std::fmt;
 
@@ -7,11 +8,15 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StoreErrorKind {
-    /// Another connection held a lock for longer than the busy timeout.
+    /// Another connection held a lock for longer than the busy timeout;
+    /// on PostgreSQL also a serialization failure or deadlock that
+    /// outlasted the store's retries, or no pooled connection free within
+    /// the wait timeout.
     Busy,
     /// The file is not an SQLite database (or is encrypted or damaged).
     NotADatabase,
-    /// The file was written by a newer schema version than this build knows.
+    /// The file (or PostgreSQL database) was written by a newer schema
+    /// version than this build knows.
     NewerSchema,
     /// A constraint was violated (a bug or a lost race we did not expect).
     Constraint,
@@ -19,7 +24,7 @@ pub enum StoreErrorKind {
     Corrupt,
     /// The writer thread has stopped.
     WriterGone,
-    /// Any other SQLite, pool or I/O failure.
+    /// Any other SQLite, PostgreSQL, pool or I/O failure.
     Other,
 }
 
@@ -97,5 +102,66 @@ impl From<r2d2::Error> for StoreError {
             StoreErrorKind::Other
         };
         Self::new(kind, format!("read pool: {text}"))
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        use tokio_postgres::error::SqlState;
+        let kind = match err.code() {
+            Some(c)
+                if *c == SqlState::UNIQUE_VIOLATION
+                    || *c == SqlState::CHECK_VIOLATION
+                    || *c == SqlState::FOREIGN_KEY_VIOLATION =>
+            {
+                StoreErrorKind::Constraint
+            }
+            Some(c)
+                if *c == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *c == SqlState::T_R_DEADLOCK_DETECTED =>
+            {
+                StoreErrorKind::Busy
+            }
+            _ => StoreErrorKind::Other,
+        };
+        // The driver's own text of a server error is only "db error": the
+        // server's message and code are in the `DbError`.
+        let message = match (err.as_db_error(), std::error::Error::source(&err)) {
+            (Some(db), _) => match db.constraint() {
+                Some(constraint) => format!(
+                    "postgres: {} ({}, constraint {constraint})",
+                    db.message(),
+                    db.code().code()
+                ),
+                None => format!("postgres: {} ({})", db.message(), db.code().code()),
+            },
+            (None, Some(cause)) => format!("postgres: {err}: {cause}"),
+            (None, None) => format!("postgres: {err}"),
+        };
+        Self::new(kind, message)
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(err: deadpool_postgres::PoolError) -> Self {
+        use deadpool_postgres::{PoolError, TimeoutType};
+        match err {
+            PoolError::Timeout(TimeoutType::Wait) => Self::new(
+                StoreErrorKind::Busy,
+                "postgres: no pooled connection became free within the wait timeout",
+            ),
+            PoolError::Timeout(TimeoutType::Create) => Self::new(
+                StoreErrorKind::Busy,
+                "postgres: connecting to the database timed out",
+            ),
+            PoolError::Timeout(TimeoutType::Recycle) => Self::new(
+                StoreErrorKind::Busy,
+                "postgres: checking a pooled connection timed out",
+            ),
+            PoolError::Backend(err) => Self::from(err),
+            other => Self::internal(format!("postgres: connection pool: {other}")),
+        }
     }
 }

@@ -291,7 +291,9 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Registers this manager process with a heartbeat lease. On SQLite,
     /// where the file lock proves no other manager runs, it also voids the
-    /// leases of every earlier process (their work is retried at once).
+    /// leases of every earlier process (their work is retried at once). On
+    /// PostgreSQL other instances are left alone (they may be alive): their
+    /// entries are adopted only once their leases end.
     async fn register_instance(
         &self,
         me: InstanceId,
@@ -299,12 +301,16 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
         now: Timestamp,
     ) -> Result<()>;
 
-    /// Extends this process's lease. Fails (`conflict`) when the instance
-    /// is gone: another replica took its work over.
+    /// Extends this process's lease, writing its instance again if it was
+    /// forgotten meanwhile (after a long pause). Never fails with
+    /// `conflict`: entries another replica adopted while the lease was
+    /// over stay that replica's (they are no longer among `me`'s).
     async fn heartbeat(&self, me: InstanceId, lease_until: Timestamp) -> Result<()>;
 
     /// Takes over the journal entries whose owner's lease has ended (or
-    /// that name no owner); returns how many.
+    /// that name no owner, or an owner that closed), never `me`'s own; a
+    /// `started` entry taken over is due at once (its driver's lease is
+    /// void). Returns how many.
     async fn adopt_operations(&self, me: InstanceId, now: Timestamp) -> Result<u64>;
 
     /// Ends this process's instance (its remaining entries can be adopted
@@ -477,7 +483,10 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     // ---------------------------------------------------------- worker
 
-    /// The earliest time any of `me`'s queued work not in hand is due.
+    /// The earliest time any of `me`'s queued work not in hand is due:
+    /// queued deletions (any replica's to claim), `me`'s journal entries,
+    /// and when another instance's entries become adoptable (the end of its
+    /// lease).
     async fn next_due(&self, me: InstanceId, in_hand: InHand) -> Result<Option<Timestamp>>;
     /// Queued deletions and open operations: (count, oldest start).
     async fn backlogs(&self) -> Result<(Backlog, Backlog)>;

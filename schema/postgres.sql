@@ -1,0 +1,186 @@
+-- sandbox-snapshots: the PostgreSQL schema (feature `postgres`).
+--
+-- Applied on open by src/store/postgres/migrate.rs. Each "-- migration: N"
+-- section runs once, in order; all pending sections run in one transaction
+-- that holds an advisory lock, so that replicas starting together migrate
+-- once, and `schema_version` records each section applied. Released
+-- sections are never edited; a change is a new section at the end.
+--
+-- Tables are created unqualified: they go into the first schema of the
+-- connection's `search_path` (`options=-csearch_path%3D…` in the URL).
+--
+-- Conventions, as in schema.sql: ids are 16-byte UUIDs (BYTEA); times are
+-- Unix milliseconds (BIGINT, always the time the library passes in, never
+-- the database clock); enumerations are lowercase text checked against
+-- their allowed values. Every invariant that must hold across replicas
+-- (name uniqueness, one operation per sandbox) is a unique index here.
+
+-- migration: 1
+
+CREATE TABLE hosts (
+    id             BYTEA   NOT NULL PRIMARY KEY CHECK (octet_length(id) = 16),
+    address        TEXT    NOT NULL DEFAULT '',
+    status         TEXT    NOT NULL
+                   CHECK (status IN ('pending', 'online', 'unreachable', 'draining', 'offline')),
+    last_heartbeat BIGINT,
+    created_at     BIGINT  NOT NULL,
+    updated_at     BIGINT  NOT NULL
+);
+
+CREATE TABLE sandboxes (
+    id         BYTEA   NOT NULL PRIMARY KEY CHECK (octet_length(id) = 16),
+    team_id    BYTEA   NOT NULL CHECK (octet_length(team_id) = 16),
+    host_id    BYTEA   REFERENCES hosts (id),
+    status     TEXT    NOT NULL
+               CHECK (status IN ('pending', 'starting', 'running', 'paused', 'snapshotting',
+                                 'stopped', 'missing', 'error')),
+    vcpus      BIGINT  NOT NULL DEFAULT 0 CHECK (vcpus >= 0),
+    memory_mb  BIGINT  NOT NULL DEFAULT 0 CHECK (memory_mb >= 0),
+    created_at BIGINT  NOT NULL,
+    updated_at BIGINT  NOT NULL
+);
+
+CREATE INDEX sandboxes_by_team ON sandboxes (team_id);
+CREATE INDEX sandboxes_by_host ON sandboxes (host_id);
+
+-- Lifecycle: creating -> ready -> deleting -> purged (SPEC 4a). Only ready
+-- rows are visible. `replaces` is set on a creating row that will take over
+-- the name of that (ready) template when it becomes ready: an overwrite.
+CREATE TABLE templates (
+    id                BYTEA   NOT NULL PRIMARY KEY CHECK (octet_length(id) = 16),
+    team_id           BYTEA   NOT NULL CHECK (octet_length(team_id) = 16),
+    name              TEXT    NOT NULL,
+    type              TEXT    NOT NULL CHECK (type IN ('base', 'snapshot')),
+    state             TEXT    NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
+    vcpus             BIGINT  NOT NULL DEFAULT 0 CHECK (vcpus >= 0),
+    memory_mb         BIGINT  NOT NULL DEFAULT 0 CHECK (memory_mb >= 0),
+    size_bytes        BIGINT  NOT NULL DEFAULT 0 CHECK (size_bytes >= 0),
+    source_sandbox_id BYTEA,
+    replaces          BYTEA,
+    created_at        BIGINT  NOT NULL,
+    updated_at        BIGINT  NOT NULL
+);
+
+-- A name belongs to at most one template per team, counting creates in
+-- flight but not templates being deleted. A pending overwrite does not hold
+-- the name itself (the template it replaces does) ...
+CREATE UNIQUE INDEX templates_name_per_team
+    ON templates (team_id, name) WHERE state <> 'deleting' AND replaces IS NULL;
+-- ... and there is at most one pending overwrite per template.
+CREATE UNIQUE INDEX templates_one_overwrite
+    ON templates (replaces) WHERE replaces IS NOT NULL;
+-- Listing: a team's visible templates, newest first.
+CREATE INDEX templates_visible
+    ON templates (team_id, created_at DESC, id DESC) WHERE state = 'ready';
+
+-- Which hosts hold which template's files. present -> deleting -> purged
+-- when the host confirms. A row whose template row is gone is a tombstone:
+-- a (possibly half-written) key still to be deleted, which is why
+-- template_id is not a foreign key.
+CREATE TABLE placements (
+    template_id  BYTEA   NOT NULL CHECK (octet_length(template_id) = 16),
+    host_id      BYTEA   NOT NULL REFERENCES hosts (id),
+    team_id      BYTEA   NOT NULL CHECK (octet_length(team_id) = 16),
+    state        TEXT    NOT NULL CHECK (state IN ('present', 'deleting')),
+    attempts     BIGINT  NOT NULL DEFAULT 0,
+    -- Not before this time (backoff, or the grace after an ambiguous create).
+    next_attempt BIGINT  NOT NULL DEFAULT 0,
+    -- Claimed by an attempt in flight (of any replica) until this time.
+    lease_until  BIGINT,
+    last_error   TEXT,
+    created_at   BIGINT  NOT NULL,
+    updated_at   BIGINT  NOT NULL,
+    PRIMARY KEY (template_id, host_id)
+);
+
+-- The deletion queue, which every replica's worker claims from.
+CREATE INDEX placements_due ON placements (next_attempt) WHERE state = 'deleting';
+
+-- The manager processes (replicas) sharing this database, each with a
+-- heartbeat lease. A journal entry whose owner has no live lease here is
+-- adopted by another replica.
+CREATE TABLE instances (
+    id          BYTEA   PRIMARY KEY CHECK (octet_length(id) = 16),
+    lease_until BIGINT  NOT NULL,
+    started_at  BIGINT  NOT NULL
+);
+
+-- The operations journal: one row per multi-step operation in flight,
+-- written in the same transaction as its first state change and deleted in
+-- the same transaction as its last. phase: 'started' (the host may be
+-- working on it; `next_attempt` is the end of its driver's lease),
+-- 'resolving' (rolled back; the sandbox's real status is still to be asked
+-- from its host). `owner` is the instance driving it (NULL: nobody; any
+-- replica adopts it).
+CREATE TABLE operations (
+    template_id   BYTEA   NOT NULL PRIMARY KEY,
+    id            BYTEA   NOT NULL CHECK (octet_length(id) = 16),
+    owner         BYTEA   CHECK (owner IS NULL OR octet_length(owner) = 16),
+    kind          TEXT    NOT NULL CHECK (kind IN ('create')),
+    phase         TEXT    NOT NULL CHECK (phase IN ('started', 'resolving')),
+    team_id       BYTEA   NOT NULL,
+    template_name TEXT    NOT NULL,
+    sandbox_id    BYTEA   NOT NULL,
+    host_id       BYTEA   NOT NULL,
+    prev_status   TEXT    NOT NULL,
+    replaces      BYTEA,
+    actor_type    TEXT    NOT NULL,
+    actor_id      TEXT,
+    actor_name    TEXT,
+    attempts      BIGINT  NOT NULL DEFAULT 0,
+    next_attempt  BIGINT  NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    created_at    BIGINT  NOT NULL,
+    updated_at    BIGINT  NOT NULL
+);
+
+-- One operation per sandbox at a time.
+CREATE UNIQUE INDEX operations_one_per_sandbox ON operations (sandbox_id);
+-- Operators resolve an entry by its id.
+CREATE UNIQUE INDEX operations_by_id ON operations (id);
+-- A worker reads its own entries; adoption looks for other owners'.
+CREATE INDEX operations_by_owner ON operations (owner);
+
+CREATE TABLE audit_log (
+    seq           BIGSERIAL PRIMARY KEY,
+    -- Random (v4): unique without an index to enforce it.
+    id            BYTEA   NOT NULL,
+    team_id       BYTEA   NOT NULL,
+    actor_type    TEXT    NOT NULL,
+    actor_id      TEXT,
+    actor_name    TEXT,
+    action        TEXT    NOT NULL,
+    resource_type TEXT    NOT NULL,
+    resource_id   TEXT    NOT NULL,
+    outcome       TEXT    NOT NULL CHECK (outcome IN ('success', 'failure')),
+    error_code    TEXT,
+    -- JSON text, exactly as written (as in schema.sql).
+    metadata      TEXT    NOT NULL DEFAULT '{}',
+    created_at    BIGINT  NOT NULL
+);
+
+CREATE INDEX audit_log_by_team ON audit_log (team_id, seq);
+
+-- Teams and their API keys, for the HTTP server. The platform team (the
+-- all-zero id) owns the administrators' keys.
+CREATE TABLE teams (
+    id         BYTEA   NOT NULL PRIMARY KEY CHECK (octet_length(id) = 16),
+    name       TEXT    NOT NULL,
+    created_at BIGINT  NOT NULL
+);
+
+INSERT INTO teams (id, name, created_at) VALUES (decode(repeat('00', 16), 'hex'), 'platform', 0);
+
+-- A key is shown once when created; only the SHA-256 of its secret part is
+-- stored. Keys are high-entropy random values, so a plain hash suffices.
+CREATE TABLE api_keys (
+    id          BYTEA   NOT NULL PRIMARY KEY CHECK (octet_length(id) = 16),
+    team_id     BYTEA   NOT NULL REFERENCES teams (id),
+    name        TEXT    NOT NULL,
+    secret_hash BYTEA   NOT NULL CHECK (octet_length(secret_hash) = 32),
+    admin       BOOLEAN NOT NULL DEFAULT FALSE,
+    created_at  BIGINT  NOT NULL,
+    revoked_at  BIGINT
+);
+
+CREATE INDEX api_keys_by_team ON api_keys (team_id);

@@ -1,0 +1,121 @@
+//! A small migrator over the sections of `schema/postgres.sql`: the table
+//! `schema_version` records each section applied, and every pending
+//! section runs in one transaction that first takes an advisory lock, so
+//! that replicas starting together migrate once (the others wait, then
+//! find nothing to do).
+
+use deadpool_postgres::Object;
+
+use crate::model::Timestamp;
+use crate::store::{StoreError, StoreErrorKind};
+
+const SCHEMA: &str = include_str!("../../../schema/postgres.sql");
+const MARKER: &str = "-- migration: ";
+
+/// The schema version this build writes (the last section of
+/// `schema/postgres.sql`).
+pub(crate) const SCHEMA_VERSION: i64 = count_sections(SCHEMA);
+
+/// The advisory lock every migrating process holds (one 64-bit key:
+/// "snapshot" in ASCII). Advisory locks are per database, so replicas on
+/// different schemas of one database take turns too; migrations are rare.
+const MIGRATION_LOCK: i64 = 0x736e_6170_7368_6f74;
+
+const fn count_sections(text: &str) -> i64 {
+    // Counts lines that start with the marker; `const` so that the version
+    // is a compile-time fact of the embedded schema.
+    let bytes = text.as_bytes();
+    let marker = MARKER.as_bytes();
+    let mut count = 0;
+    let mut i = 0;
+    let mut at_line_start = true;
+    while i < bytes.len() {
+        if at_line_start && i + marker.len() <= bytes.len() {
+            let mut j = 0;
+            while j < marker.len() && bytes[i + j] == marker[j] {
+                j += 1;
+            }
+            if j == marker.len() {
+                count += 1;
+            }
+        }
+        at_line_start = bytes[i] == b'\n';
+        i += 1;
+    }
+    count
+}
+
+/// The migration sections in order: `(version, sql)`.
+fn sections() -> Result<Vec<(i64, String)>, StoreError> {
+    let mut out: Vec<(i64, String)> = Vec::new();
+    for line in SCHEMA.lines() {
+        if let Some(header) = line.strip_prefix(MARKER) {
+            let version: i64 = header.trim().parse().map_err(|_| {
+                StoreError::internal(format!(
+                    "schema/postgres.sql: bad migration header {line:?}"
+                ))
+            })?;
+            out.push((version, String::new()));
+        } else if let Some((_, sql)) = out.last_mut() {
+            sql.push_str(line);
+            sql.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+/// Applies every section newer than the database's version, all in one
+/// transaction. A database with a newer version than this build is
+/// refused with [`StoreErrorKind::NewerSchema`], unchanged. Re-running on
+/// an up-to-date database writes nothing.
+pub(super) async fn migrate(client: &mut Object) -> Result<(), StoreError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+             version    BIGINT NOT NULL PRIMARY KEY,
+             applied_at BIGINT NOT NULL
+         )",
+    )
+    .await?;
+    let current: i64 = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
+        .await?
+        .try_get(0)?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::new(
+            StoreErrorKind::NewerSchema,
+            format!(
+                "postgres: the database has schema version {current}, newer than this build \
+                 supports ({SCHEMA_VERSION}); upgrade sandbox-snapshots to open it"
+            ),
+        ));
+    }
+    for (version, sql) in sections()? {
+        if version <= current {
+            continue;
+        }
+        tx.batch_execute(&sql).await?;
+        tx.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
+            &[&version, &Timestamp::now().unix_millis()],
+        )
+        .await?;
+        tracing::info!(version, "applied postgres schema migration");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_numbered_in_order_from_one() {
+        let versions: Vec<i64> = sections().into_iter().flatten().map(|(v, _)| v).collect();
+        let expected: Vec<i64> = (1..=SCHEMA_VERSION).collect();
+        assert_eq!(versions, expected);
+    }
+}

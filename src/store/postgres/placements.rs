@@ -1,0 +1,340 @@
+//! Deletes and the deletion queue: a template leaves get/list at once, its
+//! placements are queued, and every replica's worker claims due deletions
+//! with `FOR UPDATE SKIP LOCKED`, so that no deletion runs twice at once.
+
+use deadpool_postgres::GenericClient;
+
+use super::audit::insert_audit;
+use super::rows::{
+    BlobId, all, deletion_row, execute, get, get_id, get_time, get_u32, id_array, query, query_one,
+};
+use super::templates::{Lock, find_visible};
+use super::{TxError, TxResult};
+use crate::audit::{AuditOutcome, NewAuditEntry};
+use crate::error::Error;
+use crate::ids::{HostId, TeamId, TemplateId};
+use crate::model::{Actor, Template, Timestamp};
+use crate::names::TemplateName;
+use crate::store::{Deletion, PendingDeletion, StoreError};
+
+pub(super) async fn insert_placement(
+    db: &impl GenericClient,
+    template: TemplateId,
+    host: HostId,
+    team: TeamId,
+    state: &str,
+    now: Timestamp,
+) -> TxResult<()> {
+    execute(
+        db,
+        "INSERT INTO placements (template_id, host_id, team_id, state, next_attempt, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $5, $5)
+         ON CONFLICT (template_id, host_id) DO UPDATE SET state = excluded.state,
+             next_attempt = excluded.next_attempt, updated_at = excluded.updated_at",
+        &[
+            &template.bytes(),
+            &host.bytes(),
+            &team.bytes(),
+            &state,
+            &now.unix_millis(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Marks a template deleted and its placements queued for deletion (with
+/// a lease of `lease_until` for the caller's own immediate attempt).
+/// Purges the row at once if it has no placements. The caller holds the
+/// template's row lock.
+pub(super) async fn mark_deleting(
+    db: &impl GenericClient,
+    template: TemplateId,
+    lease_until: Timestamp,
+    now: Timestamp,
+) -> TxResult<Vec<Deletion>> {
+    execute(
+        db,
+        "UPDATE templates SET state = 'deleting', updated_at = $2 WHERE id = $1",
+        &[&template.bytes(), &now.unix_millis()],
+    )
+    .await?;
+    // A pending overwrite of this template now holds the name itself, so
+    // nobody else can take it before the overwrite finishes. (One begun
+    // concurrently waits for this transaction on the lock it holds on this
+    // template's row, and then sees it deleting: see `name_holder`.)
+    execute(
+        db,
+        "UPDATE templates SET replaces = NULL WHERE replaces = $1 AND state = 'creating'",
+        &[&template.bytes()],
+    )
+    .await?;
+    execute(
+        db,
+        "UPDATE placements SET state = 'deleting', attempts = 0, next_attempt = $3,
+                               lease_until = $2, updated_at = $3
+         WHERE template_id = $1",
+        &[
+            &template.bytes(),
+            &lease_until.unix_millis(),
+            &now.unix_millis(),
+        ],
+    )
+    .await?;
+    let rows = query(
+        db,
+        "SELECT p.template_id, p.team_id, p.host_id, h.address, p.attempts
+         FROM placements p JOIN hosts h ON h.id = p.host_id
+         WHERE p.template_id = $1",
+        &[&template.bytes()],
+    )
+    .await?;
+    let targets = all(&rows, deletion_row)?;
+    purge_if_done(db, template).await?;
+    Ok(targets)
+}
+
+/// Drops the row of a deleted template without placements. Callers that
+/// remove a placement hold the template's row lock, so that of two
+/// replicas confirming its last two placements at once, the second sees
+/// the first's removal and purges.
+async fn purge_if_done(db: &impl GenericClient, template: TemplateId) -> TxResult<()> {
+    execute(
+        db,
+        "DELETE FROM templates WHERE id = $1 AND state = 'deleting'
+           AND NOT EXISTS (SELECT 1 FROM placements WHERE template_id = $1)",
+        &[&template.bytes()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Deletes the template `team` sees as `name`, in one transaction: it
+/// leaves get/list and frees its name, each placement is queued for
+/// deletion, and the deletion is audited. The template's row is locked
+/// first: of two concurrent deletes, the second finds it gone.
+pub(super) async fn begin_delete(
+    db: &impl GenericClient,
+    actor: &Actor,
+    team: TeamId,
+    is_admin: bool,
+    name: &TemplateName,
+    lease_until: Timestamp,
+    now: Timestamp,
+) -> TxResult<(Template, Vec<Deletion>)> {
+    let template = find_visible(db, team, name, Lock::ForUpdate)
+        .await?
+        .ok_or_else(|| Error::not_found("template not found"))?;
+    if template.is_platform() && !(team.is_platform() && is_admin) {
+        return Err(Error::forbidden("platform templates cannot be deleted here").into());
+    }
+    let targets = mark_deleting(db, template.id, lease_until, now).await?;
+    let hosts: Vec<String> = targets.iter().map(|d| d.host.id.to_string()).collect();
+    insert_audit(
+        db,
+        &NewAuditEntry {
+            team: template.team,
+            actor: actor.clone(),
+            action: crate::audit::actions::SNAPSHOT_DELETE,
+            resource_id: template.id.to_string(),
+            outcome: AuditOutcome::Success,
+            error_code: None,
+            metadata: serde_json::json!({ "name": template.name.as_str(), "hosts": hosts }),
+        },
+        now,
+    )
+    .await?;
+    Ok((template, targets))
+}
+
+/// The host confirmed the files are gone: drop the placement, and the
+/// template row with its last one.
+pub(super) async fn deletion_confirmed(db: &impl GenericClient, d: &Deletion) -> TxResult<()> {
+    // See `purge_if_done`. (No row: a tombstone, nothing to purge.)
+    query(
+        db,
+        "SELECT 1 FROM templates WHERE id = $1 FOR UPDATE",
+        &[&d.template_id.bytes()],
+    )
+    .await?;
+    execute(
+        db,
+        "DELETE FROM placements WHERE template_id = $1 AND host_id = $2 AND state = 'deleting'",
+        &[&d.template_id.bytes(), &d.host.id.bytes()],
+    )
+    .await?;
+    purge_if_done(db, d.template_id).await
+}
+
+/// The host did not confirm: count the attempt and schedule the next.
+pub(super) async fn deletion_failed(
+    db: &impl GenericClient,
+    d: &Deletion,
+    error: &str,
+    next_attempt: Timestamp,
+    now: Timestamp,
+) -> TxResult<()> {
+    execute(
+        db,
+        "UPDATE placements SET attempts = attempts + 1, next_attempt = $3, last_error = $4,
+                               lease_until = NULL,
+                               updated_at = $5
+         WHERE template_id = $1 AND host_id = $2 AND state = 'deleting'",
+        &[
+            &d.template_id.bytes(),
+            &d.host.id.bytes(),
+            &next_attempt.unix_millis(),
+            &error,
+            &now.unix_millis(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Most deletions claimed for one host in one batch.
+const PER_HOST: i64 = 16;
+
+/// Takes up to `limit` due deletions (skipping hosts marked offline and
+/// the hosts in `skip_hosts`, whose work is in hand) and leases them until
+/// `lease_until` so nobody else tries them meanwhile. A key whose create is
+/// still unresolved is not due: its host may still be writing it.
+///
+/// The due rows are locked `SKIP LOCKED` (another replica claiming at the
+/// same moment gets the others), then ranked per host — Postgres allows no
+/// row lock in a query with a window function, hence the CTEs — and the
+/// chosen ones leased, all in one statement. A row another replica leased
+/// after this statement's snapshot is read again once locked and left out.
+pub(super) async fn claim_due_deletions(
+    db: &impl GenericClient,
+    now: Timestamp,
+    lease_until: Timestamp,
+    limit: u32,
+    skip_hosts: &[HostId],
+) -> TxResult<Vec<Deletion>> {
+    let rows = query(
+        db,
+        "WITH due AS (
+             SELECT p.template_id, p.host_id, p.next_attempt
+             FROM placements p JOIN hosts h ON h.id = p.host_id
+             WHERE p.state = 'deleting' AND p.next_attempt <= $1
+               AND coalesce(p.lease_until, 0) <= $1 AND h.status <> 'offline'
+               AND p.host_id <> ALL ($4::bytea[])
+               AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.template_id = p.template_id)
+             FOR UPDATE OF p SKIP LOCKED
+         ), ranked AS (
+             SELECT template_id, host_id, next_attempt,
+                    row_number() OVER (PARTITION BY host_id ORDER BY next_attempt) AS n
+             FROM due
+         ), chosen AS (
+             SELECT template_id, host_id FROM ranked
+             WHERE n <= $3 ORDER BY next_attempt LIMIT $2
+         )
+         UPDATE placements p SET lease_until = $5
+         FROM chosen c, hosts h
+         WHERE p.template_id = c.template_id AND p.host_id = c.host_id AND h.id = p.host_id
+         RETURNING p.template_id, p.team_id, p.host_id, h.address, p.attempts, p.next_attempt",
+        &[
+            &now.unix_millis(),
+            &i64::from(limit),
+            &PER_HOST,
+            &id_array(skip_hosts),
+            &lease_until.unix_millis(),
+        ],
+    )
+    .await?;
+    let mut due = Vec::with_capacity(rows.len());
+    for r in &rows {
+        due.push((get::<i64>(r, 5)?, deletion_row(r)?));
+    }
+    // RETURNING has no order: the earliest due first, as SQLite returns them.
+    due.sort_by_key(|(at, _)| *at);
+    Ok(due.into_iter().map(|(_, d)| d).collect())
+}
+
+pub(super) async fn pending_deletions(db: &impl GenericClient) -> TxResult<Vec<PendingDeletion>> {
+    let rows = query(
+        db,
+        "SELECT template_id, host_id, attempts, last_error, next_attempt FROM placements
+         WHERE state = 'deleting' ORDER BY host_id, next_attempt",
+        &[],
+    )
+    .await?;
+    Ok(all(&rows, |r| {
+        Ok(PendingDeletion {
+            template_id: get_id(r, 0)?,
+            host: get_id(r, 1)?,
+            attempts: get_u32(r, 2)?,
+            last_error: get(r, 3)?,
+            next_attempt: get_time(r, 4)?,
+        })
+    })?)
+}
+
+/// Whether the key of `template` is accounted for anywhere: a template row
+/// in any state, a placement on any host (present, or queued for deletion),
+/// or an open operation (see `sqlite/sql.rs` for why not per host).
+pub(super) async fn key_is_owned(db: &impl GenericClient, template: TemplateId) -> TxResult<bool> {
+    let row = query_one(
+        db,
+        "SELECT EXISTS (SELECT 1 FROM templates WHERE id = $1)
+             OR EXISTS (SELECT 1 FROM placements WHERE template_id = $1)
+             OR EXISTS (SELECT 1 FROM operations WHERE template_id = $1)",
+        &[&template.bytes()],
+    )
+    .await?;
+    Ok(get(&row, 0)?)
+}
+
+/// Queues an orphaned key for deletion and audits it as a system action,
+/// unless something owns it by now. Returns whether it was queued. Two
+/// replicas sweeping one key at once: the second insert waits for the
+/// first and violates the key; run again, it finds the key owned.
+pub(super) async fn queue_orphan(
+    db: &impl GenericClient,
+    template: TemplateId,
+    host: HostId,
+    size_bytes: u64,
+    now: Timestamp,
+) -> TxResult<bool> {
+    if key_is_owned(db, template).await? {
+        return Ok(false);
+    }
+    let inserted = execute(
+        db,
+        "INSERT INTO placements (template_id, host_id, team_id, state, next_attempt, created_at, updated_at)
+         VALUES ($1, $2, $3, 'deleting', $4, $4, $4)",
+        &[
+            &template.bytes(),
+            &host.bytes(),
+            &TeamId::PLATFORM.bytes(),
+            &now.unix_millis(),
+        ],
+    )
+    .await;
+    match inserted {
+        Ok(_) => {}
+        Err(err) if super::rows::violates(&err, "placements_pkey") => {
+            return Err(TxError::Retry(StoreError::from(err).into()));
+        }
+        Err(err) => return Err(err.into()),
+    }
+    insert_audit(
+        db,
+        &NewAuditEntry {
+            team: TeamId::PLATFORM,
+            actor: Actor::System,
+            action: crate::audit::actions::ORPHAN_SWEEP,
+            resource_id: template.to_string(),
+            outcome: AuditOutcome::Success,
+            error_code: None,
+            metadata: serde_json::json!({
+                "host_id": host.to_string(),
+                "size_bytes": size_bytes,
+            }),
+        },
+        now,
+    )
+    .await?;
+    Ok(true)
+}

@@ -1,0 +1,528 @@
+//! Tests of what only the PostgreSQL store has: the migrator under
+//! concurrent opens, claims by concurrent replicas, adoption by lease, and
+//! races that SQLite's single writer cannot have. (What both stores share
+//! is the conformance suite's.)
+//!
+//! They need a server: `SNAPSHOTS_TEST_POSTGRES_URL=postgres://…`. Without
+//! it each test prints one line and passes, except under CI (`CI` set),
+//! where a missing server is a failure. Each test gets a fresh schema.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tokio_postgres::NoTls;
+
+use super::migrate::SCHEMA_VERSION;
+use super::{PostgresOptions, PostgresStore};
+use crate::error::ErrorCode;
+use crate::ids::{HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId};
+use crate::model::{Actor, HostStatus, Sandbox, SandboxStatus, Timestamp};
+use crate::names::TemplateName;
+use crate::store::{CreateInput, InHand, Phase, Store, StoreErrorKind};
+
+/// A fresh schema on the test server: its URL (selecting it through the
+/// `search_path` option) and a plain client on it; `None` to skip.
+async fn fresh_schema() -> Option<(String, tokio_postgres::Client)> {
+    let Ok(base) = std::env::var("SNAPSHOTS_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but SNAPSHOTS_TEST_POSTGRES_URL is not: the PostgreSQL tests cannot run"
+        );
+        eprintln!("skipped: set SNAPSHOTS_TEST_POSTGRES_URL to run the PostgreSQL store tests");
+        return None;
+    };
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
+    let (client, connection) = tokio_postgres::connect(&base, NoTls)
+        .await
+        .expect("connect to SNAPSHOTS_TEST_POSTGRES_URL");
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema}; SET search_path TO {schema}"
+        ))
+        .await
+        .expect("create the test schema");
+    Some((url, client))
+}
+
+async fn open(url: &str) -> PostgresStore {
+    PostgresStore::open(url, PostgresOptions::default())
+        .await
+        .expect("open the store")
+}
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+fn later(at: Timestamp, ms: i64) -> Timestamp {
+    Timestamp::from_unix_millis(at.unix_millis() + ms)
+}
+
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .expect("count query")
+        .get(0)
+}
+
+/// An online host with an address, and `n` running sandboxes of `team` on it.
+async fn host_with_sandboxes(
+    store: &PostgresStore,
+    team: TeamId,
+    n: usize,
+) -> (HostId, Vec<SandboxId>) {
+    let host = HostId::new();
+    store
+        .upsert_host(host, "http://127.0.0.1:1".into(), HostStatus::Online, now())
+        .await
+        .expect("upsert host");
+    let mut sandboxes = Vec::new();
+    for _ in 0..n {
+        let id = SandboxId::new();
+        store
+            .upsert_sandbox(
+                Sandbox::new(id, team, Some(host), SandboxStatus::Running, 2, 512),
+                now(),
+            )
+            .await
+            .expect("upsert sandbox");
+        sandboxes.push(id);
+    }
+    (host, sandboxes)
+}
+
+fn create_input(
+    team: TeamId,
+    sandbox: SandboxId,
+    name: &str,
+    overwrite: bool,
+    owner: InstanceId,
+) -> CreateInput {
+    CreateInput {
+        actor: Actor::System,
+        team,
+        sandbox_id: sandbox,
+        name: TemplateName::parse(name).expect("valid name"),
+        overwrite,
+        template_id: TemplateId::new(),
+        operation_id: OperationId::new(),
+        lease_until: later(now(), 60_000),
+        owner,
+    }
+}
+
+// ------------------------------------------------------------ migrator
+
+#[tokio::test]
+async fn migrating_an_up_to_date_schema_is_a_no_op() {
+    let Some((url, client)) = fresh_schema().await else {
+        return;
+    };
+    let _first = open(&url).await;
+    let before: Vec<(i64, i64)> = client
+        .query(
+            "SELECT version, applied_at FROM schema_version ORDER BY version",
+            &[],
+        )
+        .await
+        .expect("read versions")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        before.len(),
+        usize::try_from(SCHEMA_VERSION).expect("small")
+    );
+    let _second = open(&url).await;
+    let after: Vec<(i64, i64)> = client
+        .query(
+            "SELECT version, applied_at FROM schema_version ORDER BY version",
+            &[],
+        )
+        .await
+        .expect("read versions")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(before, after, "a second open must not migrate again");
+    assert_eq!(count(&client, "SELECT count(*) FROM teams").await, 1);
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused_unchanged() {
+    let Some((url, client)) = fresh_schema().await else {
+        return;
+    };
+    drop(open(&url).await);
+    client
+        .execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES ($1, 0)",
+            &[&(SCHEMA_VERSION + 1)],
+        )
+        .await
+        .expect("pretend a newer build migrated");
+    let err = PostgresStore::open(&url, PostgresOptions::default())
+        .await
+        .expect_err("a newer schema must be refused");
+    assert_eq!(err.kind(), StoreErrorKind::NewerSchema, "{err}");
+    assert!(err.to_string().starts_with("postgres: "), "{err}");
+    assert_eq!(
+        count(&client, "SELECT max(version) FROM schema_version").await,
+        SCHEMA_VERSION + 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_opening_together_migrate_once() {
+    let Some((url, client)) = fresh_schema().await else {
+        return;
+    };
+    let opens: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { PostgresStore::open(&url, PostgresOptions::default()).await })
+        })
+        .collect();
+    for open in opens {
+        open.await.expect("open task").expect("every replica opens");
+    }
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM schema_version").await,
+        SCHEMA_VERSION
+    );
+    assert_eq!(count(&client, "SELECT count(*) FROM teams").await, 1);
+}
+
+// -------------------------------------------------------------- claims
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claimers_never_claim_one_deletion_twice() {
+    let Some((url, _client)) = fresh_schema().await else {
+        return;
+    };
+    let a = open(&url).await;
+    let b = open(&url).await;
+    let t0 = now();
+    let mut queued = HashSet::new();
+    for _ in 0..3 {
+        let (host, _) = host_with_sandboxes(&a, TeamId::new(), 0).await;
+        for _ in 0..20 {
+            let template = TemplateId::new();
+            assert!(a.queue_orphan(template, host, 1, t0).await.expect("queue"));
+            queued.insert((template, host));
+        }
+    }
+    let claim = |store: PostgresStore| {
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let batch = store
+                    .claim_due_deletions(later(t0, 1), later(t0, 600_000), 7, Vec::new())
+                    .await
+                    .expect("claim");
+                if batch.is_empty() {
+                    return got;
+                }
+                got.extend(batch.into_iter().map(|d| (d.template_id, d.host.id)));
+            }
+        })
+    };
+    let (from_a, from_b) = (claim(a.clone()), claim(b.clone()));
+    let (from_a, from_b) = (from_a.await.expect("a"), from_b.await.expect("b"));
+    let mut seen = HashSet::new();
+    for d in from_a.iter().chain(&from_b) {
+        assert!(seen.insert(*d), "{d:?} was claimed twice");
+    }
+    assert_eq!(seen, queued, "every due deletion is claimed exactly once");
+    // All leased now: nothing is due until the lease ends.
+    let again = a
+        .claim_due_deletions(later(t0, 2), later(t0, 600_000), 100, Vec::new())
+        .await
+        .expect("claim");
+    assert!(again.is_empty(), "{again:?}");
+}
+
+#[tokio::test]
+async fn a_claim_takes_at_most_16_per_host_and_skips_hosts_in_hand() {
+    let Some((url, _client)) = fresh_schema().await else {
+        return;
+    };
+    let store = open(&url).await;
+    let t0 = now();
+    let (busy, _) = host_with_sandboxes(&store, TeamId::new(), 0).await;
+    let (free, _) = host_with_sandboxes(&store, TeamId::new(), 0).await;
+    for host in [busy, free] {
+        for _ in 0..20 {
+            store
+                .queue_orphan(TemplateId::new(), host, 1, t0)
+                .await
+                .expect("queue");
+        }
+    }
+    let batch = store
+        .claim_due_deletions(later(t0, 1), later(t0, 60_000), 100, vec![busy])
+        .await
+        .expect("claim");
+    assert_eq!(batch.len(), 16);
+    assert!(batch.iter().all(|d| d.host.id == free));
+}
+
+// ------------------------------------------------------------ adoption
+
+#[tokio::test]
+async fn adoption_leaves_a_live_lease_alone_and_takes_a_lapsed_one() {
+    let Some((url, _client)) = fresh_schema().await else {
+        return;
+    };
+    let store = open(&url).await;
+    let t0 = now();
+    let (dead, me) = (InstanceId::new(), InstanceId::new());
+    let lease_end = later(t0, 30_000);
+    store
+        .register_instance(dead, lease_end, t0)
+        .await
+        .expect("register");
+    store
+        .register_instance(me, lease_end, t0)
+        .await
+        .expect("register");
+    let team = TeamId::new();
+    let (_, sandboxes) = host_with_sandboxes(&store, team, 1).await;
+    let (op, _) = store
+        .begin_create(create_input(team, sandboxes[0], "adopted", false, dead), t0)
+        .await
+        .expect("begin create");
+
+    // The owner's lease is live: its entry stays its own.
+    assert_eq!(
+        store
+            .adopt_operations(me, later(t0, 1))
+            .await
+            .expect("adopt"),
+        0
+    );
+    assert!(
+        store
+            .open_operations(me, Phase::Started, None)
+            .await
+            .expect("open ops")
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .open_operations(dead, Phase::Started, None)
+            .await
+            .expect("open ops")
+            .len(),
+        1
+    );
+    // The worker wakes when that lease ends, not before.
+    assert_eq!(
+        store
+            .next_due(me, InHand::default())
+            .await
+            .expect("next due"),
+        Some(lease_end)
+    );
+    // A heartbeat extends it.
+    let extended = later(t0, 45_000);
+    store.heartbeat(dead, extended).await.expect("heartbeat");
+    assert_eq!(
+        store
+            .adopt_operations(me, later(lease_end, 1))
+            .await
+            .expect("adopt"),
+        0
+    );
+
+    // Lapsed: the entry is ours, due at once (the dead driver's lease of
+    // the create is void).
+    let after_lapse = later(extended, 1);
+    assert_eq!(
+        store
+            .adopt_operations(me, after_lapse)
+            .await
+            .expect("adopt"),
+        1
+    );
+    let mine = store
+        .open_operations(me, Phase::Started, Some(after_lapse))
+        .await
+        .expect("open ops");
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].id, op.id);
+    assert!(
+        store
+            .open_operations(dead, Phase::Started, None)
+            .await
+            .expect("open ops")
+            .is_empty()
+    );
+    // Adopting again takes nothing (our own entries are never re-adopted).
+    assert_eq!(
+        store
+            .adopt_operations(me, after_lapse)
+            .await
+            .expect("adopt"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_closed_instance_s_entries_are_adoptable_at_once() {
+    let Some((url, _client)) = fresh_schema().await else {
+        return;
+    };
+    let store = open(&url).await;
+    let t0 = now();
+    let (gone, me) = (InstanceId::new(), InstanceId::new());
+    for id in [gone, me] {
+        store
+            .register_instance(id, later(t0, 30_000), t0)
+            .await
+            .expect("register");
+    }
+    let team = TeamId::new();
+    let (_, sandboxes) = host_with_sandboxes(&store, team, 1).await;
+    store
+        .begin_create(create_input(team, sandboxes[0], "closed", false, gone), t0)
+        .await
+        .expect("begin create");
+    store.close(gone).await.expect("close");
+    // Due now (its owner has no lease any more), and adopted.
+    let due = store
+        .next_due(me, InHand::default())
+        .await
+        .expect("next due")
+        .expect("something is due");
+    assert!(due.unix_millis() <= t0.unix_millis(), "{due:?}");
+    assert_eq!(store.adopt_operations(me, t0).await.expect("adopt"), 1);
+}
+
+// --------------------------------------------------------------- races
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_creates_of_one_name_one_wins_the_other_gets_the_check_s_error() {
+    let Some((url, client)) = fresh_schema().await else {
+        return;
+    };
+    let (a, b) = (open(&url).await, open(&url).await);
+    let owner = InstanceId::new();
+    let team = TeamId::new();
+    let (_, sandboxes) = host_with_sandboxes(&a, team, 20).await;
+    for (round, pair) in sandboxes.chunks(2).enumerate() {
+        let overwrite = round % 2 == 1;
+        let name = format!("race-{round}");
+        let first = a.begin_create(create_input(team, pair[0], &name, overwrite, owner), now());
+        let second = b.begin_create(create_input(team, pair[1], &name, overwrite, owner), now());
+        let (first, second) = tokio::join!(first, second);
+        let (won, lost, loser) = match (first, second) {
+            (Ok(won), Err(lost)) => (won, lost, pair[1]),
+            (Err(lost), Ok(won)) => (won, lost, pair[0]),
+            other => panic!("round {round}: exactly one create must win, got {other:?}"),
+        };
+        let (code, message) = if overwrite {
+            (
+                ErrorCode::Conflict,
+                "a snapshot with this name is being created; try again when it finishes",
+            )
+        } else {
+            (
+                ErrorCode::AlreadyExists,
+                "a snapshot with this name is being created",
+            )
+        };
+        assert_eq!(
+            (lost.code(), lost.message()),
+            (code, message),
+            "round {round}"
+        );
+        assert_eq!(won.0.name.as_str(), name);
+        let loser_status = a.get_sandbox(loser).await.expect("get").expect("sandbox");
+        assert_eq!(loser_status.status, SandboxStatus::Running, "round {round}");
+    }
+    assert_eq!(count(&client, "SELECT count(*) FROM templates").await, 10);
+    assert_eq!(count(&client, "SELECT count(*) FROM operations").await, 10);
+}
+
+/// The loser of a name race blocks on the name index until the winner
+/// commits, violates it, and is run again: then its check sees the winner
+/// and answers exactly as SQLite's would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_that_loses_a_name_race_is_retried_and_answers_like_the_check() {
+    let Some((url, mut client)) = fresh_schema().await else {
+        return;
+    };
+    let store = open(&url).await;
+    let team = TeamId::new();
+    let (_, sandboxes) = host_with_sandboxes(&store, team, 1).await;
+    // A concurrent create, stopped between its insert and its commit.
+    let winner = TemplateId::new();
+    let tx = client.transaction().await.expect("begin");
+    tx.execute(
+        "INSERT INTO templates (id, team_id, name, type, state, created_at, updated_at)
+         VALUES ($1, $2, 'taken', 'snapshot', 'creating', 0, 0)",
+        &[&&winner.as_blob()[..], &&team.as_blob()[..]],
+    )
+    .await
+    .expect("insert the winner");
+    let loser = {
+        let store = store.clone();
+        let input = create_input(team, sandboxes[0], "taken", false, InstanceId::new());
+        tokio::spawn(async move { store.begin_create(input, now()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!loser.is_finished(), "the loser waits on the name index");
+    tx.commit().await.expect("commit the winner");
+    let err = loser.await.expect("task").expect_err("the name is taken");
+    assert_eq!(err.code(), ErrorCode::AlreadyExists);
+    assert_eq!(err.message(), "a snapshot with this name is being created");
+    let sandbox = store
+        .get_sandbox(sandboxes[0])
+        .await
+        .expect("get")
+        .expect("sandbox");
+    assert_eq!(sandbox.status, SandboxStatus::Running);
+}
+
+/// A platform template and a team template of one name, created at once:
+/// the later one waits on the name's advisory lock and then sees the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_platform_name_and_a_team_name_cannot_be_taken_at_once() {
+    let Some((url, _client)) = fresh_schema().await else {
+        return;
+    };
+    let (a, b) = (open(&url).await, open(&url).await);
+    let team = TeamId::new();
+    let (host, sandboxes) = host_with_sandboxes(&a, team, 10).await;
+    for (round, sandbox) in sandboxes.iter().enumerate() {
+        let name = format!("shared-{round}");
+        let platform = crate::model::Template {
+            id: TemplateId::new(),
+            team: TeamId::PLATFORM,
+            name: TemplateName::parse(&name).expect("name"),
+            template_type: crate::model::TemplateType::Base,
+            vcpus: 1,
+            memory_mb: 128,
+            size_bytes: 1,
+            created_at: now(),
+            source_sandbox: None,
+        };
+        let (base, snapshot) = tokio::join!(
+            a.insert_ready_template(platform, vec![host], now()),
+            b.begin_create(
+                create_input(team, *sandbox, &name, false, InstanceId::new()),
+                now()
+            ),
+        );
+        match (base, snapshot) {
+            (Ok(()), Err(err)) => assert_eq!(err.code(), ErrorCode::NameReserved, "{err:?}"),
+            (Err(err), Ok(_)) => assert_eq!(err.code(), ErrorCode::AlreadyExists, "{err:?}"),
+            other => panic!("round {round}: exactly one may take the name, got {other:?}"),
+        }
+    }
+}
