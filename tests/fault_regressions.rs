@@ -79,6 +79,19 @@ impl WriteLock {
     }
 }
 
+/// Starts `snapshot` on a task of its own; its `CreateSnapshot` call waits
+/// on the returned hold.
+fn held_create(
+    env: &Env,
+    team: TeamId,
+    snapshot: NewSnapshot,
+) -> (Hold, tokio::task::JoinHandle<Result<Template>>) {
+    let hold = Hold::new();
+    env.agent
+        .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
+    (hold, env.spawn_create(team, snapshot))
+}
+
 /// Once `create` waits on `hold`, another connection takes the write lock
 /// and the agent answers: past `record_patience` the caller is told
 /// `db_error`, outcome unknown. Returns the lock, still held.
@@ -313,10 +326,7 @@ async fn an_operator_resolves_open_operations_now(backend: Backend) {
     // A create in flight: resolved, it reports failure to its caller, and
     // the files the agent then writes are deleted.
     env.agent.clear_faults();
-    let hold = Hold::new();
-    env.agent
-        .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
-    let pending = env.spawn_create(team, NewSnapshot::new(sb2, Some(name("in-flight"))));
+    let (hold, pending) = held_create(&env, team, NewSnapshot::new(sb2, Some(name("in-flight"))));
     hold.arrived(1).await;
     let open = env.manager.open_operations().await.unwrap();
     assert_eq!(open.len(), 1);
@@ -416,10 +426,7 @@ async fn the_worker_stays_idle_while_a_create_is_in_flight(backend: Backend) {
     let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
-    let hold = Hold::new();
-    env.agent
-        .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
-    let create = env.spawn_create(team, NewSnapshot::new(sb, Some(name("snap"))));
+    let (hold, create) = held_create(&env, team, NewSnapshot::new(sb, Some(name("snap"))));
     hold.arrived(1).await;
     let before = env.manager.worker_stats();
     // A routine pass while the create is in flight, and the sleep it chose
@@ -634,10 +641,7 @@ async fn a_success_the_store_cannot_record_appears_once_it_recovers() {
     env.agent.set_list_snapshots_supported(false);
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
-    let hold = Hold::new();
-    env.agent
-        .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
-    let create = env.spawn_create(team, NewSnapshot::new(sb, Some(name("snap"))));
+    let (hold, create) = held_create(&env, team, NewSnapshot::new(sb, Some(name("snap"))));
     let lock = answered_while_locked(&env, &hold, create).await;
     lock.release().await;
 
