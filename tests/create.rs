@@ -1,6 +1,6 @@
 //! Create: every row of the SPEC §3 create table, overwrite, concurrency,
-//! dropped callers and timeouts — through the public API on a real SQLite
-//! file.
+//! dropped callers and timeouts — through the public API, on each store
+//! (SQLite and PostgreSQL, see [`conformance!`]).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -10,6 +10,26 @@ use std::time::Duration;
 use common::*;
 use sandbox_snapshots::agent::{AgentOp, Fault, Hold};
 use sandbox_snapshots::*;
+
+conformance!(
+    success_records_template_pauses_sandbox_and_audits,
+    a_paused_sandbox_can_be_snapshotted_and_stays_paused,
+    name_taken_without_overwrite_is_409_already_exists,
+    sandbox_of_another_team_or_unknown_is_404,
+    sandbox_not_running_or_paused_is_409_invalid_state,
+    unknown_host_or_no_address_or_offline_is_503,
+    agent_rejections_map_to_spec_codes_and_restore_the_sandbox,
+    unavailable_agent_is_502_and_the_sandbox_waits_for_its_host,
+    ambiguous_failure_reads_the_status_from_the_host,
+    overwrite_replaces_files_and_frees_the_old_ones,
+    failed_overwrite_keeps_the_old_template,
+    concurrent_creates_of_one_name_one_wins_no_orphans,
+    concurrent_overwrites_one_wins,
+    create_while_the_sandbox_is_snapshotting_is_409,
+    a_dropped_caller_does_not_abort_the_snapshot,
+    a_timed_out_create_leaves_no_template_and_the_hosts_status,
+    only_admins_create_platform_templates,
+);
 
 fn assert_err(result: Result<Template>, code: ErrorCode, status: u16, message_part: &str) -> Error {
     let err = result.expect_err("expected an error");
@@ -63,9 +83,8 @@ fn request_validation_rows() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn success_records_template_pauses_sandbox_and_audits() {
-    let env = Env::new().await;
+async fn success_records_template_pauses_sandbox_and_audits(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
 
@@ -125,18 +144,16 @@ async fn success_records_template_pauses_sandbox_and_audits() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_sandbox_can_be_snapshotted_and_stays_paused() {
-    let env = Env::new().await;
+async fn a_paused_sandbox_can_be_snapshotted_and_stays_paused(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox_with(team, SandboxStatus::Paused).await;
     env.create(team, sb, "p").await.unwrap();
     assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Paused);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn name_taken_without_overwrite_is_409_already_exists() {
-    let env = Env::new().await;
+async fn name_taken_without_overwrite_is_409_already_exists(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     env.create(team, sb, "dup").await.unwrap();
@@ -156,9 +173,8 @@ async fn name_taken_without_overwrite_is_409_already_exists() {
     assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Paused);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sandbox_of_another_team_or_unknown_is_404() {
-    let env = Env::new().await;
+async fn sandbox_of_another_team_or_unknown_is_404(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let (a, b) = (TeamId::new(), TeamId::new());
     let sb_a = env.sandbox(a).await;
     assert_err(
@@ -180,9 +196,8 @@ async fn sandbox_of_another_team_or_unknown_is_404() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sandbox_not_running_or_paused_is_409_invalid_state() {
-    let env = Env::new().await;
+async fn sandbox_not_running_or_paused_is_409_invalid_state(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     for status in [
         SandboxStatus::Pending,
@@ -204,9 +219,8 @@ async fn sandbox_not_running_or_paused_is_409_invalid_state() {
     assert_eq!(env.count("SELECT count(*) FROM templates").await, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_host_or_no_address_or_offline_is_503() {
-    let env = Env::new().await;
+async fn unknown_host_or_no_address_or_offline_is_503(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let registry = env.manager.registry();
 
@@ -268,8 +282,7 @@ async fn unknown_host_or_no_address_or_offline_is_503() {
     assert_eq!(env.count("SELECT count(*) FROM operations").await, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_rejections_map_to_spec_codes_and_restore_the_sandbox() {
+async fn agent_rejections_map_to_spec_codes_and_restore_the_sandbox(backend: Backend) {
     let cases = [
         (AgentCode::NotFound, ErrorCode::NotFound, 404),
         (AgentCode::InvalidArgument, ErrorCode::InvalidRequest, 400),
@@ -278,7 +291,7 @@ async fn agent_rejections_map_to_spec_codes_and_restore_the_sandbox() {
         (AgentCode::PermissionDenied, ErrorCode::AgentError, 502),
     ];
     for (agent_code, code, status) in cases {
-        let env = Env::new().await;
+        let env = Env::new_on(&backend).await;
         let team = TeamId::new();
         let sb = env.sandbox(team).await;
         env.agent.inject_times(
@@ -321,9 +334,8 @@ async fn agent_rejections_map_to_spec_codes_and_restore_the_sandbox() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unavailable_agent_is_502_and_the_sandbox_waits_for_its_host() {
-    let env = Env::new().await;
+async fn unavailable_agent_is_502_and_the_sandbox_waits_for_its_host(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     env.agent.set_unavailable(true);
@@ -354,10 +366,9 @@ async fn unavailable_agent_is_502_and_the_sandbox_waits_for_its_host() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ambiguous_failure_reads_the_status_from_the_host() {
+async fn ambiguous_failure_reads_the_status_from_the_host(backend: Backend) {
     // The agent paused the VM and wrote the files, then its reply was lost.
-    let env = Env::new().await;
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     env.agent.inject_times(
@@ -384,30 +395,8 @@ async fn ambiguous_failure_reads_the_status_from_the_host() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn store_failure_is_500_db_error_with_nothing_written() {
-    let mut options = fast_options();
-    options.store.busy_timeout = Duration::from_millis(100);
-    let env = Env::with_options(options).await;
-    let team = TeamId::new();
-    let sb = env.sandbox(team).await;
-
-    // Another connection holds the write lock.
-    let blocker = rusqlite::Connection::open(&env.db).unwrap();
-    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    assert_err(env.create(team, sb, "x").await, ErrorCode::DbError, 500, "");
-    blocker.execute_batch("ROLLBACK").unwrap();
-
-    assert_eq!(env.agent.calls(AgentOp::CreateSnapshot), 0);
-    assert_eq!(env.count("SELECT count(*) FROM templates").await, 0);
-    assert_eq!(env.count("SELECT count(*) FROM operations").await, 0);
-    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Running);
-    env.create(team, sb, "x").await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overwrite_replaces_files_and_frees_the_old_ones() {
-    let env = Env::new().await;
+async fn overwrite_replaces_files_and_frees_the_old_ones(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     let old = env.create(team, sb, "app").await.unwrap();
@@ -434,9 +423,8 @@ async fn overwrite_replaces_files_and_frees_the_old_ones() {
     env.overwrite(team, sb, "fresh").await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_overwrite_keeps_the_old_template() {
-    let env = Env::new().await;
+async fn failed_overwrite_keeps_the_old_template(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     let old = env.create(team, sb, "app").await.unwrap();
@@ -498,9 +486,8 @@ async fn failed_overwrite_keeps_the_old_template() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_creates_of_one_name_one_wins_no_orphans() {
-    let env = Env::new().await;
+async fn concurrent_creates_of_one_name_one_wins_no_orphans(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let (sb1, sb2) = (env.sandbox(team).await, env.sandbox(team).await);
     env.agent.inject(
@@ -530,25 +517,15 @@ async fn concurrent_creates_of_one_name_one_wins_no_orphans() {
     assert_eq!(env.sandbox_status(loser).await, SandboxStatus::Running);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_overwrites_one_wins() {
-    let env = Env::new().await;
+async fn concurrent_overwrites_one_wins(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let (sb1, sb2) = (env.sandbox(team).await, env.sandbox(team).await);
     let old = env.create(team, sb1, "o").await.unwrap();
     let hold = Hold::new();
     env.agent
         .inject(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()));
-    let first = {
-        let m = env.manager.clone();
-        tokio::spawn(async move {
-            m.create(
-                &caller(team),
-                NewSnapshot::new(sb1, Some(name("o"))).overwrite(true),
-            )
-            .await
-        })
-    };
+    let first = env.spawn_create(team, NewSnapshot::new(sb1, Some(name("o"))).overwrite(true));
     hold.arrived(1).await;
     assert_err(
         env.overwrite(team, sb2, "o").await,
@@ -575,21 +552,14 @@ async fn concurrent_overwrites_one_wins() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_while_the_sandbox_is_snapshotting_is_409() {
-    let env = Env::new().await;
+async fn create_while_the_sandbox_is_snapshotting_is_409(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     let hold = Hold::new();
     env.agent
         .inject(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()));
-    let first = {
-        let m = env.manager.clone();
-        tokio::spawn(async move {
-            m.create(&caller(team), NewSnapshot::new(sb, Some(name("a"))))
-                .await
-        })
-    };
+    let first = env.spawn_create(team, NewSnapshot::new(sb, Some(name("a"))));
     hold.arrived(1).await;
     assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Snapshotting);
     assert_err(
@@ -614,21 +584,14 @@ async fn create_while_the_sandbox_is_snapshotting_is_409() {
     assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Paused);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_caller_does_not_abort_the_snapshot() {
-    let env = Env::new().await;
+async fn a_dropped_caller_does_not_abort_the_snapshot(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     let hold = Hold::new();
     env.agent
         .inject(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()));
-    let task = {
-        let m = env.manager.clone();
-        tokio::spawn(async move {
-            m.create(&caller(team), NewSnapshot::new(sb, Some(name("kept"))))
-                .await
-        })
-    };
+    let task = env.spawn_create(team, NewSnapshot::new(sb, Some(name("kept"))));
     hold.arrived(1).await;
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
@@ -641,11 +604,10 @@ async fn a_dropped_caller_does_not_abort_the_snapshot() {
     assert_eq!(env.count("SELECT count(*) FROM operations").await, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timed_out_create_leaves_no_template_and_the_hosts_status() {
+async fn a_timed_out_create_leaves_no_template_and_the_hosts_status(backend: Backend) {
     let mut options = fast_options();
     options.create_timeout = Duration::from_millis(200);
-    let env = Env::with_options(options).await;
+    let env = Env::on(&backend, options, Mode::Ours).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     env.agent.inject_times(
@@ -672,9 +634,8 @@ async fn a_timed_out_create_leaves_no_template_and_the_hosts_status() {
     assert!(env.agent.snapshot_keys().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_admins_create_platform_templates() {
-    let env = Env::new().await;
+async fn only_admins_create_platform_templates(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let sb = env.sandbox(TeamId::PLATFORM).await;
     let err = env
         .manager
@@ -691,4 +652,26 @@ async fn only_admins_create_platform_templates() {
         .await
         .unwrap();
     assert!(t.is_platform());
+}
+
+// SQLite-only: another connection holds SQLite's write lock (busy_timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_failure_is_500_db_error_with_nothing_written() {
+    let mut options = fast_options();
+    options.store.busy_timeout = Duration::from_millis(100);
+    let env = Env::with_options(options).await;
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+
+    // Another connection holds the write lock.
+    let blocker = rusqlite::Connection::open(&env.db).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    assert_err(env.create(team, sb, "x").await, ErrorCode::DbError, 500, "");
+    blocker.execute_batch("ROLLBACK").unwrap();
+
+    assert_eq!(env.agent.calls(AgentOp::CreateSnapshot), 0);
+    assert_eq!(env.count("SELECT count(*) FROM templates").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM operations").await, 0);
+    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Running);
+    env.create(team, sb, "x").await.unwrap();
 }

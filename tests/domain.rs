@@ -1,11 +1,16 @@
-//! Ids, names, and opening store files: parse and format rules (SPEC §2),
-//! the schema migrator, and files that must be refused untouched.
+//! Ids, names, and opening stores: parse and format rules (SPEC §2), the
+//! schema migrator — reopening a store keeps what it holds, on each store
+//! (SQLite and PostgreSQL, see [`conformance!`]) — and SQLite files that
+//! must be refused untouched.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use common::{Backend, Db};
 use sandbox_snapshots::*;
 use uuid::Uuid;
+
+conformance!(reopening_a_store_keeps_what_it_holds);
 
 #[test]
 fn ids_round_trip_for_every_prefix() {
@@ -23,36 +28,19 @@ fn ids_round_trip_for_every_prefix() {
         let text = sb.to_string();
         assert_eq!(text.len(), "sb-".len() + 25, "{text}");
         assert_eq!(SandboxId::parse(&text).unwrap(), sb);
-        assert_eq!(
-            HostId::parse(&HostId::from_uuid(uuid).to_string())
-                .unwrap()
-                .as_uuid(),
-            uuid
-        );
-        assert_eq!(
-            TeamId::parse(&TeamId::from_uuid(uuid).to_string())
-                .unwrap()
-                .as_uuid(),
-            uuid
-        );
-        assert_eq!(
-            TemplateId::parse(&TemplateId::from_uuid(uuid).to_string())
-                .unwrap()
-                .as_uuid(),
-            uuid
-        );
-        assert_eq!(
-            ApiKeyId::parse(&ApiKeyId::from_uuid(uuid).to_string())
-                .unwrap()
-                .as_uuid(),
-            uuid
-        );
-        assert_eq!(
-            AuditLogId::parse(&AuditLogId::from_uuid(uuid).to_string())
-                .unwrap()
-                .as_uuid(),
-            uuid
-        );
+        // Every other prefix round-trips the same value.
+        macro_rules! round_trips {
+            ($($id:ident),*) => {$(
+                assert_eq!(
+                    $id::parse(&$id::from_uuid(uuid).to_string())
+                        .unwrap()
+                        .as_uuid(),
+                    uuid,
+                    stringify!($id)
+                );
+            )*};
+        }
+        round_trips!(HostId, TeamId, TemplateId, ApiKeyId, AuditLogId);
     }
     assert_eq!(
         SandboxId::from_uuid(Uuid::from_u128(1)).to_string(),
@@ -83,58 +71,44 @@ fn ids_round_trip_for_every_prefix() {
 #[test]
 fn ids_reject_wrong_prefix_length_case_characters_and_overflow() {
     let good = "0000000000000000000000001";
-    assert!(matches!(
-        SandboxId::parse(&format!("host-{good}")),
-        Err(IdError::WrongPrefix { expected: "sb-" })
-    ));
-    assert!(matches!(
-        SandboxId::parse(good),
-        Err(IdError::WrongPrefix { .. })
-    ));
-    assert!(matches!(
-        SandboxId::parse(""),
-        Err(IdError::WrongPrefix { .. })
-    ));
-    assert!(matches!(
-        SandboxId::parse("SB-0000000000000000000000001"),
-        Err(IdError::WrongPrefix { .. })
-    ));
-    assert!(matches!(
-        SandboxId::parse("sb-"),
-        Err(IdError::WrongLength { found: 0 })
-    ));
-    assert!(matches!(
-        SandboxId::parse("sb-000000000000000000000001"),
-        Err(IdError::WrongLength { found: 24 })
-    ));
-    assert!(matches!(
-        SandboxId::parse("sb-00000000000000000000000001"),
-        Err(IdError::WrongLength { found: 26 })
-    ));
-    assert!(matches!(
-        SandboxId::parse("sb-000000000000000000000000A"),
-        Err(IdError::InvalidChar { position: 24 })
-    ));
-    assert!(matches!(
-        SandboxId::parse("sb-00000000000-0000000000000"),
-        Err(IdError::InvalidChar { .. })
-    ));
-    assert!(matches!(
-        SandboxId::parse("sb-0000000000000000000000 01"),
-        Err(IdError::InvalidChar { .. })
-    ));
+    let other_prefix = format!("host-{good}");
+    let prefix = IdError::WrongPrefix { expected: "sb-" };
+    let cases = [
+        (other_prefix.as_str(), prefix.clone()),
+        (good, prefix.clone()),
+        ("", prefix.clone()),
+        ("SB-0000000000000000000000001", prefix),
+        ("sb-", IdError::WrongLength { found: 0 }),
+        (
+            "sb-000000000000000000000001",
+            IdError::WrongLength { found: 24 },
+        ),
+        (
+            "sb-00000000000000000000000001",
+            IdError::WrongLength { found: 26 },
+        ),
+        (
+            "sb-000000000000000000000000A",
+            IdError::InvalidChar { position: 24 },
+        ),
+        (
+            "sb-00000000000-0000000000000",
+            IdError::InvalidChar { position: 11 },
+        ),
+        (
+            "sb-0000000000000000000000 01",
+            IdError::InvalidChar { position: 22 },
+        ),
+        // Above 2^128 - 1: an error, not a panic or a wrap-around.
+        ("sb-zzzzzzzzzzzzzzzzzzzzzzzzz", IdError::Overflow),
+        ("sb-f5lxx1zz5pnorynqglhzmsp34", IdError::Overflow),
+    ];
+    for (text, why) in cases {
+        assert_eq!(SandboxId::parse(text), Err(why), "{text:?}");
+    }
     // Multi-byte characters are counted as characters, never sliced.
     assert!(SandboxId::parse("sb-000000000000000000000000é").is_err());
     assert!(SandboxId::parse("sb-00000000000000000000000é").is_err());
-    // Above 2^128 - 1: an error, not a panic or a wrap-around.
-    assert_eq!(
-        SandboxId::parse("sb-zzzzzzzzzzzzzzzzzzzzzzzzz"),
-        Err(IdError::Overflow)
-    );
-    assert_eq!(
-        SandboxId::parse("sb-f5lxx1zz5pnorynqglhzmsp34"),
-        Err(IdError::Overflow)
-    );
     assert!(
         SandboxId::parse("sb-f5lxx1zz5pnorynqglhzmsp33").is_ok(),
         "2^128 - 1 itself is fine"
@@ -275,6 +249,41 @@ async fn open_error(db: &std::path::Path) -> StoreError {
         .unwrap_or_else(|| panic!("no store error under {err:?}"))
 }
 
+/// The migrations run once: a reopened store (twice) still holds what was
+/// written through the first manager.
+async fn reopening_a_store_keeps_what_it_holds(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::fresh(&backend, dir.path()).await;
+    let transport = std::sync::Arc::new(InProcessTransport::new());
+    let mut options = ManagerOptions::default();
+    options.run_janitor = false;
+    let host = HostId::new();
+    for round in 0..3 {
+        let manager = db.open(transport.clone(), options.clone()).await.unwrap();
+        let registry = manager.registry();
+        if round == 0 {
+            registry
+                .register_host(host, "a", HostStatus::Online)
+                .await
+                .unwrap();
+        }
+        let found = registry.host(host).await.unwrap();
+        assert_eq!(
+            found.map(|h| (h.address, h.status)),
+            Some(("a".to_owned(), HostStatus::Online)),
+            "open {round}"
+        );
+        assert_eq!(
+            db.count("SELECT count(*) FROM hosts").await,
+            1,
+            "open {round}"
+        );
+        manager.shutdown().await;
+    }
+}
+
+// SQLite-only: the store file itself (its schema and PRAGMAs, a newer
+// user_version, a file that is not a database).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opening_applies_the_schema_once_and_reopening_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -338,6 +347,7 @@ async fn a_file_that_is_not_a_database_is_refused_and_untouched() {
     assert_eq!(std::fs::read(&db).unwrap(), content);
 }
 
+// SQLite-only: one manager per file is SQLite's rule (replicas share a PostgreSQL database).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_manager_per_store_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,9 +1,9 @@
 //! Regressions of issue 9 ("Faults: nothing stuck, nothing applied after a
 //! reported failure, a worker that never spins"), each through the public
-//! API on a real SQLite file, with the fault where it really lives: a
-//! loopback port that refuses, another connection holding SQLite's write
-//! lock, an agent that behaves like the original Go agent, a host that
-//! hangs. (The full-disk and crash cases are in `tests/crash.rs`, the
+//! API, with the fault where it really lives: a loopback port that refuses,
+//! an agent that behaves like the original Go agent, a host that hangs —
+//! on each store (SQLite and PostgreSQL, see [`conformance!`]) — and, on
+//! SQLite, another connection holding its write lock. (The full-disk and crash cases are in `tests/crash.rs`, the
 //! transports' own in `tests/transport_faults.rs`.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,8 +17,31 @@ use common::*;
 use sandbox_snapshots::agent::{AgentOp, Fault, Hold};
 use sandbox_snapshots::*;
 
+conformance!(
+    a_host_that_refuses_connections_releases_the_sandbox_at_once,
+    an_operation_waiting_for_a_silent_host_resolves_at_the_deadline,
+    an_operator_resolves_open_operations_now,
+    go_agent_failed_snapshots_leave_the_sandbox_usable,
+    the_worker_stays_idle_while_a_create_is_in_flight,
+    a_key_still_being_written_is_deleted_only_once_its_create_is_resolved,
+    a_hanging_host_delays_only_its_own_work,
+);
+
 fn internal() -> AgentError {
     AgentError::rejected(AgentCode::Internal, "injected")
+}
+
+/// The next `op` call fails: the host is briefly unavailable.
+fn blip(agent: &MemoryHostAgent, op: AgentOp) {
+    agent.inject_times(op, Fault::Fail(AgentError::unavailable("blip")), 1);
+}
+
+/// The next create writes its snapshot and answers Internal, and the
+/// status query that follows hits a blip: the sandbox waits for the worker
+/// to ask its host again.
+fn ambiguous_create_then_blip(agent: &MemoryHostAgent) {
+    agent.inject_times(AgentOp::CreateSnapshot, Fault::FailAfter(internal()), 1);
+    blip(agent, AgentOp::ListSandboxes);
 }
 
 /// Another connection holding SQLite's write lock until released.
@@ -56,6 +79,40 @@ impl WriteLock {
     }
 }
 
+/// Starts `snapshot` on a task of its own; its `CreateSnapshot` call waits
+/// on the returned hold.
+fn held_create(
+    env: &Env,
+    team: TeamId,
+    snapshot: NewSnapshot,
+) -> (Hold, tokio::task::JoinHandle<Result<Template>>) {
+    let hold = Hold::new();
+    env.agent
+        .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
+    (hold, env.spawn_create(team, snapshot))
+}
+
+/// Once `create` waits on `hold`, another connection takes the write lock
+/// and the agent answers: past `record_patience` the caller is told
+/// `db_error`, outcome unknown. Returns the lock, still held.
+async fn answered_while_locked(
+    env: &Env,
+    hold: &Hold,
+    create: tokio::task::JoinHandle<Result<Template>>,
+) -> WriteLock {
+    hold.arrived(1).await;
+    let lock = WriteLock::take(&env.db).await;
+    hold.release();
+    let err = create.await.unwrap().unwrap_err();
+    assert_eq!(
+        (err.code(), err.http_status()),
+        (ErrorCode::DbError, 500),
+        "{err:?}"
+    );
+    assert!(err.message().contains("outcome is unknown"), "{err:?}");
+    lock
+}
+
 /// Options for the store-failure cases: writes give up on a held lock
 /// quickly, and a create records its outcome for a short while before it
 /// answers.
@@ -69,8 +126,7 @@ fn impatient_options() -> ManagerOptions {
 /// Defect 1: a host registered online at an address where nothing listens.
 /// The request never reached an agent: 503, the sandbox released at once,
 /// nothing queued, and the sandbox usable (a retry, an admin change).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_that_refuses_connections_releases_the_sandbox_at_once() {
+async fn a_host_that_refuses_connections_releases_the_sandbox_at_once(backend: Backend) {
     let transports: [(&str, Arc<dyn AgentTransport>); 2] = [
         ("grpc", Arc::new(GrpcTransport::new(GrpcConfig::default()))),
         (
@@ -80,7 +136,9 @@ async fn a_host_that_refuses_connections_releases_the_sandbox_at_once() {
     ];
     for (kind, transport) in transports {
         let dir = tempfile::tempdir().unwrap();
-        let manager = Manager::open(dir.path().join("s.db"), transport, fast_options())
+        let manager = Db::fresh(&backend, dir.path())
+            .await
+            .open(transport, fast_options())
             .await
             .unwrap();
         let refusing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -151,11 +209,10 @@ async fn a_host_that_refuses_connections_releases_the_sandbox_at_once() {
 /// Defect 2: an operation that needs its host's answer, from a host that
 /// never answers, resolves once `resolve_deadline` has passed: the sandbox
 /// becomes `error`, the half-written key stays queued (and goes), audited.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operation_waiting_for_a_silent_host_resolves_at_the_deadline() {
+async fn an_operation_waiting_for_a_silent_host_resolves_at_the_deadline(backend: Backend) {
     let mut options = fast_options();
     options.resolve_deadline = Duration::from_millis(300);
-    let env = Env::with_options(options).await;
+    let env = Env::on(&backend, options, Mode::Ours).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     env.agent
@@ -209,9 +266,8 @@ async fn an_operation_waiting_for_a_silent_host_resolves_at_the_deadline() {
 
 /// Defect 2: an operator resolves an open operation now — one waiting for
 /// its host, and one whose create is still in flight.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_resolves_open_operations_now() {
-    let env = Env::new().await;
+async fn an_operator_resolves_open_operations_now(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let admin = Caller::admin(
         TeamId::PLATFORM,
@@ -270,10 +326,7 @@ async fn an_operator_resolves_open_operations_now() {
     // A create in flight: resolved, it reports failure to its caller, and
     // the files the agent then writes are deleted.
     env.agent.clear_faults();
-    let hold = Hold::new();
-    env.agent
-        .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
-    let pending = env.spawn_create(team, NewSnapshot::new(sb2, Some(name("in-flight"))));
+    let (hold, pending) = held_create(&env, team, NewSnapshot::new(sb2, Some(name("in-flight"))));
     hold.arrived(1).await;
     let open = env.manager.open_operations().await.unwrap();
     assert_eq!(open.len(), 1);
@@ -316,9 +369,8 @@ async fn an_operator_resolves_open_operations_now() {
 /// Defect 3: against an agent that lists only running VMs and reports
 /// every failure as Internal, a failed snapshot leaves the sandbox paused
 /// (not missing), and the retry succeeds.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn go_agent_failed_snapshots_leave_the_sandbox_usable() {
-    let env = Env::with_mode(fast_options(), Mode::GoLike).await;
+async fn go_agent_failed_snapshots_leave_the_sandbox_usable(backend: Backend) {
+    let env = Env::on(&backend, fast_options(), Mode::GoLike).await;
     let team = TeamId::new();
     let cases = [
         (
@@ -366,106 +418,15 @@ async fn go_agent_failed_snapshots_leave_the_sandbox_usable() {
     assert_invariants(&env, &[team]).await;
 }
 
-/// Defect 4: the agent writes the snapshot of an overwrite and answers
-/// Internal; while the manager asks for the sandbox's status, another
-/// connection takes the write lock past `record_patience`. The caller is
-/// told `db_error` (outcome unknown), the failure is recorded once the
-/// lock goes, and the overwrite never takes effect: the old template the
-/// caller still has stays, with its files.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failure_the_store_cannot_record_never_takes_effect_later() {
-    let env = Env::with_options(impatient_options()).await;
-    let team = TeamId::new();
-    let (sb_old, sb) = (env.sandbox(team).await, env.sandbox(team).await);
-    let old = env.create(team, sb_old, "snap").await.unwrap();
-    let hold = Hold::new();
-    env.agent
-        .inject_times(AgentOp::CreateSnapshot, Fault::FailAfter(internal()), 1);
-    env.agent
-        .inject_times(AgentOp::ListSandboxes, Fault::Hold(hold.clone()), 1);
-    let overwrite = env.spawn_create(
-        team,
-        NewSnapshot::new(sb, Some(name("snap"))).overwrite(true),
-    );
-    hold.arrived(1).await;
-    let lock = WriteLock::take(&env.db).await;
-    hold.release();
-
-    let err = overwrite.await.unwrap().unwrap_err();
-    assert_eq!(
-        (err.code(), err.http_status()),
-        (ErrorCode::DbError, 500),
-        "{err:?}"
-    );
-    assert!(err.message().contains("outcome is unknown"), "{err:?}");
-    assert_eq!(
-        env.manager.get(&caller(team), &name("snap")).await.unwrap(),
-        old
-    );
-    lock.release().await;
-
-    eventually("the failure is recorded", || async {
-        env.manager.open_operations().await.unwrap().is_empty()
-    })
-    .await;
-    drain(&env).await;
-    assert_invariants(&env, &[team]).await;
-    assert_eq!(
-        env.manager.get(&caller(team), &name("snap")).await.unwrap(),
-        old,
-        "never rolled forward"
-    );
-    assert_eq!(env.agent.snapshot_keys(), vec![old.id.to_string()]);
-    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Paused);
-}
-
-/// Defect 5: the agent succeeds (and has no `ListSnapshots`), the store is
-/// locked past `record_patience`: the caller is told `db_error`, outcome
-/// unknown, and the snapshot appears once the lock goes — it is not rolled
-/// back and its files are kept.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_success_the_store_cannot_record_appears_once_it_recovers() {
-    let env = Env::with_options(impatient_options()).await;
-    env.agent.set_list_snapshots_supported(false);
-    let team = TeamId::new();
-    let sb = env.sandbox(team).await;
-    let hold = Hold::new();
-    env.agent
-        .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
-    let create = env.spawn_create(team, NewSnapshot::new(sb, Some(name("snap"))));
-    hold.arrived(1).await;
-    let lock = WriteLock::take(&env.db).await;
-    hold.release();
-
-    let err = create.await.unwrap().unwrap_err();
-    assert_eq!(err.code(), ErrorCode::DbError, "{err:?}");
-    assert!(err.message().contains("outcome is unknown"), "{err:?}");
-    lock.release().await;
-
-    eventually("the snapshot appears", || async {
-        env.manager.get(&caller(team), &name("snap")).await.is_ok()
-    })
-    .await;
-    drain(&env).await;
-    assert_invariants(&env, &[team]).await;
-    let t = env.manager.get(&caller(team), &name("snap")).await.unwrap();
-    assert_eq!(env.agent.snapshot_keys(), vec![t.id.to_string()]);
-    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Paused);
-}
-
 /// Defect 6: while a create is in flight the worker sleeps. After a
 /// routine pass it chooses to sleep the whole janitor interval (nothing
 /// else is due); the old worker counted the create as due and slept zero,
 /// burning a core until the snapshot finished.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_worker_stays_idle_while_a_create_is_in_flight() {
-    let env = Env::new().await;
+async fn the_worker_stays_idle_while_a_create_is_in_flight(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
-    let hold = Hold::new();
-    env.agent
-        .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
-    let create = env.spawn_create(team, NewSnapshot::new(sb, Some(name("snap"))));
+    let (hold, create) = held_create(&env, team, NewSnapshot::new(sb, Some(name("snap"))));
     hold.arrived(1).await;
     let before = env.manager.worker_stats();
     // A routine pass while the create is in flight, and the sleep it chose
@@ -488,13 +449,12 @@ async fn the_worker_stays_idle_while_a_create_is_in_flight() {
 /// lists the sandbox `snapshotting`). Its key is not deleted while the
 /// host is still at it, even past the grace (a NotFound then would be
 /// counted as done and the key leaked); once the host is done it goes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_still_being_written_is_deleted_only_once_its_create_is_resolved() {
+async fn a_key_still_being_written_is_deleted_only_once_its_create_is_resolved(backend: Backend) {
     let mut options = fast_options();
     options.create_timeout = Duration::from_millis(200);
     options.late_write_grace = Duration::ZERO;
     options.run_janitor = false;
-    let env = Env::with_options(options).await;
+    let env = Env::on(&backend, options, Mode::Ours).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     let hold = Hold::new();
@@ -546,14 +506,13 @@ async fn a_key_still_being_written_is_deleted_only_once_its_create_is_resolved()
 /// Defect 9: one host hangs (on `DeleteSnapshot`, or on `ListSandboxes`)
 /// while another host's sandbox waits to be resolved: the healthy host's
 /// work goes on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hanging_host_delays_only_its_own_work() {
+async fn a_hanging_host_delays_only_its_own_work(backend: Backend) {
     for hang_on in [AgentOp::DeleteSnapshot, AgentOp::ListSandboxes] {
         let mut options = fast_options();
         options.delete_timeout = Duration::from_secs(60);
         options.list_timeout = Duration::from_secs(60);
         options.delete_wait = Duration::from_millis(50);
-        let env = Env::with_options(options).await;
+        let env = Env::on(&backend, options, Mode::Ours).await;
         let team = TeamId::new();
         let hanging = env.agent.clone();
         let hold = Hold::new();
@@ -562,11 +521,7 @@ async fn a_hanging_host_delays_only_its_own_work() {
             AgentOp::DeleteSnapshot => {
                 env.create(team, sb1, "on-hanging").await.unwrap();
                 // The first attempt fails; the worker's retry hangs.
-                hanging.inject_times(
-                    AgentOp::DeleteSnapshot,
-                    Fault::Fail(AgentError::unavailable("blip")),
-                    1,
-                );
+                blip(&hanging, AgentOp::DeleteSnapshot);
                 hanging.inject(AgentOp::DeleteSnapshot, Fault::Hold(hold.clone()));
                 env.manager
                     .delete(&caller(team), &name("on-hanging"))
@@ -576,12 +531,7 @@ async fn a_hanging_host_delays_only_its_own_work() {
             _ => {
                 // A failed snapshot whose status the worker asks again, and
                 // the host hangs on that.
-                hanging.inject_times(AgentOp::CreateSnapshot, Fault::FailAfter(internal()), 1);
-                hanging.inject_times(
-                    AgentOp::ListSandboxes,
-                    Fault::Fail(AgentError::unavailable("blip")),
-                    1,
-                );
+                ambiguous_create_then_blip(&hanging);
                 hanging.inject(AgentOp::ListSandboxes, Fault::Hold(hold.clone()));
                 env.create(team, sb1, "on-hanging").await.unwrap_err();
             }
@@ -610,12 +560,7 @@ async fn a_hanging_host_delays_only_its_own_work() {
             ))
             .await
             .unwrap();
-        healthy.inject_times(AgentOp::CreateSnapshot, Fault::FailAfter(internal()), 1);
-        healthy.inject_times(
-            AgentOp::ListSandboxes,
-            Fault::Fail(AgentError::unavailable("blip")),
-            1,
-        );
+        ambiguous_create_then_blip(&healthy);
         env.create(team, sb2, "on-healthy").await.unwrap_err();
         assert_eq!(env.sandbox_status(sb2).await, SandboxStatus::Snapshotting);
 
@@ -640,4 +585,73 @@ async fn a_hanging_host_delays_only_its_own_work() {
             "{hang_on:?}"
         );
     }
+}
+
+// SQLite-only: another connection holds SQLite's write lock (WriteLock::take).
+/// Defect 4: the agent writes the snapshot of an overwrite and answers
+/// Internal; while the manager asks for the sandbox's status, another
+/// connection takes the write lock past `record_patience`. The caller is
+/// told `db_error` (outcome unknown), the failure is recorded once the
+/// lock goes, and the overwrite never takes effect: the old template the
+/// caller still has stays, with its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_the_store_cannot_record_never_takes_effect_later() {
+    let env = Env::with_options(impatient_options()).await;
+    let team = TeamId::new();
+    let (sb_old, sb) = (env.sandbox(team).await, env.sandbox(team).await);
+    let old = env.create(team, sb_old, "snap").await.unwrap();
+    let hold = Hold::new();
+    env.agent
+        .inject_times(AgentOp::CreateSnapshot, Fault::FailAfter(internal()), 1);
+    env.agent
+        .inject_times(AgentOp::ListSandboxes, Fault::Hold(hold.clone()), 1);
+    let overwrite = env.spawn_create(
+        team,
+        NewSnapshot::new(sb, Some(name("snap"))).overwrite(true),
+    );
+    let lock = answered_while_locked(&env, &hold, overwrite).await;
+    assert_eq!(
+        env.manager.get(&caller(team), &name("snap")).await.unwrap(),
+        old
+    );
+    lock.release().await;
+
+    eventually("the failure is recorded", || async {
+        env.manager.open_operations().await.unwrap().is_empty()
+    })
+    .await;
+    drain(&env).await;
+    assert_invariants(&env, &[team]).await;
+    assert_eq!(
+        env.manager.get(&caller(team), &name("snap")).await.unwrap(),
+        old,
+        "never rolled forward"
+    );
+    assert_eq!(env.agent.snapshot_keys(), vec![old.id.to_string()]);
+    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Paused);
+}
+
+/// Defect 5: the agent succeeds (and has no `ListSnapshots`), the store is
+/// locked past `record_patience`: the caller is told `db_error`, outcome
+/// unknown, and the snapshot appears once the lock goes — it is not rolled
+/// back and its files are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_the_store_cannot_record_appears_once_it_recovers() {
+    let env = Env::with_options(impatient_options()).await;
+    env.agent.set_list_snapshots_supported(false);
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+    let (hold, create) = held_create(&env, team, NewSnapshot::new(sb, Some(name("snap"))));
+    let lock = answered_while_locked(&env, &hold, create).await;
+    lock.release().await;
+
+    eventually("the snapshot appears", || async {
+        env.manager.get(&caller(team), &name("snap")).await.is_ok()
+    })
+    .await;
+    drain(&env).await;
+    assert_invariants(&env, &[team]).await;
+    let t = env.manager.get(&caller(team), &name("snap")).await.unwrap();
+    assert_eq!(env.agent.snapshot_keys(), vec![t.id.to_string()]);
+    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Paused);
 }

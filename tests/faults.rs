@@ -12,7 +12,8 @@
 //!
 //! Every case runs against two agents: ours, and one that behaves like the
 //! original Go agent (lists only running VMs, reports every snapshot
-//! failure as Internal, deletes a missing key successfully).
+//! failure as Internal, deletes a missing key successfully), and on each
+//! store (SQLite and PostgreSQL, see [`conformance!`]).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -23,6 +24,15 @@ use std::time::Duration;
 use common::*;
 use sandbox_snapshots::agent::{AgentOp, Fault};
 use sandbox_snapshots::*;
+
+conformance!(
+    create_snapshot_failures,
+    list_sandboxes_failures_after_an_ambiguous_create,
+    delete_failures_of_a_half_written_key,
+    overwrite_failures_keep_the_old_template,
+    failures_deleting_the_replaced_files,
+    delete_snapshot_failures,
+);
 
 /// Put into every injected error message: it must never reach the caller.
 const AGENT_TEXT: &str = "injected: /var/lib/agent/secret";
@@ -258,6 +268,39 @@ fn check_failure_entry(case: &str, entry: &AuditEntry, err: &Error, n: &str) -> 
     entry.resource_id.clone()
 }
 
+/// A manager on `backend` with a `mode` agent, a team with two running
+/// sandboxes, and a template "snap" made from the first.
+async fn with_snap(
+    backend: &Backend,
+    mode: Mode,
+    case: &str,
+) -> (Env, TeamId, (SandboxId, SandboxId), Template) {
+    let env = Env::on(backend, options(), mode).await;
+    let team = TeamId::new();
+    let (first, second) = (env.sandbox(team).await, env.sandbox(team).await);
+    let snap = env.create(team, first, "snap").await.expect(case);
+    (env, team, (first, second), snap)
+}
+
+/// After the drain, the host holds `kept`'s key alone and the invariants
+/// hold — except after an agent that answered NotFound without deleting,
+/// where `deleted`'s key is left beside it.
+async fn check_keys_after_drain(
+    env: &Env,
+    team: TeamId,
+    case: &str,
+    outcome: DeleteOutcome,
+    kept: &Template,
+    deleted: &Template,
+) {
+    if outcome == DeleteOutcome::ConfirmedKeyLeft {
+        assert_eq!(keys(env), set([&kept.id, &deleted.id]), "{case}");
+    } else {
+        assert_invariants(env, &[team]).await;
+        assert_eq!(keys(env), set([&kept.id]), "{case}");
+    }
+}
+
 /// Waits until a queued deletion has failed at least once (the injected
 /// fault was hit), driving the worker meanwhile.
 async fn deletion_attempted(env: &Env, case: &str) {
@@ -295,11 +338,10 @@ fn definite_rejections_are_the_documented_ones() {
 }
 
 /// Step: the `CreateSnapshot` call of a plain create.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_snapshot_failures() {
+async fn create_snapshot_failures(backend: Backend) {
     for (mode, failure, when) in Failure::matrix() {
         let case = format!("{mode:?}: CreateSnapshot {failure:?} {when:?}");
-        let env = Env::with_mode(options(), mode).await;
+        let env = Env::on(&backend, options(), mode).await;
         let team = TeamId::new();
         let sb = env.sandbox(team).await;
         env.agent
@@ -376,14 +418,13 @@ async fn create_snapshot_failures() {
 /// Step: the `ListSandboxes` call the manager makes after an ambiguous
 /// `CreateSnapshot` failure (the agent paused the VM, wrote the key and
 /// answered Internal).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn list_sandboxes_failures_after_an_ambiguous_create() {
+async fn list_sandboxes_failures_after_an_ambiguous_create(backend: Backend) {
     let cases = Mode::ALL
         .iter()
         .flat_map(|mode| Failure::all().into_iter().map(move |f| (*mode, f)));
     for (mode, failure) in cases {
         let case = format!("{mode:?}: ListSandboxes {failure:?}");
-        let env = Env::with_mode(options(), mode).await;
+        let env = Env::on(&backend, options(), mode).await;
         let team = TeamId::new();
         let sb = env.sandbox(team).await;
         env.agent.inject_times(
@@ -437,12 +478,11 @@ async fn list_sandboxes_failures_after_an_ambiguous_create() {
 }
 
 /// Step: the `DeleteSnapshot` of the key a failed create half wrote.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_failures_of_a_half_written_key() {
+async fn delete_failures_of_a_half_written_key(backend: Backend) {
     for (mode, failure, when) in Failure::matrix() {
         let case = format!("{mode:?}: DeleteSnapshot of a half-written key: {failure:?} {when:?}");
         let outcome = failure.delete_outcome(when);
-        let env = Env::with_mode(options(), mode).await;
+        let env = Env::on(&backend, options(), mode).await;
         let team = TeamId::new();
         let sb = env.sandbox(team).await;
         env.agent.inject_times(
@@ -513,14 +553,10 @@ async fn delete_failures_of_a_half_written_key() {
 
 /// Step: the `CreateSnapshot` call of an overwrite. The old template must
 /// stay intact: listed, gettable, its files on the host.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overwrite_failures_keep_the_old_template() {
+async fn overwrite_failures_keep_the_old_template(backend: Backend) {
     for (mode, failure, when) in Failure::matrix() {
         let case = format!("{mode:?}: overwrite, CreateSnapshot {failure:?} {when:?}");
-        let env = Env::with_mode(options(), mode).await;
-        let team = TeamId::new();
-        let (sb_old, sb) = (env.sandbox(team).await, env.sandbox(team).await);
-        let old = env.create(team, sb_old, "snap").await.expect(&case);
+        let (env, team, (sb_old, sb), old) = with_snap(&backend, mode, &case).await;
         env.agent
             .inject_times(AgentOp::CreateSnapshot, failure.fault(when), 1);
 
@@ -570,15 +606,11 @@ async fn overwrite_failures_keep_the_old_template() {
 /// Step: the `DeleteSnapshot` of the old files after a successful
 /// overwrite. The caller gets the new template; the old files go when the
 /// host confirms.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failures_deleting_the_replaced_files() {
+async fn failures_deleting_the_replaced_files(backend: Backend) {
     for (mode, failure, when) in Failure::matrix() {
         let case = format!("{mode:?}: DeleteSnapshot of replaced files: {failure:?} {when:?}");
         let outcome = failure.delete_outcome(when);
-        let env = Env::with_mode(options(), mode).await;
-        let team = TeamId::new();
-        let (sb_old, sb) = (env.sandbox(team).await, env.sandbox(team).await);
-        let old = env.create(team, sb_old, "snap").await.expect(&case);
+        let (env, team, (_, sb), old) = with_snap(&backend, mode, &case).await;
         env.agent
             .inject(AgentOp::DeleteSnapshot, failure.fault(when));
 
@@ -617,27 +649,18 @@ async fn failures_deleting_the_replaced_files() {
         drain(&env).await;
         assert_eq!(env.names(team).await, vec!["snap"], "{case}");
         assert_eq!(get(&env, team, "snap").await.expect(&case), new, "{case}");
-        if outcome == DeleteOutcome::ConfirmedKeyLeft {
-            assert_eq!(keys(&env), set([&new.id, &old.id]), "{case}");
-        } else {
-            assert_invariants(&env, &[team]).await;
-            assert_eq!(keys(&env), set([&new.id]), "{case}");
-        }
+        check_keys_after_drain(&env, team, &case, outcome, &new, &old).await;
     }
 }
 
 /// Step: the `DeleteSnapshot` call of a delete. The delete succeeds at
 /// once (the template leaves get/list and frees its name); the files go
 /// when the host confirms.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_snapshot_failures() {
+async fn delete_snapshot_failures(backend: Backend) {
     for (mode, failure, when) in Failure::matrix() {
         let case = format!("{mode:?}: delete, DeleteSnapshot {failure:?} {when:?}");
         let outcome = failure.delete_outcome(when);
-        let env = Env::with_mode(options(), mode).await;
-        let team = TeamId::new();
-        let (sb, sb2) = (env.sandbox(team).await, env.sandbox(team).await);
-        let t = env.create(team, sb, "snap").await.expect(&case);
+        let (env, team, (_, sb2), t) = with_snap(&backend, mode, &case).await;
         env.agent
             .inject(AgentOp::DeleteSnapshot, failure.fault(when));
 
@@ -684,11 +707,6 @@ async fn delete_snapshot_failures() {
             "{case}"
         );
         assert_eq!(env.names(team).await, vec!["snap"], "{case}");
-        if outcome == DeleteOutcome::ConfirmedKeyLeft {
-            assert_eq!(keys(&env), set([&again.id, &t.id]), "{case}");
-        } else {
-            assert_invariants(&env, &[team]).await;
-            assert_eq!(keys(&env), set([&again.id]), "{case}");
-        }
+        check_keys_after_drain(&env, team, &case, outcome, &again, &t).await;
     }
 }

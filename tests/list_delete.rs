@@ -1,5 +1,6 @@
 //! List, get, delete, team isolation, platform templates and the audit log,
-//! through the public API on a real SQLite file.
+//! through the public API, on each store (SQLite and PostgreSQL, see
+//! [`conformance!`]).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -9,6 +10,22 @@ use std::collections::HashSet;
 use common::*;
 use sandbox_snapshots::agent::AgentOp;
 use sandbox_snapshots::*;
+
+conformance!(
+    list_shows_own_and_platform_templates_newest_first,
+    pagination_walks_every_template_once,
+    delete_rows_of_the_spec_table,
+    teams_cannot_see_get_overwrite_or_delete_each_other,
+    platform_templates_are_visible_undeletable_and_reserve_their_names,
+    delete_while_the_host_is_down_queues_the_files_until_it_is_back,
+    an_offline_host_is_skipped_and_retried_when_it_comes_back_online,
+    delete_talks_to_every_holding_host_in_parallel_and_only_to_them,
+    audit_log_pages_by_cursor_and_filters,
+);
+
+async fn get(env: &Env, team: TeamId, n: &str) -> Result<Template> {
+    env.manager.get(&caller(team), &name(n)).await
+}
 
 async fn platform_template(env: &Env, n: &str, kind: TemplateType) -> Template {
     let t = env
@@ -26,9 +43,8 @@ async fn platform_template(env: &Env, n: &str, kind: TemplateType) -> Template {
     t
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn list_shows_own_and_platform_templates_newest_first() {
-    let env = Env::new().await;
+async fn list_shows_own_and_platform_templates_newest_first(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let (a, b) = (TeamId::new(), TeamId::new());
     let base = platform_template(&env, "ubuntu-24.04", TemplateType::Base).await;
     let sa = env.sandbox(a).await;
@@ -85,9 +101,8 @@ async fn list_shows_own_and_platform_templates_newest_first() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pagination_walks_every_template_once() {
-    let env = Env::new().await;
+async fn pagination_walks_every_template_once(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     for i in 0..4 {
@@ -143,9 +158,8 @@ async fn pagination_walks_every_template_once() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_rows_of_the_spec_table() {
-    let env = Env::new().await;
+async fn delete_rows_of_the_spec_table(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     platform_template(&env, "base", TemplateType::Base).await;
@@ -159,21 +173,26 @@ async fn delete_rows_of_the_spec_table() {
     );
     assert!(err.message().starts_with("invalid snapshot name: "));
 
-    let err = env
-        .manager
-        .delete(&caller(team), &name("nope"))
-        .await
-        .unwrap_err();
-    assert_eq!((err.code(), err.http_status()), (ErrorCode::NotFound, 404));
-    assert_eq!(err.message(), "template not found");
-
-    let err = env
-        .manager
-        .delete(&caller(team), &name("base"))
-        .await
-        .unwrap_err();
-    assert_eq!((err.code(), err.http_status()), (ErrorCode::Forbidden, 403));
-    assert_eq!(err.message(), "platform templates cannot be deleted here");
+    for (n, code, status, message) in [
+        ("nope", ErrorCode::NotFound, 404, "template not found"),
+        (
+            "base",
+            ErrorCode::Forbidden,
+            403,
+            "platform templates cannot be deleted here",
+        ),
+    ] {
+        let err = env
+            .manager
+            .delete(&caller(team), &name(n))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), err.http_status(), err.message()),
+            (code, status, message),
+            "delete {n}"
+        );
+    }
 
     let deleted = env
         .manager
@@ -185,10 +204,11 @@ async fn delete_rows_of_the_spec_table() {
     assert!(deleted.hosts_pending.is_empty());
     assert!(!env.agent.has_snapshot(&t.id.to_string()));
     assert_eq!(env.names(team).await, vec!["base"]);
+    // The team's row is purged: only the platform template's is left.
     assert_eq!(
-        env.count("SELECT count(*) FROM templates WHERE team_id <> zeroblob(16)")
-            .await,
-        0
+        env.count("SELECT count(*) FROM templates").await,
+        1,
+        "only the platform template's row"
     );
 
     let audit = env
@@ -207,20 +227,15 @@ async fn delete_rows_of_the_spec_table() {
     env.create(team, sb, "gone").await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn teams_cannot_see_get_overwrite_or_delete_each_other() {
-    let env = Env::new().await;
+async fn teams_cannot_see_get_overwrite_or_delete_each_other(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let (a, b) = (TeamId::new(), TeamId::new());
     let sa = env.sandbox(a).await;
     let sb = env.sandbox(b).await;
     let ta = env.create(a, sa, "shared-name").await.unwrap();
 
     assert!(env.names(b).await.is_empty());
-    let err = env
-        .manager
-        .get(&caller(b), &name("shared-name"))
-        .await
-        .unwrap_err();
+    let err = get(&env, b, "shared-name").await.unwrap_err();
     assert_eq!(err.code(), ErrorCode::NotFound);
     let err = env
         .manager
@@ -232,20 +247,8 @@ async fn teams_cannot_see_get_overwrite_or_delete_each_other() {
     // B's overwrite of "shared-name" makes B's own template; A's is untouched.
     let tb = env.overwrite(b, sb, "shared-name").await.unwrap();
     assert_ne!(ta.id, tb.id);
-    assert_eq!(
-        env.manager
-            .get(&caller(a), &name("shared-name"))
-            .await
-            .unwrap(),
-        ta
-    );
-    assert_eq!(
-        env.manager
-            .get(&caller(b), &name("shared-name"))
-            .await
-            .unwrap(),
-        tb
-    );
+    assert_eq!(get(&env, a, "shared-name").await.unwrap(), ta);
+    assert_eq!(get(&env, b, "shared-name").await.unwrap(), tb);
     let keys: HashSet<String> = env.agent.snapshot_keys().into_iter().collect();
     assert_eq!(keys, HashSet::from([ta.id.to_string(), tb.id.to_string()]));
 
@@ -258,13 +261,7 @@ async fn teams_cannot_see_get_overwrite_or_delete_each_other() {
         .delete(&caller(b), &name("shared-name"))
         .await
         .unwrap();
-    assert_eq!(
-        env.manager
-            .get(&caller(a), &name("shared-name"))
-            .await
-            .unwrap(),
-        ta
-    );
+    assert_eq!(get(&env, a, "shared-name").await.unwrap(), ta);
     assert!(env.agent.has_snapshot(&ta.id.to_string()));
 
     // Audit logs are per team.
@@ -282,20 +279,13 @@ async fn teams_cannot_see_get_overwrite_or_delete_each_other() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn platform_templates_are_visible_undeletable_and_reserve_their_names() {
-    let env = Env::new().await;
+async fn platform_templates_are_visible_undeletable_and_reserve_their_names(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     let base = platform_template(&env, "python-3.12", TemplateType::Base).await;
 
-    assert_eq!(
-        env.manager
-            .get(&caller(team), &name("python-3.12"))
-            .await
-            .unwrap(),
-        base
-    );
+    assert_eq!(get(&env, team, "python-3.12").await.unwrap(), base);
     for overwrite in [false, true] {
         let req = NewSnapshot::new(sb, Some(name("python-3.12"))).overwrite(overwrite);
         let err = env.manager.create(&caller(team), req).await.unwrap_err();
@@ -347,9 +337,8 @@ async fn platform_templates_are_visible_undeletable_and_reserve_their_names() {
     assert_eq!(env.names(team).await, vec!["mine"]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_while_the_host_is_down_queues_the_files_until_it_is_back() {
-    let env = Env::new().await;
+async fn delete_while_the_host_is_down_queues_the_files_until_it_is_back(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     let t = env.create(team, sb, "later").await.unwrap();
@@ -366,11 +355,7 @@ async fn delete_while_the_host_is_down_queues_the_files_until_it_is_back() {
     // Gone from get/list at once, and the name is free.
     assert!(env.names(team).await.is_empty());
     assert_eq!(
-        env.manager
-            .get(&caller(team), &name("later"))
-            .await
-            .unwrap_err()
-            .code(),
+        get(&env, team, "later").await.unwrap_err().code(),
         ErrorCode::NotFound
     );
     // The files stay queued while the host is down; the worker keeps trying.
@@ -410,13 +395,12 @@ async fn delete_while_the_host_is_down_queues_the_files_until_it_is_back() {
     assert!(env.manager.pending_deletions().await.unwrap().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_offline_host_is_skipped_and_retried_when_it_comes_back_online() {
+async fn an_offline_host_is_skipped_and_retried_when_it_comes_back_online(backend: Backend) {
     let mut options = fast_options();
     // Long backoff: only the host coming back can make the retry prompt.
     options.retry_base = std::time::Duration::from_secs(3600);
     options.retry_max = std::time::Duration::from_secs(3600);
-    let env = Env::with_options(options).await;
+    let env = Env::on(&backend, options, Mode::Ours).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     let t = env.create(team, sb, "x").await.unwrap();
@@ -452,9 +436,8 @@ async fn an_offline_host_is_skipped_and_retried_when_it_comes_back_online() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_talks_to_every_holding_host_in_parallel_and_only_to_them() {
-    let env = Env::new().await;
+async fn delete_talks_to_every_holding_host_in_parallel_and_only_to_them(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let registry = env.manager.registry();
     let mut agents = Vec::new();
     for _ in 0..5 {
@@ -507,9 +490,8 @@ async fn delete_talks_to_every_holding_host_in_parallel_and_only_to_them() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_log_pages_by_cursor_and_filters() {
-    let env = Env::new().await;
+async fn audit_log_pages_by_cursor_and_filters(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     for i in 0..5 {

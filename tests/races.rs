@@ -1,6 +1,7 @@
 //! Races and late answers: resolvers running concurrently, agents that keep
 //! writing after the caller gave up, deletes during a pending overwrite,
-//! hosts that cannot answer.
+//! hosts that cannot answer — on each store (SQLite and PostgreSQL, see
+//! [`conformance!`]).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -11,9 +12,28 @@ use common::*;
 use sandbox_snapshots::agent::{AgentOp, Fault, Hold};
 use sandbox_snapshots::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_resolvers_never_undo_a_finished_snapshot() {
-    let env = Env::new().await;
+conformance!(
+    concurrent_resolvers_never_undo_a_finished_snapshot,
+    a_late_write_after_a_timeout_is_still_deleted,
+    deleting_the_old_template_hands_its_name_to_a_pending_overwrite,
+    a_pending_platform_overwrite_keeps_the_name_reserved,
+    a_host_marked_offline_settles_an_unknown_sandbox_as_missing,
+    a_host_still_snapshotting_is_asked_again_later,
+    the_worker_survives_an_agent_that_panics,
+);
+
+/// A sandbox whose snapshot failed while its host was unreachable: it
+/// stays `snapshotting` until the host can say what became of the VM.
+async fn stuck_snapshotting(env: &Env, team: TeamId) -> SandboxId {
+    let sb = env.sandbox(team).await;
+    env.agent.set_unavailable(true);
+    env.create(team, sb, "x").await.unwrap_err();
+    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Snapshotting);
+    sb
+}
+
+async fn concurrent_resolvers_never_undo_a_finished_snapshot(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let mut sandboxes = Vec::new();
     for _ in 0..8 {
@@ -68,12 +88,11 @@ async fn concurrent_resolvers_never_undo_a_finished_snapshot() {
     assert_eq!(audit.items.len(), 80);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_write_after_a_timeout_is_still_deleted() {
+async fn a_late_write_after_a_timeout_is_still_deleted(backend: Backend) {
     let mut options = fast_options();
     options.create_timeout = Duration::from_millis(200);
     options.late_write_grace = Duration::from_millis(800);
-    let env = Env::with_options(options).await;
+    let env = Env::on(&backend, options, Mode::Ours).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     let late = Hold::new();
@@ -105,25 +124,15 @@ async fn a_late_write_after_a_timeout_is_still_deleted() {
     assert_invariants(&env, &[team]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleting_the_old_template_hands_its_name_to_a_pending_overwrite() {
-    let env = Env::new().await;
+async fn deleting_the_old_template_hands_its_name_to_a_pending_overwrite(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let (sb1, sb2) = (env.sandbox(team).await, env.sandbox(team).await);
     let old = env.create(team, sb1, "n").await.unwrap();
     let hold = Hold::new();
     env.agent
         .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
-    let overwrite = {
-        let m = env.manager.clone();
-        tokio::spawn(async move {
-            m.create(
-                &caller(team),
-                NewSnapshot::new(sb1, Some(name("n"))).overwrite(true),
-            )
-            .await
-        })
-    };
+    let overwrite = env.spawn_create(team, NewSnapshot::new(sb1, Some(name("n"))).overwrite(true));
     hold.arrived(1).await;
     env.manager.delete(&caller(team), &name("n")).await.unwrap();
     assert!(env.names(team).await.is_empty());
@@ -143,9 +152,8 @@ async fn deleting_the_old_template_hands_its_name_to_a_pending_overwrite() {
     assert_invariants(&env, &[team]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pending_platform_overwrite_keeps_the_name_reserved() {
-    let env = Env::new().await;
+async fn a_pending_platform_overwrite_keeps_the_name_reserved(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let psb = env.sandbox(TeamId::PLATFORM).await;
     let tsb = env.sandbox(team).await;
@@ -182,14 +190,10 @@ async fn a_pending_platform_overwrite_keeps_the_name_reserved() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_marked_offline_settles_an_unknown_sandbox_as_missing() {
-    let env = Env::new().await;
+async fn a_host_marked_offline_settles_an_unknown_sandbox_as_missing(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
-    let sb = env.sandbox(team).await;
-    env.agent.set_unavailable(true);
-    env.create(team, sb, "x").await.unwrap_err();
-    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Snapshotting);
+    let sb = stuck_snapshotting(&env, team).await;
     // The operator takes the host out of service for good.
     env.manager
         .registry()
@@ -205,9 +209,8 @@ async fn a_host_marked_offline_settles_an_unknown_sandbox_as_missing() {
     assert_eq!(env.manager.pending_deletions().await.unwrap().len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_still_snapshotting_is_asked_again_later() {
-    let env = Env::new().await;
+async fn a_host_still_snapshotting_is_asked_again_later(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     env.agent.inject_times(
@@ -228,47 +231,9 @@ async fn a_host_still_snapshotting_is_asked_again_later() {
     .await;
 }
 
-/// The host holds the snapshot but the store is locked by another process
-/// when the create tries to record it: the create keeps trying and succeeds
-/// once the lock is gone, instead of telling the caller it failed and then
-/// letting the worker roll it forward.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_locked_while_recording_a_finished_snapshot_is_waited_out() {
-    let mut options = fast_options();
-    options.store.busy_timeout = Duration::from_millis(50);
-    let env = Env::with_options(options).await;
-    let team = TeamId::new();
-    let sb = env.sandbox(team).await;
-    let hold = Hold::new();
-    env.agent
-        .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
-    let create = {
-        let m = env.manager.clone();
-        tokio::spawn(async move {
-            m.create(&caller(team), NewSnapshot::new(sb, Some(name("w"))))
-                .await
-        })
-    };
-    hold.arrived(1).await;
-    let blocker = rusqlite::Connection::open(&env.db).unwrap();
-    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    hold.release();
-    // Longer than the few retries the create used to make before giving up.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
-        !create.is_finished(),
-        "still trying while the store is locked"
-    );
-    blocker.execute_batch("ROLLBACK").unwrap();
-    let t = create.await.unwrap().unwrap();
-    assert_eq!(env.manager.get(&caller(team), &name("w")).await.unwrap(), t);
-    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Paused);
-}
-
 /// An in-process agent that panics costs the background worker one pass,
 /// not its life.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_worker_survives_an_agent_that_panics() {
+async fn the_worker_survives_an_agent_that_panics(backend: Backend) {
     struct Panicky;
     #[async_trait::async_trait]
     impl HostAgent for Panicky {
@@ -290,12 +255,9 @@ async fn the_worker_survives_an_agent_that_panics() {
             panic!("agent bug")
         }
     }
-    let env = Env::new().await;
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
-    let sb = env.sandbox(team).await;
-    env.agent.set_unavailable(true);
-    env.create(team, sb, "x").await.unwrap_err();
-    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Snapshotting);
+    let sb = stuck_snapshotting(&env, team).await;
     // The worker now asks a host whose agent panics, over and over.
     env.transport
         .add_host(env.host, std::sync::Arc::new(Panicky));
@@ -308,4 +270,36 @@ async fn the_worker_survives_an_agent_that_panics() {
         || async { env.sandbox_status(sb).await == SandboxStatus::Running },
     )
     .await;
+}
+
+// SQLite-only: another connection holds SQLite's write lock (BEGIN IMMEDIATE) past busy_timeout.
+/// The host holds the snapshot but the store is locked by another process
+/// when the create tries to record it: the create keeps trying and succeeds
+/// once the lock is gone, instead of telling the caller it failed and then
+/// letting the worker roll it forward.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_locked_while_recording_a_finished_snapshot_is_waited_out() {
+    let mut options = fast_options();
+    options.store.busy_timeout = Duration::from_millis(50);
+    let env = Env::with_options(options).await;
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+    let hold = Hold::new();
+    env.agent
+        .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
+    let create = env.spawn_create(team, NewSnapshot::new(sb, Some(name("w"))));
+    hold.arrived(1).await;
+    let blocker = rusqlite::Connection::open(&env.db).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    hold.release();
+    // Longer than the few retries the create used to make before giving up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !create.is_finished(),
+        "still trying while the store is locked"
+    );
+    blocker.execute_batch("ROLLBACK").unwrap();
+    let t = create.await.unwrap().unwrap();
+    assert_eq!(env.manager.get(&caller(team), &name("w")).await.unwrap(), t);
+    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Paused);
 }

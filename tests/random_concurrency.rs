@@ -12,7 +12,7 @@
 //!
 //! Each seed runs against our agent and against one that behaves like the
 //! original Go agent (lists only running VMs, every snapshot failure is
-//! Internal).
+//! Internal), on each store (SQLite and PostgreSQL, see [`conformance!`]).
 //!
 //! The seed fixes each task's sequence of operations and faults; how the
 //! tasks interleave is up to the scheduler. A failing run names its seed.
@@ -27,6 +27,8 @@ use std::time::Duration;
 use common::*;
 use sandbox_snapshots::agent::{AgentOp, Fault};
 use sandbox_snapshots::*;
+
+conformance!(random_operations_with_random_faults_keep_the_invariants);
 
 const SEEDS: [u64; 4] = [0x5eed_0001, 0xdead_beef, 0x0123_4567_89ab_cdef, 42];
 const TASKS: u64 = 8;
@@ -203,8 +205,8 @@ async fn run_task(env: &Env, team: TeamId, sandboxes: &[SandboxId], seed: u64, t
     tally
 }
 
-async fn run_seed(seed: u64, mode: Mode) {
-    let env = Arc::new(Env::with_mode(options(), mode).await);
+async fn run_seed(backend: &Backend, seed: u64, mode: Mode) {
+    let env = Arc::new(Env::on(backend, options(), mode).await);
     let team = TeamId::new();
     let mut sandboxes = Vec::new();
     for _ in 0..SANDBOXES {
@@ -280,21 +282,29 @@ async fn run_seed(seed: u64, mode: Mode) {
         total.ok_creates + total.failed_creates + total.ok_deletes,
         "{at}: one audit entry per finished operation"
     );
-    assert_eq!(
-        count(actions::SNAPSHOT_CREATE, AuditOutcome::Success),
-        total.ok_creates,
-        "{at}"
-    );
-    assert_eq!(
-        count(actions::SNAPSHOT_CREATE, AuditOutcome::Failure),
-        total.failed_creates,
-        "{at}"
-    );
-    assert_eq!(
-        count(actions::SNAPSHOT_DELETE, AuditOutcome::Success),
-        total.ok_deletes,
-        "{at}"
-    );
+    for (action, outcome, seen) in [
+        (
+            actions::SNAPSHOT_CREATE,
+            AuditOutcome::Success,
+            total.ok_creates,
+        ),
+        (
+            actions::SNAPSHOT_CREATE,
+            AuditOutcome::Failure,
+            total.failed_creates,
+        ),
+        (
+            actions::SNAPSHOT_DELETE,
+            AuditOutcome::Success,
+            total.ok_deletes,
+        ),
+    ] {
+        assert_eq!(
+            count(action, outcome),
+            seen,
+            "{at}: {action} {outcome:?} entries vs what callers saw"
+        );
+    }
     for e in &audit {
         if e.outcome == AuditOutcome::Failure {
             assert_eq!(e.error_code.as_deref(), Some("agent_error"), "{at}: {e:?}");
@@ -306,11 +316,10 @@ async fn run_seed(seed: u64, mode: Mode) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn random_operations_with_random_faults_keep_the_invariants() {
+async fn random_operations_with_random_faults_keep_the_invariants(backend: Backend) {
     for mode in Mode::ALL {
         for seed in SEEDS {
-            run_seed(seed, mode).await;
+            run_seed(&backend, seed, mode).await;
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The host and sandbox registry the embedding application feeds.
+//! The host and sandbox registry the embedding application feeds, on each
+//! store (SQLite and PostgreSQL, see [`conformance!`]).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -6,9 +7,13 @@ mod common;
 use common::*;
 use sandbox_snapshots::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hosts_register_update_and_heartbeat() {
-    let env = Env::new().await;
+conformance!(
+    hosts_register_update_and_heartbeat,
+    sandboxes_register_and_change_status,
+);
+
+async fn hosts_register_update_and_heartbeat(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let registry = env.manager.registry();
     let h = HostId::new();
     let host = registry
@@ -58,9 +63,8 @@ async fn hosts_register_update_and_heartbeat() {
     assert_eq!(err.code(), ErrorCode::NotFound);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sandboxes_register_and_change_status() {
-    let env = Env::new().await;
+async fn sandboxes_register_and_change_status(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let registry = env.manager.registry();
     let team = TeamId::new();
     let id = SandboxId::new();
@@ -105,32 +109,29 @@ async fn sandboxes_register_and_change_status() {
         .await
         .unwrap_err();
     assert_eq!(err.http_status(), 409);
-    let err = registry
-        .register_sandbox(Sandbox::new(
+    for (why, id, host, status, code) in [
+        (
+            "registered snapshotting",
             id,
-            team,
-            Some(env.host),
+            env.host,
             SandboxStatus::Snapshotting,
-            1,
-            1,
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), ErrorCode::InvalidRequest);
-
-    // A sandbox on an unknown host is refused.
-    let err = registry
-        .register_sandbox(Sandbox::new(
+            ErrorCode::InvalidRequest,
+        ),
+        // A sandbox on an unknown host is refused.
+        (
+            "on an unknown host",
             SandboxId::new(),
-            team,
-            Some(HostId::new()),
+            HostId::new(),
             SandboxStatus::Running,
-            1,
-            1,
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), ErrorCode::NotFound);
+            ErrorCode::NotFound,
+        ),
+    ] {
+        let err = registry
+            .register_sandbox(Sandbox::new(id, team, Some(host), status, 1, 1))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{why}: {err:?}");
+    }
 
     registry.remove_sandbox(id).await.unwrap();
     assert!(registry.sandbox(id).await.unwrap().is_none());

@@ -1,4 +1,5 @@
-//! The orphan sweep, and what operators can see of pending work.
+//! The orphan sweep, and what operators can see of pending work, on each
+//! store (SQLite and PostgreSQL, see [`conformance!`]).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -9,15 +10,40 @@ use common::*;
 use sandbox_snapshots::agent::{AgentOp, Fault, Hold};
 use sandbox_snapshots::*;
 
+conformance!(
+    sweep_deletes_only_old_unowned_keys_in_our_format,
+    sweep_spares_creates_in_flight_and_queued_keys,
+    sweep_skips_hosts_that_cannot_answer,
+    the_background_sweep_is_opt_in,
+    pending_work_is_visible_and_survives_a_clean_shutdown,
+    sweep_never_takes_keys_a_template_owns_on_another_host_record,
+);
+
+/// The platform team's audit log, where system actions (the sweep) go.
+async fn platform_audit(env: &Env) -> Vec<AuditEntry> {
+    env.manager
+        .audit_log(&platform_admin(), AuditQuery::new())
+        .await
+        .unwrap()
+        .items
+}
+
+/// Keys on a host that are not in our `tpl-<id>` format: never swept.
+const FOREIGN_KEYS: [&str; 4] = [
+    "ubuntu-24.04",
+    "tpl-NOTOURS",
+    "tpl-zzzzzzzzzzzzzzzzzzzzzzzzz",
+    "backup.tar",
+];
+
 fn hours_ago(h: i64) -> Option<Timestamp> {
     Some(Timestamp::from_unix_millis(
         Timestamp::now().unix_millis() - h * 3600 * 1000,
     ))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sweep_deletes_only_old_unowned_keys_in_our_format() {
-    let env = Env::new().await;
+async fn sweep_deletes_only_old_unowned_keys_in_our_format(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     let kept = env.create(team, sb, "kept").await.unwrap();
@@ -31,12 +57,7 @@ async fn sweep_deletes_only_old_unowned_keys_in_our_format() {
     env.agent.put_snapshot(&orphan, 4096, hours_ago(2));
     env.agent.put_snapshot(&young, 4096, hours_ago(0));
     env.agent.put_snapshot(&unknown_age, 4096, None);
-    for foreign in [
-        "ubuntu-24.04",
-        "tpl-NOTOURS",
-        "tpl-zzzzzzzzzzzzzzzzzzzzzzzzz",
-        "backup.tar",
-    ] {
+    for foreign in FOREIGN_KEYS {
         env.agent.put_snapshot(foreign, 1, hours_ago(100));
     }
 
@@ -58,12 +79,7 @@ async fn sweep_deletes_only_old_unowned_keys_in_our_format() {
     for key in [&kept.id.to_string(), &young, &unknown_age] {
         assert!(env.agent.has_snapshot(key), "{key} must stay");
     }
-    for foreign in [
-        "ubuntu-24.04",
-        "tpl-NOTOURS",
-        "tpl-zzzzzzzzzzzzzzzzzzzzzzzzz",
-        "backup.tar",
-    ] {
+    for foreign in FOREIGN_KEYS {
         assert!(env.agent.has_snapshot(foreign), "{foreign} is not ours");
     }
     assert_eq!(
@@ -72,16 +88,12 @@ async fn sweep_deletes_only_old_unowned_keys_in_our_format() {
     );
 
     // Audited as a system action, in the platform team's log.
-    let audit = env
-        .manager
-        .audit_log(&platform_admin(), AuditQuery::new())
-        .await
-        .unwrap();
-    assert_eq!(audit.items.len(), 1);
-    assert_eq!(audit.items[0].action, actions::ORPHAN_SWEEP);
-    assert_eq!(audit.items[0].actor, Actor::System);
-    assert_eq!(audit.items[0].resource_id, orphan);
-    assert_eq!(audit.items[0].metadata["host_id"], env.host.to_string());
+    let audit = platform_audit(&env).await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].action, actions::ORPHAN_SWEEP);
+    assert_eq!(audit[0].actor, Actor::System);
+    assert_eq!(audit[0].resource_id, orphan);
+    assert_eq!(audit[0].metadata["host_id"], env.host.to_string());
 
     // A second sweep finds nothing new.
     let again = env
@@ -92,9 +104,8 @@ async fn sweep_deletes_only_old_unowned_keys_in_our_format() {
     assert_eq!(again.orphans_queued, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sweep_spares_creates_in_flight_and_queued_keys() {
-    let env = Env::new().await;
+async fn sweep_spares_creates_in_flight_and_queued_keys(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     // A create in flight: its key exists on the host before the journal
@@ -102,13 +113,7 @@ async fn sweep_spares_creates_in_flight_and_queued_keys() {
     let hold = Hold::new();
     env.agent
         .inject_times(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()), 1);
-    let in_flight = {
-        let m = env.manager.clone();
-        tokio::spawn(async move {
-            m.create(&caller(team), NewSnapshot::new(sb, Some(name("f"))))
-                .await
-        })
-    };
+    let in_flight = env.spawn_create(team, NewSnapshot::new(sb, Some(name("f"))));
     hold.arrived(1).await;
     let ops = env.manager.open_operations().await.unwrap();
     assert_eq!(ops.len(), 1);
@@ -123,9 +128,8 @@ async fn sweep_spares_creates_in_flight_and_queued_keys() {
     let _ = in_flight.await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sweep_skips_hosts_that_cannot_answer() {
-    let env = Env::new().await;
+async fn sweep_skips_hosts_that_cannot_answer(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     env.agent
         .put_snapshot(&TemplateId::new().to_string(), 1, hours_ago(9));
     env.agent.set_list_snapshots_supported(false);
@@ -148,11 +152,10 @@ async fn sweep_skips_hosts_that_cannot_answer() {
     assert_eq!((report.hosts_skipped, report.orphans_queued), (1, 0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_background_sweep_is_opt_in() {
+async fn the_background_sweep_is_opt_in(backend: Backend) {
     let orphan = TemplateId::new().to_string();
     // Off by default.
-    let env = Env::new().await;
+    let env = Env::new_on(&backend).await;
     env.agent.put_snapshot(&orphan, 1, hours_ago(9));
     tokio::time::sleep(Duration::from_millis(300)).await;
     env.manager.run_pending_work().await.unwrap();
@@ -163,7 +166,7 @@ async fn the_background_sweep_is_opt_in() {
         Duration::from_secs(3600),
         Duration::from_millis(50),
     ));
-    let env = Env::with_options(options).await;
+    let env = Env::on(&backend, options, Mode::Ours).await;
     env.agent.put_snapshot(&orphan, 1, hours_ago(9));
     eventually("the background sweep deletes the orphan", || async {
         !env.agent.has_snapshot(&orphan)
@@ -171,9 +174,8 @@ async fn the_background_sweep_is_opt_in() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pending_work_is_visible_and_survives_a_clean_shutdown() {
-    let env = Env::new().await;
+async fn pending_work_is_visible_and_survives_a_clean_shutdown(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     let t = env.create(team, sb, "x").await.unwrap();
@@ -193,12 +195,12 @@ async fn pending_work_is_visible_and_survives_a_clean_shutdown() {
     assert_eq!(ops[0].phase, "resolving");
     assert_eq!(ops[0].sandbox, sb2);
 
-    // Shut down, reopen on the same file with the host back: the worker
+    // Shut down, reopen on the same store with the host back: the worker
     // resumes both.
     env.manager.shutdown().await;
     let Env {
         dir,
-        db,
+        store,
         manager,
         transport,
         agent,
@@ -206,7 +208,7 @@ async fn pending_work_is_visible_and_survives_a_clean_shutdown() {
     } = env;
     drop(manager);
     agent.set_unavailable(false);
-    let manager = Manager::open(&db, transport, fast_options()).await.unwrap();
+    let manager = store.open(transport, fast_options()).await.unwrap();
     eventually("the reopened worker finishes the queue", || async {
         manager.pending_deletions().await.unwrap().is_empty()
             && manager.open_operations().await.unwrap().is_empty()
@@ -229,9 +231,8 @@ async fn pending_work_is_visible_and_survives_a_clean_shutdown() {
 /// One agent registered under two host ids (a host re-registered without
 /// its old id): the sweep through the second id must not take the live
 /// template's files, nor anything already queued.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sweep_never_takes_keys_a_template_owns_on_another_host_record() {
-    let env = Env::new().await;
+async fn sweep_never_takes_keys_a_template_owns_on_another_host_record(backend: Backend) {
+    let env = Env::new_on(&backend).await;
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
     let live = env.create(team, sb, "live").await.unwrap();
@@ -267,10 +268,6 @@ async fn sweep_never_takes_keys_a_template_owns_on_another_host_record() {
         env.manager.get(&caller(team), &name("live")).await.unwrap(),
         live
     );
-    let audit = env
-        .manager
-        .audit_log(&platform_admin(), AuditQuery::new())
-        .await
-        .unwrap();
-    assert!(audit.items.is_empty(), "no sweep entries: {audit:?}");
+    let audit = platform_audit(&env).await;
+    assert!(audit.is_empty(), "no sweep entries: {audit:?}");
 }
