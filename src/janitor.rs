@@ -273,7 +273,12 @@ fn idle_backoff(options: &ManagerOptions, idle: u32) -> Duration {
 /// busy host's, a create in flight) is left out: it wakes the worker when
 /// it is done. Work held back in memory counts from when it may go again.
 async fn next_sleep(inner: &Engine) -> Option<Duration> {
-    let max = inner.options.janitor_interval;
+    let mut max = inner.options.janitor_interval;
+    if inner.store.shared() {
+        // Another replica's lapsed work becomes ours without anyone telling
+        // us: look again at least once per heartbeat.
+        max = max.min(inner.options.instance_lease / 3);
+    }
     let (operations, first_held) = inner.worker.held_back_now();
     let in_hand = InHand {
         hosts: lock_unpoisoned(&inner.worker.busy_hosts)

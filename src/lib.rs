@@ -112,6 +112,8 @@ pub use model::{
 pub use names::{NameError, TemplateName};
 pub use registry::{NewTemplate, Registry};
 pub use signal::shutdown_signal;
+#[cfg(feature = "postgres")]
+pub use store::postgres::PostgresOptions;
 pub use store::{
     OpenOperation, PendingDeletion, SCHEMA_VERSION, StoreError, StoreErrorKind, StoreOptions,
     Synchronous,

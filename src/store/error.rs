@@ -119,7 +119,9 @@ impl From<tokio_postgres::Error> for StoreError {
             }
             Some(c)
                 if *c == SqlState::T_R_SERIALIZATION_FAILURE
-                    || *c == SqlState::T_R_DEADLOCK_DETECTED =>
+                    || *c == SqlState::T_R_DEADLOCK_DETECTED
+                    // `lock_timeout` passed: another session held a row lock.
+                    || *c == SqlState::LOCK_NOT_AVAILABLE =>
             {
                 StoreErrorKind::Busy
             }

@@ -19,6 +19,7 @@
 mod error;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
+pub(crate) mod sections;
 pub(crate) mod sqlite;
 
 use async_trait::async_trait;
@@ -101,6 +102,25 @@ impl ResolveReason {
             Self::Deadline => "resolve_deadline",
             Self::Operator => "operator",
         }
+    }
+}
+
+/// An actor from its stored columns (`actor_type`, `actor_id`,
+/// `actor_name`); anything unrecognised reads as the system.
+pub(crate) fn actor_from_columns(kind: &str, id: Option<String>, name: Option<String>) -> Actor {
+    match (kind, id) {
+        ("user", Some(id)) => Actor::User {
+            id,
+            name: name.unwrap_or_default(),
+        },
+        ("api_key", Some(id)) => match ApiKeyId::parse(&id) {
+            Ok(id) => Actor::ApiKey {
+                id,
+                name: name.unwrap_or_default(),
+            },
+            Err(_) => Actor::System,
+        },
+        _ => Actor::System,
     }
 }
 
@@ -317,6 +337,13 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// at once) and leaves the store consistent on its own (SQLite:
     /// checkpoints the WAL).
     async fn close(&self, me: InstanceId) -> Result<()>;
+
+    /// Whether other manager processes may share this store (PostgreSQL).
+    /// Work they leave behind (a replica that died) is not announced to
+    /// this process, so its worker looks at least once per heartbeat.
+    fn shared(&self) -> bool {
+        false
+    }
 
     // -------------------------------------------------------- registry
 

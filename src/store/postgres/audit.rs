@@ -4,10 +4,11 @@
 use deadpool_postgres::GenericClient;
 
 use super::TxResult;
-use super::rows::{BlobId, actor_from_columns, execute, get, get_id, get_time, query};
+use super::rows::{BlobId, execute, get, get_id, get_time, query};
 use crate::audit::{AuditEntry, AuditOutcome, NewAuditEntry, RESOURCE_TEMPLATE};
 use crate::ids::{AuditLogId, TeamId};
 use crate::model::Timestamp;
+use crate::store::actor_from_columns;
 
 pub(super) async fn insert_audit(
     db: &impl GenericClient,

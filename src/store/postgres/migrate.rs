@@ -10,59 +10,15 @@ use crate::model::Timestamp;
 use crate::store::{StoreError, StoreErrorKind};
 
 const SCHEMA: &str = include_str!("../../../schema/postgres.sql");
-const MARKER: &str = "-- migration: ";
 
 /// The schema version this build writes (the last section of
 /// `schema/postgres.sql`).
-pub(crate) const SCHEMA_VERSION: i64 = count_sections(SCHEMA);
+pub(crate) const SCHEMA_VERSION: i64 = crate::store::sections::count(SCHEMA);
 
 /// The advisory lock every migrating process holds (one 64-bit key:
 /// "snapshot" in ASCII). Advisory locks are per database, so replicas on
 /// different schemas of one database take turns too; migrations are rare.
 const MIGRATION_LOCK: i64 = 0x736e_6170_7368_6f74;
-
-const fn count_sections(text: &str) -> i64 {
-    // Counts lines that start with the marker; `const` so that the version
-    // is a compile-time fact of the embedded schema.
-    let bytes = text.as_bytes();
-    let marker = MARKER.as_bytes();
-    let mut count = 0;
-    let mut i = 0;
-    let mut at_line_start = true;
-    while i < bytes.len() {
-        if at_line_start && i + marker.len() <= bytes.len() {
-            let mut j = 0;
-            while j < marker.len() && bytes[i + j] == marker[j] {
-                j += 1;
-            }
-            if j == marker.len() {
-                count += 1;
-            }
-        }
-        at_line_start = bytes[i] == b'\n';
-        i += 1;
-    }
-    count
-}
-
-/// The migration sections in order: `(version, sql)`.
-fn sections() -> Result<Vec<(i64, String)>, StoreError> {
-    let mut out: Vec<(i64, String)> = Vec::new();
-    for line in SCHEMA.lines() {
-        if let Some(header) = line.strip_prefix(MARKER) {
-            let version: i64 = header.trim().parse().map_err(|_| {
-                StoreError::internal(format!(
-                    "schema/postgres.sql: bad migration header {line:?}"
-                ))
-            })?;
-            out.push((version, String::new()));
-        } else if let Some((_, sql)) = out.last_mut() {
-            sql.push_str(line);
-            sql.push('\n');
-        }
-    }
-    Ok(out)
-}
 
 /// Applies every section newer than the database's version, all in one
 /// transaction. A database with a newer version than this build is
@@ -92,7 +48,7 @@ pub(super) async fn migrate(client: &mut Object) -> Result<(), StoreError> {
             ),
         ));
     }
-    for (version, sql) in sections()? {
+    for (version, sql) in crate::store::sections::parse("schema/postgres.sql", SCHEMA)? {
         if version <= current {
             continue;
         }
@@ -114,7 +70,11 @@ mod tests {
 
     #[test]
     fn sections_are_numbered_in_order_from_one() {
-        let versions: Vec<i64> = sections().into_iter().flatten().map(|(v, _)| v).collect();
+        let versions: Vec<i64> = crate::store::sections::parse("schema/postgres.sql", SCHEMA)
+            .into_iter()
+            .flatten()
+            .map(|(v, _)| v)
+            .collect();
         let expected: Vec<i64> = (1..=SCHEMA_VERSION).collect();
         assert_eq!(versions, expected);
     }

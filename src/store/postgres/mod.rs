@@ -51,6 +51,11 @@ pub struct PostgresOptions {
     /// How long a caller waits for a pooled connection when all of them
     /// are in use before failing with `db_error`. Default 5 s.
     pub wait_timeout: Duration,
+    /// How long a statement waits for a row lock another session holds
+    /// (PostgreSQL's `lock_timeout`) before the transaction fails with
+    /// `db_error`, like SQLite's busy timeout: a stuck session elsewhere
+    /// cannot hold a request for ever. Default 5 s; zero waits for ever.
+    pub lock_timeout: Duration,
 }
 
 impl Default for PostgresOptions {
@@ -59,6 +64,7 @@ impl Default for PostgresOptions {
             max_connections: 16,
             connect_timeout: Duration::from_secs(5),
             wait_timeout: Duration::from_secs(5),
+            lock_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -100,6 +106,13 @@ impl PostgresStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(options.connect_timeout);
         }
+        // After the URL's own options, so that this setting wins.
+        let session = format!(
+            "{} -c lock_timeout={}",
+            config.get_options().unwrap_or_default(),
+            options.lock_timeout.as_millis()
+        );
+        config.options(session.trim_start());
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -157,8 +170,11 @@ impl From<StoreError> for TxError {
 
 impl From<tokio_postgres::Error> for TxError {
     fn from(err: tokio_postgres::Error) -> Self {
+        // A lock timeout already waited its whole `lock_timeout`: running
+        // the transaction again would only multiply the wait.
+        let timed_out = err.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE);
         let err = StoreError::from(err);
-        if err.kind() == StoreErrorKind::Busy {
+        if err.kind() == StoreErrorKind::Busy && !timed_out {
             Self::Retry(err.into())
         } else {
             Self::Fail(err.into())

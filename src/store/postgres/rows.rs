@@ -13,8 +13,9 @@ use crate::error::Error;
 use crate::ids::{
     ApiKeyId, AuditLogId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId,
 };
-use crate::model::{Actor, Host, Sandbox, Template, Timestamp};
+use crate::model::{Host, Sandbox, Template, Timestamp};
 use crate::names::TemplateName;
+use crate::store::actor_from_columns;
 use crate::store::{CreateOp, Deletion, StoreError, StoreErrorKind};
 
 /// One statement parameter.
@@ -174,24 +175,6 @@ pub(super) fn opt_bytes<T: BlobId>(id: &Option<T>) -> Option<&[u8]> {
 /// Ids as a `bytea[]` parameter.
 pub(super) fn id_array<T: BlobId>(ids: &[T]) -> Vec<&[u8]> {
     ids.iter().map(BlobId::bytes).collect()
-}
-
-/// An actor from its audit/journal columns (as `sqlite/sql.rs` reads it).
-pub(super) fn actor_from_columns(kind: &str, id: Option<String>, name: Option<String>) -> Actor {
-    match (kind, id) {
-        ("user", Some(id)) => Actor::User {
-            id,
-            name: name.unwrap_or_default(),
-        },
-        ("api_key", Some(id)) => match ApiKeyId::parse(&id) {
-            Ok(id) => Actor::ApiKey {
-                id,
-                name: name.unwrap_or_default(),
-            },
-            Err(_) => Actor::System,
-        },
-        _ => Actor::System,
-    }
 }
 
 pub(super) const HOST_COLS: &str = "id, address, status, last_heartbeat";

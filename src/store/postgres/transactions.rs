@@ -111,6 +111,10 @@ macro_rules! read {
 
 #[async_trait]
 impl Store for PostgresStore {
+    fn shared(&self) -> bool {
+        true
+    }
+
     async fn register_instance(
         &self,
         me: InstanceId,

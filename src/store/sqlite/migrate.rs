@@ -7,52 +7,9 @@ use rusqlite::Connection;
 use crate::store::{StoreError, StoreErrorKind};
 
 const SCHEMA: &str = include_str!("../../../schema.sql");
-const MARKER: &str = "-- migration: ";
 
 /// The schema version this build writes (the last section of `schema.sql`).
-pub const SCHEMA_VERSION: i64 = count_sections(SCHEMA);
-
-const fn count_sections(text: &str) -> i64 {
-    // Counts lines that start with the marker; `const` so that the version
-    // is a compile-time fact of the embedded schema.
-    let bytes = text.as_bytes();
-    let marker = MARKER.as_bytes();
-    let mut count = 0;
-    let mut i = 0;
-    let mut at_line_start = true;
-    while i < bytes.len() {
-        if at_line_start && i + marker.len() <= bytes.len() {
-            let mut j = 0;
-            while j < marker.len() && bytes[i + j] == marker[j] {
-                j += 1;
-            }
-            if j == marker.len() {
-                count += 1;
-            }
-        }
-        at_line_start = bytes[i] == b'\n';
-        i += 1;
-    }
-    count
-}
-
-/// The migration sections in order: `(version, sql)`. A section starts at a
-/// line beginning with the marker and runs to the next such line.
-fn sections() -> Result<Vec<(i64, String)>, StoreError> {
-    let mut out: Vec<(i64, String)> = Vec::new();
-    for line in SCHEMA.lines() {
-        if let Some(header) = line.strip_prefix(MARKER) {
-            let version: i64 = header.trim().parse().map_err(|_| {
-                StoreError::internal(format!("schema.sql: bad migration header {line:?}"))
-            })?;
-            out.push((version, String::new()));
-        } else if let Some((_, sql)) = out.last_mut() {
-            sql.push_str(line);
-            sql.push('\n');
-        }
-    }
-    Ok(out)
-}
+pub const SCHEMA_VERSION: i64 = crate::store::sections::count(SCHEMA);
 
 fn user_version(conn: &Connection) -> Result<i64, StoreError> {
     Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
@@ -97,7 +54,7 @@ pub(super) fn check_version(conn: &Connection, path: &Path) -> Result<(), StoreE
 /// no-op (not even a write).
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let current = user_version(conn)?;
-    for (version, sql) in sections()? {
+    for (version, sql) in crate::store::sections::parse("schema.sql", SCHEMA)? {
         if version <= current {
             continue;
         }
@@ -120,7 +77,11 @@ mod tests {
 
     #[test]
     fn sections_are_numbered_in_order_from_one() {
-        let versions: Vec<i64> = sections().into_iter().flatten().map(|(v, _)| v).collect();
+        let versions: Vec<i64> = crate::store::sections::parse("schema.sql", SCHEMA)
+            .into_iter()
+            .flatten()
+            .map(|(v, _)| v)
+            .collect();
         let expected: Vec<i64> = (1..=SCHEMA_VERSION).collect();
         assert_eq!(versions, expected);
     }

@@ -35,6 +35,7 @@ use crate::names::TemplateName;
 use crate::store::{
     Backlog, CreateDone, CreateInput, CreateOp, Deletion, Finish, HostChange, InHand, KeyRecord,
     ListPosition, OpenOperation, PendingDeletion, ResolveReason, SandboxOutcome, StoreError,
+    actor_from_columns,
 };
 
 macro_rules! sql_id {

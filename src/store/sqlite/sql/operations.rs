@@ -9,23 +9,6 @@ pub(super) const OP_COLS: &str =
     coalesce(h.address, ''), o.prev_status, o.replaces, o.actor_type, o.actor_id, o.actor_name,
     o.attempts, o.id, o.created_at";
 
-pub(super) fn actor_from_columns(kind: &str, id: Option<String>, name: Option<String>) -> Actor {
-    match (kind, id) {
-        ("user", Some(id)) => Actor::User {
-            id,
-            name: name.unwrap_or_default(),
-        },
-        ("api_key", Some(id)) => match ApiKeyId::parse(&id) {
-            Ok(id) => Actor::ApiKey {
-                id,
-                name: name.unwrap_or_default(),
-            },
-            Err(_) => Actor::System,
-        },
-        _ => Actor::System,
-    }
-}
-
 pub(super) fn op_row(row: &Row<'_>) -> rusqlite::Result<CreateOp> {
     Ok(CreateOp {
         id: row.get(12)?,
