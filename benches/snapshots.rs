@@ -7,7 +7,9 @@
 //!
 //! `cargo bench --bench snapshots -- NAME` runs the cases whose name
 //! contains NAME. The one-million-template fixture is generated on first
-//! use (bulk insert) and kept in `target/bench-fixtures/`.
+//! use (bulk insert) and kept in `target/bench-fixtures/`. The PostgreSQL
+//! cases run with `--features postgres` and a server in
+//! `SNAPSHOTS_BENCH_POSTGRES_URL` (or `SNAPSHOTS_TEST_POSTGRES_URL`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -356,6 +358,153 @@ async fn creates(f: Fleet) -> BenchResult<Creates> {
             p50,
             p99,
             errors,
+        })
+    }
+}
+
+// ------------------------------------------------------------ PostgreSQL
+
+/// The PostgreSQL cases: the create+delete cycle and 64 concurrent creates
+/// on the PostgreSQL store, against raw `tokio-postgres` commits of the same
+/// count on the same server in the same run. They need a server:
+/// `SNAPSHOTS_BENCH_POSTGRES_URL` (or `SNAPSHOTS_TEST_POSTGRES_URL`), e.g.
+/// from `bash .ci/postgres.sh start DIR`; each run uses a fresh schema.
+#[cfg(feature = "postgres")]
+mod pg {
+    use super::*;
+
+    pub(super) fn server() -> Option<String> {
+        [
+            "SNAPSHOTS_BENCH_POSTGRES_URL",
+            "SNAPSHOTS_TEST_POSTGRES_URL",
+        ]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+    }
+
+    /// A fresh schema on `base`, as a URL whose `search_path` is it.
+    async fn schema(base: &str, name: &str) -> BenchResult<String> {
+        let (client, conn) = tokio_postgres::connect(base, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let schema = format!("bench_{name}_{}", uuid::Uuid::new_v4().simple());
+        client
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await?;
+        let sep = if base.contains('?') { '&' } else { '?' };
+        Ok(format!("{base}{sep}options=-csearch_path%3D{schema}"))
+    }
+
+    /// The baseline: a pool of the store's size doing single-row insert
+    /// transactions (BEGIN, INSERT, COMMIT), like the manager's.
+    struct Raw {
+        pool: deadpool_postgres::Pool,
+    }
+
+    impl Raw {
+        async fn open(url: &str) -> BenchResult<Self> {
+            let config: tokio_postgres::Config = url.parse()?;
+            let manager = deadpool_postgres::Manager::from_config(
+                config,
+                tokio_postgres::NoTls,
+                deadpool_postgres::ManagerConfig {
+                    recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+                },
+            );
+            let pool = deadpool_postgres::Pool::builder(manager)
+                .max_size(PostgresOptions::default().max_connections)
+                .build()?;
+            pool.get()
+                .await?
+                .batch_execute("CREATE TABLE t (id BYTEA PRIMARY KEY, v TEXT NOT NULL)")
+                .await?;
+            Ok(Self { pool })
+        }
+
+        async fn commit(&self) -> BenchResult<()> {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            let id = uuid::Uuid::new_v4().as_bytes().to_vec();
+            tx.execute("INSERT INTO t (id, v) VALUES ($1, 'x')", &[&id])
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        }
+
+        /// Commits per second of `tasks` tasks each doing `per_op` commits
+        /// back to back, for `budget`: operations of `per_op` commits per
+        /// second.
+        async fn rate(
+            self: &Arc<Self>,
+            tasks: usize,
+            per_op: usize,
+            budget: Duration,
+        ) -> BenchResult<f64> {
+            let start = Instant::now();
+            let mut handles = Vec::new();
+            for _ in 0..tasks {
+                let raw = self.clone();
+                handles.push(tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while start.elapsed() < budget || n < 5 {
+                        for _ in 0..per_op {
+                            raw.commit().await.map_err(|e| e.to_string())?;
+                        }
+                        n += 1;
+                    }
+                    Ok::<_, String>(n)
+                }));
+            }
+            let mut total = 0u64;
+            for h in handles {
+                total += h.await??;
+            }
+            Ok(total as f64 / start.elapsed().as_secs_f64())
+        }
+    }
+
+    pub(super) fn cases(rt: &Runtime, base: &str) -> BenchResult<Vec<Row>> {
+        let budget = Duration::from_secs(3);
+        rt.block_on(async {
+            // The cycle: four commits (create: journal + finish; delete:
+            // mark + confirm).
+            let url = schema(base, "cycle").await?;
+            let f = fleet_on(&url, ManagerOptions::default(), Arc::new(NoopAgent)).await?;
+            let ours = cycles(f, budget).await?;
+            let raw = Arc::new(Raw::open(&schema(base, "raw").await?).await?);
+            let baseline = raw.rate(1, 4, budget).await?;
+            let ratio = ours / baseline;
+            let mut rows = vec![Row {
+                case: "PostgreSQL: create+delete cycle".into(),
+                ours: format!("{ours:.0} cycles/s"),
+                baseline: format!("{baseline:.0} (4 raw commits)/s"),
+                ratio,
+                goal: "≥ 0.5".into(),
+                met: ratio >= 0.5,
+            }];
+
+            // 64 concurrent creates: two commits each, against 64 tasks of
+            // two raw commits; and against one task of ours.
+            let url = schema(base, "concurrent").await?;
+            let f = fleet_on(&url, ManagerOptions::default(), Arc::new(NoopAgent)).await?;
+            let c = creates(f).await?;
+            let raw64 = raw.rate(64, 2, budget).await?;
+            let ratio = c.throughput / raw64;
+            let scaling = c.throughput / c.single_rate;
+            rows.push(Row {
+                case: format!("PostgreSQL: 64 concurrent creates, {} errors", c.errors),
+                ours: format!(
+                    "{:.0} creates/s, p50 {}, p99 {}; one task {:.0}/s",
+                    c.throughput,
+                    ms(c.p50),
+                    ms(c.p99),
+                    c.single_rate
+                ),
+                baseline: format!("{raw64:.0} (2 raw commits)/s, 64 tasks"),
+                ratio,
+                goal: format!("≥ 0.5, and ≥ 3× one task (is {scaling:.2}×), 0 errors"),
+                met: ratio >= 0.5 && scaling >= 3.0 && c.errors == 0,
+            });
+            Ok(rows)
         })
     }
 }
@@ -882,6 +1031,17 @@ fn main() -> BenchResult<()> {
         Ok(vec![grpc_create(&rt, dir.path())?])
     })?;
     run("memory", &mut rows, &mut || Ok(vec![memory(&rt)?]))?;
+    run("postgres", &mut rows, &mut || {
+        #[cfg(feature = "postgres")]
+        if let Some(base) = pg::server() {
+            return pg::cases(&rt, &base);
+        }
+        eprintln!(
+            "skipping the PostgreSQL cases: they need --features postgres and \
+             SNAPSHOTS_BENCH_POSTGRES_URL (or SNAPSHOTS_TEST_POSTGRES_URL)"
+        );
+        Ok(Vec::new())
+    })?;
 
     println!();
     println!("| case | ours | baseline (same run) | ratio | goal | met |");

@@ -675,3 +675,42 @@ async fn store_failure_is_500_db_error_with_nothing_written() {
     assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Running);
     env.create(team, sb, "x").await.unwrap();
 }
+
+// PostgreSQL-only: another session holds a row lock past `lock_timeout`
+// (the counterpart of SQLite's busy timeout above).
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_row_lock_past_lock_timeout_is_500_db_error_with_nothing_written() {
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let mut options = fast_options();
+    options.postgres.lock_timeout = Duration::from_millis(300);
+    let env = Env::on(&backend, options, common::Mode::Ours).await;
+    let team = TeamId::new();
+    let sb = env.sandbox(team).await;
+
+    // Another session locks the sandbox's row and keeps its transaction open.
+    let common::Db::Postgres(url) = &env.store else {
+        unreachable!()
+    };
+    let (mut blocker, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let tx = blocker.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM sandboxes WHERE id = $1 FOR UPDATE",
+        &[&sb.as_uuid().as_bytes().to_vec()],
+    )
+    .await
+    .unwrap();
+    assert_err(env.create(team, sb, "x").await, ErrorCode::DbError, 500, "");
+    tx.rollback().await.unwrap();
+
+    assert_eq!(env.agent.calls(AgentOp::CreateSnapshot), 0);
+    assert_eq!(env.count("SELECT count(*) FROM templates").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM operations").await, 0);
+    assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Running);
+    env.create(team, sb, "x").await.unwrap();
+}
