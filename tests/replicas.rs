@@ -18,8 +18,7 @@
 
 mod common;
 
-use std::collections::HashSet;
-use std::process::Stdio;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +26,6 @@ use common::Backend;
 use sandbox_snapshots::agent::{AgentOp, Fault, Hold};
 use sandbox_snapshots::*;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// The instance lease the replicas run with: short, so that adoption
@@ -56,39 +54,27 @@ fn server_binary() -> &'static str {
     env!("CARGO_BIN_EXE_snapshots-server")
 }
 
-/// Runs a key command of `snapshots-server` on `db` and returns its
-/// `name=value` lines.
-async fn cli(db: &str, args: &[&str]) -> Vec<(String, String)> {
-    let out = Command::new(server_binary())
-        .args(["--database", db])
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+/// Runs a key command of `snapshots-server` on `db`: its `name=value`
+/// lines.
+async fn cli(db: &str, args: &[&str]) -> HashMap<String, String> {
+    common::key_values(
+        Command::new(server_binary())
+            .args(["--database", db])
+            .args(args),
+    )
+    .await
 }
 
-fn field(lines: &[(String, String)], name: &str) -> String {
+fn field(lines: &HashMap<String, String>, name: &str) -> String {
     lines
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.clone())
+        .get(name)
+        .cloned()
         .unwrap_or_else(|| panic!("no {name} in {lines:?}"))
 }
 
 async fn start_replica(db: &str, dir: &std::path::Path) -> Replica {
-    let mut child = Command::new(server_binary())
+    let mut command = Command::new(server_binary());
+    command
         .args([
             "--database",
             db,
@@ -104,18 +90,8 @@ async fn start_replica(db: &str, dir: &std::path::Path) -> Replica {
         .env(
             "RUST_LOG",
             std::env::var("REPLICA_RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-        .await
-        .expect("the replica starts within 60 s")
-        .unwrap()
-        .unwrap_or_default();
+        );
+    let (child, line) = common::spawn_first_line(&mut command, "a replica").await;
     let addr = line
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
@@ -258,64 +234,32 @@ impl Fleet {
         .0
     }
 
-    /// The team's visible templates as (name, id), through `replica`.
-    async fn templates(&self, replica: usize) -> Vec<(String, String)> {
+    /// `GET path` through `replica` with `key`: the JSON of a 200.
+    async fn get(&self, replica: usize, key: &str, path: &str) -> Value {
         let (status, body) = self
-            .call(
-                replica,
-                &self.key,
-                reqwest::Method::GET,
-                "/v1/snapshots",
-                None,
-            )
+            .call(replica, key, reqwest::Method::GET, path, None)
             .await;
-        assert_eq!(status, 200, "{body}");
-        let items = body
-            .get("items")
-            .and_then(Value::as_array)
-            .cloned()
-            .or_else(|| body.as_array().cloned())
-            .unwrap_or_default();
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    /// The team's visible template names, through `replica`.
+    async fn templates(&self, replica: usize) -> Vec<String> {
+        let body = self.get(replica, &self.key, "/v1/snapshots").await;
+        let items = body.as_array().cloned().unwrap_or_default();
         items
             .iter()
-            .map(|t| {
-                (
-                    t["name"].as_str().unwrap_or_default().to_owned(),
-                    t["id"].as_str().unwrap_or_default().to_owned(),
-                )
-            })
+            .map(|t| t["name"].as_str().unwrap_or_default().to_owned())
             .collect()
     }
 
     async fn open_operations(&self, replica: usize) -> Vec<Value> {
-        let (status, body) = self
-            .call(
-                replica,
-                &self.admin,
-                reqwest::Method::GET,
-                "/v1/admin/operations",
-                None,
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        body.get("items")
-            .and_then(Value::as_array)
-            .cloned()
-            .or_else(|| body.as_array().cloned())
-            .unwrap_or_default()
+        let body = self.get(replica, &self.admin, "/v1/admin/operations").await;
+        body.as_array().cloned().unwrap_or_default()
     }
 
     async fn pending(&self, replica: usize) -> Vec<Value> {
-        let (status, body) = self
-            .call(
-                replica,
-                &self.admin,
-                reqwest::Method::GET,
-                "/v1/admin/pending",
-                None,
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
+        let body = self.get(replica, &self.admin, "/v1/admin/pending").await;
         body["deletions"].as_array().cloned().unwrap_or_default()
     }
 
@@ -348,7 +292,7 @@ impl Fleet {
     /// no sandbox is `snapshotting`.
     async fn assert_settled(&self, replica: usize) {
         let templates = self.templates(replica).await;
-        let names: HashSet<&String> = templates.iter().map(|(n, _)| n).collect();
+        let names: HashSet<&String> = templates.iter().collect();
         assert_eq!(names.len(), templates.len(), "one template per name");
         let ready = self.ready_ids().await;
         assert_eq!(ready.len(), templates.len(), "{templates:?}");
@@ -434,7 +378,7 @@ async fn replica_one_name_created_through_both_at_once() {
         fleet.agent.clear_faults();
         let templates = fleet.templates(1).await;
         assert_eq!(
-            templates.iter().filter(|(n, _)| *n == name).count(),
+            templates.iter().filter(|n| **n == name).count(),
             1,
             "{templates:?}"
         );

@@ -3,6 +3,8 @@
 #![cfg(feature = "server")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
@@ -13,24 +15,7 @@ use tokio::process::Command;
 const BIN: &str = env!("CARGO_BIN_EXE_snapshots-server");
 
 async fn run(data: &std::path::Path, args: &[&str]) -> HashMap<String, String> {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("SNAPSHOTS_DATA_DIR", data)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+    common::key_values(Command::new(BIN).args(args).env("SNAPSHOTS_DATA_DIR", data)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

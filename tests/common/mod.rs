@@ -517,13 +517,14 @@ pub fn example_binary(name: &str) -> PathBuf {
     binary
 }
 
-/// Starts the `crash_harness` example with `args`, waits (at most 60 s)
-/// for its first line, checks it is `expect`, and returns the running
-/// child (killed when dropped).
-pub async fn harness(args: &[&str], expect: &str) -> tokio::process::Child {
+/// Starts `command` with its stdout piped (killed when dropped) and waits
+/// at most 60 s for its first line.
+pub async fn spawn_first_line(
+    command: &mut tokio::process::Command,
+    what: &str,
+) -> (tokio::process::Child, String) {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let mut child = tokio::process::Command::new(example_binary("crash_harness"))
-        .args(args)
+    let mut child = command
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
         .kill_on_drop(true)
@@ -532,9 +533,38 @@ pub async fn harness(args: &[&str], expect: &str) -> tokio::process::Child {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
         .await
-        .unwrap_or_else(|_| panic!("the harness ({args:?}) did not say {expect:?} in 60 s"))
+        .unwrap_or_else(|_| panic!("{what} printed nothing in 60 s"))
         .unwrap()
         .unwrap_or_default();
+    (child, line)
+}
+
+/// Runs `command` to the end, checks it succeeded, and returns the
+/// `name=value` lines it printed (the key commands of `snapshots-server`).
+pub async fn key_values(
+    command: &mut tokio::process::Command,
+) -> std::collections::HashMap<String, String> {
+    let out = command.env("RUST_LOG", "warn").output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// Starts the `crash_harness` example with `args`, waits (at most 60 s)
+/// for its first line, checks it is `expect`, and returns the running
+/// child (killed when dropped).
+pub async fn harness(args: &[&str], expect: &str) -> tokio::process::Child {
+    let mut command = tokio::process::Command::new(example_binary("crash_harness"));
+    command.args(args);
+    let (child, line) = spawn_first_line(&mut command, &format!("the harness ({args:?})")).await;
     assert_eq!(line, expect, "harness {args:?}");
     child
 }
