@@ -413,7 +413,11 @@ async fn replica_killed_mid_create_is_adopted_only_after_its_lease() {
         })
     };
     hold.arrived(1).await;
-    assert_eq!(fleet.open_operations(1).await.len(), 1);
+    // The journal entry names its owner: replica 0's instance.
+    let open = fleet.open_operations(1).await;
+    assert_eq!(open.len(), 1, "{open:?}");
+    let owner = open[0]["owner"].as_str().unwrap_or_default().to_owned();
+    assert!(owner.starts_with("inst-"), "{open:?}");
 
     fleet.replicas[0].child.kill().await.unwrap();
     let killed_at = tokio::time::Instant::now();
@@ -441,6 +445,11 @@ async fn replica_killed_mid_create_is_adopted_only_after_its_lease() {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let open = fleet.open_operations(1).await;
         assert_eq!(open.len(), 1, "adopted before the lease ended: {open:?}");
+        assert_eq!(
+            open[0]["owner"],
+            owner.as_str(),
+            "adopted before the lease ended"
+        );
     }
     assert_eq!(
         fleet

@@ -375,6 +375,7 @@ fn operation_json(o: &crate::store::OpenOperation) -> serde_json::Value {
         "attempts": o.attempts,
         "last_error": o.last_error,
         "started_at": o.started_at.to_rfc3339(),
+        "owner": o.owner.map(|i| i.to_string()),
     })
 }
 

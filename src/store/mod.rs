@@ -300,6 +300,10 @@ pub struct OpenOperation {
     pub last_error: Option<String>,
     /// When it began.
     pub started_at: Timestamp,
+    /// The manager process (replica) that drives it; another replica
+    /// adopts it once that one's instance lease ends. `None` for entries
+    /// written before owners were recorded.
+    pub owner: Option<InstanceId>,
 }
 
 /// The domain transactions the manager, the worker and the HTTP server

@@ -16,8 +16,8 @@ use super::audit::insert_audit;
 use super::placements::{insert_placement, mark_deleting};
 use super::registry::{get_host, lock_team_sandbox, lost_name_race, release_sandbox};
 use super::rows::{
-    BlobId, OP_COLS, TEMPLATE_COLS, all, big, execute, get, get_id, get_time, get_u32, id_array,
-    op_row, opt_bytes, query, query_one, query_opt, template_row,
+    BlobId, OP_COLS, TEMPLATE_COLS, all, big, execute, get, get_id, get_opt_id, get_time, get_u32,
+    id_array, op_row, opt_bytes, query, query_one, query_opt, template_row,
 };
 use super::templates::{check_name_free, name_holder};
 use crate::agent::HostTarget;
@@ -144,7 +144,7 @@ pub(super) async fn list_open_operations(db: &impl GenericClient) -> TxResult<Ve
     let rows = query(
         db,
         "SELECT template_id, team_id, template_name, sandbox_id, host_id, phase, attempts,
-                last_error, created_at, id
+                last_error, created_at, id, owner
          FROM operations ORDER BY created_at, template_id",
         &[],
     )
@@ -161,6 +161,7 @@ pub(super) async fn list_open_operations(db: &impl GenericClient) -> TxResult<Ve
             attempts: get_u32(r, 6)?,
             last_error: get(r, 7)?,
             started_at: get_time(r, 8)?,
+            owner: get_opt_id(r, 10)?,
         })
     })?)
 }

@@ -568,7 +568,7 @@ pub(crate) fn resolve_open_operation(
 pub(crate) fn list_open_operations(conn: &Connection) -> Result<Vec<OpenOperation>> {
     let mut stmt = conn.prepare_cached(
         "SELECT template_id, team_id, template_name, sandbox_id, host_id, phase, attempts,
-                last_error, created_at, id
+                last_error, created_at, id, owner
          FROM operations ORDER BY created_at, template_id",
     )?;
     let rows = stmt
@@ -584,6 +584,7 @@ pub(crate) fn list_open_operations(conn: &Connection) -> Result<Vec<OpenOperatio
                 attempts: u32_col(r, 6)?,
                 last_error: r.get(7)?,
                 started_at: Timestamp::from_unix_millis(r.get(8)?),
+                owner: r.get(10)?,
             })
         })
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())?;
