@@ -10,6 +10,11 @@ use crate::ids::{AuditLogId, TeamId};
 use crate::model::Timestamp;
 use crate::store::actor_from_columns;
 
+pub(super) const INSERT_AUDIT: &str = "INSERT INTO audit_log
+         (id, team_id, actor_type, actor_id, actor_name, action, resource_type, resource_id,
+          outcome, error_code, metadata, created_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
 pub(super) async fn insert_audit(
     db: &impl GenericClient,
     e: &NewAuditEntry,
@@ -20,9 +25,7 @@ pub(super) async fn insert_audit(
     let metadata = e.metadata.to_string();
     execute(
         db,
-        "INSERT INTO audit_log (id, team_id, actor_type, actor_id, actor_name, action,
-                                resource_type, resource_id, outcome, error_code, metadata, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        INSERT_AUDIT,
         &[
             &id.bytes(),
             &e.team.bytes(),

@@ -12,14 +12,17 @@
 use deadpool_postgres::GenericClient;
 
 use super::TxResult;
-use super::audit::insert_audit;
-use super::placements::{insert_placement, mark_deleting};
-use super::registry::{get_host, lock_team_sandbox, lost_name_race, release_sandbox};
-use super::rows::{
-    BlobId, OP_COLS, TEMPLATE_COLS, all, big, execute, get, get_id, get_opt_id, get_time, get_u32,
-    id_array, op_row, opt_bytes, query, query_one, query_opt, template_row,
+use super::audit::{INSERT_AUDIT, insert_audit};
+use super::placements::{INSERT_PLACEMENT, insert_placement, mark_deleting};
+use super::registry::{
+    RELEASE_SANDBOX, SANDBOX_WITH_HOST, lock_team_sandbox_with_host, lost_name_race,
+    release_sandbox,
 };
-use super::templates::{check_name_free, name_holder};
+use super::rows::{
+    BlobId, OP_COLS, Param, TEMPLATE_COLS, all, big, execute, get, get_id, get_opt_id, get_time,
+    get_u32, id_array, op_row, opt_bytes, prepare_all, query, query_one, query_opt, template_row,
+};
+use super::templates::{NAME_CHECKS, NAME_HOLDER, check_name_free, name_holder};
 use crate::agent::HostTarget;
 use crate::audit::{AuditOutcome, NewAuditEntry};
 use crate::error::{Error, ErrorCode};
@@ -298,9 +301,19 @@ pub(super) async fn begin_create(
         owner,
     } = input;
     let (team, sandbox_id, overwrite, template_id) = (*team, *sandbox_id, *overwrite, *template_id);
-    let sandbox = lock_team_sandbox(db, sandbox_id, team).await?;
-    let replaces = check_name_free(db, team, name, overwrite).await?;
-    let sandbox = sandbox.ok_or_else(|| Error::not_found("sandbox not found"))?;
+    // The reads go out together (pipelined on the connection, run in this
+    // order): the sandbox (locked) with its host, then the name checks.
+    prepare_all(db, &[SANDBOX_WITH_HOST]).await?;
+    prepare_all(db, &NAME_CHECKS).await?;
+    let (sandbox, replaces) = tokio::join!(
+        lock_team_sandbox_with_host(db, sandbox_id, team),
+        check_name_free(db, team, name, overwrite)
+    );
+    // A failure of the first statement fails the ones after it: it is the
+    // answer. Otherwise SQLite's order: the name first, then the sandbox.
+    let sandbox = sandbox?;
+    let replaces = replaces?;
+    let (sandbox, host) = sandbox.ok_or_else(|| Error::not_found("sandbox not found"))?;
     if !matches!(
         sandbox.status,
         SandboxStatus::Running | SandboxStatus::Paused
@@ -311,78 +324,77 @@ pub(super) async fn begin_create(
     }
     let unreachable = || Error::new(ErrorCode::HostUnavailable, "sandbox host is not reachable");
     let host_id = sandbox.host.ok_or_else(unreachable)?;
-    let host = get_host(db, host_id).await?.ok_or_else(unreachable)?;
-    if host.address.is_empty() || !host.status.accepts_snapshots() {
+    let (address, host_status) = host.ok_or_else(unreachable)?;
+    if address.is_empty() || !host_status.accepts_snapshots() {
         return Err(unreachable().into());
     }
     let now_ms = now.unix_millis();
-    let swapped = execute(
-        db,
-        "UPDATE sandboxes SET status = 'snapshotting', updated_at = $3 WHERE id = $1 AND status = $2",
-        &[&sandbox_id.bytes(), &sandbox.status.as_str(), &now_ms],
-    )
-    .await?;
-    if swapped != 1 {
+    let actor_id = actor.id_text();
+    // The three writes go out together too; whichever fails first fails the
+    // transaction, and their results are read in order.
+    let (sandbox_bytes, team_bytes, template_bytes) =
+        (sandbox_id.bytes(), team.bytes(), template_id.bytes());
+    let (host_bytes, operation_bytes, owner_bytes) =
+        (host_id.bytes(), operation_id.bytes(), owner.bytes());
+    let (status, name_text, replaces_bytes) =
+        (sandbox.status.as_str(), name.as_str(), opt_bytes(&replaces));
+    let (vcpus, memory_mb) = (i64::from(sandbox.vcpus), i64::from(sandbox.memory_mb));
+    let (kind, actor_name, lease_ms) = (actor.kind(), actor.name_text(), lease_until.unix_millis());
+    let cas_params: [Param<'_>; 3] = [&sandbox_bytes, &status, &now_ms];
+    let template_params: [Param<'_>; 8] = [
+        &template_bytes,
+        &team_bytes,
+        &name_text,
+        &vcpus,
+        &memory_mb,
+        &sandbox_bytes,
+        &replaces_bytes,
+        &now_ms,
+    ];
+    let journal_params: [Param<'_>; 14] = [
+        &template_bytes,
+        &team_bytes,
+        &name_text,
+        &sandbox_bytes,
+        &host_bytes,
+        &status,
+        &replaces_bytes,
+        &kind,
+        &actor_id,
+        &actor_name,
+        &now_ms,
+        &operation_bytes,
+        &lease_ms,
+        &owner_bytes,
+    ];
+    // The three writes go out together too; whichever fails first fails the
+    // transaction, and their results are read in order.
+    prepare_all(db, &[SNAPSHOTTING, INSERT_CREATING, INSERT_JOURNAL]).await?;
+    let (swapped, inserted, journaled) = tokio::join!(
+        execute(db, SNAPSHOTTING, &cas_params),
+        execute(db, INSERT_CREATING, &template_params),
+        execute(db, INSERT_JOURNAL, &journal_params)
+    );
+    if swapped? != 1 {
         return Err(
             Error::new(ErrorCode::InvalidState, "sandbox must be running or paused").into(),
         );
     }
-    let inserted = execute(
-        db,
-        "INSERT INTO templates (id, team_id, name, type, state, vcpus, memory_mb, size_bytes,
-                                source_sandbox_id, replaces, created_at, updated_at)
-         VALUES ($1, $2, $3, 'snapshot', 'creating', $4, $5, 0, $6, $7, $8, $8)",
-        &[
-            &template_id.bytes(),
-            &team.bytes(),
-            &name.as_str(),
-            &i64::from(sandbox.vcpus),
-            &i64::from(sandbox.memory_mb),
-            &sandbox_id.bytes(),
-            &opt_bytes(&replaces),
-            &now_ms,
-        ],
-    )
-    .await;
     if let Err(err) = inserted {
         return Err(lost_name_race(err, overwrite));
     }
-    let actor_id = actor.id_text();
-    execute(
-        db,
-        "INSERT INTO operations (kind, phase, template_id, team_id, template_name, sandbox_id,
-                                 host_id, prev_status, replaces, actor_type, actor_id, actor_name,
-                                 created_at, updated_at, id, next_attempt, owner)
-         VALUES ('create', 'started', $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, $13,
-                 $14)",
-        &[
-            &template_id.bytes(),
-            &team.bytes(),
-            &name.as_str(),
-            &sandbox_id.bytes(),
-            &host_id.bytes(),
-            &sandbox.status.as_str(),
-            &opt_bytes(&replaces),
-            &actor.kind(),
-            &actor_id,
-            &actor.name_text(),
-            &now_ms,
-            &operation_id.bytes(),
-            &lease_until.unix_millis(),
-            &owner.bytes(),
-        ],
-    )
-    .await?;
+    journaled?;
+    let host = HostTarget {
+        id: host_id,
+        address,
+    };
     let op = CreateOp {
         id: *operation_id,
         template_id,
         team,
         name: name.clone(),
         sandbox_id,
-        host: HostTarget {
-            id: host_id,
-            address: host.address,
-        },
+        host,
         prev_status: sandbox.status,
         replaces,
         actor: actor.clone(),
@@ -391,6 +403,21 @@ pub(super) async fn begin_create(
     };
     Ok((op, sandbox))
 }
+
+const SNAPSHOTTING: &str = "UPDATE sandboxes SET status = 'snapshotting', updated_at = $3
+     WHERE id = $1 AND status = $2";
+const INSERT_CREATING: &str = "INSERT INTO templates
+         (id, team_id, name, type, state, vcpus, memory_mb, size_bytes, source_sandbox_id,
+          replaces, created_at, updated_at)
+     VALUES ($1, $2, $3, 'snapshot', 'creating', $4, $5, 0, $6, $7, $8, $8)";
+const INSERT_JOURNAL: &str = "INSERT INTO operations
+         (kind, phase, template_id, team_id, template_name, sandbox_id, host_id, prev_status,
+          replaces, actor_type, actor_id, actor_name, created_at, updated_at, id, next_attempt,
+          owner)
+     VALUES ('create', 'started', $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, $13,
+             $14)";
+const JOURNAL_FOR_UPDATE: &str = "SELECT phase FROM operations WHERE template_id = $1 FOR UPDATE";
+const CLOSE_JOURNAL: &str = "DELETE FROM operations WHERE template_id = $1";
 
 /// The last step of a successful create, in one transaction: the template
 /// becomes `ready` with its placement, an overwritten template gives up its
@@ -404,31 +431,27 @@ pub(super) async fn finish_create(
     lease_until: Timestamp,
     now: Timestamp,
 ) -> TxResult<Finish> {
-    let phase = query_opt(
-        db,
-        "SELECT phase FROM operations WHERE template_id = $1 FOR UPDATE",
-        &[&op.template_id.bytes()],
-    )
-    .await?;
-    let phase: Option<String> = phase.as_ref().map(|r| get(r, 0)).transpose()?;
+    // The journal row (locked) and the name's holder, in one round trip.
+    let template_bytes = op.template_id.bytes();
+    let phase_params: [Param<'_>; 1] = [&template_bytes];
+    prepare_all(db, &[JOURNAL_FOR_UPDATE, NAME_HOLDER]).await?;
+    let (phase, holder) = tokio::join!(
+        query_opt(db, JOURNAL_FOR_UPDATE, &phase_params),
+        name_holder(db, op.team, &op.name)
+    );
+    let phase: Option<String> = phase?.as_ref().map(|r| get(r, 0)).transpose()?;
     if phase.as_deref() != Some("started") {
         return Ok(Finish::AlreadyResolved);
     }
     // When the replaced template was deleted meanwhile, its name was handed
     // to this row (see `mark_deleting`), so the only holder can be us or
     // the template we replace.
-    if let Some((holder, _)) = name_holder(db, op.team, &op.name).await?
+    if let Some((holder, _)) = holder?
         && holder != op.template_id
         && Some(holder) != op.replaces
     {
         return Ok(Finish::NameTaken);
     }
-    execute(
-        db,
-        "DELETE FROM operations WHERE template_id = $1",
-        &[&op.template_id.bytes()],
-    )
-    .await?;
     let mut replaced = Vec::new();
     let mut replaced_id = None;
     if let Some(old) = op.replaces {
@@ -449,19 +472,51 @@ pub(super) async fn finish_create(
             replaced_id = Some(old.to_string());
         }
     }
-    let updated = execute(
-        db,
+    // The remaining writes go out together (pipelined, run in order).
+    let (size, now_ms) = (big(size_bytes), now.unix_millis());
+    let ready_params: [Param<'_>; 3] = [&template_bytes, &size, &now_ms];
+    let ready_sql = format!(
         "UPDATE templates SET state = 'ready', replaces = NULL, size_bytes = $2,
                               created_at = $3, updated_at = $3
-         WHERE id = $1 AND state = 'creating'",
+         WHERE id = $1 AND state = 'creating'
+         RETURNING {TEMPLATE_COLS}"
+    );
+    let audit = NewAuditEntry {
+        team: op.team,
+        actor: op.actor.clone(),
+        action: crate::audit::actions::SNAPSHOT_CREATE,
+        resource_id: op.template_id.to_string(),
+        outcome: AuditOutcome::Success,
+        error_code: None,
+        metadata: serde_json::json!({
+            "name": op.name.as_str(),
+            "sandbox_id": op.sandbox_id.to_string(),
+            "host_id": op.host.id.to_string(),
+            "size_bytes": size_bytes,
+            "replaced": replaced_id,
+        }),
+    };
+    prepare_all(
+        db,
         &[
-            &op.template_id.bytes(),
-            &big(size_bytes),
-            &now.unix_millis(),
+            CLOSE_JOURNAL,
+            &ready_sql,
+            INSERT_PLACEMENT,
+            RELEASE_SANDBOX,
+            INSERT_AUDIT,
         ],
     )
     .await?;
-    if updated != 1 {
+    let (closed, ready, placed, released, audited) = tokio::join!(
+        execute(db, CLOSE_JOURNAL, &phase_params),
+        query(db, &ready_sql, &ready_params),
+        insert_placement(db, op.template_id, op.host.id, op.team, "present", now),
+        release_sandbox(db, op.sandbox_id, SandboxStatus::Paused, now),
+        insert_audit(db, &audit, now)
+    );
+    closed?;
+    let ready = ready?;
+    let Some(row) = ready.first() else {
         // The journal entry was open, so the row must be `creating`; a
         // mismatch is damage, and the whole transaction is rolled back.
         return Err(StoreError::corrupt(format!(
@@ -469,36 +524,11 @@ pub(super) async fn finish_create(
             op.template_id
         ))
         .into());
-    }
-    insert_placement(db, op.template_id, op.host.id, op.team, "present", now).await?;
-    release_sandbox(db, op.sandbox_id, SandboxStatus::Paused, now).await?;
-    let row = query_one(
-        db,
-        &format!("SELECT {TEMPLATE_COLS} FROM templates WHERE id = $1"),
-        &[&op.template_id.bytes()],
-    )
-    .await?;
-    let template = template_row(&row)?;
-    insert_audit(
-        db,
-        &NewAuditEntry {
-            team: op.team,
-            actor: op.actor.clone(),
-            action: crate::audit::actions::SNAPSHOT_CREATE,
-            resource_id: op.template_id.to_string(),
-            outcome: AuditOutcome::Success,
-            error_code: None,
-            metadata: serde_json::json!({
-                "name": op.name.as_str(),
-                "sandbox_id": op.sandbox_id.to_string(),
-                "host_id": op.host.id.to_string(),
-                "size_bytes": size_bytes,
-                "replaced": replaced_id,
-            }),
-        },
-        now,
-    )
-    .await?;
+    };
+    let template = template_row(row)?;
+    placed?;
+    released?;
+    audited?;
     Ok(Finish::Done(CreateDone { template, replaced }))
 }
 

@@ -17,6 +17,12 @@ use crate::model::{Actor, Template, Timestamp};
 use crate::names::TemplateName;
 use crate::store::{Deletion, PendingDeletion, StoreError};
 
+pub(super) const INSERT_PLACEMENT: &str = "INSERT INTO placements
+         (template_id, host_id, team_id, state, next_attempt, created_at, updated_at)
+     VALUES ($1, $2, $3, $4, $5, $5, $5)
+     ON CONFLICT (template_id, host_id) DO UPDATE SET state = excluded.state,
+         next_attempt = excluded.next_attempt, updated_at = excluded.updated_at";
+
 pub(super) async fn insert_placement(
     db: &impl GenericClient,
     template: TemplateId,
@@ -27,10 +33,7 @@ pub(super) async fn insert_placement(
 ) -> TxResult<()> {
     execute(
         db,
-        "INSERT INTO placements (template_id, host_id, team_id, state, next_attempt, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $5, $5)
-         ON CONFLICT (template_id, host_id) DO UPDATE SET state = excluded.state,
-             next_attempt = excluded.next_attempt, updated_at = excluded.updated_at",
+        INSERT_PLACEMENT,
         &[
             &template.bytes(),
             &host.bytes(),

@@ -7,8 +7,8 @@ use deadpool_postgres::GenericClient;
 
 use super::placements::insert_placement;
 use super::rows::{
-    BlobId, HOST_COLS, SANDBOX_COLS, all, big, execute, host_row, opt_bytes, query, query_opt,
-    sandbox_row,
+    BlobId, HOST_COLS, SANDBOX_COLS, all, big, execute, get, get_enum, host_row, opt_bytes, query,
+    query_opt, sandbox_row,
 };
 use super::templates::{check_name_free, name_race_error, overwrite_in_progress};
 use super::{TxError, TxResult};
@@ -261,6 +261,9 @@ pub(super) async fn remove_sandbox(db: &impl GenericClient, id: SandboxId) -> Tx
 
 /// Sets the status an operation decided on, only if the operation still
 /// owns the sandbox.
+pub(super) const RELEASE_SANDBOX: &str =
+    "UPDATE sandboxes SET status = $2, updated_at = $3 WHERE id = $1 AND status = 'snapshotting'";
+
 pub(super) async fn release_sandbox(
     db: &impl GenericClient,
     id: SandboxId,
@@ -269,7 +272,7 @@ pub(super) async fn release_sandbox(
 ) -> TxResult<()> {
     execute(
         db,
-        "UPDATE sandboxes SET status = $2, updated_at = $3 WHERE id = $1 AND status = 'snapshotting'",
+        RELEASE_SANDBOX,
         &[&id.bytes(), &status.as_str(), &now.unix_millis()],
     )
     .await?;
@@ -331,17 +334,28 @@ pub(super) fn lost_name_race(err: tokio_postgres::Error, overwrite: bool) -> TxE
     }
 }
 
-/// Locks the sandbox `id` of `team` (see `operations::begin_create`).
-pub(super) async fn lock_team_sandbox(
+/// The team's sandbox `id`, locked for the transaction (`FOR UPDATE`),
+/// with its host's address and status (`None` when it has no host
+/// record): one round trip.
+pub(super) const SANDBOX_WITH_HOST: &str =
+    "SELECT s.id, s.team_id, s.host_id, s.status, s.vcpus, s.memory_mb, h.address, h.status
+     FROM sandboxes s LEFT JOIN hosts h ON h.id = s.host_id
+     WHERE s.id = $1 AND s.team_id = $2 FOR UPDATE OF s";
+
+pub(super) async fn lock_team_sandbox_with_host(
     db: &impl GenericClient,
     id: SandboxId,
     team: crate::ids::TeamId,
-) -> TxResult<Option<Sandbox>> {
-    let row = query_opt(
-        db,
-        &format!("SELECT {SANDBOX_COLS} FROM sandboxes WHERE id = $1 AND team_id = $2 FOR UPDATE"),
-        &[&id.bytes(), &team.bytes()],
-    )
-    .await?;
-    Ok(row.as_ref().map(sandbox_row).transpose()?)
+) -> TxResult<Option<(Sandbox, Option<(String, HostStatus)>)>> {
+    let row = query_opt(db, SANDBOX_WITH_HOST, &[&id.bytes(), &team.bytes()]).await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let sandbox = sandbox_row(&row)?;
+    let address: Option<String> = get(&row, 6)?;
+    let host = match address {
+        None => None,
+        Some(address) => Some((address, get_enum(&row, 7)?)),
+    };
+    Ok(Some((sandbox, host)))
 }

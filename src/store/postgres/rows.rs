@@ -21,6 +21,21 @@ use crate::store::{CreateOp, Deletion, StoreError, StoreErrorKind};
 /// One statement parameter.
 pub(super) type Param<'a> = &'a (dyn ToSql + Sync);
 
+/// Prepares `sqls` on this connection (each once per connection, then
+/// cached). Statements issued at once afterwards are pipelined *in the
+/// order they are issued*: a cached statement is sent on the first poll of
+/// its future, and `tokio::join!` polls in order. So the server runs them
+/// one after the other exactly as if each had waited for the one before.
+pub(super) async fn prepare_all(
+    db: &impl GenericClient,
+    sqls: &[&str],
+) -> Result<(), tokio_postgres::Error> {
+    for sql in sqls {
+        db.prepare_cached(sql).await?;
+    }
+    Ok(())
+}
+
 /// Runs `sql` (prepared once per connection) and returns its rows.
 pub(super) async fn query(
     db: &impl GenericClient,

@@ -13,7 +13,8 @@ use deadpool_postgres::GenericClient;
 
 use super::TxResult;
 use super::rows::{
-    BlobId, TEMPLATE_COLS, all, get, get_enum, get_id, query, query_one, query_opt, template_row,
+    BlobId, TEMPLATE_COLS, all, get, get_enum, get_id, prepare_all, query, query_one, query_opt,
+    template_row,
 };
 use crate::error::{Error, ErrorCode};
 use crate::ids::{HostId, TeamId, TemplateId};
@@ -159,19 +160,28 @@ pub(super) async fn get_ready_template(
 /// pending overwrites), locked against change until the transaction ends:
 /// a concurrent delete of the holder waits, so that the name it frees is
 /// handed to an overwrite this transaction writes (see `mark_deleting`).
+pub(super) const NAME_HOLDER: &str = "SELECT id, state FROM templates
+     WHERE team_id = $1 AND name = $2 AND state <> 'deleting' AND replaces IS NULL
+     FOR SHARE";
+const NAME_LOCK_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock($1, hashtext($2))";
+const NAME_LOCK_SHARED: &str = "SELECT pg_advisory_xact_lock_shared($1, hashtext($2))";
+const USED_BY_A_TEAM: &str = "SELECT EXISTS (SELECT 1 FROM templates
+     WHERE name = $1 AND state <> 'deleting' AND team_id <> $2)";
+
+/// Every statement [`check_name_free`] sends at once, to prepare first.
+pub(super) const NAME_CHECKS: [&str; 4] = [
+    NAME_LOCK_EXCLUSIVE,
+    NAME_LOCK_SHARED,
+    USED_BY_A_TEAM,
+    NAME_HOLDER,
+];
+
 pub(super) async fn name_holder(
     db: &impl GenericClient,
     team: TeamId,
     name: &TemplateName,
 ) -> TxResult<Option<(TemplateId, TemplateState)>> {
-    let row = query_opt(
-        db,
-        "SELECT id, state FROM templates
-         WHERE team_id = $1 AND name = $2 AND state <> 'deleting' AND replaces IS NULL
-         FOR SHARE",
-        &[&team.bytes(), &name.as_str()],
-    )
-    .await?;
+    let row = query_opt(db, NAME_HOLDER, &[&team.bytes(), &name.as_str()]).await?;
     match row {
         None => Ok(None),
         Some(r) => Ok(Some((get_id(&r, 0)?, get_enum(&r, 1)?))),
@@ -204,37 +214,53 @@ pub(super) async fn check_name_free(
     overwrite: bool,
 ) -> TxResult<Option<TemplateId>> {
     let lock = if team.is_platform() {
-        "SELECT pg_advisory_xact_lock($1, hashtext($2))"
+        NAME_LOCK_EXCLUSIVE
     } else {
-        "SELECT pg_advisory_xact_lock_shared($1, hashtext($2))"
+        NAME_LOCK_SHARED
     };
-    query_one(db, lock, &[&NAME_LOCK, &name.as_str()]).await?;
-    if team.is_platform() {
-        let used_by_team: bool = get(
-            &query_one(
-                db,
-                "SELECT EXISTS (SELECT 1 FROM templates
-                                WHERE name = $1 AND state <> 'deleting' AND team_id <> $2)",
-                &[&name.as_str(), &TeamId::PLATFORM.bytes()],
-            )
-            .await?,
-            0,
-        )?;
-        if used_by_team {
-            return Err(Error::new(
+    prepare_all(db, &NAME_CHECKS).await?;
+    // The three statements go out together (tokio-postgres pipelines
+    // requests made at once on one connection; the server runs them in
+    // order, so the name lock is held before either check reads).
+    let other_kind = async {
+        if team.is_platform() {
+            let used_by_team: bool = get(
+                &query_one(
+                    db,
+                    USED_BY_A_TEAM,
+                    &[&name.as_str(), &TeamId::PLATFORM.bytes()],
+                )
+                .await?,
+                0,
+            )?;
+            TxResult::Ok(used_by_team)
+        } else {
+            Ok(name_holder(db, TeamId::PLATFORM, name).await?.is_some())
+        }
+    };
+    let name_text = name.as_str();
+    let lock_params: [super::rows::Param<'_>; 2] = [&NAME_LOCK, &name_text];
+    let (locked, other_kind, holder) = tokio::join!(
+        query_one(db, lock, &lock_params),
+        other_kind,
+        name_holder(db, team, name)
+    );
+    locked?;
+    if other_kind? {
+        return Err(if team.is_platform() {
+            Error::new(
                 ErrorCode::AlreadyExists,
                 format!("name {name:?} is already used by a team template"),
             )
-            .into());
+        } else {
+            Error::new(
+                ErrorCode::NameReserved,
+                format!("name {name:?} is reserved by a platform template"),
+            )
         }
-    } else if name_holder(db, TeamId::PLATFORM, name).await?.is_some() {
-        return Err(Error::new(
-            ErrorCode::NameReserved,
-            format!("name {name:?} is reserved by a platform template"),
-        )
         .into());
     }
-    match name_holder(db, team, name).await? {
+    match holder? {
         None => Ok(None),
         Some((_, TemplateState::Creating)) => Err(being_created(overwrite).into()),
         Some((_, TemplateState::Deleting)) => Ok(None),
