@@ -10,7 +10,7 @@ use crate::ids::{AuditLogId, TeamId};
 use crate::model::Timestamp;
 use crate::store::actor_from_columns;
 
-pub(super) const INSERT_AUDIT: &str = "INSERT INTO audit_log
+const INSERT_AUDIT: &str = "INSERT INTO audit_log
          (id, team_id, actor_type, actor_id, actor_name, action, resource_type, resource_id,
           outcome, error_code, metadata, created_at)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";

@@ -12,11 +12,10 @@
 use deadpool_postgres::GenericClient;
 
 use super::TxResult;
-use super::audit::{INSERT_AUDIT, insert_audit};
-use super::placements::{INSERT_PLACEMENT, insert_placement, mark_deleting};
+use super::audit::insert_audit;
+use super::placements::mark_deleting;
 use super::registry::{
-    RELEASE_SANDBOX, SANDBOX_WITH_HOST, lock_team_sandbox_with_host, lost_name_race,
-    release_sandbox,
+    SANDBOX_WITH_HOST, lock_team_sandbox_with_host, lost_name_race, release_sandbox,
 };
 use super::rows::{
     BlobId, OP_COLS, Param, TEMPLATE_COLS, all, big, execute, get, get_id, get_opt_id, get_time,
@@ -330,8 +329,6 @@ pub(super) async fn begin_create(
     }
     let now_ms = now.unix_millis();
     let actor_id = actor.id_text();
-    // The three writes go out together too; whichever fails first fails the
-    // transaction, and their results are read in order.
     let (sandbox_bytes, team_bytes, template_bytes) =
         (sandbox_id.bytes(), team.bytes(), template_id.bytes());
     let (host_bytes, operation_bytes, owner_bytes) =
@@ -340,18 +337,7 @@ pub(super) async fn begin_create(
         (sandbox.status.as_str(), name.as_str(), opt_bytes(&replaces));
     let (vcpus, memory_mb) = (i64::from(sandbox.vcpus), i64::from(sandbox.memory_mb));
     let (kind, actor_name, lease_ms) = (actor.kind(), actor.name_text(), lease_until.unix_millis());
-    let cas_params: [Param<'_>; 3] = [&sandbox_bytes, &status, &now_ms];
-    let template_params: [Param<'_>; 8] = [
-        &template_bytes,
-        &team_bytes,
-        &name_text,
-        &vcpus,
-        &memory_mb,
-        &sandbox_bytes,
-        &replaces_bytes,
-        &now_ms,
-    ];
-    let journal_params: [Param<'_>; 14] = [
+    let params: [Param<'_>; 16] = [
         &template_bytes,
         &team_bytes,
         &name_text,
@@ -366,24 +352,20 @@ pub(super) async fn begin_create(
         &operation_bytes,
         &lease_ms,
         &owner_bytes,
+        &vcpus,
+        &memory_mb,
     ];
-    // The three writes go out together too; whichever fails first fails the
-    // transaction, and their results are read in order.
-    prepare_all(db, &[SNAPSHOTTING, INSERT_CREATING, INSERT_JOURNAL]).await?;
-    let (swapped, inserted, journaled) = tokio::join!(
-        execute(db, SNAPSHOTTING, &cas_params),
-        execute(db, INSERT_CREATING, &template_params),
-        execute(db, INSERT_JOURNAL, &journal_params)
-    );
-    if swapped? != 1 {
-        return Err(
-            Error::new(ErrorCode::InvalidState, "sandbox must be running or paused").into(),
-        );
+    // The three writes are one statement: the sandbox CAS, and only if it
+    // took, the `creating` row and the journal entry.
+    match execute(db, BEGIN_CREATE_WRITES, &params).await {
+        Ok(1) => {}
+        Ok(_) => {
+            return Err(
+                Error::new(ErrorCode::InvalidState, "sandbox must be running or paused").into(),
+            );
+        }
+        Err(err) => return Err(lost_name_race(err, overwrite)),
     }
-    if let Err(err) = inserted {
-        return Err(lost_name_race(err, overwrite));
-    }
-    journaled?;
     let host = HostTarget {
         id: host_id,
         address,
@@ -404,20 +386,62 @@ pub(super) async fn begin_create(
     Ok((op, sandbox))
 }
 
-const SNAPSHOTTING: &str = "UPDATE sandboxes SET status = 'snapshotting', updated_at = $3
-     WHERE id = $1 AND status = $2";
-const INSERT_CREATING: &str = "INSERT INTO templates
-         (id, team_id, name, type, state, vcpus, memory_mb, size_bytes, source_sandbox_id,
-          replaces, created_at, updated_at)
-     VALUES ($1, $2, $3, 'snapshot', 'creating', $4, $5, 0, $6, $7, $8, $8)";
-const INSERT_JOURNAL: &str = "INSERT INTO operations
-         (kind, phase, template_id, team_id, template_name, sandbox_id, host_id, prev_status,
-          replaces, actor_type, actor_id, actor_name, created_at, updated_at, id, next_attempt,
-          owner)
-     VALUES ('create', 'started', $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, $13,
-             $14)";
+/// The writes of [`begin_create`], as one statement: sandbox →
+/// `snapshotting` (CAS on its status), then — only if that took — the
+/// `creating` template row and the journal entry. Changes one row when it
+/// applied, none when the CAS failed; a name taken meanwhile is a unique
+/// violation of `templates_name_per_team`.
+const BEGIN_CREATE_WRITES: &str = "WITH cas AS (
+         UPDATE sandboxes SET status = 'snapshotting', updated_at = $11
+         WHERE id = $4 AND status = $6
+         RETURNING id
+     ), creating AS (
+         INSERT INTO templates (id, team_id, name, type, state, vcpus, memory_mb, size_bytes,
+                                source_sandbox_id, replaces, created_at, updated_at)
+         SELECT $1::bytea, $2::bytea, $3::text, 'snapshot', 'creating', $15::bigint,
+                $16::bigint, 0, $4::bytea, $7::bytea, $11::bigint, $11::bigint
+         FROM cas
+         RETURNING id
+     )
+     INSERT INTO operations (kind, phase, template_id, team_id, template_name, sandbox_id,
+                             host_id, prev_status, replaces, actor_type, actor_id, actor_name,
+                             created_at, updated_at, id, next_attempt, owner)
+     SELECT 'create', 'started', $1::bytea, $2::bytea, $3::text, $4::bytea, $5::bytea,
+            $6::text, $7::bytea, $8::text, $9::text, $10::text, $11::bigint, $11::bigint,
+            $12::bytea, $13::bigint, $14::bytea
+     FROM creating";
+/// The writes that end a successful create (after the journal row is
+/// locked and the name checked), as one statement: the journal entry
+/// closed, the placement `present`, the sandbox `paused`, the audit entry,
+/// and the template `ready` (returned; no row when it was not `creating`).
+static FINISH_CREATE_WRITES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH closed AS (
+             DELETE FROM operations WHERE template_id = $1
+         ), placed AS (
+             INSERT INTO placements (template_id, host_id, team_id, state, next_attempt,
+                                     created_at, updated_at)
+             VALUES ($1, $4, $5, 'present', $3, $3, $3)
+             ON CONFLICT (template_id, host_id) DO UPDATE SET state = excluded.state,
+                 next_attempt = excluded.next_attempt, updated_at = excluded.updated_at
+         ), released AS (
+             UPDATE sandboxes SET status = 'paused', updated_at = $3
+             WHERE id = $6 AND status = 'snapshotting'
+         ), audited AS (
+             INSERT INTO audit_log (id, team_id, actor_type, actor_id, actor_name, action,
+                                    resource_type, resource_id, outcome, error_code, metadata,
+                                    created_at)
+             VALUES ($7, $5, $8, $9, $10, $11, '{}', $12, 'success', NULL, $13, $3)
+         )
+         UPDATE templates SET state = 'ready', replaces = NULL, size_bytes = $2,
+                              created_at = $3, updated_at = $3
+         WHERE id = $1 AND state = 'creating'
+         RETURNING {TEMPLATE_COLS}",
+        crate::audit::RESOURCE_TEMPLATE
+    )
+});
+
 const JOURNAL_FOR_UPDATE: &str = "SELECT phase FROM operations WHERE template_id = $1 FOR UPDATE";
-const CLOSE_JOURNAL: &str = "DELETE FROM operations WHERE template_id = $1";
 
 /// The last step of a successful create, in one transaction: the template
 /// becomes `ready` with its placement, an overwritten template gives up its
@@ -472,50 +496,43 @@ pub(super) async fn finish_create(
             replaced_id = Some(old.to_string());
         }
     }
-    // The remaining writes go out together (pipelined, run in order).
+    // The remaining writes are one statement (see `FINISH_CREATE_WRITES`).
     let (size, now_ms) = (big(size_bytes), now.unix_millis());
-    let ready_params: [Param<'_>; 3] = [&template_bytes, &size, &now_ms];
-    let ready_sql = format!(
-        "UPDATE templates SET state = 'ready', replaces = NULL, size_bytes = $2,
-                              created_at = $3, updated_at = $3
-         WHERE id = $1 AND state = 'creating'
-         RETURNING {TEMPLATE_COLS}"
+    let (host_bytes, team_bytes, sandbox_bytes) =
+        (op.host.id.bytes(), op.team.bytes(), op.sandbox_id.bytes());
+    let (audit_id, actor_id, actor_kind, actor_name) = (
+        crate::ids::AuditLogId::new(),
+        op.actor.id_text(),
+        op.actor.kind(),
+        op.actor.name_text(),
     );
-    let audit = NewAuditEntry {
-        team: op.team,
-        actor: op.actor.clone(),
-        action: crate::audit::actions::SNAPSHOT_CREATE,
-        resource_id: op.template_id.to_string(),
-        outcome: AuditOutcome::Success,
-        error_code: None,
-        metadata: serde_json::json!({
-            "name": op.name.as_str(),
-            "sandbox_id": op.sandbox_id.to_string(),
-            "host_id": op.host.id.to_string(),
-            "size_bytes": size_bytes,
-            "replaced": replaced_id,
-        }),
-    };
-    prepare_all(
-        db,
-        &[
-            CLOSE_JOURNAL,
-            &ready_sql,
-            INSERT_PLACEMENT,
-            RELEASE_SANDBOX,
-            INSERT_AUDIT,
-        ],
-    )
-    .await?;
-    let (closed, ready, placed, released, audited) = tokio::join!(
-        execute(db, CLOSE_JOURNAL, &phase_params),
-        query(db, &ready_sql, &ready_params),
-        insert_placement(db, op.template_id, op.host.id, op.team, "present", now),
-        release_sandbox(db, op.sandbox_id, SandboxStatus::Paused, now),
-        insert_audit(db, &audit, now)
-    );
-    closed?;
-    let ready = ready?;
+    let audit_bytes = audit_id.bytes();
+    let resource_id = op.template_id.to_string();
+    let metadata = serde_json::json!({
+        "name": op.name.as_str(),
+        "sandbox_id": op.sandbox_id.to_string(),
+        "host_id": op.host.id.to_string(),
+        "size_bytes": size_bytes,
+        "replaced": replaced_id,
+    })
+    .to_string();
+    let action = crate::audit::actions::SNAPSHOT_CREATE;
+    let params: [Param<'_>; 13] = [
+        &template_bytes,
+        &size,
+        &now_ms,
+        &host_bytes,
+        &team_bytes,
+        &sandbox_bytes,
+        &audit_bytes,
+        &actor_kind,
+        &actor_id,
+        &actor_name,
+        &action,
+        &resource_id,
+        &metadata,
+    ];
+    let ready = query(db, &FINISH_CREATE_WRITES, &params).await?;
     let Some(row) = ready.first() else {
         // The journal entry was open, so the row must be `creating`; a
         // mismatch is damage, and the whole transaction is rolled back.
@@ -526,9 +543,6 @@ pub(super) async fn finish_create(
         .into());
     };
     let template = template_row(row)?;
-    placed?;
-    released?;
-    audited?;
     Ok(Finish::Done(CreateDone { template, replaced }))
 }
 

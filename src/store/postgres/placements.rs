@@ -17,7 +17,7 @@ use crate::model::{Actor, Template, Timestamp};
 use crate::names::TemplateName;
 use crate::store::{Deletion, PendingDeletion, StoreError};
 
-pub(super) const INSERT_PLACEMENT: &str = "INSERT INTO placements
+const INSERT_PLACEMENT: &str = "INSERT INTO placements
          (template_id, host_id, team_id, state, next_attempt, created_at, updated_at)
      VALUES ($1, $2, $3, $4, $5, $5, $5)
      ON CONFLICT (template_id, host_id) DO UPDATE SET state = excluded.state,

@@ -261,7 +261,7 @@ pub(super) async fn remove_sandbox(db: &impl GenericClient, id: SandboxId) -> Tx
 
 /// Sets the status an operation decided on, only if the operation still
 /// owns the sandbox.
-pub(super) const RELEASE_SANDBOX: &str =
+const RELEASE_SANDBOX: &str =
     "UPDATE sandboxes SET status = $2, updated_at = $3 WHERE id = $1 AND status = 'snapshotting'";
 
 pub(super) async fn release_sandbox(
