@@ -28,7 +28,15 @@ async fn fresh_schema() -> Option<(String, tokio_postgres::Client)> {
             std::env::var_os("CI").is_none(),
             "CI is set but SNAPSHOTS_TEST_POSTGRES_URL is not: the PostgreSQL tests cannot run"
         );
-        eprintln!("skipped: set SNAPSHOTS_TEST_POSTGRES_URL to run the PostgreSQL store tests");
+        static SKIP: std::sync::Once = std::sync::Once::new();
+        SKIP.call_once(|| {
+            // Past the harness's capture of `eprintln!`: meant to be seen.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipping the PostgreSQL store tests: set SNAPSHOTS_TEST_POSTGRES_URL"
+            );
+        });
         return None;
     };
     let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
