@@ -526,3 +526,150 @@ async fn a_platform_name_and_a_team_name_cannot_be_taken_at_once() {
         }
     }
 }
+
+/// Waits until `n` sessions wait on a lock held (directly or through
+/// another waiter) by the session `root`.
+async fn wait_blocked_behind(client: &tokio_postgres::Client, root: i32, n: usize) {
+    loop {
+        let rows = client
+            .query(
+                "SELECT pid, pg_blocking_pids(pid) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity");
+        let mut behind: HashSet<i32> = HashSet::from([root]);
+        loop {
+            let before = behind.len();
+            for r in &rows {
+                let (pid, blockers): (i32, Vec<i32>) = (r.get(0), r.get(1));
+                if blockers.iter().any(|b| behind.contains(b)) {
+                    behind.insert(pid);
+                }
+            }
+            if behind.len() == before {
+                break;
+            }
+        }
+        if behind.len() > n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A delete of a name whose overwrite is being finished at that moment
+/// must delete one of the two templates that held the name (the old one,
+/// or the new one once it took over), as SQLite's single writer would: the
+/// name is visible before, during and after the finish.
+///
+/// Interleaving: `finish_create` of the overwrite holds a share lock on
+/// the old template and waits to lock it for update (behind a session that
+/// also reads it `FOR SHARE`); the delete's `SELECT … FOR UPDATE` then
+/// waits behind the finish. The finish commits (old: `deleting`, new:
+/// `ready`); the delete re-checks the one row its snapshot found, the old
+/// one, finds it deleting, and never sees the new one: 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_racing_an_overwrite_s_finish_deletes_a_template_not_404() {
+    let Some((url, mut client)) = fresh_schema().await else {
+        return;
+    };
+    let store = open(&url).await;
+    let team = TeamId::new();
+    let (host, sandboxes) = host_with_sandboxes(&store, team, 1).await;
+    let old = crate::model::Template {
+        id: TemplateId::new(),
+        team,
+        name: TemplateName::parse("busy").expect("name"),
+        template_type: crate::model::TemplateType::Snapshot,
+        vcpus: 1,
+        memory_mb: 128,
+        size_bytes: 1,
+        created_at: now(),
+        source_sandbox: None,
+    };
+    let old_id = old.id;
+    store
+        .insert_ready_template(old, vec![host], now())
+        .await
+        .expect("the old template");
+    let (op, _) = store
+        .begin_create(
+            create_input(team, sandboxes[0], "busy", true, InstanceId::new()),
+            now(),
+        )
+        .await
+        .expect("begin the overwrite");
+    assert_eq!(op.replaces, Some(old_id));
+    let new_id = op.template_id;
+
+    // Another session reads the old template FOR SHARE (as any name check
+    // does), so that the finish stops just before locking it for update.
+    let reader = client.transaction().await.expect("begin");
+    let root: i32 = reader
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    reader
+        .execute(
+            "SELECT 1 FROM templates WHERE id = $1 FOR SHARE",
+            &[&&old_id.as_blob()[..]],
+        )
+        .await
+        .expect("share lock");
+    let watcher = fresh_watcher(&url).await;
+
+    let finishing = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .finish_create(op, 7, later(now(), 60_000), now())
+                .await
+        })
+    };
+    wait_blocked_behind(&watcher, root, 1).await;
+    let deleting = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .begin_delete(
+                    Actor::System,
+                    team,
+                    false,
+                    TemplateName::parse("busy").expect("name"),
+                    later(now(), 60_000),
+                    now(),
+                )
+                .await
+        })
+    };
+    wait_blocked_behind(&watcher, root, 2).await;
+    reader.rollback().await.expect("release the share lock");
+
+    let finished = finishing.await.expect("task").expect("finish");
+    assert!(
+        matches!(finished, crate::store::Finish::Done(_)),
+        "{finished:?}"
+    );
+    let (deleted, _) = deleting
+        .await
+        .expect("task")
+        .expect("the name was visible throughout: the delete must find a template");
+    assert_eq!(deleted.id, new_id, "the delete ran after the finish");
+    assert!(
+        store
+            .find_visible(team, TemplateName::parse("busy").expect("name"))
+            .await
+            .expect("find")
+            .is_none()
+    );
+}
+
+/// A second plain client on the test's schema, for watching locks.
+async fn fresh_watcher(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
