@@ -673,3 +673,56 @@ async fn fresh_watcher(url: &str) -> tokio_postgres::Client {
     tokio::spawn(connection);
     client
 }
+
+/// A deletion claimed by replica A, whose lease lapsed while A stalled, is
+/// claimed again by B. A then resumes and records its own attempt's
+/// failure: that must not end B's lease, or a third claim runs the same
+/// deletion beside B's ("replicas never run one deletion twice at once").
+/// `deletion_failed` clears `lease_until` whoever holds it now.
+#[tokio::test]
+async fn a_lapsed_claimer_s_late_failure_does_not_release_the_next_claim() {
+    let Some((url, _client)) = fresh_schema().await else {
+        return;
+    };
+    let store = open(&url).await;
+    let t0 = now();
+    let (host, _) = host_with_sandboxes(&store, TeamId::new(), 0).await;
+    assert!(
+        store
+            .queue_orphan(TemplateId::new(), host, 1, t0)
+            .await
+            .expect("queue")
+    );
+    let by_a = store
+        .claim_due_deletions(later(t0, 1), later(t0, 10), 10, Vec::new())
+        .await
+        .expect("A claims");
+    assert_eq!(by_a.len(), 1);
+    // A stalls past its lease; B claims the deletion for a long attempt.
+    let by_b = store
+        .claim_due_deletions(later(t0, 20), later(t0, 600_000), 10, Vec::new())
+        .await
+        .expect("B claims");
+    assert_eq!(by_b.len(), 1, "A's lease lapsed");
+    // A resumes: its attempt failed; it schedules a retry soon.
+    store
+        .record_deletion(
+            by_a[0].clone(),
+            crate::store::DeletionResult::Failed {
+                error: "timed out".into(),
+                retry_at: later(t0, 30),
+            },
+            later(t0, 21),
+        )
+        .await
+        .expect("A records its failure");
+    // B's attempt is still within its lease: nobody may claim it.
+    let by_c = store
+        .claim_due_deletions(later(t0, 40), later(t0, 600_000), 10, Vec::new())
+        .await
+        .expect("C claims");
+    assert!(
+        by_c.is_empty(),
+        "claimed again while B's lease runs: {by_c:?}"
+    );
+}
