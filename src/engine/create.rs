@@ -206,9 +206,23 @@ async fn finish_failure(inner: &Arc<Engine>, op: &CreateOp, err: AgentError, rep
             |db| reply.send(Err(unrecorded("the snapshot failed", db))),
         )
         .await;
-    if recorded.is_some() {
-        inner.wake.notify_one();
-        reply.send(Err(user_error));
+    match recorded {
+        None => {}
+        Some(true) => {
+            inner.wake.notify_one();
+            reply.send(Err(user_error));
+        }
+        Some(false) => {
+            // Someone else closed the entry first: an operator, or another
+            // replica that adopted it while this one stalled and may have
+            // rolled it forward. Report what it became.
+            let result = inner
+                .store
+                .get_ready_template(op.template_id)
+                .await
+                .and_then(|t| t.ok_or(user_error));
+            reply.send(result);
+        }
     }
 }
 

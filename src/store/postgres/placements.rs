@@ -125,9 +125,19 @@ pub(super) async fn begin_delete(
     lease_until: Timestamp,
     now: Timestamp,
 ) -> TxResult<(Template, Vec<Deletion>)> {
-    let template = find_visible(db, team, name, Lock::ForUpdate)
-        .await?
-        .ok_or_else(|| Error::not_found("template not found"))?;
+    let Some(template) = find_visible(db, team, name, Lock::ForUpdate).await? else {
+        // The row the locking read found may have changed while it waited
+        // (an overwrite's finish: the old template is deleting and the new
+        // one, not in that read's snapshot, holds the name). A fresh read
+        // sees what now holds the name: then run the transaction again.
+        let now_visible = find_visible(db, team, name, Lock::None).await?.is_some();
+        let not_found = Error::not_found("template not found");
+        return Err(if now_visible {
+            TxError::Retry(not_found)
+        } else {
+            TxError::Fail(not_found)
+        });
+    };
     if template.is_platform() && !(team.is_platform() && is_admin) {
         return Err(Error::forbidden("platform templates cannot be deleted here").into());
     }

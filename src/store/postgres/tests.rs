@@ -534,3 +534,203 @@ async fn a_platform_name_and_a_team_name_cannot_be_taken_at_once() {
         }
     }
 }
+
+/// Waits until `n` sessions wait on a lock held (directly or through
+/// another waiter) by the session `root`.
+async fn wait_blocked_behind(client: &tokio_postgres::Client, root: i32, n: usize) {
+    loop {
+        let rows = client
+            .query(
+                "SELECT pid, pg_blocking_pids(pid) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity");
+        let mut behind: HashSet<i32> = HashSet::from([root]);
+        loop {
+            let before = behind.len();
+            for r in &rows {
+                let (pid, blockers): (i32, Vec<i32>) = (r.get(0), r.get(1));
+                if blockers.iter().any(|b| behind.contains(b)) {
+                    behind.insert(pid);
+                }
+            }
+            if behind.len() == before {
+                break;
+            }
+        }
+        if behind.len() > n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A delete of a name whose overwrite is being finished at that moment
+/// must delete one of the two templates that held the name (the old one,
+/// or the new one once it took over), as SQLite's single writer would: the
+/// name is visible before, during and after the finish.
+///
+/// Interleaving: `finish_create` of the overwrite holds a share lock on
+/// the old template and waits to lock it for update (behind a session that
+/// also reads it `FOR SHARE`); the delete's `SELECT … FOR UPDATE` then
+/// waits behind the finish. The finish commits (old: `deleting`, new:
+/// `ready`); the delete re-checks the one row its snapshot found, the old
+/// one, finds it deleting, and never sees the new one: 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_racing_an_overwrite_s_finish_deletes_a_template_not_404() {
+    let Some((url, mut client)) = fresh_schema().await else {
+        return;
+    };
+    let store = open(&url).await;
+    let team = TeamId::new();
+    let (host, sandboxes) = host_with_sandboxes(&store, team, 1).await;
+    let old = crate::model::Template {
+        id: TemplateId::new(),
+        team,
+        name: TemplateName::parse("busy").expect("name"),
+        template_type: crate::model::TemplateType::Snapshot,
+        vcpus: 1,
+        memory_mb: 128,
+        size_bytes: 1,
+        created_at: now(),
+        source_sandbox: None,
+    };
+    let old_id = old.id;
+    store
+        .insert_ready_template(old, vec![host], now())
+        .await
+        .expect("the old template");
+    let (op, _) = store
+        .begin_create(
+            create_input(team, sandboxes[0], "busy", true, InstanceId::new()),
+            now(),
+        )
+        .await
+        .expect("begin the overwrite");
+    assert_eq!(op.replaces, Some(old_id));
+    let new_id = op.template_id;
+
+    // Another session reads the old template FOR SHARE (as any name check
+    // does), so that the finish stops just before locking it for update.
+    let reader = client.transaction().await.expect("begin");
+    let root: i32 = reader
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    reader
+        .execute(
+            "SELECT 1 FROM templates WHERE id = $1 FOR SHARE",
+            &[&&old_id.as_blob()[..]],
+        )
+        .await
+        .expect("share lock");
+    let watcher = fresh_watcher(&url).await;
+
+    let finishing = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .finish_create(op, 7, later(now(), 60_000), now())
+                .await
+        })
+    };
+    wait_blocked_behind(&watcher, root, 1).await;
+    let deleting = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .begin_delete(
+                    Actor::System,
+                    team,
+                    false,
+                    TemplateName::parse("busy").expect("name"),
+                    later(now(), 60_000),
+                    now(),
+                )
+                .await
+        })
+    };
+    wait_blocked_behind(&watcher, root, 2).await;
+    reader.rollback().await.expect("release the share lock");
+
+    let finished = finishing.await.expect("task").expect("finish");
+    assert!(
+        matches!(finished, crate::store::Finish::Done(_)),
+        "{finished:?}"
+    );
+    let (deleted, _) = deleting
+        .await
+        .expect("task")
+        .expect("the name was visible throughout: the delete must find a template");
+    assert_eq!(deleted.id, new_id, "the delete ran after the finish");
+    assert!(
+        store
+            .find_visible(team, TemplateName::parse("busy").expect("name"))
+            .await
+            .expect("find")
+            .is_none()
+    );
+}
+
+/// A second plain client on the test's schema, for watching locks.
+async fn fresh_watcher(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+/// A deletion claimed by replica A, whose lease lapsed while A stalled, is
+/// claimed again by B. A then resumes and records its own attempt's
+/// failure: that must not end B's lease, or a third claim runs the same
+/// deletion beside B's ("replicas never run one deletion twice at once").
+/// `deletion_failed` clears `lease_until` whoever holds it now.
+#[tokio::test]
+async fn a_lapsed_claimer_s_late_failure_does_not_release_the_next_claim() {
+    let Some((url, _client)) = fresh_schema().await else {
+        return;
+    };
+    let store = open(&url).await;
+    let t0 = now();
+    let (host, _) = host_with_sandboxes(&store, TeamId::new(), 0).await;
+    assert!(
+        store
+            .queue_orphan(TemplateId::new(), host, 1, t0)
+            .await
+            .expect("queue")
+    );
+    let by_a = store
+        .claim_due_deletions(later(t0, 1), later(t0, 10), 10, Vec::new())
+        .await
+        .expect("A claims");
+    assert_eq!(by_a.len(), 1);
+    // A stalls past its lease; B claims the deletion for a long attempt.
+    let by_b = store
+        .claim_due_deletions(later(t0, 20), later(t0, 600_000), 10, Vec::new())
+        .await
+        .expect("B claims");
+    assert_eq!(by_b.len(), 1, "A's lease lapsed");
+    // A resumes: its attempt failed; it schedules a retry soon.
+    store
+        .record_deletion(
+            by_a[0].clone(),
+            crate::store::DeletionResult::Failed {
+                error: "timed out".into(),
+                retry_at: later(t0, 30),
+            },
+            later(t0, 21),
+        )
+        .await
+        .expect("A records its failure");
+    // B's attempt is still within its lease: nobody may claim it.
+    let by_c = store
+        .claim_due_deletions(later(t0, 40), later(t0, 600_000), 10, Vec::new())
+        .await
+        .expect("C claims");
+    assert!(
+        by_c.is_empty(),
+        "claimed again while B's lease runs: {by_c:?}"
+    );
+}

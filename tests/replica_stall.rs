@@ -1,0 +1,165 @@
+//! A replica that stalls past its lease while its own create is in flight
+//! (a GC pause, a partition from the database) and then resumes: another
+//! replica has adopted the entry meanwhile. What the stalled replica's
+//! caller is told must still be the truth (SPEC §4a "The caller's answer
+//! is the truth").
+//!
+//! Two managers in this process share one PostgreSQL schema. They reach
+//! the same host through two transports: the second replica's reaches the
+//! memory agent directly; the first one's wraps it, so that its
+//! `CreateSnapshot` call can be held and then answered as lost.
+#![cfg(feature = "postgres")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{Backend, Db, caller, fast_options, name};
+use sandbox_snapshots::agent::{
+    AgentError, CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest, HostAgent,
+    SandboxList, SnapshotInfo,
+};
+use sandbox_snapshots::*;
+use tokio::sync::watch;
+
+/// The memory agent as the stalled replica sees it: `CreateSnapshot`
+/// reports its arrival, waits for the gate, then answers with a timeout
+/// (the reply was lost, or the stalled process's own deadline fired).
+struct LostReply {
+    inner: Arc<MemoryHostAgent>,
+    arrived: watch::Sender<bool>,
+    gate: watch::Sender<bool>,
+}
+
+#[async_trait]
+impl HostAgent for LostReply {
+    async fn create_snapshot(
+        &self,
+        _req: CreateSnapshotRequest,
+    ) -> Result<CreateSnapshotResponse, AgentError> {
+        self.arrived.send_replace(true);
+        let mut gate = self.gate.subscribe();
+        let _ = gate.wait_for(|open| *open).await;
+        Err(AgentError::Timeout)
+    }
+
+    async fn delete_snapshot(&self, req: DeleteSnapshotRequest) -> Result<(), AgentError> {
+        self.inner.delete_snapshot(req).await
+    }
+
+    async fn list_sandboxes(&self) -> Result<SandboxList, AgentError> {
+        self.inner.list_sandboxes().await
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, AgentError> {
+        self.inner.list_snapshots().await
+    }
+}
+
+/// Replica A's create is in flight; A stalls past its lease; replica B
+/// adopts the entry, finds the key complete on the host and rolls the
+/// create forward (the template is ready). A resumes, its agent call
+/// answers with an ambiguous error, and its `fail_create` finds the entry
+/// closed. A must not then tell its caller that the create failed while
+/// the template exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_replica_never_reports_a_failure_for_a_create_another_rolled_forward() {
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::fresh(&backend, dir.path()).await;
+    let Db::Postgres(url) = &db else {
+        unreachable!("a PostgreSQL backend")
+    };
+    let agent = Arc::new(MemoryHostAgent::new());
+    let host = HostId::new();
+    let lost = Arc::new(LostReply {
+        inner: agent.clone(),
+        arrived: watch::channel(false).0,
+        gate: watch::channel(false).0,
+    });
+    let (transport_a, transport_b) = (
+        Arc::new(InProcessTransport::new()),
+        Arc::new(InProcessTransport::new()),
+    );
+    transport_a.add_host(host, lost.clone());
+    transport_b.add_host(host, agent.clone());
+    let mut options = fast_options();
+    // Long enough that A's own heartbeat does not renew the lease the test
+    // ends by hand (it renews every third of it).
+    options.instance_lease = Duration::from_secs(120);
+    let a = db.open(transport_a, options.clone()).await.unwrap();
+    let b = db.open(transport_b, options).await.unwrap();
+    a.registry()
+        .register_host(host, "in-process", HostStatus::Online)
+        .await
+        .unwrap();
+    let team = TeamId::new();
+    let sandbox = SandboxId::new();
+    agent.add_sandbox(sandbox, "running", 2, 512);
+    a.registry()
+        .register_sandbox(Sandbox::new(
+            sandbox,
+            team,
+            Some(host),
+            SandboxStatus::Running,
+            2,
+            512,
+        ))
+        .await
+        .unwrap();
+
+    let creating = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.create(
+                &caller(team),
+                NewSnapshot::parse(&sandbox.to_string(), "stalled").unwrap(),
+            )
+            .await
+        })
+    };
+    let _ = lost.arrived.subscribe().wait_for(|a| *a).await;
+    let open = b.open_operations().await.unwrap();
+    assert_eq!(open.len(), 1, "{open:?}");
+    let template = open[0].template_id;
+    // The host finished writing the snapshot (the VM is left paused); the
+    // reply to A is what gets lost.
+    agent.put_snapshot(&template.to_string(), 528 * 1024 * 1024, None);
+    agent.set_sandbox_status(sandbox, "paused");
+
+    // A stalls past its lease: its lease ends without a renewal.
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .execute(
+            "UPDATE instances SET lease_until = 0
+             WHERE id IN (SELECT owner FROM operations)",
+            &[],
+        )
+        .await
+        .unwrap();
+    // B adopts the entry and rolls it forward.
+    common::eventually("B rolls the adopted create forward", || async {
+        b.run_pending_work().await.unwrap();
+        b.get(&caller(team), &name("stalled")).await.is_ok()
+    })
+    .await;
+
+    // A resumes: its agent call answers with an ambiguous error.
+    lost.gate.send_replace(true);
+    let answer = creating.await.unwrap();
+    let visible = b.get(&caller(team), &name("stalled")).await;
+    assert!(
+        answer.is_ok() || visible.is_err(),
+        "A's caller was told the create failed ({answer:?}), yet it took effect: {visible:?}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
