@@ -184,3 +184,11 @@ CREATE UNIQUE INDEX operations_by_id ON operations (id);
 -- process uses an SQLite file at a time (the file lock), so here it is a
 -- record for operators; on PostgreSQL it is what replicas adopt by.
 ALTER TABLE operations ADD COLUMN owner BLOB CHECK (owner IS NULL OR length(owner) = 16);
+
+-- migration: 5
+
+-- The token of the claim an attempt in flight holds on a queued deletion,
+-- written with `lease_until`: a failure is recorded only by the attempt
+-- that still holds the claim, so a late answer of a lapsed attempt cannot
+-- end the lease of the next one.
+ALTER TABLE placements ADD COLUMN claim BLOB CHECK (claim IS NULL OR length(claim) = 16);

@@ -90,8 +90,12 @@ CREATE TABLE placements (
     attempts     BIGINT  NOT NULL DEFAULT 0,
     -- Not before this time (backoff, or the grace after an ambiguous create).
     next_attempt BIGINT  NOT NULL DEFAULT 0,
-    -- Claimed by an attempt in flight (of any replica) until this time.
+    -- Claimed by an attempt in flight (of any replica) until this time,
+    -- with this token: a failure is recorded only by the attempt that still
+    -- holds the claim, so a late answer of a lapsed one cannot end the
+    -- lease of the next claimer.
     lease_until  BIGINT,
+    claim        BYTEA   CHECK (claim IS NULL OR octet_length(claim) = 16),
     last_error   TEXT,
     created_at   BIGINT  NOT NULL,
     updated_at   BIGINT  NOT NULL,

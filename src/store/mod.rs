@@ -204,6 +204,11 @@ pub(crate) struct Deletion {
     pub(crate) team: TeamId,
     pub(crate) host: HostTarget,
     pub(crate) attempts: u32,
+    /// The claim this attempt holds (a token written with its lease). A
+    /// failure is recorded only while the claim is still this one: an
+    /// attempt that outlived its lease (a stalled process) must not end the
+    /// lease of whoever claimed the deletion after it.
+    pub(crate) claim: Option<uuid::Uuid>,
 }
 
 /// Result of the final transaction of a successful create.

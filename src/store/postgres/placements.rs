@@ -72,15 +72,17 @@ pub(super) async fn mark_deleting(
         &[&template.bytes()],
     )
     .await?;
+    let claim = uuid::Uuid::new_v4();
     execute(
         db,
         "UPDATE placements SET state = 'deleting', attempts = 0, next_attempt = $3,
-                               lease_until = $2, updated_at = $3
+                               lease_until = $2, claim = $4, updated_at = $3
          WHERE template_id = $1",
         &[
             &template.bytes(),
             &lease_until.unix_millis(),
             &now.unix_millis(),
+            &&claim.as_bytes()[..],
         ],
     )
     .await?;
@@ -92,7 +94,10 @@ pub(super) async fn mark_deleting(
         &[&template.bytes()],
     )
     .await?;
-    let targets = all(&rows, deletion_row)?;
+    let mut targets = all(&rows, deletion_row)?;
+    for t in &mut targets {
+        t.claim = Some(claim);
+    }
     purge_if_done(db, template).await?;
     Ok(targets)
 }
@@ -190,15 +195,17 @@ pub(super) async fn deletion_failed(
     execute(
         db,
         "UPDATE placements SET attempts = attempts + 1, next_attempt = $3, last_error = $4,
-                               lease_until = NULL,
+                               lease_until = NULL, claim = NULL,
                                updated_at = $5
-         WHERE template_id = $1 AND host_id = $2 AND state = 'deleting'",
+         WHERE template_id = $1 AND host_id = $2 AND state = 'deleting'
+           AND claim IS NOT DISTINCT FROM $6",
         &[
             &d.template_id.bytes(),
             &d.host.id.bytes(),
             &next_attempt.unix_millis(),
             &error,
             &now.unix_millis(),
+            &d.claim.as_ref().map(|c| c.as_bytes().to_vec()),
         ],
     )
     .await?;
@@ -225,6 +232,7 @@ pub(super) async fn claim_due_deletions(
     limit: u32,
     skip_hosts: &[HostId],
 ) -> TxResult<Vec<Deletion>> {
+    let claim = uuid::Uuid::new_v4();
     let rows = query(
         db,
         "WITH due AS (
@@ -243,7 +251,7 @@ pub(super) async fn claim_due_deletions(
              SELECT template_id, host_id FROM ranked
              WHERE n <= $3 ORDER BY next_attempt LIMIT $2
          )
-         UPDATE placements p SET lease_until = $5
+         UPDATE placements p SET lease_until = $5, claim = $6
          FROM chosen c, hosts h
          WHERE p.template_id = c.template_id AND p.host_id = c.host_id AND h.id = p.host_id
          RETURNING p.template_id, p.team_id, p.host_id, h.address, p.attempts, p.next_attempt",
@@ -253,12 +261,15 @@ pub(super) async fn claim_due_deletions(
             &PER_HOST,
             &id_array(skip_hosts),
             &lease_until.unix_millis(),
+            &&claim.as_bytes()[..],
         ],
     )
     .await?;
     let mut due = Vec::with_capacity(rows.len());
     for r in &rows {
-        due.push((get::<i64>(r, 5)?, deletion_row(r)?));
+        let mut d = deletion_row(r)?;
+        d.claim = Some(claim);
+        due.push((get::<i64>(r, 5)?, d));
     }
     // RETURNING has no order: the earliest due first, as SQLite returns them.
     due.sort_by_key(|(at, _)| *at);

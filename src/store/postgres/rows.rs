@@ -268,6 +268,7 @@ pub(super) fn deletion_row(row: &Row) -> Result<Deletion, StoreError> {
             address: get(row, 3)?,
         },
         attempts: get_u32(row, 4)?,
+        claim: None,
     })
 }
 

@@ -255,16 +255,18 @@ pub(super) fn mark_deleting(
         "UPDATE templates SET replaces = NULL WHERE replaces = ?1 AND state = 'creating'",
     )
     .and_then(|mut s| s.execute([template]))?;
+    let claim = uuid::Uuid::new_v4();
     conn.prepare_cached(
         "UPDATE placements SET state = 'deleting', attempts = 0, next_attempt = ?3,
-                               lease_until = ?2, updated_at = ?3
+                               lease_until = ?2, claim = ?4, updated_at = ?3
          WHERE template_id = ?1",
     )
     .and_then(|mut s| {
         s.execute(params![
             template,
             lease_until.unix_millis(),
-            now.unix_millis()
+            now.unix_millis(),
+            &claim.as_bytes()[..]
         ])
     })?;
     let mut stmt = conn.prepare_cached(
@@ -272,9 +274,12 @@ pub(super) fn mark_deleting(
              FROM placements p JOIN hosts h ON h.id = p.host_id
              WHERE p.template_id = ?1",
     )?;
-    let targets = stmt
+    let mut targets = stmt
         .query_map([template], deletion_row)
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())?;
+    for t in &mut targets {
+        t.claim = Some(claim);
+    }
     purge_if_done(conn, template)?;
     Ok(targets)
 }
@@ -288,6 +293,7 @@ pub(super) fn deletion_row(row: &Row<'_>) -> rusqlite::Result<Deletion> {
             address: row.get(3)?,
         },
         attempts: u32_col(row, 4)?,
+        claim: None,
     })
 }
 

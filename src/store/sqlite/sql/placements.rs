@@ -61,9 +61,9 @@ pub(crate) fn deletion_failed(
 ) -> Result<()> {
     conn.prepare_cached(
         "UPDATE placements SET attempts = attempts + 1, next_attempt = ?3, last_error = ?4,
-                               lease_until = NULL,
+                               lease_until = NULL, claim = NULL,
                                updated_at = ?5
-         WHERE template_id = ?1 AND host_id = ?2 AND state = 'deleting'",
+         WHERE template_id = ?1 AND host_id = ?2 AND state = 'deleting' AND claim IS ?6",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -71,7 +71,8 @@ pub(crate) fn deletion_failed(
             d.host.id,
             next_attempt.unix_millis(),
             error,
-            now.unix_millis()
+            now.unix_millis(),
+            d.claim.as_ref().map(|c| c.as_bytes().to_vec())
         ])
     })?;
     Ok(())
@@ -104,7 +105,7 @@ pub(crate) fn claim_due_deletions(
                AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.template_id = p.template_id))
          WHERE n <= ?3 ORDER BY next_attempt LIMIT ?2",
     )?;
-    let due = stmt
+    let mut due = stmt
         .query_map(
             params![
                 now.unix_millis(),
@@ -115,11 +116,18 @@ pub(crate) fn claim_due_deletions(
             deletion_row,
         )
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())?;
+    let claim = uuid::Uuid::new_v4();
     let mut lease = conn.prepare_cached(
-        "UPDATE placements SET lease_until = ?3 WHERE template_id = ?1 AND host_id = ?2",
+        "UPDATE placements SET lease_until = ?3, claim = ?4 WHERE template_id = ?1 AND host_id = ?2",
     )?;
-    for d in &due {
-        lease.execute(params![d.template_id, d.host.id, lease_until.unix_millis()])?;
+    for d in &mut due {
+        lease.execute(params![
+            d.template_id,
+            d.host.id,
+            lease_until.unix_millis(),
+            &claim.as_bytes()[..]
+        ])?;
+        d.claim = Some(claim);
     }
     Ok(due)
 }
@@ -170,7 +178,7 @@ pub(crate) fn next_due(conn: &Connection, in_hand: &InHand) -> Result<Option<Tim
 /// is retried at once instead of when its lease ends.
 pub(crate) fn void_leases(conn: &Connection) -> Result<()> {
     conn.execute(
-        "UPDATE placements SET lease_until = NULL WHERE lease_until IS NOT NULL",
+        "UPDATE placements SET lease_until = NULL, claim = NULL WHERE lease_until IS NOT NULL",
         [],
     )?;
     conn.execute(
