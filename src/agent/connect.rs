@@ -132,8 +132,8 @@ fn rustls_builder()
 }
 
 /// rustls settings from `tls`: its CA as the only root, its identity for
-/// mutual TLS.
-fn rustls_config(tls: &TlsConfig) -> Result<rustls::ClientConfig, String> {
+/// mutual TLS. (Also the PostgreSQL store's, for the database.)
+pub(crate) fn rustls_config(tls: &TlsConfig) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&tls.ca_pem) {
         let cert = cert.map_err(|e| format!("the TLS CA cannot be read: {e}"))?;

@@ -6,7 +6,7 @@
 //! [`AgentTransport`] hands out a client for a given host.
 
 mod client;
-mod connect;
+pub(crate) mod connect;
 mod dir;
 mod go_like;
 mod grpc;

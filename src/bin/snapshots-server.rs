@@ -58,6 +58,11 @@ struct Cli {
         hide_env_values = true
     )]
     database: Option<String>,
+    /// PEM of the CA that signed the PostgreSQL server's certificate: the
+    /// connections use TLS verified against it (only it), and a URL with
+    /// `sslmode=require` insists on TLS.
+    #[arg(long, global = true, env = "SNAPSHOTS_DATABASE_CA")]
+    database_ca: Option<PathBuf>,
     /// Seconds this replica's instance lease lasts without a heartbeat
     /// (serve): another replica adopts the operations of one whose lease
     /// ended. Renewed every third of it.
@@ -235,14 +240,27 @@ async fn main() -> Result<(), Failure> {
     let cli = Cli::parse();
     let data_dir = cli.data_dir;
     let database = database_url(cli.database.as_deref(), &data_dir);
-    let keys = || ApiKeys::open(&database);
+    let mut options = ManagerOptions::default();
+    options.instance_lease = std::time::Duration::from_secs(cli.instance_lease);
+    if let Some(ca) = &cli.database_ca {
+        let pem = std::fs::read(ca)
+            .map_err(|e| format!("cannot read the database CA {}: {e}", ca.display()))?;
+        #[cfg(feature = "postgres")]
+        {
+            options.postgres.tls = Some(sandbox_snapshots::agent::TlsConfig::new(pem));
+        }
+        #[cfg(not(feature = "postgres"))]
+        {
+            let _ = pem;
+            return Err("--database-ca needs a build with the `postgres` feature".into());
+        }
+    }
+    let keys = || ApiKeys::open(&database, &options);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            let mut options = ManagerOptions::default();
-            options.instance_lease = std::time::Duration::from_secs(cli.instance_lease);
             serve(
                 &database,
-                options,
+                options.clone(),
                 &data_dir,
                 cli.listen,
                 cli.agent,

@@ -91,16 +91,16 @@ impl ApiKeys {
     }
 
     /// The keys in the database `url` names (`sqlite:PATH`, a plain path,
-    /// or `postgres://…`), without starting a manager: for the key
-    /// commands of `snapshots-server`.
-    pub async fn open(url: &str) -> Result<Self> {
+    /// or `postgres://…`, opened with `options`' store settings), without
+    /// starting a manager: for the key commands of `snapshots-server`.
+    pub async fn open(url: &str, options: &crate::ManagerOptions) -> Result<Self> {
         let store: Arc<dyn Store> = match Database::parse(url)? {
             Database::Sqlite(path) => {
-                Arc::new(crate::store::SqliteStore::open(path, Default::default()).await?)
+                Arc::new(crate::store::SqliteStore::open(path, options.store.clone()).await?)
             }
             #[cfg(feature = "postgres")]
             Database::Postgres(url) => Arc::new(
-                crate::store::postgres::PostgresStore::open(&url, Default::default()).await?,
+                crate::store::postgres::PostgresStore::open(&url, options.postgres.clone()).await?,
             ),
         };
         Ok(Self { store })

@@ -56,6 +56,13 @@ pub struct PostgresOptions {
     /// `db_error`, like SQLite's busy timeout: a stuck session elsewhere
     /// cannot hold a request for ever. Default 5 s; zero waits for ever.
     pub lock_timeout: Duration,
+    /// TLS to the database (rustls), verified against the CA given (the
+    /// system's roots are never trusted), with an optional client identity.
+    /// The URL's `sslmode` decides whether it is used: `require` insists,
+    /// `prefer` (the default) falls back to plain text only when the server
+    /// offers no TLS, `disable` never uses it. `None` (the default): plain
+    /// text, and a URL that says `sslmode=require` fails to connect.
+    pub tls: Option<crate::agent::TlsConfig>,
 }
 
 impl Default for PostgresOptions {
@@ -65,6 +72,7 @@ impl Default for PostgresOptions {
             connect_timeout: Duration::from_secs(5),
             wait_timeout: Duration::from_secs(5),
             lock_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -90,9 +98,8 @@ impl PostgresStore {
     /// `tokio_postgres::Config`, so `?options=-csearch_path%3Dname` picks
     /// the schema) and migrates its schema.
     ///
-    /// Connections are made without TLS (`NoTls`): run the database on a
-    /// trusted network or a local socket. TLS is future work; a URL that
-    /// demands it (`sslmode=require`) fails to connect.
+    /// Connections use TLS when [`PostgresOptions::tls`] is set (and the
+    /// URL's `sslmode` allows it), plain text otherwise.
     ///
     /// A database whose schema is newer than this build is refused
     /// ([`StoreErrorKind::NewerSchema`]) without being changed.
@@ -113,15 +120,21 @@ impl PostgresStore {
             options.lock_timeout.as_millis()
         );
         config.options(session.trim_start());
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                // A connection whose transaction failed is rolled back as
-                // the transaction is dropped; nothing else to clean.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        // A connection whose transaction failed is rolled back as the
+        // transaction is dropped; nothing else to clean.
+        let recycling = || ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &options.tls {
+            None => Manager::from_config(config, NoTls, recycling()),
+            Some(tls) => {
+                let rustls = crate::agent::connect::rustls_config(tls).map_err(|e| {
+                    StoreError::new(StoreErrorKind::Other, format!("postgres: {e}"))
+                })?;
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new(rustls);
+                Manager::from_config(config, tls, recycling())
+            }
+        };
         let pool = Pool::builder(manager)
             .max_size(options.max_connections.max(1))
             .wait_timeout(Some(options.wait_timeout))

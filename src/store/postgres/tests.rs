@@ -734,3 +734,57 @@ async fn a_lapsed_claimer_s_late_failure_does_not_release_the_next_claim() {
         "claimed again while B's lease runs: {by_c:?}"
     );
 }
+
+/// TLS to the database: with the server's CA the pool's connections are
+/// encrypted; a CA that did not sign the server's certificate, or no TLS
+/// at all, cannot connect when the URL says `sslmode=require`. Needs the
+/// test server's certificate in `SNAPSHOTS_TEST_POSTGRES_CA` (`.ci/run`
+/// sets it; `.ci/postgres.sh` starts the server with TLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_is_verified_against_the_given_ca_only() {
+    let Some((url, _client)) = fresh_schema().await else {
+        return;
+    };
+    let Some(ca) = std::env::var_os("SNAPSHOTS_TEST_POSTGRES_CA") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but SNAPSHOTS_TEST_POSTGRES_CA is not: the TLS test cannot run"
+        );
+        return;
+    };
+    let ca = std::fs::read(ca).expect("read the server's certificate");
+    let require = format!("{url}&sslmode=require");
+    let with_ca = |pem: Vec<u8>| PostgresOptions {
+        tls: Some(crate::agent::TlsConfig::new(pem)),
+        ..PostgresOptions::default()
+    };
+
+    let store = PostgresStore::open(&require, with_ca(ca))
+        .await
+        .expect("open over TLS with the server's CA");
+    let client = store.client().await.expect("a pooled connection");
+    let encrypted: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("ask the server")
+        .get(0);
+    assert!(encrypted, "the pool's connection is not encrypted");
+
+    let stranger = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])
+        .expect("another CA")
+        .cert
+        .pem();
+    let refused = PostgresStore::open(&require, with_ca(stranger.into_bytes()))
+        .await
+        .expect_err("a CA that did not sign the server's certificate");
+    assert!(
+        refused.to_string().to_lowercase().contains("certificate"),
+        "{refused}"
+    );
+    PostgresStore::open(&require, PostgresOptions::default())
+        .await
+        .expect_err("sslmode=require without TLS configured");
+}
