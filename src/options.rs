@@ -15,7 +15,9 @@ pub struct ManagerOptions {
     pub postgres: crate::store::postgres::PostgresOptions,
     /// How long this process's instance lease lasts without a heartbeat
     /// (renewed every third of it). Another replica adopts the journal
-    /// entries of an instance whose lease ended. Default 30 s.
+    /// entries of an instance whose lease ended. Default 30 s. Leases are
+    /// compared across processes: replicas' clocks must agree to well
+    /// within it (NTP does).
     pub instance_lease: Duration,
     /// Longest a host agent may take to create a snapshot. Default 5 min.
     pub create_timeout: Duration,
