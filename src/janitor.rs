@@ -1,9 +1,11 @@
 //! The background worker: the scheduling half of the engine (`engine/`
-//! holds the state machines it drives). It finishes or rolls back creates nobody is driving
-//! any more (after a crash: its first pass is the start-up recovery),
-//! resolves sandboxes whose status after a failure is still unknown (or,
-//! past `resolve_deadline`, without their host), and retries queued file
-//! deletions with backoff.
+//! holds the state machines it drives). It finishes or rolls back creates
+//! nobody is driving any more (after a crash: its first pass is the
+//! start-up recovery; on PostgreSQL, also those of replicas whose lease
+//! ended), resolves sandboxes whose status after a failure is still
+//! unknown (or, past `resolve_deadline`, without their host), retries
+//! queued file deletions with backoff, and renews this process's instance
+//! lease.
 //!
 //! Each pass only reads what is due and hands each host's share to a task
 //! of its own, so a slow or hanging host delays only its own work. The
@@ -128,9 +130,6 @@ impl Drop for BusyHost {
     }
 }
 
-/// Starts the worker. It holds only a weak reference, so dropping every
-/// manager handle stops it. Its first pass runs at once: that is the
-/// start-up recovery.
 /// Renews this process's instance lease every third of it, so that other
 /// replicas leave its journal entries alone while it lives. A renewal the
 /// store refuses is retried with backoff (each wait at most a third of the
@@ -170,6 +169,9 @@ pub(crate) fn spawn_heartbeat(inner: Weak<Engine>) {
     });
 }
 
+/// Starts the worker. It holds only a weak reference, so dropping every
+/// manager handle stops it. Its first pass runs at once: that is the
+/// start-up recovery.
 pub(crate) fn spawn(inner: Weak<Engine>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         // Consecutive passes that found work due but could start none of

@@ -201,9 +201,12 @@ pub trait SnapshotManager: Send + Sync {
     async fn delete(&self, caller: &Caller, name: &TemplateName) -> Result<Deleted>;
 }
 
-/// The default [`SnapshotManager`]: templates in an SQLite file, host
-/// agents through an [`AgentTransport`], a background worker that finishes
-/// deletions. Cheap to clone.
+/// The default [`SnapshotManager`]: templates in an SQLite file
+/// ([`Manager::open`]) or in a PostgreSQL database that several manager
+/// processes share as replicas (`Manager::open_postgres`, feature
+/// `postgres`), host agents through an [`AgentTransport`], a background
+/// worker that finishes deletions and recovers interrupted operations.
+/// Cheap to clone.
 ///
 /// ```no_run
 /// use std::sync::Arc;
