@@ -368,3 +368,41 @@ async fn one_manager_per_store_file() {
     // Before the directory goes with the test.
     again.shutdown().await;
 }
+
+/// `Manager::open_url` names its store by URL: `sqlite:PATH` or a plain
+/// path open the same SQLite file; anything else is a clear 400, and
+/// nothing is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_url_names_its_store_or_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = std::sync::Arc::new(InProcessTransport::new());
+    let mut options = ManagerOptions::default();
+    options.run_janitor = false;
+    let path = dir.path().join("by-url.db");
+    for url in [
+        format!("sqlite:{}", path.display()),
+        path.display().to_string(),
+    ] {
+        let manager = Manager::open_url(&url, transport.clone(), options.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e:?}"));
+        manager.shutdown().await;
+        drop(manager);
+    }
+    assert!(path.exists());
+    for bad in ["", "sqlite:", "mysql://db/x", "  "] {
+        let err = Manager::open_url(bad, transport.clone(), options.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidRequest, "{bad:?}: {err:?}");
+    }
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["by-url.db".to_owned()],
+        "nothing else was created"
+    );
+}

@@ -2,9 +2,11 @@
 //! reported failure, a worker that never spins"), each through the public
 //! API, with the fault where it really lives: a loopback port that refuses,
 //! an agent that behaves like the original Go agent, a host that hangs —
-//! on each store (SQLite and PostgreSQL, see [`conformance!`]) — and, on
-//! SQLite, another connection holding its write lock. (The full-disk and crash cases are in `tests/crash.rs`, the
-//! transports' own in `tests/transport_faults.rs`.)
+//! on each store (SQLite and PostgreSQL, see [`conformance!`]), including
+//! another connection holding the store's writes (SQLite's write lock, or
+//! PostgreSQL's table locks past `lock_timeout`). (The full-disk and crash
+//! cases are in `tests/crash.rs`, the transports' own in
+//! `tests/transport_faults.rs`.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -25,6 +27,8 @@ conformance!(
     the_worker_stays_idle_while_a_create_is_in_flight,
     a_key_still_being_written_is_deleted_only_once_its_create_is_resolved,
     a_hanging_host_delays_only_its_own_work,
+    a_failure_the_store_cannot_record_never_takes_effect_later,
+    a_success_the_store_cannot_record_appears_once_it_recovers,
 );
 
 fn internal() -> AgentError {
@@ -42,6 +46,67 @@ fn blip(agent: &MemoryHostAgent, op: AgentOp) {
 fn ambiguous_create_then_blip(agent: &MemoryHostAgent) {
     agent.inject_times(AgentOp::CreateSnapshot, Fault::FailAfter(internal()), 1);
     blip(agent, AgentOp::ListSandboxes);
+}
+
+/// Another connection holding the store's writes until released.
+enum StoreLock {
+    Sqlite(WriteLock),
+    Postgres(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ),
+}
+
+impl StoreLock {
+    async fn take(env: &Env) -> StoreLock {
+        match &env.store {
+            Db::Sqlite(path) => StoreLock::Sqlite(WriteLock::take(path).await),
+            Db::Postgres(url) => {
+                let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
+                let (release, released) = tokio::sync::oneshot::channel::<()>();
+                let url = url.clone();
+                let task = tokio::spawn(async move {
+                    #[cfg(feature = "postgres")]
+                    {
+                        let (mut client, conn) =
+                            tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                                .await
+                                .unwrap();
+                        tokio::spawn(conn);
+                        let tx = client.transaction().await.unwrap();
+                        // Reads go on; every write (and every row lock)
+                        // waits, like SQLite's write lock.
+                        tx.batch_execute(
+                            "LOCK TABLE operations, templates, sandboxes, placements, audit_log
+                             IN EXCLUSIVE MODE",
+                        )
+                        .await
+                        .unwrap();
+                        locked_tx.send(()).unwrap();
+                        let _ = released.await;
+                        tx.rollback().await.unwrap();
+                    }
+                    #[cfg(not(feature = "postgres"))]
+                    {
+                        let _ = (url, locked_tx, released);
+                        unreachable!("no postgres feature");
+                    }
+                });
+                locked_rx.await.unwrap();
+                StoreLock::Postgres(release, task)
+            }
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            StoreLock::Sqlite(lock) => lock.release().await,
+            StoreLock::Postgres(release, task) => {
+                let _ = release.send(());
+                task.await.unwrap();
+            }
+        }
+    }
 }
 
 /// Another connection holding SQLite's write lock until released.
@@ -92,16 +157,16 @@ fn held_create(
     (hold, env.spawn_create(team, snapshot))
 }
 
-/// Once `create` waits on `hold`, another connection takes the write lock
-/// and the agent answers: past `record_patience` the caller is told
+/// Once `create` waits on `hold`, another connection takes the store's
+/// writes and the agent answers: past `record_patience` the caller is told
 /// `db_error`, outcome unknown. Returns the lock, still held.
 async fn answered_while_locked(
     env: &Env,
     hold: &Hold,
     create: tokio::task::JoinHandle<Result<Template>>,
-) -> WriteLock {
+) -> StoreLock {
     hold.arrived(1).await;
-    let lock = WriteLock::take(&env.db).await;
+    let lock = StoreLock::take(env).await;
     hold.release();
     let err = create.await.unwrap().unwrap_err();
     assert_eq!(
@@ -119,6 +184,10 @@ async fn answered_while_locked(
 fn impatient_options() -> ManagerOptions {
     let mut o = fast_options();
     o.store.busy_timeout = Duration::from_millis(50);
+    #[cfg(feature = "postgres")]
+    {
+        o.postgres.lock_timeout = Duration::from_millis(50);
+    }
     o.record_patience = Duration::from_millis(300);
     o
 }
@@ -587,16 +656,14 @@ async fn a_hanging_host_delays_only_its_own_work(backend: Backend) {
     }
 }
 
-// SQLite-only: another connection holds SQLite's write lock (WriteLock::take).
 /// Defect 4: the agent writes the snapshot of an overwrite and answers
 /// Internal; while the manager asks for the sandbox's status, another
 /// connection takes the write lock past `record_patience`. The caller is
 /// told `db_error` (outcome unknown), the failure is recorded once the
 /// lock goes, and the overwrite never takes effect: the old template the
 /// caller still has stays, with its files.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failure_the_store_cannot_record_never_takes_effect_later() {
-    let env = Env::with_options(impatient_options()).await;
+async fn a_failure_the_store_cannot_record_never_takes_effect_later(backend: Backend) {
+    let env = Env::on(&backend, impatient_options(), Mode::Ours).await;
     let team = TeamId::new();
     let (sb_old, sb) = (env.sandbox(team).await, env.sandbox(team).await);
     let old = env.create(team, sb_old, "snap").await.unwrap();
@@ -635,9 +702,8 @@ async fn a_failure_the_store_cannot_record_never_takes_effect_later() {
 /// locked past `record_patience`: the caller is told `db_error`, outcome
 /// unknown, and the snapshot appears once the lock goes — it is not rolled
 /// back and its files are kept.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_success_the_store_cannot_record_appears_once_it_recovers() {
-    let env = Env::with_options(impatient_options()).await;
+async fn a_success_the_store_cannot_record_appears_once_it_recovers(backend: Backend) {
+    let env = Env::on(&backend, impatient_options(), Mode::Ours).await;
     env.agent.set_list_snapshots_supported(false);
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
