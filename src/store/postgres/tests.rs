@@ -125,37 +125,33 @@ fn create_input(
 
 // ------------------------------------------------------------ migrator
 
+/// The migrations applied, as (version, applied_at).
+async fn versions(client: &tokio_postgres::Client) -> Vec<(i64, i64)> {
+    client
+        .query(
+            "SELECT version, applied_at FROM schema_version ORDER BY version",
+            &[],
+        )
+        .await
+        .expect("read versions")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 #[tokio::test]
 async fn migrating_an_up_to_date_schema_is_a_no_op() {
     let Some((url, client)) = fresh_schema().await else {
         return;
     };
     let _first = open(&url).await;
-    let before: Vec<(i64, i64)> = client
-        .query(
-            "SELECT version, applied_at FROM schema_version ORDER BY version",
-            &[],
-        )
-        .await
-        .expect("read versions")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let before = versions(&client).await;
     assert_eq!(
         before.len(),
         usize::try_from(SCHEMA_VERSION).expect("small")
     );
     let _second = open(&url).await;
-    let after: Vec<(i64, i64)> = client
-        .query(
-            "SELECT version, applied_at FROM schema_version ORDER BY version",
-            &[],
-        )
-        .await
-        .expect("read versions")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let after = versions(&client).await;
     assert_eq!(before, after, "a second open must not migrate again");
     assert_eq!(count(&client, "SELECT count(*) FROM teams").await, 1);
 }
