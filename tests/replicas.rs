@@ -106,6 +106,13 @@ impl Fleet {
     /// Two replicas on a fresh schema, one host, one team. `None` when
     /// there is no PostgreSQL server (outside CI).
     async fn start(replicas: usize) -> Option<Fleet> {
+        Self::start_with(replicas, common::Mode::Ours).await
+    }
+
+    /// The same, with a host agent that behaves like ours or like the Go
+    /// agent (lists only running VMs, every failure Internal, no
+    /// `ListSnapshots`).
+    async fn start_with(replicas: usize, mode: common::Mode) -> Option<Fleet> {
         let Backend::Postgres(base) = Backend::postgres()? else {
             unreachable!()
         };
@@ -115,7 +122,7 @@ impl Fleet {
         let team_lines = cli(&db, &["create-team", "--name", "replicas"]).await;
         let (team, key) = (field(&team_lines, "team_id"), field(&team_lines, "api_key"));
 
-        let agent = Arc::new(MemoryHostAgent::new());
+        let agent = Arc::new(mode.agent());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr, _task) = HostAgentServer::new(agent.clone())
             .spawn("127.0.0.1:0".parse().unwrap(), async {
@@ -391,7 +398,16 @@ async fn replica_one_name_created_through_both_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_killed_mid_create_is_adopted_only_after_its_lease() {
-    let Some(mut fleet) = Fleet::start(2).await else {
+    killed_mid_create(common::Mode::Ours).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_killed_mid_create_against_a_go_like_agent() {
+    killed_mid_create(common::Mode::GoLike).await;
+}
+
+async fn killed_mid_create(mode: common::Mode) {
+    let Some(mut fleet) = Fleet::start_with(2, mode).await else {
         return;
     };
     let sandbox = fleet.sandbox().await;
