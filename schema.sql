@@ -192,3 +192,67 @@ ALTER TABLE operations ADD COLUMN owner BLOB CHECK (owner IS NULL OR length(owne
 -- that still holds the claim, so a late answer of a lapsed attempt cannot
 -- end the lease of the next one.
 ALTER TABLE placements ADD COLUMN claim BLOB CHECK (claim IS NULL OR length(claim) = 16);
+
+-- migration: 6
+
+-- Restore (SPEC §7). What produced a snapshot and what each host runs
+-- (`HostInfo` as JSON; NULL: unknown). `host_info_at` is when the host was
+-- last asked (NULL: not since it came online), so that it is asked once.
+ALTER TABLE templates ADD COLUMN compat TEXT;
+ALTER TABLE templates ADD COLUMN last_used_at INTEGER;
+ALTER TABLE hosts ADD COLUMN host_info TEXT;
+ALTER TABLE hosts ADD COLUMN host_info_at INTEGER;
+-- The template a restored sandbox started from (its name as the caller
+-- gave it: the template may be deleted later).
+ALTER TABLE sandboxes ADD COLUMN template_id BLOB;
+ALTER TABLE sandboxes ADD COLUMN template_name TEXT;
+
+-- The restore journal: one row per restore in flight, written with the
+-- sandbox row (`starting`) and deleted when the sandbox is `running` or
+-- gone. A row found after its owner's lease is an interrupted restore.
+CREATE TABLE restores (
+    id            BLOB    NOT NULL PRIMARY KEY CHECK (length(id) = 16),
+    sandbox_id    BLOB    NOT NULL UNIQUE CHECK (length(sandbox_id) = 16),
+    team_id       BLOB    NOT NULL,
+    template_id   BLOB    NOT NULL,
+    template_name TEXT    NOT NULL,
+    host_id       BLOB    NOT NULL,
+    vcpus         INTEGER NOT NULL,
+    memory_mb     INTEGER NOT NULL,
+    timeout_sec   INTEGER NOT NULL,
+    disk_size_mb  INTEGER NOT NULL,
+    actor_type    TEXT    NOT NULL,
+    actor_id      TEXT,
+    actor_name    TEXT,
+    owner         BLOB,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    -- A restore driven by its own task: the end of its lease; else backoff.
+    next_attempt  INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+
+-- While a restore from a template is open, that template's files on that
+-- host are not deleted (the deletion queue looks here).
+CREATE INDEX restores_by_template ON restores (template_id, host_id);
+
+-- Sandboxes to destroy on their host: a restore that failed ambiguously
+-- (the VM may exist, and the caller was told it failed) or was
+-- interrupted. Retried with backoff until the host confirms. A confirmed
+-- row stays as `destroyed`, so that the id is never used again.
+CREATE TABLE sandbox_destroys (
+    sandbox_id   BLOB    NOT NULL PRIMARY KEY CHECK (length(sandbox_id) = 16),
+    host_id      BLOB    NOT NULL,
+    team_id      BLOB    NOT NULL,
+    state        TEXT    NOT NULL CHECK (state IN ('queued', 'destroyed')),
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt INTEGER NOT NULL DEFAULT 0,
+    lease_until  INTEGER,
+    claim        BLOB,
+    last_error   TEXT,
+    created_at   INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+
+CREATE INDEX sandbox_destroys_due ON sandbox_destroys (next_attempt) WHERE state = 'queued';

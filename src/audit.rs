@@ -39,10 +39,15 @@ pub mod actions {
     /// The orphan sweep queued a key no template owns for deletion (a
     /// system action, in the platform team's log).
     pub const ORPHAN_SWEEP: &str = "snapshot.orphan_sweep";
+    /// A sandbox was restored from a template (or failed to be); keyed by
+    /// the sandbox id, with the template's name and id in the metadata.
+    pub const SANDBOX_RESTORE: &str = "sandbox.restore";
 }
 
 /// The resource type of template entries.
 pub const RESOURCE_TEMPLATE: &str = "template";
+/// The resource type of sandbox entries ([`actions::SANDBOX_RESTORE`]).
+pub const RESOURCE_SANDBOX: &str = "sandbox";
 
 /// One audit log entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -142,4 +147,15 @@ pub(crate) struct NewAuditEntry {
     pub(crate) outcome: AuditOutcome,
     pub(crate) error_code: Option<&'static str>,
     pub(crate) metadata: Value,
+}
+
+impl NewAuditEntry {
+    /// The kind of resource the entry is keyed by.
+    pub(crate) fn resource_type(&self) -> &'static str {
+        if self.action.starts_with("sandbox.") {
+            RESOURCE_SANDBOX
+        } else {
+            RESOURCE_TEMPLATE
+        }
+    }
 }

@@ -30,6 +30,9 @@ pub enum ErrorCode {
     InvalidState,
     /// 409: a concurrent operation or the host agent refused on a precondition.
     Conflict,
+    /// 409: no host that holds the template can run it (another VMM,
+    /// snapshot format, architecture or CPU model; the message says which).
+    Incompatible,
     /// 413: the request body is too large (HTTP only).
     PayloadTooLarge,
     /// 500: the store failed.
@@ -54,6 +57,7 @@ impl ErrorCode {
             Self::NameReserved => "name_reserved",
             Self::InvalidState => "invalid_state",
             Self::Conflict => "conflict",
+            Self::Incompatible => "incompatible",
             Self::DbError => "db_error",
             Self::AgentError => "agent_error",
             Self::HostUnavailable => "host_unavailable",
@@ -69,7 +73,11 @@ impl ErrorCode {
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::PayloadTooLarge => 413,
-            Self::AlreadyExists | Self::NameReserved | Self::InvalidState | Self::Conflict => 409,
+            Self::AlreadyExists
+            | Self::NameReserved
+            | Self::InvalidState
+            | Self::Conflict
+            | Self::Incompatible => 409,
             Self::DbError => 500,
             Self::AgentError => 502,
             Self::HostUnavailable => 503,
@@ -183,6 +191,49 @@ impl Error {
             _ => (
                 ErrorCode::AgentError,
                 "the host agent failed to create the snapshot",
+            ),
+        };
+        Self::new(code, message).with_source(err)
+    }
+}
+
+impl Error {
+    /// The caller's error for a failed `CreateSandbox` (SPEC §7: agent
+    /// codes mapped as for a create). The agent's text stays in the source.
+    pub(crate) fn from_restore_failure(err: AgentError) -> Self {
+        let (code, message) = match &err {
+            AgentError::Rejected { code, .. } => match code {
+                AgentCode::NotFound => (
+                    ErrorCode::NotFound,
+                    "the template's files are not on the chosen host",
+                ),
+                AgentCode::InvalidArgument => (
+                    ErrorCode::InvalidRequest,
+                    "the host agent refused the restore request as invalid",
+                ),
+                AgentCode::AlreadyExists => (
+                    ErrorCode::AlreadyExists,
+                    "a sandbox with this id already exists on the host",
+                ),
+                AgentCode::FailedPrecondition | AgentCode::ResourceExhausted => {
+                    (ErrorCode::Conflict, "the host cannot start the sandbox now")
+                }
+                _ => (
+                    ErrorCode::AgentError,
+                    "the host agent failed to start the sandbox",
+                ),
+            },
+            AgentError::Timeout => (
+                ErrorCode::AgentError,
+                "the host agent did not start the sandbox in time",
+            ),
+            AgentError::Unavailable { not_sent: true, .. } => (
+                ErrorCode::HostUnavailable,
+                "the chosen host's agent cannot be reached",
+            ),
+            _ => (
+                ErrorCode::AgentError,
+                "the host agent failed to start the sandbox",
             ),
         };
         Self::new(code, message).with_source(err)

@@ -26,12 +26,13 @@ use tokio::time::Instant;
 use crate::agent::{HostTarget, SnapshotKey};
 use crate::engine::create::{resolve_interrupted, resolve_status};
 use crate::engine::delete::delete_files;
+use crate::engine::restore::{destroy_sandboxes, resolve_interrupted_restore};
 use crate::engine::{Engine, HostViews, WorkReport, after, backoff, lock_unpoisoned};
 use crate::error::Result;
 use crate::ids::{HostId, OperationId};
 use crate::model::{HostStatus, Timestamp};
 use crate::options::ManagerOptions;
-use crate::store::{CreateOp, Deletion, InHand, Phase};
+use crate::store::{CreateOp, Deletion, Destroy, InHand, Phase, RestoreOp};
 
 /// Most deletions claimed per round.
 const BATCH: u32 = 64;
@@ -289,6 +290,7 @@ async fn next_sleep(inner: &Engine) -> Option<Duration> {
             .collect(),
         creates: inner.in_flight(),
         operations,
+        restores: inner.restores_in_flight(),
     };
     let held = first_held.map_or(max, |at| at.saturating_duration_since(Instant::now()));
     match inner.store.next_due(inner.instance, in_hand).await {
@@ -308,10 +310,13 @@ async fn next_sleep(inner: &Engine) -> Option<Duration> {
 }
 
 /// One host's share of a pass.
+#[derive(Default)]
 struct HostWork {
     started: Vec<CreateOp>,
     resolving: Vec<CreateOp>,
     deletions: Vec<Deletion>,
+    restores: Vec<RestoreOp>,
+    destroys: Vec<Destroy>,
 }
 
 /// What a pass started.
@@ -392,18 +397,30 @@ async fn dispatch(inner: &Arc<Engine>, wait: bool) -> Result<Dispatched> {
             Vec::new()
         }
     };
-    if deletions.len() == BATCH as usize {
+    let restores = inner.store.open_restores(me, Some(now)).await?;
+    let busy: Vec<HostId> = lock_unpoisoned(&inner.worker.busy_hosts)
+        .iter()
+        .copied()
+        .collect();
+    let destroys = match inner
+        .store
+        .claim_due_destroys(now, lease, BATCH, busy)
+        .await
+    {
+        Ok(due) => due,
+        Err(err) => {
+            tracing::warn!(error = ?err, "cannot claim due destroys");
+            Vec::new()
+        }
+    };
+    if deletions.len() == BATCH as usize || destroys.len() == BATCH as usize {
         // More is due: the next pass follows at once.
         inner.wake.notify_one();
     }
 
     let mut hosts: HashMap<HostId, HostWork> = HashMap::new();
     fn work(hosts: &mut HashMap<HostId, HostWork>, host: HostId) -> &mut HostWork {
-        hosts.entry(host).or_insert_with(|| HostWork {
-            started: Vec::new(),
-            resolving: Vec::new(),
-            deletions: Vec::new(),
-        })
+        hosts.entry(host).or_default()
     }
     let wanted = |op: &CreateOp| {
         // A create driven by a task of this process is not interrupted.
@@ -418,17 +435,29 @@ async fn dispatch(inner: &Arc<Engine>, wait: bool) -> Result<Dispatched> {
     for d in deletions {
         work(&mut hosts, d.host.id).deletions.push(d);
     }
+    let in_flight = inner.restores_in_flight();
+    for op in restores
+        .into_iter()
+        .filter(|op| !in_flight.contains(&op.id) && !inner.worker.held_back(op.id))
+    {
+        work(&mut hosts, op.host.id).restores.push(op);
+    }
+    for d in destroys {
+        work(&mut hosts, d.host.id).destroys.push(d);
+    }
 
     let mut tasks = JoinSet::new();
     let mut count = 0;
     for (host, work) in hosts {
         let Some(busy) = BusyHost::take(inner, host) else {
-            // Its earlier work is in hand; deletions claimed anyway (in a
-            // race with that task) are leased, so run them beside it.
-            if !work.deletions.is_empty() {
+            // Its earlier work is in hand; deletions and destroys claimed
+            // anyway (in a race with that task) are leased, so run them
+            // beside it.
+            if !work.deletions.is_empty() || !work.destroys.is_empty() {
                 let inner = inner.clone();
                 inner.clone().tasks_spawn(async move {
                     delete_files(&inner, work.deletions).await;
+                    destroy_sandboxes(&inner, work.destroys).await;
                 });
             }
             continue;
@@ -489,20 +518,39 @@ async fn host_work(inner: &Arc<Engine>, work: HostWork) -> WorkReport {
         let result = resolve_status(inner, op, &mut views, &mut report).await;
         settle(inner, op, result, "cannot resolve a sandbox status yet");
     }
+    for op in &work.restores {
+        let result = resolve_interrupted_restore(inner, op, &mut views, &mut report).await;
+        settle_id(
+            inner,
+            op.id,
+            result,
+            "cannot resolve an interrupted restore yet",
+        );
+    }
     if !work.deletions.is_empty() {
         let (confirmed, failed) = delete_files(inner, work.deletions).await;
         report.deletions_confirmed += confirmed.len();
         report.deletions_failed += failed.len();
     }
+    if !work.destroys.is_empty() {
+        let (confirmed, failed) = destroy_sandboxes(inner, work.destroys).await;
+        report.destroys_confirmed += confirmed;
+        report.destroys_failed += failed;
+    }
     report
 }
 
 fn settle(inner: &Engine, op: &CreateOp, result: Result<()>, what: &str) {
+    let _span = tracing::info_span!("create", template = %op.template_id).entered();
+    settle_id(inner, op.id, result, what);
+}
+
+fn settle_id(inner: &Engine, id: OperationId, result: Result<()>, what: &str) {
     match result {
-        Ok(()) => inner.worker.settled(op.id),
+        Ok(()) => inner.worker.settled(id),
         Err(err) => {
-            tracing::warn!(operation = %op.id, template = %op.template_id, error = ?err, "{what}");
-            inner.worker.hold_back(&inner.options, op.id);
+            tracing::warn!(operation = %id, error = ?err, "{what}");
+            inner.worker.hold_back(&inner.options, id);
         }
     }
 }

@@ -73,6 +73,7 @@
 
 pub mod agent;
 mod audit;
+mod compat;
 mod engine;
 mod error;
 #[cfg(feature = "server")]
@@ -92,9 +93,12 @@ mod time;
 pub use agent::{
     AgentCode, AgentError, AgentTransport, BearerToken, ClientConfig, ConnectConfig,
     ConnectTransport, DirHostAgent, GrpcConfig, GrpcTransport, HostAgent, HostAgentServer,
-    HostTarget, InProcessTransport, MemoryHostAgent,
+    HostInfo, HostTarget, InProcessTransport, MemoryHostAgent,
 };
-pub use audit::{AuditEntry, AuditOutcome, AuditQuery, RESOURCE_TEMPLATE, actions};
+pub use audit::{
+    AuditEntry, AuditOutcome, AuditQuery, RESOURCE_SANDBOX, RESOURCE_TEMPLATE, actions,
+};
+pub use compat::{CompatPolicy, DefaultCompatPolicy};
 pub use engine::WorkReport;
 pub use error::{Error, ErrorCode, Result};
 pub use ids::{
@@ -102,8 +106,8 @@ pub use ids::{
 };
 pub use janitor::{SweepReport, WorkerStats};
 pub use manager::{
-    Deleted, ListQuery, MAX_PAGE_SIZE, Manager, ManagerOptions, NewSnapshot, Page, Placement,
-    ResolvedOperation, SnapshotManager, SweepOptions,
+    Deleted, ListQuery, MAX_MEMORY_MB, MAX_PAGE_SIZE, MAX_VCPUS, Manager, ManagerOptions,
+    NewSnapshot, Page, Placement, ResolvedOperation, RestoreRequest, SnapshotManager, SweepOptions,
 };
 pub use model::{
     Actor, Caller, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateState, TemplateType,
@@ -115,8 +119,8 @@ pub use signal::shutdown_signal;
 #[cfg(feature = "postgres")]
 pub use store::postgres::PostgresOptions;
 pub use store::{
-    OpenOperation, PendingDeletion, SCHEMA_VERSION, StoreError, StoreErrorKind, StoreOptions,
-    Synchronous,
+    OpenOperation, PendingDeletion, PendingDestroy, SCHEMA_VERSION, StoreError, StoreErrorKind,
+    StoreOptions, Synchronous,
 };
 
 /// The README's examples are compiled as doc tests.

@@ -18,11 +18,12 @@ use crate::agent::AgentTransport;
 use crate::audit::{AuditEntry, AuditQuery, audit_cursor};
 use crate::engine::create::{CreateRequest, Reply, run_create};
 use crate::engine::delete::run_delete;
+use crate::engine::restore::{RestoreSpec, run_restore};
 use crate::engine::{Engine, after, lock_unpoisoned};
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::{HostId, InstanceId, OperationId, SandboxId, TemplateId};
 use crate::janitor::SweepReport;
-use crate::model::{Caller, SandboxStatus, Template, TemplateType, Timestamp};
+use crate::model::{Caller, Sandbox, SandboxStatus, Template, TemplateType, Timestamp};
 use crate::names::TemplateName;
 pub use crate::options::{ManagerOptions, SweepOptions};
 use crate::registry::Registry;
@@ -85,6 +86,116 @@ impl NewSnapshot {
     /// The template name.
     pub fn name(&self) -> &TemplateName {
         &self.name
+    }
+}
+
+/// Most vCPUs a restore may ask for.
+pub const MAX_VCPUS: u32 = 1024;
+/// Most memory a restore may ask for, in MiB (16 TiB).
+pub const MAX_MEMORY_MB: u32 = 16 * 1024 * 1024;
+
+/// What to restore into a new sandbox (SPEC §7), validated: the template
+/// by name (the caller's own or a platform template), and optionally the
+/// new sandbox's id and sizes (the template's by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreRequest {
+    template: TemplateName,
+    sandbox_id: Option<SandboxId>,
+    vcpus: Option<u32>,
+    memory_mb: Option<u32>,
+    timeout_sec: u32,
+    disk_size_mb: u32,
+}
+
+impl RestoreRequest {
+    /// A restore of `template` into a sandbox with a generated id and the
+    /// template's sizes.
+    pub fn new(template: TemplateName) -> Self {
+        Self {
+            template,
+            sandbox_id: None,
+            vcpus: None,
+            memory_mb: None,
+            timeout_sec: 0,
+            disk_size_mb: 0,
+        }
+    }
+
+    /// Validates raw input as an API receives it: an empty `template` is
+    /// "template is required", a bad one "invalid template name: …", a
+    /// `sandbox_id` that does not parse "invalid sandbox_id".
+    pub fn parse(template: &str, sandbox_id: Option<&str>) -> Result<Self> {
+        if template.is_empty() {
+            return Err(Error::invalid_request("template is required"));
+        }
+        let template = TemplateName::parse(template).map_err(|e| {
+            Error::invalid_request(format!(
+                "invalid template name: {}",
+                Error::from(e).message()
+            ))
+        })?;
+        let mut request = Self::new(template);
+        if let Some(id) = sandbox_id {
+            let id =
+                SandboxId::parse(id).map_err(|_| Error::invalid_request("invalid sandbox_id"))?;
+            request.sandbox_id = Some(id);
+        }
+        Ok(request)
+    }
+
+    /// The new sandbox's id (generated when not set).
+    pub fn sandbox_id(mut self, id: SandboxId) -> Self {
+        self.sandbox_id = Some(id);
+        self
+    }
+
+    /// Virtual CPUs (1..=[`MAX_VCPUS`]).
+    pub fn vcpus(mut self, vcpus: u32) -> Self {
+        self.vcpus = Some(vcpus);
+        self
+    }
+
+    /// Memory in MiB (1..=[`MAX_MEMORY_MB`]); a snapshot's cannot differ
+    /// from the snapshot's own.
+    pub fn memory_mb(mut self, memory_mb: u32) -> Self {
+        self.memory_mb = Some(memory_mb);
+        self
+    }
+
+    /// Idle timeout in seconds (0: the agent's default).
+    pub fn timeout_sec(mut self, timeout_sec: u32) -> Self {
+        self.timeout_sec = timeout_sec;
+        self
+    }
+
+    /// Disk size in MiB (0: the template's).
+    pub fn disk_size_mb(mut self, disk_size_mb: u32) -> Self {
+        self.disk_size_mb = disk_size_mb;
+        self
+    }
+
+    /// The template's name.
+    pub fn template(&self) -> &TemplateName {
+        &self.template
+    }
+
+    fn check(&self) -> Result<()> {
+        match self.vcpus {
+            Some(0) => return Err(Error::invalid_request("vcpus must be at least 1")),
+            Some(n) if n > MAX_VCPUS => {
+                return Err(Error::invalid_request(format!(
+                    "vcpus must be at most {MAX_VCPUS}"
+                )));
+            }
+            _ => {}
+        }
+        match self.memory_mb {
+            Some(0) => Err(Error::invalid_request("memory_mb must be at least 1")),
+            Some(n) if n > MAX_MEMORY_MB => Err(Error::invalid_request(format!(
+                "memory_mb must be at most {MAX_MEMORY_MB}"
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -199,6 +310,16 @@ pub trait SnapshotManager: Send + Sync {
 
     /// Deletes the caller's template `name` and its files.
     async fn delete(&self, caller: &Caller, name: &TemplateName) -> Result<Deleted>;
+
+    /// Restores a template the caller sees into a new running sandbox of
+    /// the caller's team, on a host that holds it, is online and can run
+    /// it (SPEC §7). Runs to completion even if its future is dropped: on
+    /// success the sandbox is registered `running`; on failure it is not
+    /// registered, and a VM the host may have started is destroyed.
+    async fn restore(&self, caller: &Caller, request: RestoreRequest) -> Result<Sandbox>;
+
+    /// A sandbox of the caller's team.
+    async fn sandbox(&self, caller: &Caller, id: SandboxId) -> Result<Sandbox>;
 }
 
 /// The default [`SnapshotManager`]: templates in an SQLite file
@@ -322,6 +443,7 @@ impl Manager {
                 shutdown: CancellationToken::new(),
                 wake: Arc::new(Notify::new()),
                 in_flight: Mutex::new(HashSet::new()),
+                restores_in_flight: Mutex::new(HashSet::new()),
                 janitor: Mutex::new(None),
                 last_sweep: Mutex::new(None),
                 worker: crate::engine::WorkerState::default(),
@@ -339,7 +461,14 @@ impl Manager {
 
     /// The host and sandbox registry the embedding application feeds.
     pub fn registry(&self) -> Registry {
-        Registry::new(self.inner.store.clone(), self.inner.wake.clone())
+        Registry::new(&self.inner)
+    }
+
+    /// Sandboxes queued for destruction on their hosts (restores that
+    /// failed or were interrupted while the VM may exist), with attempts
+    /// and last error (operators).
+    pub async fn pending_destroys(&self) -> Result<Vec<crate::store::PendingDestroy>> {
+        self.inner.store.pending_destroys().await
     }
 
     /// The store underneath.
@@ -616,6 +745,62 @@ impl SnapshotManager for Manager {
 
     async fn delete(&self, caller: &Caller, name: &TemplateName) -> Result<Deleted> {
         self.delete_template(caller, name).await
+    }
+
+    async fn restore(&self, caller: &Caller, request: RestoreRequest) -> Result<Sandbox> {
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!(
+            "sandbox.restore",
+            team = %caller.team(),
+            template = %request.template,
+            sandbox = request.sandbox_id.map(|id| id.to_string()),
+        );
+        let result = async {
+            request.check()?;
+            // On its own task, like a create: a caller that goes away does
+            // not abort it, and its outcome is still recorded.
+            let (tx, rx) = oneshot::channel();
+            let inner = self.inner.clone();
+            let caller = caller.clone();
+            self.inner.tasks.spawn(
+                async move {
+                    let spec = RestoreSpec {
+                        template: request.template,
+                        sandbox_id: request.sandbox_id,
+                        vcpus: request.vcpus,
+                        memory_mb: request.memory_mb,
+                        timeout_sec: request.timeout_sec,
+                        disk_size_mb: request.disk_size_mb,
+                    };
+                    run_restore(&inner, &caller, spec, tx).await;
+                }
+                .in_current_span(),
+            );
+            rx.await.unwrap_or_else(|_| {
+                Err(Error::new(
+                    ErrorCode::DbError,
+                    "the restore task stopped unexpectedly",
+                ))
+            })
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(err) = &result {
+            span.in_scope(|| log_failure("restore", err));
+        }
+        crate::metrics::operation("restore", started, &result);
+        result
+    }
+
+    async fn sandbox(&self, caller: &Caller, id: SandboxId) -> Result<Sandbox> {
+        let result = self.inner.store.get_sandbox(id).await.and_then(|s| {
+            s.filter(|s| s.team == caller.team())
+                .ok_or_else(|| Error::not_found("sandbox not found"))
+        });
+        if let Err(err) = &result {
+            log_failure("sandbox", err);
+        }
+        result
     }
 }
 

@@ -154,6 +154,12 @@ pub struct Sandbox {
     pub vcpus: u32,
     /// Memory in MiB.
     pub memory_mb: u32,
+    /// The template it was restored from, by name (restored sandboxes).
+    pub template: Option<TemplateName>,
+    /// The template it was restored from, by id (restored sandboxes).
+    pub template_id: Option<TemplateId>,
+    /// When it was registered.
+    pub created_at: Timestamp,
 }
 
 impl Sandbox {
@@ -173,6 +179,9 @@ impl Sandbox {
             status,
             vcpus,
             memory_mb,
+            template: None,
+            template_id: None,
+            created_at: Timestamp::now(),
         }
     }
 }
@@ -199,6 +208,15 @@ pub struct Template {
     pub created_at: Timestamp,
     /// The sandbox it was taken from (snapshots only).
     pub source_sandbox: Option<SandboxId>,
+    /// Its lifecycle state; templates shown by get and list are `ready`.
+    pub state: TemplateState,
+    /// How many hosts hold its files (`present` placements).
+    pub hosts: u32,
+    /// What produced it (snapshots: the host's VMM, snapshot format, CPU),
+    /// `None` when unknown; restores check it against each host's.
+    pub compat: Option<crate::agent::HostInfo>,
+    /// When a sandbox was last restored from it.
+    pub last_used_at: Option<Timestamp>,
 }
 
 impl Template {

@@ -56,6 +56,10 @@ pub struct ManagerOptions {
     pub run_janitor: bool,
     /// The background orphan sweep; off (`None`) by default.
     pub orphan_sweep: Option<SweepOptions>,
+    /// Which hosts may restore which snapshots. Default
+    /// [`DefaultCompatPolicy`](crate::DefaultCompatPolicy): the same vmm,
+    /// snapshot format, architecture and CPU model.
+    pub compat_policy: std::sync::Arc<dyn crate::CompatPolicy>,
 }
 
 /// Settings of the opt-in orphan sweep (see
@@ -106,6 +110,7 @@ impl Default for ManagerOptions {
             janitor_interval: Duration::from_secs(30),
             run_janitor: true,
             orphan_sweep: None,
+            compat_policy: std::sync::Arc::new(crate::DefaultCompatPolicy),
         }
     }
 }

@@ -1,9 +1,13 @@
 //! The host and sandbox registry: what the embedding application tells the
 //! library about its fleet, because snapshot flows read and change it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use tokio::sync::Notify;
+
+use crate::agent::{HostInfo, HostTarget};
+use crate::engine::Engine;
+use crate::engine::restore::ask_host_info;
 
 use crate::error::Result;
 use crate::ids::{HostId, SandboxId, TeamId, TemplateId};
@@ -30,6 +34,8 @@ pub struct NewTemplate {
     pub size_bytes: u64,
     /// Hosts that hold its files under its id as key.
     pub hosts: Vec<HostId>,
+    /// What produced it (`None`: unknown; any host may restore it).
+    pub compat: Option<HostInfo>,
 }
 
 impl NewTemplate {
@@ -43,6 +49,7 @@ impl NewTemplate {
             memory_mb: 0,
             size_bytes: 0,
             hosts: Vec::new(),
+            compat: None,
         }
     }
 
@@ -59,6 +66,12 @@ impl NewTemplate {
         self
     }
 
+    /// Says what produced the template's files.
+    pub fn compat(mut self, compat: HostInfo) -> Self {
+        self.compat = Some(compat);
+        self
+    }
+
     /// Sets the hosts that hold the files.
     pub fn on_hosts(mut self, hosts: impl IntoIterator<Item = HostId>) -> Self {
         self.hosts = hosts.into_iter().collect();
@@ -68,15 +81,50 @@ impl NewTemplate {
 
 /// Registers and updates hosts and sandboxes. Obtained from
 /// [`crate::Manager::registry`]; cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Registry {
     store: Arc<dyn Store>,
     wake: Arc<Notify>,
+    engine: Weak<Engine>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Registry {
-    pub(crate) fn new(store: Arc<dyn Store>, wake: Arc<Notify>) -> Self {
-        Self { store, wake }
+    pub(crate) fn new(engine: &Arc<Engine>) -> Self {
+        Self {
+            store: engine.store.clone(),
+            wake: engine.wake.clone(),
+            engine: Arc::downgrade(engine),
+        }
+    }
+
+    /// A host came online: its queued work is due, and what it runs is
+    /// asked (in the background; a restore asks itself if it is first).
+    fn came_online(&self, id: HostId) {
+        self.wake.notify_one();
+        let Some(engine) = self.engine.upgrade() else {
+            return;
+        };
+        let (store, transport) = (engine.store.clone(), engine.transport.clone());
+        let timeout = engine.options.list_timeout;
+        engine.tasks_spawn(async move {
+            let host = match store.get_host(id).await {
+                Ok(Some(host)) if !host.address.is_empty() => host,
+                _ => return,
+            };
+            let target = HostTarget {
+                id,
+                address: host.address,
+            };
+            ask_host_info(store, transport, timeout, target).await;
+        });
     }
 
     /// Registers a host, or updates its address and status. A host that
@@ -93,7 +141,7 @@ impl Registry {
             .upsert_host(id, address, status, Timestamp::now())
             .await?;
         if came_online {
-            self.wake.notify_one();
+            self.came_online(id);
         }
         Ok(host)
     }
@@ -139,7 +187,7 @@ impl Registry {
     async fn update_host(&self, id: HostId, change: HostChange) -> Result<()> {
         let came_online = self.store.update_host(id, change, Timestamp::now()).await?;
         if came_online {
-            self.wake.notify_one();
+            self.came_online(id);
         }
         Ok(())
     }
@@ -210,6 +258,10 @@ impl Registry {
             size_bytes: template.size_bytes,
             created_at: now,
             source_sandbox: None,
+            state: crate::model::TemplateState::Ready,
+            hosts: u32::try_from(template.hosts.len()).unwrap_or(u32::MAX),
+            compat: template.compat,
+            last_used_at: None,
         };
         let hosts = template.hosts;
         self.store

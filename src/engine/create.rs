@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use super::delete::delete_files;
 use super::{Engine, HostViews, InFlightGuard, WorkReport, after, backoff};
-use crate::agent::{AgentCode, AgentError, CreateSnapshotRequest};
+use crate::agent::{AgentCode, AgentError, CreateSnapshotRequest, HostInfo};
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::{OperationId, SandboxId, TemplateId};
 use crate::model::{Actor, Caller, SandboxStatus, Template, Timestamp};
@@ -85,7 +85,12 @@ pub(crate) async fn run_create(
     }
     .await;
     match called {
-        Ok(response) => finish_success(inner, &op, response.size_bytes, &mut reply).await,
+        Ok(response) => {
+            let compat = response
+                .compat
+                .filter(|c| c.validate().is_ok() && !c.is_unknown());
+            finish_success(inner, &op, response.size_bytes, compat, &mut reply).await;
+        }
         Err(err) => finish_failure(inner, &op, err, &mut reply).await,
     }
     // Only a shutdown gets here without an answer: the entry stays open and
@@ -96,7 +101,13 @@ pub(crate) async fn run_create(
     )));
 }
 
-async fn finish_success(inner: &Arc<Engine>, op: &CreateOp, size_bytes: u64, reply: &mut Reply) {
+async fn finish_success(
+    inner: &Arc<Engine>,
+    op: &CreateOp,
+    size_bytes: u64,
+    compat: Option<HostInfo>,
+    reply: &mut Reply,
+) {
     // The host holds the snapshot: giving up would tell the caller it
     // failed and then let recovery roll it forward (or, without
     // `ListSnapshots`, back). Keep what this process knows and retry until
@@ -107,8 +118,10 @@ async fn finish_success(inner: &Arc<Engine>, op: &CreateOp, size_bytes: u64, rep
             || {
                 let now = Timestamp::now();
                 let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
-                let op = op.clone();
-                inner.store.finish_create(op, size_bytes, lease, now)
+                let (op, compat) = (op.clone(), compat.clone());
+                inner
+                    .store
+                    .finish_create(op, size_bytes, compat, lease, now)
             },
             |err| reply.send(Err(unrecorded("the snapshot was taken", err))),
         )
@@ -312,7 +325,7 @@ pub(crate) async fn resolve_interrupted(
             let op2 = op.clone();
             let finished = inner
                 .store
-                .finish_create(op2, size_bytes, lease, now)
+                .finish_create(op2, size_bytes, None, lease, now)
                 .await?;
             match finished {
                 Finish::Done(done) => {

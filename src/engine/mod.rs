@@ -7,6 +7,7 @@
 
 pub(crate) mod create;
 pub(crate) mod delete;
+pub(crate) mod restore;
 
 use std::collections::HashMap;
 use std::collections::HashSet;
@@ -41,6 +42,9 @@ pub(crate) struct Engine {
     /// Templates whose create is being driven by a task of this process;
     /// recovery leaves them alone.
     pub(crate) in_flight: Mutex<HashSet<TemplateId>>,
+    /// Restores driven by a task of this process; recovery leaves them
+    /// alone.
+    pub(crate) restores_in_flight: Mutex<HashSet<OperationId>>,
     pub(crate) janitor: Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub(crate) last_sweep: Mutex<Option<tokio::time::Instant>>,
     /// What the background worker keeps in memory between passes.
@@ -140,6 +144,14 @@ impl Engine {
         lock_unpoisoned(&self.in_flight).iter().copied().collect()
     }
 
+    /// The restores driven by tasks of this process.
+    pub(crate) fn restores_in_flight(&self) -> Vec<OperationId> {
+        lock_unpoisoned(&self.restores_in_flight)
+            .iter()
+            .copied()
+            .collect()
+    }
+
     /// `ListSandboxes` on a host, within the list timeout.
     pub(crate) async fn list_sandboxes(
         &self,
@@ -195,7 +207,7 @@ impl Engine {
 
     /// How long a create's own task holds its journal entry: the worker
     /// leaves the entry alone until then (after a restart, at once).
-    fn create_lease(&self) -> Duration {
+    pub(crate) fn create_lease(&self) -> Duration {
         self.options
             .create_timeout
             .saturating_add(self.options.list_timeout)
@@ -207,7 +219,7 @@ impl Engine {
     /// the last error so that the caller can be answered; the tries go on
     /// in the background until the store takes it. `None` when the manager
     /// shuts down first: the journal entry stays open for the next start.
-    async fn persist<T, F, Fut>(
+    pub(crate) async fn persist<T, F, Fut>(
         &self,
         what: &str,
         mut attempt: F,
@@ -260,6 +272,14 @@ pub struct WorkReport {
     pub resolved_by_deadline: usize,
     /// Journal entries that could not be settled yet (host unreachable).
     pub postponed: usize,
+    /// Interrupted restores whose sandbox the host runs: kept, `running`.
+    pub restores_kept: usize,
+    /// Interrupted restores rolled back (a destroy queued).
+    pub restores_rolled_back: usize,
+    /// Sandboxes a host confirmed destroyed.
+    pub destroys_confirmed: usize,
+    /// Destroys that failed and were rescheduled.
+    pub destroys_failed: usize,
 }
 
 impl WorkReport {
@@ -271,6 +291,10 @@ impl WorkReport {
         self.statuses_resolved += other.statuses_resolved;
         self.resolved_by_deadline += other.resolved_by_deadline;
         self.postponed += other.postponed;
+        self.restores_kept += other.restores_kept;
+        self.restores_rolled_back += other.restores_rolled_back;
+        self.destroys_confirmed += other.destroys_confirmed;
+        self.destroys_failed += other.destroys_failed;
     }
 }
 

@@ -261,6 +261,77 @@ pub(crate) struct InHand {
     pub(crate) creates: Vec<TemplateId>,
     /// Operations held back in memory.
     pub(crate) operations: Vec<OperationId>,
+    /// Restores driven by tasks of this process.
+    pub(crate) restores: Vec<OperationId>,
+}
+
+/// A restore as journaled: everything needed to finish it or roll it
+/// back, in this process or after a restart (SPEC §4a "Restore").
+#[derive(Debug, Clone)]
+pub(crate) struct RestoreOp {
+    pub(crate) id: OperationId,
+    pub(crate) team: TeamId,
+    pub(crate) template_id: TemplateId,
+    /// The template's name as the caller gave it.
+    pub(crate) template_name: TemplateName,
+    pub(crate) sandbox_id: SandboxId,
+    pub(crate) host: HostTarget,
+    pub(crate) vcpus: u32,
+    pub(crate) memory_mb: u32,
+    pub(crate) timeout_sec: u32,
+    pub(crate) disk_size_mb: u32,
+    pub(crate) actor: Actor,
+    pub(crate) attempts: u32,
+    pub(crate) created_at: Timestamp,
+}
+
+/// What a restore starts from: the operation with its chosen host, and
+/// until when its own task drives it.
+#[derive(Debug, Clone)]
+pub(crate) struct RestoreInput {
+    pub(crate) op: RestoreOp,
+    /// Whether the template has recorded placements (then the chosen host
+    /// must still hold a `present` one); a base template without any is
+    /// available on every online host.
+    pub(crate) placed: bool,
+    pub(crate) lease_until: Timestamp,
+    pub(crate) owner: InstanceId,
+}
+
+/// A host a template could be restored on.
+#[derive(Debug, Clone)]
+pub(crate) struct RestoreCandidate {
+    pub(crate) host: Host,
+    /// Its cached `HostInfo` (`None`: unknown).
+    pub(crate) info: Option<crate::agent::HostInfo>,
+    /// Whether it was asked since it last came online (else ask first).
+    pub(crate) info_known: bool,
+    /// Its registered sandboxes that run or are starting.
+    pub(crate) load: u64,
+}
+
+/// A sandbox to destroy on its host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Destroy {
+    pub(crate) sandbox_id: SandboxId,
+    pub(crate) team: TeamId,
+    pub(crate) host: HostTarget,
+    pub(crate) attempts: u32,
+    /// The claim this attempt holds (see [`Deletion::claim`]).
+    pub(crate) claim: Option<uuid::Uuid>,
+}
+
+/// How a restore ended, for its journal's last transaction.
+#[derive(Debug, Clone)]
+pub(crate) enum RestoreEnd {
+    /// The host runs it: the sandbox is `running`.
+    Running,
+    /// It failed: the sandbox row goes; with `destroy_from`, a
+    /// `DestroySandbox` is queued from then on (the VM may exist).
+    Failed {
+        error_code: &'static str,
+        destroy_from: Option<Timestamp>,
+    },
 }
 
 /// Queued deletions, for operators.
@@ -270,6 +341,24 @@ pub struct PendingDeletion {
     /// The template whose files are to be deleted (its row may be gone).
     pub template_id: TemplateId,
     /// The host holding them.
+    pub host: HostId,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// The last error, if an attempt failed.
+    pub last_error: Option<String>,
+    /// When the next attempt is due.
+    pub next_attempt: Timestamp,
+}
+
+/// A sandbox queued for destruction on its host, for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PendingDestroy {
+    /// The sandbox.
+    pub sandbox: SandboxId,
+    /// Its team.
+    pub team: TeamId,
+    /// Its host.
     pub host: HostId,
     /// Attempts so far.
     pub attempts: u32,
@@ -424,6 +513,7 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
         &self,
         op: CreateOp,
         size_bytes: u64,
+        compat: Option<crate::agent::HostInfo>,
         lease_until: Timestamp,
         now: Timestamp,
     ) -> Result<Finish>;
@@ -516,6 +606,67 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
         size_bytes: u64,
         now: Timestamp,
     ) -> Result<bool>;
+
+    // --------------------------------------------------------- restore
+
+    /// The hosts `template` can be restored on: those with a `present`
+    /// placement, or every host when it has no placement at all (a base
+    /// template). Any status: the engine filters.
+    async fn restore_candidates(&self, template: TemplateId) -> Result<Vec<RestoreCandidate>>;
+    /// Caches what `host` said of itself (`None`: unknown), at `now`.
+    async fn set_host_info(
+        &self,
+        host: HostId,
+        info: Option<crate::agent::HostInfo>,
+        now: Timestamp,
+    ) -> Result<()>;
+    /// Step one of a restore: the template still ready and visible to the
+    /// team, the host still online and holding it, the sandbox id never
+    /// used (409 `already_exists`), the sandbox row `starting` and the
+    /// journal entry.
+    async fn begin_restore(&self, input: RestoreInput, now: Timestamp) -> Result<Sandbox>;
+    /// The last step of a restore (only while its entry is open): the
+    /// sandbox `running` and the template's `last_used_at`, or the sandbox
+    /// gone and a destroy queued; audited. `None` when the entry was
+    /// already closed.
+    async fn end_restore(
+        &self,
+        op: RestoreOp,
+        end: RestoreEnd,
+        now: Timestamp,
+    ) -> Result<Option<Sandbox>>;
+    /// Backs off an interrupted restore whose host cannot answer yet.
+    async fn postpone_restore(
+        &self,
+        id: OperationId,
+        error: String,
+        next_attempt: Timestamp,
+        now: Timestamp,
+    ) -> Result<()>;
+    /// `me`'s open restores, only those due at `due_before` if given.
+    async fn open_restores(
+        &self,
+        me: InstanceId,
+        due_before: Option<Timestamp>,
+    ) -> Result<Vec<RestoreOp>>;
+    /// Claims up to `limit` due destroys (not on `skip_hosts`, not on
+    /// offline hosts) until `lease_until`.
+    async fn claim_due_destroys(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+        skip_hosts: Vec<HostId>,
+    ) -> Result<Vec<Destroy>>;
+    /// Records a host's answer to a destroy.
+    async fn record_destroy(
+        &self,
+        destroy: Destroy,
+        result: DeletionResult,
+        now: Timestamp,
+    ) -> Result<()>;
+    /// Sandboxes queued for destruction (not yet confirmed), for operators.
+    async fn pending_destroys(&self) -> Result<Vec<PendingDestroy>>;
 
     // ---------------------------------------------------------- worker
 

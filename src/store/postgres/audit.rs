@@ -5,7 +5,7 @@ use deadpool_postgres::GenericClient;
 
 use super::TxResult;
 use super::rows::{BlobId, execute, get, get_id, get_time, query};
-use crate::audit::{AuditEntry, AuditOutcome, NewAuditEntry, RESOURCE_TEMPLATE};
+use crate::audit::{AuditEntry, AuditOutcome, NewAuditEntry};
 use crate::ids::{AuditLogId, TeamId};
 use crate::model::Timestamp;
 use crate::store::actor_from_columns;
@@ -33,7 +33,7 @@ pub(super) async fn insert_audit(
             &actor_id,
             &e.actor.name_text(),
             &e.action,
-            &RESOURCE_TEMPLATE,
+            &e.resource_type(),
             &e.resource_id,
             &e.outcome.as_str(),
             &e.error_code,

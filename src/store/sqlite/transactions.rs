@@ -6,6 +6,7 @@
 use async_trait::async_trait;
 
 use super::{SqliteStore, sql};
+use crate::agent::HostInfo;
 use crate::audit::AuditEntry;
 use crate::error::Result;
 use crate::ids::{ApiKeyId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId};
@@ -14,9 +15,9 @@ use crate::model::{
 };
 use crate::names::TemplateName;
 use crate::store::{
-    Backlog, CreateInput, CreateOp, Deletion, DeletionResult, Finish, HostChange, InHand,
-    KeyRecord, ListPosition, OpenOperation, PendingDeletion, Phase, ResolveReason, SandboxOutcome,
-    Store,
+    Backlog, CreateInput, CreateOp, Deletion, DeletionResult, Destroy, Finish, HostChange, InHand,
+    KeyRecord, ListPosition, OpenOperation, PendingDeletion, PendingDestroy, Phase, ResolveReason,
+    RestoreCandidate, RestoreEnd, RestoreInput, RestoreOp, SandboxOutcome, Store,
 };
 
 #[async_trait]
@@ -138,11 +139,14 @@ impl Store for SqliteStore {
         &self,
         op: CreateOp,
         size_bytes: u64,
+        compat: Option<HostInfo>,
         lease_until: Timestamp,
         now: Timestamp,
     ) -> Result<Finish> {
-        self.write(move |c| sql::finish_create(c, &op, size_bytes, lease_until, now))
-            .await
+        self.write(move |c| {
+            sql::finish_create(c, &op, size_bytes, compat.as_ref(), lease_until, now)
+        })
+        .await
     }
 
     async fn fail_create(
@@ -266,6 +270,80 @@ impl Store for SqliteStore {
     ) -> Result<bool> {
         self.write(move |c| sql::queue_orphan(c, template, host, size_bytes, now))
             .await
+    }
+
+    async fn restore_candidates(&self, template: TemplateId) -> Result<Vec<RestoreCandidate>> {
+        self.read(move |c| sql::restore_candidates(c, template))
+            .await
+    }
+
+    async fn set_host_info(
+        &self,
+        host: HostId,
+        info: Option<HostInfo>,
+        now: Timestamp,
+    ) -> Result<()> {
+        self.write(move |c| sql::set_host_info(c, host, info.as_ref(), now))
+            .await
+    }
+
+    async fn begin_restore(&self, input: RestoreInput, now: Timestamp) -> Result<Sandbox> {
+        self.write(move |c| sql::begin_restore(c, &input, now))
+            .await
+    }
+
+    async fn end_restore(
+        &self,
+        op: RestoreOp,
+        end: RestoreEnd,
+        now: Timestamp,
+    ) -> Result<Option<Sandbox>> {
+        self.write(move |c| sql::end_restore(c, &op, &end, now))
+            .await
+    }
+
+    async fn postpone_restore(
+        &self,
+        id: OperationId,
+        error: String,
+        next_attempt: Timestamp,
+        now: Timestamp,
+    ) -> Result<()> {
+        self.write(move |c| sql::postpone_restore(c, id, &error, next_attempt, now))
+            .await
+    }
+
+    async fn open_restores(
+        &self,
+        _me: InstanceId,
+        due_before: Option<Timestamp>,
+    ) -> Result<Vec<RestoreOp>> {
+        self.read(move |c| sql::open_restores(c, due_before)).await
+    }
+
+    async fn claim_due_destroys(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+        skip_hosts: Vec<HostId>,
+    ) -> Result<Vec<Destroy>> {
+        self.write(move |c| sql::claim_due_destroys(c, now, lease_until, limit, &skip_hosts))
+            .await
+    }
+
+    async fn record_destroy(
+        &self,
+        destroy: Destroy,
+        result: DeletionResult,
+        now: Timestamp,
+    ) -> Result<()> {
+        self.write(move |c| sql::record_destroy(c, &destroy, &result, now))
+            .await
+    }
+
+    async fn pending_destroys(&self) -> Result<Vec<PendingDestroy>> {
+        self.read(sql::pending_destroys).await
     }
 
     async fn next_due(&self, _me: InstanceId, in_hand: InHand) -> Result<Option<Timestamp>> {

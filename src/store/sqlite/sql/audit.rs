@@ -17,7 +17,7 @@ pub(crate) fn insert_audit(conn: &Connection, e: &NewAuditEntry, now: Timestamp)
             e.actor.id_text(),
             e.actor.name_text(),
             e.action,
-            RESOURCE_TEMPLATE,
+            e.resource_type(),
             e.resource_id,
             e.outcome.as_str(),
             e.error_code,

@@ -8,6 +8,7 @@ mod keys;
 mod operations;
 mod placements;
 mod registry;
+mod restores;
 mod templates;
 
 pub(crate) use audit::*;
@@ -15,13 +16,14 @@ pub(crate) use keys::*;
 pub(crate) use operations::*;
 pub(crate) use placements::*;
 pub(crate) use registry::*;
+pub(crate) use restores::*;
 pub(crate) use templates::*;
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::agent::HostTarget;
-use crate::audit::{AuditEntry, AuditOutcome, NewAuditEntry, RESOURCE_TEMPLATE};
+use crate::audit::{AuditEntry, AuditOutcome, NewAuditEntry};
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::{
     ApiKeyId, AuditLogId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId,
@@ -33,8 +35,9 @@ use crate::model::{
 use crate::names::TemplateName;
 
 use crate::store::{
-    Backlog, CreateDone, CreateInput, CreateOp, Deletion, Finish, HostChange, InHand, KeyRecord,
-    ListPosition, OpenOperation, PendingDeletion, ResolveReason, SandboxOutcome, StoreError,
+    Backlog, CreateDone, CreateInput, CreateOp, Deletion, Destroy, Finish, HostChange, InHand,
+    KeyRecord, ListPosition, OpenOperation, PendingDeletion, PendingDestroy, ResolveReason,
+    RestoreCandidate, RestoreEnd, RestoreInput, RestoreOp, SandboxOutcome, StoreError,
     actor_from_columns,
 };
 

@@ -62,7 +62,11 @@ pub(crate) fn backlogs(conn: &Connection) -> Result<(Backlog, Backlog)> {
         )
         .and_then(|mut s| s.query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?))))?;
     let operations = conn
-        .prepare_cached("SELECT count(*), min(created_at) FROM operations")
+        .prepare_cached(
+            "SELECT sum(n), min(m) FROM (
+                 SELECT count(*) AS n, min(created_at) AS m FROM operations
+                 UNION ALL SELECT count(*), min(created_at) FROM restores)",
+        )
         .and_then(|mut s| s.query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?))))?;
     let count = |n: i64| u64::try_from(n).unwrap_or(0);
     Ok((
@@ -256,9 +260,14 @@ pub(super) fn mark_deleting(
     )
     .and_then(|mut s| s.execute([template]))?;
     let claim = uuid::Uuid::new_v4();
+    // Files a restore in flight starts from are not leased to the caller:
+    // the worker deletes them once that restore is over.
     conn.prepare_cached(
         "UPDATE placements SET state = 'deleting', attempts = 0, next_attempt = ?3,
-                               lease_until = ?2, claim = ?4, updated_at = ?3
+                               lease_until = CASE WHEN EXISTS (
+                                   SELECT 1 FROM restores r WHERE r.template_id = ?1
+                                   AND r.host_id = placements.host_id) THEN NULL ELSE ?2 END,
+                               claim = ?4, updated_at = ?3
          WHERE template_id = ?1",
     )
     .and_then(|mut s| {
@@ -272,7 +281,7 @@ pub(super) fn mark_deleting(
     let mut stmt = conn.prepare_cached(
         "SELECT p.template_id, p.team_id, p.host_id, h.address, p.attempts
              FROM placements p JOIN hosts h ON h.id = p.host_id
-             WHERE p.template_id = ?1",
+             WHERE p.template_id = ?1 AND p.lease_until IS NOT NULL",
     )?;
     let mut targets = stmt
         .query_map([template], deletion_row)
@@ -328,6 +337,7 @@ pub(crate) fn finish_create(
     conn: &Connection,
     op: &CreateOp,
     size_bytes: u64,
+    compat: Option<&crate::agent::HostInfo>,
     lease_until: Timestamp,
     now: Timestamp,
 ) -> Result<Finish> {
@@ -360,14 +370,18 @@ pub(crate) fn finish_create(
     let updated = conn
         .prepare_cached(
             "UPDATE templates SET state = 'ready', replaces = NULL, size_bytes = ?2,
-                                  created_at = ?3, updated_at = ?3
+                                  created_at = ?3, updated_at = ?3,
+                                  compat = coalesce(?4, (SELECT host_info FROM hosts
+                                                         WHERE id = ?5))
              WHERE id = ?1 AND state = 'creating'",
         )
         .and_then(|mut s| {
             s.execute(params![
                 op.template_id,
                 clamp_i64(size_bytes),
-                now.unix_millis()
+                now.unix_millis(),
+                host_info_json(compat),
+                op.host.id,
             ])
         })?;
     if updated != 1 {

@@ -102,7 +102,9 @@ pub(crate) fn claim_due_deletions(
              WHERE p.state = 'deleting' AND p.next_attempt <= ?1
                AND coalesce(p.lease_until, 0) <= ?1 AND h.status <> 'offline'
                AND p.host_id NOT IN (SELECT unhex(value) FROM json_each(?4))
-               AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.template_id = p.template_id))
+               AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.template_id = p.template_id)
+               AND NOT EXISTS (SELECT 1 FROM restores r
+                               WHERE r.template_id = p.template_id AND r.host_id = p.host_id))
          WHERE n <= ?3 ORDER BY next_attempt LIMIT ?2",
     )?;
     let mut due = stmt
@@ -153,11 +155,23 @@ pub(crate) fn next_due(conn: &Connection, in_hand: &InHand) -> Result<Option<Tim
                    AND p.host_id NOT IN (SELECT unhex(value) FROM json_each(?1))
                    AND NOT EXISTS (SELECT 1 FROM operations o
                                    WHERE o.template_id = p.template_id)
+                   AND NOT EXISTS (SELECT 1 FROM restores r
+                                   WHERE r.template_id = p.template_id AND r.host_id = p.host_id)
                  UNION ALL
                  SELECT min(o.next_attempt) FROM operations o
                  WHERE o.host_id NOT IN (SELECT unhex(value) FROM json_each(?1))
                    AND o.template_id NOT IN (SELECT unhex(value) FROM json_each(?2))
-                   AND coalesce(o.id, x'') NOT IN (SELECT unhex(value) FROM json_each(?3)))",
+                   AND coalesce(o.id, x'') NOT IN (SELECT unhex(value) FROM json_each(?3))
+                 UNION ALL
+                 SELECT min(r.next_attempt) FROM restores r
+                 WHERE r.host_id NOT IN (SELECT unhex(value) FROM json_each(?1))
+                   AND r.id NOT IN (SELECT unhex(value) FROM json_each(?4))
+                   AND r.id NOT IN (SELECT unhex(value) FROM json_each(?3))
+                 UNION ALL
+                 SELECT min(max(d.next_attempt, coalesce(d.lease_until, 0)))
+                 FROM sandbox_destroys d JOIN hosts h ON h.id = d.host_id
+                 WHERE d.state = 'queued' AND h.status <> 'offline'
+                   AND d.host_id NOT IN (SELECT unhex(value) FROM json_each(?1)))",
         )
         .and_then(|mut s| {
             s.query_row(
@@ -165,6 +179,7 @@ pub(crate) fn next_due(conn: &Connection, in_hand: &InHand) -> Result<Option<Tim
                     hex_blobs(in_hand.hosts.iter().map(HostId::as_blob)),
                     hex_blobs(in_hand.creates.iter().map(TemplateId::as_blob)),
                     hex_blobs(in_hand.operations.iter().map(OperationId::as_blob)),
+                    hex_blobs(in_hand.restores.iter().map(OperationId::as_blob)),
                 ],
                 |r| r.get(0),
             )
@@ -183,6 +198,14 @@ pub(crate) fn void_leases(conn: &Connection) -> Result<()> {
     )?;
     conn.execute(
         "UPDATE operations SET next_attempt = 0 WHERE phase = 'started'",
+        [],
+    )?;
+    conn.execute(
+        "UPDATE restores SET next_attempt = 0 WHERE attempts = 0",
+        [],
+    )?;
+    conn.execute(
+        "UPDATE sandbox_destroys SET lease_until = NULL, claim = NULL WHERE lease_until IS NOT NULL",
         [],
     )?;
     Ok(())
@@ -219,7 +242,8 @@ pub(crate) fn key_is_owned(conn: &Connection, template: TemplateId) -> Result<bo
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM templates WHERE id = ?1)
                  OR EXISTS (SELECT 1 FROM placements WHERE template_id = ?1)
-                 OR EXISTS (SELECT 1 FROM operations WHERE template_id = ?1)",
+                 OR EXISTS (SELECT 1 FROM operations WHERE template_id = ?1)
+                 OR EXISTS (SELECT 1 FROM restores WHERE template_id = ?1)",
         )
         .and_then(|mut s| s.query_row(params![template], |r| r.get(0)))?)
 }

@@ -106,10 +106,22 @@ pub(super) fn make_host_work_due(conn: &Connection, host: HostId, now: Timestamp
          WHERE host_id = ?1 AND (phase = 'resolving' OR attempts > 0)",
     )
     .and_then(|mut s| s.execute(params![host, now.unix_millis()]))?;
+    conn.prepare_cached(
+        "UPDATE sandbox_destroys SET next_attempt = ?2 WHERE host_id = ?1 AND state = 'queued'",
+    )
+    .and_then(|mut s| s.execute(params![host, now.unix_millis()]))?;
+    conn.prepare_cached(
+        "UPDATE restores SET next_attempt = ?2 WHERE host_id = ?1 AND attempts > 0",
+    )
+    .and_then(|mut s| s.execute(params![host, now.unix_millis()]))?;
+    // What it runs may have changed while it was away: ask again.
+    conn.prepare_cached("UPDATE hosts SET host_info_at = NULL WHERE id = ?1")
+        .and_then(|mut s| s.execute([host]))?;
     Ok(())
 }
 
-pub(super) const SANDBOX_COLS: &str = "id, team_id, host_id, status, vcpus, memory_mb";
+pub(super) const SANDBOX_COLS: &str =
+    "id, team_id, host_id, status, vcpus, memory_mb, template_id, template_name, created_at";
 
 pub(super) fn sandbox_row(row: &Row<'_>) -> rusqlite::Result<Sandbox> {
     Ok(Sandbox {
@@ -119,6 +131,11 @@ pub(super) fn sandbox_row(row: &Row<'_>) -> rusqlite::Result<Sandbox> {
         status: row.get(3)?,
         vcpus: u32_col(row, 4)?,
         memory_mb: u32_col(row, 5)?,
+        template_id: row.get(6)?,
+        template: row
+            .get::<_, Option<String>>(7)?
+            .map(TemplateName::from_trusted),
+        created_at: Timestamp::from_unix_millis(row.get(8)?),
     })
 }
 
@@ -132,15 +149,22 @@ pub(crate) fn get_sandbox(conn: &Connection, id: SandboxId) -> Result<Option<San
 
 pub(super) fn sandbox_busy(id: SandboxId) -> Error {
     Error::conflict(format!(
-        "sandbox {id} is being snapshotted; try again when the snapshot finishes"
+        "sandbox {id} is being snapshotted or restored; try again when that finishes"
     ))
+}
+
+/// Whether a restore of sandbox `id` is in flight (it owns the sandbox).
+pub(super) fn restore_open(conn: &Connection, id: SandboxId) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM restores WHERE sandbox_id = ?1)")
+        .and_then(|mut s| s.query_row([id], |r| r.get(0)))?)
 }
 
 /// Registers or replaces a sandbox. A sandbox owned by an operation
 /// (`snapshotting`) cannot be changed here.
 pub(crate) fn upsert_sandbox(conn: &Connection, sandbox: &Sandbox, now: Timestamp) -> Result<()> {
     if let Some(existing) = get_sandbox(conn, sandbox.id)?
-        && existing.status == SandboxStatus::Snapshotting
+        && (existing.status == SandboxStatus::Snapshotting || restore_open(conn, sandbox.id)?)
     {
         return Err(sandbox_busy(sandbox.id));
     }
@@ -155,8 +179,9 @@ pub(crate) fn upsert_sandbox(conn: &Connection, sandbox: &Sandbox, now: Timestam
         return Err(Error::not_found(format!("host {host} not found")));
     }
     conn.prepare_cached(
-        "INSERT INTO sandboxes (id, team_id, host_id, status, vcpus, memory_mb, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
+        "INSERT INTO sandboxes (id, team_id, host_id, status, vcpus, memory_mb, created_at,
+                                updated_at, template_id, template_name)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)
          ON CONFLICT (id) DO UPDATE SET team_id = excluded.team_id, host_id = excluded.host_id,
              status = excluded.status, vcpus = excluded.vcpus, memory_mb = excluded.memory_mb,
              updated_at = excluded.updated_at",
@@ -169,7 +194,9 @@ pub(crate) fn upsert_sandbox(conn: &Connection, sandbox: &Sandbox, now: Timestam
             sandbox.status,
             sandbox.vcpus,
             sandbox.memory_mb,
-            now.unix_millis()
+            now.unix_millis(),
+            sandbox.template_id,
+            sandbox.template.as_ref().map(TemplateName::as_str),
         ])
     })?;
     Ok(())
@@ -185,7 +212,10 @@ pub(crate) fn set_sandbox_status(
     now: Timestamp,
 ) -> Result<Sandbox> {
     let current = get_sandbox(conn, id)?.ok_or_else(|| Error::not_found("sandbox not found"))?;
-    if current.status == SandboxStatus::Snapshotting || status == SandboxStatus::Snapshotting {
+    if current.status == SandboxStatus::Snapshotting
+        || status == SandboxStatus::Snapshotting
+        || restore_open(conn, id)?
+    {
         return Err(sandbox_busy(id));
     }
     if let Some(expected) = expected
@@ -203,7 +233,7 @@ pub(crate) fn set_sandbox_status(
 
 pub(crate) fn remove_sandbox(conn: &Connection, id: SandboxId) -> Result<()> {
     let current = get_sandbox(conn, id)?.ok_or_else(|| Error::not_found("sandbox not found"))?;
-    if current.status == SandboxStatus::Snapshotting {
+    if current.status == SandboxStatus::Snapshotting || restore_open(conn, id)? {
         return Err(sandbox_busy(id));
     }
     conn.prepare_cached("DELETE FROM sandboxes WHERE id = ?1")

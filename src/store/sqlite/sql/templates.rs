@@ -5,7 +5,26 @@
 use super::*;
 
 pub(super) const TEMPLATE_COLS: &str =
-    "id, team_id, name, type, vcpus, memory_mb, size_bytes, created_at, source_sandbox_id";
+    "id, team_id, name, type, vcpus, memory_mb, size_bytes, created_at, source_sandbox_id,
+     state, (SELECT count(*) FROM placements p
+             WHERE p.template_id = templates.id AND p.state = 'present'),
+     compat, last_used_at";
+
+/// A `HostInfo` from its stored JSON; anything unreadable is unknown.
+pub(super) fn host_info_col(
+    row: &Row<'_>,
+    idx: usize,
+) -> rusqlite::Result<Option<crate::agent::HostInfo>> {
+    Ok(row
+        .get::<_, Option<String>>(idx)?
+        .and_then(|json| serde_json::from_str(&json).ok()))
+}
+
+/// A `HostInfo` as stored: JSON, or NULL when unknown.
+pub(super) fn host_info_json(info: Option<&crate::agent::HostInfo>) -> Option<String> {
+    info.filter(|i| !i.is_unknown())
+        .and_then(|i| serde_json::to_string(i).ok())
+}
 
 pub(super) fn template_row(row: &Row<'_>) -> rusqlite::Result<Template> {
     Ok(Template {
@@ -18,6 +37,12 @@ pub(super) fn template_row(row: &Row<'_>) -> rusqlite::Result<Template> {
         size_bytes: u64_col(row, 6)?,
         created_at: Timestamp::from_unix_millis(row.get(7)?),
         source_sandbox: row.get(8)?,
+        state: row.get(9)?,
+        hosts: u32_col(row, 10)?,
+        compat: host_info_col(row, 11)?,
+        last_used_at: row
+            .get::<_, Option<i64>>(12)?
+            .map(Timestamp::from_unix_millis),
     })
 }
 
@@ -113,8 +138,8 @@ pub(crate) fn insert_ready_template(
     check_name_free(conn, template.team, &template.name, false)?;
     conn.prepare_cached(
         "INSERT INTO templates (id, team_id, name, type, state, vcpus, memory_mb, size_bytes,
-                                source_sandbox_id, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, 'ready', ?5, ?6, ?7, ?8, ?9, ?9)",
+                                source_sandbox_id, created_at, updated_at, compat)
+         VALUES (?1, ?2, ?3, ?4, 'ready', ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -127,6 +152,7 @@ pub(crate) fn insert_ready_template(
             clamp_i64(template.size_bytes),
             template.source_sandbox,
             template.created_at.unix_millis(),
+            host_info_json(template.compat.as_ref()),
         ])
     })?;
     for host in hosts {

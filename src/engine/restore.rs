@@ -1,0 +1,472 @@
+//! The restore state machine (SPEC §7, §4a "Restore"): choose a host that
+//! holds the template, is online and compatible; journal the restore with
+//! the sandbox row `starting`; `CreateSandbox`; the sandbox `running`, or
+//! its row gone and — when the VM may exist — a `DestroySandbox` queued
+//! and retried until the host confirms. Also the recovery of restores
+//! nobody drives any more, and the destroy queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+
+use super::{Engine, HostViews, WorkReport, after, backoff, lock_unpoisoned};
+use crate::agent::{
+    AgentCode, AgentError, AgentTransport, CreateSandboxRequest, DestroySandboxRequest, HostInfo,
+    HostTarget, SnapshotKey,
+};
+use crate::error::{Error, ErrorCode, Result};
+use crate::ids::{OperationId, SandboxId};
+use crate::model::{Caller, HostStatus, Sandbox, SandboxStatus, Template, TemplateType, Timestamp};
+use crate::names::TemplateName;
+use crate::store::{
+    DeletionResult, Destroy, RestoreCandidate, RestoreEnd, RestoreInput, RestoreOp, Store,
+};
+
+/// What a caller asked to restore, validated (the manager's
+/// `RestoreRequest`).
+pub(crate) struct RestoreSpec {
+    pub(crate) template: TemplateName,
+    pub(crate) sandbox_id: Option<SandboxId>,
+    pub(crate) vcpus: Option<u32>,
+    pub(crate) memory_mb: Option<u32>,
+    pub(crate) timeout_sec: u32,
+    pub(crate) disk_size_mb: u32,
+}
+
+/// Marks a restore as driven by a task of this process while it lives.
+struct RestoreGuard<'a> {
+    inner: &'a Engine,
+    id: OperationId,
+}
+
+impl<'a> RestoreGuard<'a> {
+    fn new(inner: &'a Engine, id: OperationId) -> Self {
+        lock_unpoisoned(&inner.restores_in_flight).insert(id);
+        Self { inner, id }
+    }
+}
+
+impl Drop for RestoreGuard<'_> {
+    fn drop(&mut self) {
+        lock_unpoisoned(&self.inner.restores_in_flight).remove(&self.id);
+        // Deletions of the template's files on this host may wait for it.
+        self.inner.wake.notify_one();
+    }
+}
+
+/// Asks `host` what it runs and caches the answer. An agent without
+/// `GetHostInfo` is recorded as unknown (and allowed); an agent that cannot
+/// answer now is unknown this time and asked again next time. Takes what
+/// it needs by value so that hosts can be asked on tasks of their own.
+pub(crate) async fn ask_host_info(
+    store: Arc<dyn Store>,
+    transport: Arc<dyn AgentTransport>,
+    timeout: Duration,
+    host: HostTarget,
+) -> Option<HostInfo> {
+    let answer = async {
+        let agent = transport.agent(&host)?;
+        tokio::time::timeout(timeout, agent.host_info())
+            .await
+            .map_err(|_| AgentError::Timeout)?
+    }
+    .await;
+    let info = match answer {
+        Ok(info) => match info.validate() {
+            Ok(()) => Some(info).filter(|i| !i.is_unknown()),
+            Err(why) => {
+                tracing::warn!(host = %host.id, why, "the host's GetHostInfo answer is unusable; compatibility unknown");
+                None
+            }
+        },
+        Err(AgentError::Rejected {
+            code: AgentCode::Unimplemented,
+            ..
+        }) => {
+            tracing::info!(host = %host.id, "the host agent has no GetHostInfo; compatibility unknown");
+            None
+        }
+        Err(err) => {
+            tracing::warn!(host = %host.id, error = %err, "cannot ask the host what it runs; will ask again");
+            return None;
+        }
+    };
+    if let Err(err) = store
+        .set_host_info(host.id, info.clone(), Timestamp::now())
+        .await
+    {
+        tracing::warn!(host = %host.id, error = ?err, "cannot cache the host's HostInfo");
+    }
+    info
+}
+
+/// The host to restore `template` on (SPEC §7 "Placement"): online,
+/// holding it, compatible; the least loaded wins, ties at random.
+async fn choose_host(inner: &Engine, template: &Template) -> Result<RestoreCandidate> {
+    if template.template_type == TemplateType::Snapshot && template.hosts == 0 {
+        return Err(Error::new(
+            ErrorCode::HostUnavailable,
+            "no host holds the snapshot's files",
+        ));
+    }
+    let candidates = inner.store.restore_candidates(template.id).await?;
+    let mut online: Vec<RestoreCandidate> = candidates
+        .into_iter()
+        .filter(|c| c.host.status == HostStatus::Online && !c.host.address.is_empty())
+        .collect();
+    if online.is_empty() {
+        return Err(Error::new(
+            ErrorCode::HostUnavailable,
+            "no online host holds the template",
+        ));
+    }
+    // Hosts not asked since they came online are asked now, together.
+    let mut asks = JoinSet::new();
+    for (i, c) in online.iter().enumerate().filter(|(_, c)| !c.info_known) {
+        let target = HostTarget {
+            id: c.host.id,
+            address: c.host.address.clone(),
+        };
+        let (store, transport) = (inner.store.clone(), inner.transport.clone());
+        let timeout = inner.options.list_timeout;
+        asks.spawn(async move { (i, ask_host_info(store, transport, timeout, target).await) });
+    }
+    while let Some(joined) = asks.join_next().await {
+        if let Ok((i, info)) = joined {
+            online[i].info = info;
+        }
+    }
+    let policy = &inner.options.compat_policy;
+    let mut reasons = Vec::new();
+    let mut fit = Vec::new();
+    for c in online {
+        if template.compat.is_none() || c.info.is_none() {
+            tracing::debug!(template = %template.id, host = %c.host.id,
+                "compatibility unknown (no HostInfo on one side); allowed");
+        }
+        match policy.check(template.compat.as_ref(), c.info.as_ref()) {
+            Ok(()) => fit.push(c),
+            Err(why) => reasons.push(format!("host {}: {why}", c.host.id)),
+        }
+    }
+    let Some(least) = fit.iter().map(|c| c.load).min() else {
+        return Err(Error::new(
+            ErrorCode::Incompatible,
+            format!(
+                "no online host that holds the template can restore it: {}",
+                reasons.join("; ")
+            ),
+        ));
+    };
+    let mut best: Vec<RestoreCandidate> = fit.into_iter().filter(|c| c.load == least).collect();
+    let pick = usize::from(uuid::Uuid::new_v4().as_bytes()[0]) % best.len();
+    Ok(best.swap_remove(pick))
+}
+
+/// The sizes to ask for: the template's unless given; a snapshot's memory
+/// cannot change (its memory image is that size).
+fn sizes(template: &Template, spec: &RestoreSpec) -> Result<(u32, u32)> {
+    let vcpus = spec.vcpus.unwrap_or(template.vcpus);
+    let memory_mb = match spec.memory_mb {
+        Some(m)
+            if template.template_type == TemplateType::Snapshot
+                && template.memory_mb != 0
+                && m != template.memory_mb =>
+        {
+            return Err(Error::invalid_request(format!(
+                "memory_mb of a snapshot cannot differ from the snapshot's ({} MiB)",
+                template.memory_mb
+            )));
+        }
+        Some(m) => m,
+        None => template.memory_mb,
+    };
+    Ok((vcpus, memory_mb))
+}
+
+pub(crate) async fn run_restore(
+    inner: &Arc<Engine>,
+    caller: &Caller,
+    spec: RestoreSpec,
+    reply: oneshot::Sender<Result<Sandbox>>,
+) {
+    let mut reply = Some(reply);
+    let mut send = |result: Result<Sandbox>| {
+        if let Some(tx) = reply.take() {
+            let _ = tx.send(result);
+        }
+    };
+    let team = caller.team();
+    let begun = async {
+        let template = inner
+            .store
+            .find_visible(team, spec.template.clone())
+            .await?
+            .ok_or_else(|| Error::not_found("template not found"))?;
+        let (vcpus, memory_mb) = sizes(&template, &spec)?;
+        let host = choose_host(inner, &template).await?;
+        let now = Timestamp::now();
+        let op = RestoreOp {
+            id: OperationId::new(),
+            team,
+            template_id: template.id,
+            template_name: spec.template.clone(),
+            sandbox_id: spec.sandbox_id.unwrap_or_else(SandboxId::new),
+            host: HostTarget {
+                id: host.host.id,
+                address: host.host.address.clone(),
+            },
+            vcpus,
+            memory_mb,
+            timeout_sec: spec.timeout_sec,
+            disk_size_mb: spec.disk_size_mb,
+            actor: caller.actor().clone(),
+            attempts: 0,
+            created_at: now,
+        };
+        let input = RestoreInput {
+            op: op.clone(),
+            placed: template.hosts > 0,
+            lease_until: after(now, inner.create_lease()),
+            owner: inner.instance,
+        };
+        inner.store.begin_restore(input, now).await?;
+        Ok::<_, Error>(op)
+    }
+    .await;
+    let op = match begun {
+        Ok(op) => op,
+        Err(err) => return send(Err(err)),
+    };
+    let _guard = RestoreGuard::new(inner, op.id);
+    tracing::debug!(sandbox = %op.sandbox_id, host = %op.host.id, template = %op.template_id,
+        "restore started");
+
+    let mut request =
+        CreateSandboxRequest::new(op.sandbox_id, SnapshotKey::for_template(op.template_id));
+    request.vcpus = op.vcpus;
+    request.memory_mb = op.memory_mb;
+    request.timeout_sec = op.timeout_sec;
+    request.disk_size_mb = op.disk_size_mb;
+    request.team_id = Some(op.team);
+    request.template_id = Some(op.template_id);
+    let called = async {
+        let agent = inner.transport.agent(&op.host)?;
+        tokio::time::timeout(inner.options.create_timeout, agent.create_sandbox(request))
+            .await
+            .map_err(|_| AgentError::Timeout)?
+    }
+    .await;
+    let (end, failure) = match called {
+        Ok(_) => (RestoreEnd::Running, None),
+        Err(err) => {
+            tracing::warn!(sandbox = %op.sandbox_id, host = %op.host.id, error = %err,
+                "host agent failed to restore");
+            let definite = err.is_not_sent() || err.is_definite_rejection();
+            let end = if definite {
+                failed(&err, None)
+            } else if host_lists(inner, &op).await == Some(true) {
+                // The VM runs after all: it is the caller's.
+                RestoreEnd::Running
+            } else {
+                // It may exist, or start late: the caller is told it
+                // failed, so it must not run on.
+                let from = after(
+                    Timestamp::now(),
+                    inner
+                        .options
+                        .late_write_grace
+                        .min(inner.options.create_timeout),
+                );
+                failed(&err, Some(from))
+            };
+            (end, Some(err))
+        }
+    };
+    let recorded = inner
+        .persist(
+            "a restore's outcome",
+            || {
+                inner
+                    .store
+                    .end_restore(op.clone(), end.clone(), Timestamp::now())
+            },
+            |db| {
+                send(Err(Error::new(
+                    ErrorCode::DbError,
+                    "the restore's outcome could not be recorded yet; the outcome is unknown \
+                     until the store recovers",
+                )
+                .with_source(db.to_string())));
+            },
+        )
+        .await;
+    inner.wake.notify_one();
+    let running = matches!(end, RestoreEnd::Running);
+    match (recorded, failure) {
+        (None, _) => send(Err(Error::new(
+            ErrorCode::DbError,
+            "the snapshot manager shut down before the restore's outcome was recorded",
+        ))),
+        (Some(Some(sandbox)), _) if running => {
+            tracing::info!(sandbox = %sandbox.id, host = %op.host.id, "sandbox restored");
+            send(Ok(sandbox));
+        }
+        (Some(Some(_)), Some(err)) => send(Err(Error::from_restore_failure(err))),
+        _ => {
+            // Closed by someone else first (a recovery pass of another
+            // replica after this one stalled): report what it became.
+            let current = inner.store.get_sandbox(op.sandbox_id).await;
+            send(current.and_then(|s| {
+                s.filter(|s| s.status == SandboxStatus::Running)
+                    .ok_or_else(|| Error::conflict("the restore was rolled back meanwhile"))
+            }));
+        }
+    }
+}
+
+fn failed(err: &AgentError, destroy_from: Option<Timestamp>) -> RestoreEnd {
+    RestoreEnd::Failed {
+        error_code: Error::from_restore_failure(err.clone()).code().as_str(),
+        destroy_from,
+    }
+}
+
+/// Whether the host lists the sandbox (`None`: it cannot say).
+async fn host_lists(inner: &Engine, op: &RestoreOp) -> Option<bool> {
+    let wanted = op.sandbox_id.to_string();
+    match inner.list_sandboxes(&op.host).await {
+        Ok(list) => Some(list.sandboxes.iter().any(|s| s.sandbox_id == wanted)),
+        Err(err) => {
+            tracing::warn!(host = %op.host.id, error = %err, "cannot ask the host whether the sandbox runs");
+            None
+        }
+    }
+}
+
+/// A restore that nobody drives any more (its process crashed, or its
+/// replica's lease ended): the host may or may not have started the VM.
+/// Listed → `running`; not listed, or the host offline → the row goes and
+/// a destroy is queued; the host unable to say → retried with backoff,
+/// until `resolve_deadline` (then rolled back with a destroy queued).
+pub(crate) async fn resolve_interrupted_restore(
+    inner: &Arc<Engine>,
+    op: &RestoreOp,
+    views: &mut HostViews,
+    report: &mut WorkReport,
+) -> Result<()> {
+    let grace = after(
+        Timestamp::now(),
+        inner
+            .options
+            .late_write_grace
+            .min(inner.options.create_timeout),
+    );
+    let interrupted = |from| RestoreEnd::Failed {
+        error_code: "interrupted",
+        destroy_from: Some(from),
+    };
+    let end = if views.offline(inner, op.host.id).await? {
+        interrupted(Timestamp::now())
+    } else {
+        match views.sandboxes(inner, &op.host).await {
+            Ok(list) => {
+                let wanted = op.sandbox_id.to_string();
+                if list.sandboxes.iter().any(|s| s.sandbox_id == wanted) {
+                    RestoreEnd::Running
+                } else {
+                    interrupted(grace)
+                }
+            }
+            Err(err) => {
+                if after(op.created_at, inner.options.resolve_deadline) <= Timestamp::now() {
+                    interrupted(grace)
+                } else {
+                    let why = format!("cannot list the host's sandboxes: {err}");
+                    let at = after(Timestamp::now(), backoff(&inner.options, op.attempts));
+                    inner
+                        .store
+                        .postpone_restore(op.id, why, at, Timestamp::now())
+                        .await?;
+                    report.postponed += 1;
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let running = matches!(end, RestoreEnd::Running);
+    if inner
+        .store
+        .end_restore(op.clone(), end, Timestamp::now())
+        .await?
+        .is_some()
+    {
+        if running {
+            tracing::info!(sandbox = %op.sandbox_id, "an interrupted restore is running: kept");
+            report.restores_kept += 1;
+        } else {
+            tracing::info!(sandbox = %op.sandbox_id, "rolled back an interrupted restore; its VM is queued for destruction");
+            report.restores_rolled_back += 1;
+        }
+        inner.wake.notify_one();
+    }
+    Ok(())
+}
+
+/// Destroys sandboxes on their hosts in parallel and records each answer;
+/// NotFound counts as done. Returns (confirmed, failed) counts.
+pub(crate) async fn destroy_sandboxes(
+    inner: &Arc<Engine>,
+    targets: Vec<Destroy>,
+) -> (usize, usize) {
+    let mut calls = JoinSet::new();
+    for target in targets {
+        let inner = inner.clone();
+        calls.spawn(async move {
+            let result = async {
+                let agent = inner.transport.agent(&target.host)?;
+                let request = DestroySandboxRequest::new(target.sandbox_id);
+                match tokio::time::timeout(inner.options.delete_timeout, agent.destroy_sandbox(request))
+                    .await
+                    .map_err(|_| AgentError::Timeout)?
+                {
+                    Err(AgentError::Rejected {
+                        code: AgentCode::NotFound,
+                        ..
+                    }) => Ok(()),
+                    other => other,
+                }
+            }
+            .await;
+            let now = Timestamp::now();
+            let answer = match &result {
+                Ok(()) => DeletionResult::Confirmed,
+                Err(err) => {
+                    tracing::warn!(sandbox = %target.sandbox_id, host = %target.host.id, error = %err,
+                        "destroying a sandbox failed; queued for retry");
+                    DeletionResult::Failed {
+                        error: err.to_string(),
+                        retry_at: after(now, backoff(&inner.options, target.attempts)),
+                    }
+                }
+            };
+            if let Err(db) = inner.store.record_destroy(target, answer, now).await {
+                tracing::error!(error = ?db, "recording a destroy result failed; it will be retried");
+            }
+            result.is_ok()
+        });
+    }
+    let (mut confirmed, mut failed) = (0, 0);
+    while let Some(joined) = calls.join_next().await {
+        match joined {
+            Ok(true) => confirmed += 1,
+            _ => failed += 1,
+        }
+    }
+    if failed > 0 {
+        inner.wake.notify_one();
+    }
+    (confirmed, failed)
+}
