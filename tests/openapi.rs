@@ -793,6 +793,7 @@ fn error_schema_lists_every_error_code() {
         ErrorCode::NameReserved,
         ErrorCode::InvalidState,
         ErrorCode::Conflict,
+        ErrorCode::Incompatible,
         ErrorCode::DbError,
         ErrorCode::AgentError,
         ErrorCode::HostUnavailable,
@@ -803,11 +804,19 @@ fn error_schema_lists_every_error_code() {
         );
     }
 
-    // The template object of SPEC §3.
+    // The template object of SPEC §3, with §7's additions.
     let template = component(&doc, "Template");
     assert_eq!(
         template["required"],
-        json!(["name", "type", "size_bytes", "created_at", "platform"])
+        json!([
+            "name",
+            "type",
+            "size_bytes",
+            "created_at",
+            "platform",
+            "state",
+            "hosts"
+        ])
     );
     assert_eq!(template["additionalProperties"], false);
     let keys: BTreeSet<&str> = template["properties"]
@@ -825,7 +834,11 @@ fn error_schema_lists_every_error_code() {
             "memory_mb",
             "size_bytes",
             "created_at",
-            "platform"
+            "platform",
+            "state",
+            "hosts",
+            "compat",
+            "last_used_at"
         ])
     );
     assert_eq!(
@@ -1397,6 +1410,74 @@ async fn real_objects_and_errors_match_the_documented_schemas() {
         check_reply(&doc, &ops, "get", "/v1/snapshots/{name}", &reply),
         first
     );
+    // Restore "first" into a new sandbox, read it back, and see the
+    // template's `last_used_at`; and the documented errors.
+    let reply = server
+        .send(
+            "post",
+            "/v1/sandboxes",
+            Some(&key),
+            Some(&json!({ "template": "first", "timeout_sec": 60 })),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let restored = check_reply(&doc, &ops, "post", "/v1/sandboxes", &reply);
+    assert_eq!(restored["status"], "running");
+    assert_eq!(restored["template"], "first");
+    assert_eq!(restored["host_id"], host.as_str());
+    let id = restored["sandbox_id"].as_str().unwrap().to_owned();
+    let reply = server
+        .send("get", &format!("/v1/sandboxes/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        check_reply(&doc, &ops, "get", "/v1/sandboxes/{sandbox_id}", &reply),
+        restored
+    );
+    let reply = server
+        .send("get", "/v1/snapshots/first", Some(&key), None)
+        .await;
+    let used = check_reply(&doc, &ops, "get", "/v1/snapshots/{name}", &reply);
+    assert!(used["last_used_at"].is_string(), "{used}");
+    assert_eq!(used["hosts"], 1);
+    for (body, status, code) in [
+        (json!({ "template": "nope" }), 404, "not_found"),
+        (json!({ "template": "a/b" }), 400, "invalid_request"),
+        (
+            json!({ "template": "first", "sandbox_id": "sb-x" }),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({ "template": "first", "memory_mb": 1 }),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({ "template": "first", "sandbox_id": id }),
+            409,
+            "already_exists",
+        ),
+    ] {
+        let reply = server
+            .send("post", "/v1/sandboxes", Some(&key), Some(&body))
+            .await;
+        assert_eq!(reply.status, status, "{body}");
+        let error = check_reply(&doc, &ops, "post", "/v1/sandboxes", &reply);
+        assert_eq!(error["error"]["code"], code, "{body}");
+    }
+    let (_, stranger) = server.team_key().await;
+    let reply = server
+        .send("get", &format!("/v1/sandboxes/{id}"), Some(&stranger), None)
+        .await;
+    assert_eq!(reply.status, 404, "another team's sandbox is not found");
+    check_reply(&doc, &ops, "get", "/v1/sandboxes/{sandbox_id}", &reply);
+
     let reply = server.send("get", "/v1/snapshots", Some(&key), None).await;
     assert_eq!(reply.status, 200);
     assert!(

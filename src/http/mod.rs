@@ -19,7 +19,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
@@ -29,8 +29,9 @@ pub use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::audit::{AuditEntry, AuditQuery};
 use crate::error::{Error, ErrorCode};
-use crate::manager::{ListQuery, Manager, NewSnapshot, SnapshotManager};
-use crate::model::{Caller, Template, TemplateType};
+use crate::ids::SandboxId;
+use crate::manager::{ListQuery, Manager, NewSnapshot, RestoreRequest, SnapshotManager};
+use crate::model::{Caller, Sandbox, Template, TemplateType, Timestamp};
 use crate::names::TemplateName;
 
 /// The header that carries an API key.
@@ -128,6 +129,12 @@ pub(crate) struct TemplateBody {
     size_bytes: u64,
     created_at: String,
     platform: bool,
+    state: &'static str,
+    hosts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compat: Option<crate::agent::HostInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_used_at: Option<String>,
 }
 
 impl From<&Template> for TemplateBody {
@@ -140,6 +147,38 @@ impl From<&Template> for TemplateBody {
             size_bytes: t.size_bytes,
             created_at: t.created_at.to_rfc3339(),
             platform: t.is_platform(),
+            state: t.state.as_str(),
+            hosts: t.hosts,
+            compat: t.compat.clone(),
+            last_used_at: t.last_used_at.map(Timestamp::to_rfc3339),
+        }
+    }
+}
+
+/// The sandbox object of SPEC §7.
+#[derive(Serialize)]
+pub(crate) struct SandboxBody {
+    sandbox_id: String,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    template: Option<String>,
+    vcpus: u32,
+    memory_mb: u32,
+    created_at: String,
+}
+
+impl From<&Sandbox> for SandboxBody {
+    fn from(s: &Sandbox) -> Self {
+        Self {
+            sandbox_id: s.id.to_string(),
+            status: s.status.as_str(),
+            host_id: s.host.map(|h| h.to_string()),
+            template: s.template.as_ref().map(ToString::to_string),
+            vcpus: s.vcpus,
+            memory_mb: s.memory_mb,
+            created_at: s.created_at.to_rfc3339(),
         }
     }
 }
@@ -332,6 +371,48 @@ async fn create_snapshot(
         axum::Json(TemplateBody::from(&template)),
     )
         .into_response())
+}
+
+#[derive(Deserialize)]
+struct RestoreBody {
+    #[serde(default)]
+    template: String,
+    sandbox_id: Option<String>,
+    vcpus: Option<u32>,
+    memory_mb: Option<u32>,
+    timeout_sec: Option<u32>,
+    disk_size_mb: Option<u32>,
+}
+
+async fn restore_sandbox(
+    State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body: RestoreBody = json_body(body)?;
+    let mut request = RestoreRequest::parse(&body.template, body.sandbox_id.as_deref())?
+        .timeout_sec(body.timeout_sec.unwrap_or(0))
+        .disk_size_mb(body.disk_size_mb.unwrap_or(0));
+    if let Some(vcpus) = body.vcpus {
+        request = request.vcpus(vcpus);
+    }
+    if let Some(memory_mb) = body.memory_mb {
+        request = request.memory_mb(memory_mb);
+    }
+    // Like a create, the restore runs on its own task: a client that goes
+    // away does not abort it.
+    let sandbox = state.manager.restore(&as_member(&caller), request).await?;
+    Ok((StatusCode::CREATED, axum::Json(SandboxBody::from(&sandbox))).into_response())
+}
+
+async fn get_sandbox(
+    State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    PathParam(id): PathParam,
+) -> ApiResult<Response> {
+    let id = SandboxId::parse(&id).map_err(|_| Error::invalid_request("invalid sandbox_id"))?;
+    let sandbox = state.manager.sandbox(&caller, id).await?;
+    Ok(axum::Json(SandboxBody::from(&sandbox)).into_response())
 }
 
 async fn list_snapshots(
@@ -549,6 +630,8 @@ pub fn router(state: ApiState) -> Router {
             "/v1/snapshots/{name}",
             get(get_snapshot).delete(delete_snapshot),
         )
+        .route("/v1/sandboxes", post(restore_sandbox))
+        .route("/v1/sandboxes/{sandbox_id}", get(get_sandbox))
         .route("/v1/audit-logs", get(audit_logs))
         .merge(
             admin::routes()
