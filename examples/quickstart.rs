@@ -5,7 +5,8 @@
 //! argument) and the reference host agent running in-process over
 //! `./data/agent/`. It registers a host and a sandbox (whose state is a
 //! directory of files), snapshots the sandbox, overwrites the snapshot,
-//! lists, deletes, and prints what happened at each step. Running it again
+//! lists, restores the snapshot into a new running sandbox, deletes, and
+//! prints what happened at each step. Running it again
 //! reuses the same file.
 //!
 //! With `--grpc ADDR [--token TOKEN]` it talks to a host agent over gRPC
@@ -21,8 +22,8 @@ use std::time::Instant;
 use sandbox_snapshots::{
     Actor, AgentTransport, AuditQuery, BearerToken, Caller, DirHostAgent, ErrorCode, GrpcConfig,
     GrpcTransport, HostId, HostStatus, InProcessTransport, ListQuery, Manager, ManagerOptions,
-    NewSnapshot, Sandbox, SandboxId, SandboxStatus, SnapshotManager, TeamId, Template,
-    TemplateName,
+    NewSnapshot, RestoreRequest, Sandbox, SandboxId, SandboxStatus, SnapshotManager, TeamId,
+    Template, TemplateName,
 };
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -220,9 +221,54 @@ async fn main() -> Result<(), Failure> {
         println!("   {}", show(t));
     }
 
+    // Restore the snapshot into a new sandbox: on the host that holds its
+    // files (and can run it), registered `running`.
+    let started = Instant::now();
+    let restored = manager
+        .restore(&caller, RestoreRequest::new(name.clone()).timeout_sec(300))
+        .await?;
+    println!(
+        "\n5. restored {:?} into sandbox {} on {} in {:?}: {}",
+        name.as_str(),
+        restored.id,
+        restored
+            .host
+            .map_or("no host".to_owned(), |h| h.to_string()),
+        started.elapsed(),
+        restored.status
+    );
+    if let Some(root) = &agent_root {
+        let files = |id: SandboxId| -> Vec<(String, Vec<u8>)> {
+            let dir = root.join("sandboxes").join(id.to_string());
+            let mut out = Vec::new();
+            for rel in ["config.json", "memory.bin", "rootfs/hello.txt"] {
+                out.push((
+                    rel.to_owned(),
+                    std::fs::read(dir.join(rel)).unwrap_or_default(),
+                ));
+            }
+            out
+        };
+        let same = files(restored.id) == files(sandbox);
+        println!(
+            "   its files on the host {} the snapshotted sandbox's",
+            if same { "equal" } else { "DIFFER FROM" }
+        );
+        if !same {
+            return Err("the restored sandbox's files differ from the snapshot's".into());
+        }
+    }
+    let used = manager.get(&caller, &name).await?;
+    println!(
+        "   {:?} was last used at {}",
+        name.as_str(),
+        used.last_used_at
+            .map_or("never".to_owned(), |t| t.to_string())
+    );
+
     let deleted = manager.delete(&caller, &name).await?;
     println!(
-        "\n5. deleted {:?}: files removed from {} host(s), {} still queued",
+        "\n6. deleted {:?}: files removed from {} host(s), {} still queued",
         deleted.template.name.as_str(),
         deleted.hosts_confirmed.len(),
         deleted.hosts_pending.len()
@@ -236,7 +282,7 @@ async fn main() -> Result<(), Failure> {
     let audit = manager
         .audit_log(&caller, AuditQuery::new().limit(5))
         .await?;
-    println!("\n6. latest audit entries for {team}:");
+    println!("\n7. latest audit entries for {team}:");
     for e in &audit.items {
         println!(
             "   {}  {:<16} {:<8} {} ({})",
@@ -244,7 +290,10 @@ async fn main() -> Result<(), Failure> {
             e.action,
             e.outcome.as_str(),
             e.resource_id,
-            e.metadata["name"].as_str().unwrap_or("")
+            e.metadata["name"]
+                .as_str()
+                .or(e.metadata["template"].as_str())
+                .unwrap_or("")
         );
     }
 
