@@ -2,10 +2,12 @@
 //!
 //! A [`SnapshotManager`] records snapshot *templates* per team in SQLite
 //! (or PostgreSQL, shared by several control-plane replicas),
-//! asks the host agent that runs a sandbox to snapshot it, lists what a team
-//! can see, and deletes templates together with their files on the hosts —
-//! without losing or leaking a snapshot when a host, the network or the
-//! process fails on the way.
+//! asks the host agent that runs a sandbox to snapshot it, restores a
+//! snapshot into a new sandbox on a host that holds it and can run it
+//! ([`CompatPolicy`]), lists what a team can see, and deletes templates
+//! together with their files on the hosts — without losing or leaking a
+//! snapshot or a sandbox when a host, the network or the process fails on
+//! the way.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -37,6 +39,10 @@
 //!     .await?;
 //! let page = manager.list(&caller, ListQuery::new()).await?;
 //! assert_eq!(page.items[0].id, template.id);
+//! let restored = manager
+//!     .restore(&caller, RestoreRequest::new(template.name.clone()))
+//!     .await?;
+//! assert_eq!(restored.status, SandboxStatus::Running);
 //! manager.delete(&caller, &template.name).await?;
 //! # Ok(()) }
 //! ```
@@ -48,9 +54,11 @@
 //! - `error`: [`Error`] with a stable [`ErrorCode`] and HTTP status.
 //! - `manager`: the [`SnapshotManager`] trait and [`Manager`], the public
 //!   API; `options`: [`ManagerOptions`].
-//! - `engine`: the create and delete state machines (`engine/create.rs`,
-//!   `engine/delete.rs`), foreground steps and recovery together, driven
-//!   by the manager's calls and by the background worker alike.
+//! - `engine`: the create, delete and restore state machines
+//!   (`engine/create.rs`, `engine/delete.rs`, `engine/restore.rs` with the
+//!   destroy queue), foreground steps and recovery together, driven by the
+//!   manager's calls and by the background worker alike; `compat`:
+//!   [`CompatPolicy`], which hosts may restore which snapshot.
 //! - `janitor`: the background worker's scheduling (what is due, per-host
 //!   tasks, backoff, the instance heartbeat) and the orphan sweep.
 //! - `registry`: [`Registry`] of hosts and sandboxes.

@@ -221,6 +221,7 @@ pub(crate) struct CreateDone {
 
 /// What the final transaction of a successful create did.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // short-lived, returned once per create
 pub(crate) enum Finish {
     /// The template is ready.
     Done(CreateDone),
