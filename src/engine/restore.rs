@@ -315,14 +315,19 @@ pub(crate) async fn run_restore(
             send(Ok(sandbox));
         }
         (Some(Some(_)), Some(err)) => send(Err(Error::from_restore_failure(err))),
-        _ => {
+        (Some(_), failure) => {
             // Closed by someone else first (a recovery pass of another
-            // replica after this one stalled): report what it became.
+            // replica after this one stalled, or an earlier try of ours
+            // whose commit was not acknowledged): report what it became.
             let current = inner.store.get_sandbox(op.sandbox_id).await;
-            send(current.and_then(|s| {
-                s.filter(|s| s.status == SandboxStatus::Running)
-                    .ok_or_else(|| Error::conflict("the restore was rolled back meanwhile"))
-            }));
+            send(match current {
+                Ok(Some(s)) if s.status == SandboxStatus::Running && s.team == op.team => Ok(s),
+                Ok(_) => Err(failure.map_or_else(
+                    || Error::conflict("the restore was rolled back meanwhile"),
+                    Error::from_restore_failure,
+                )),
+                Err(err) => Err(err),
+            });
         }
     }
 }
