@@ -515,6 +515,10 @@ async fn a_platform_name_and_a_team_name_cannot_be_taken_at_once() {
             size_bytes: 1,
             created_at: now(),
             source_sandbox: None,
+            state: crate::model::TemplateState::Ready,
+            hosts: 0,
+            compat: None,
+            last_used_at: None,
         };
         let (base, snapshot) = tokio::join!(
             a.insert_ready_template(platform, vec![host], now()),
@@ -592,6 +596,10 @@ async fn a_delete_racing_an_overwrite_s_finish_deletes_a_template_not_404() {
         size_bytes: 1,
         created_at: now(),
         source_sandbox: None,
+        state: crate::model::TemplateState::Ready,
+        hosts: 0,
+        compat: None,
+        last_used_at: None,
     };
     let old_id = old.id;
     store
@@ -629,7 +637,7 @@ async fn a_delete_racing_an_overwrite_s_finish_deletes_a_template_not_404() {
         let store = store.clone();
         tokio::spawn(async move {
             store
-                .finish_create(op, 7, later(now(), 60_000), now())
+                .finish_create(op, 7, None, later(now(), 60_000), now())
                 .await
         })
     };
