@@ -1197,3 +1197,101 @@ async fn destroys_are_never_claimed_twice_at_once() {
     assert_eq!(pending.len(), queued.len() - 1);
     assert!(pending.iter().all(|p| p.sandbox != first.sandbox_id));
 }
+
+/// Restores follow their owner's lease as operations do: another
+/// replica's restore is neither listed nor due to `me` while that lease
+/// lives (the worker wakes at its end), and is taken over — due at once —
+/// once it lapsed; a backed-off one keeps its backoff.
+#[tokio::test]
+async fn restores_are_adopted_only_once_their_owner_s_lease_lapsed() {
+    let Some((url, _client)) = fresh_schema().await else {
+        return;
+    };
+    let store = open(&url).await;
+    let t0 = now();
+    let (dead, me) = (InstanceId::new(), InstanceId::new());
+    let lease_end = later(t0, 30_000);
+    for id in [dead, me] {
+        store
+            .register_instance(id, lease_end, t0)
+            .await
+            .expect("register");
+    }
+    let team = TeamId::new();
+    let (host, _) = host_with_sandboxes(&store, team, 0).await;
+    let template = ready_template(&store, team, "golden", host).await;
+    let driven = restore_input(team, template, "golden", host, SandboxId::new(), dead);
+    let backed_off = restore_input(team, template, "golden", host, SandboxId::new(), dead);
+    for input in [&driven, &backed_off] {
+        store
+            .begin_restore(input.clone(), t0)
+            .await
+            .expect("begin restore");
+    }
+    let backoff_end = later(t0, 120_000);
+    store
+        .postpone_restore(backed_off.op.id, "unreachable".into(), backoff_end, t0)
+        .await
+        .expect("postpone");
+
+    assert!(
+        store
+            .open_restores(me, None)
+            .await
+            .expect("open")
+            .is_empty()
+    );
+    assert_eq!(
+        store.open_restores(dead, None).await.expect("open").len(),
+        2
+    );
+    assert_eq!(
+        store
+            .adopt_operations(me, later(t0, 1))
+            .await
+            .expect("adopt"),
+        0
+    );
+    assert_eq!(
+        store
+            .next_due(me, InHand::default())
+            .await
+            .expect("next due"),
+        Some(lease_end),
+        "the worker wakes when the owner's lease ends"
+    );
+
+    let lapsed = later(lease_end, 1);
+    assert_eq!(store.adopt_operations(me, lapsed).await.expect("adopt"), 2);
+    assert!(
+        store
+            .open_restores(dead, None)
+            .await
+            .expect("open")
+            .is_empty()
+    );
+    let due: Vec<OperationId> = store
+        .open_restores(me, Some(lapsed))
+        .await
+        .expect("open")
+        .iter()
+        .map(|op| op.id)
+        .collect();
+    assert_eq!(due, vec![driven.op.id], "the dead driver's lease is void");
+    assert_eq!(store.open_restores(me, None).await.expect("open").len(), 2);
+    // Held in hand, the due one does not wake the worker; the other's
+    // backoff does.
+    let in_hand = InHand {
+        restores: vec![driven.op.id],
+        ..InHand::default()
+    };
+    assert_eq!(
+        store.next_due(me, in_hand).await.expect("next due"),
+        Some(backoff_end)
+    );
+    assert_eq!(
+        store.adopt_operations(me, lapsed).await.expect("adopt"),
+        0,
+        "our own entries are never taken again"
+    );
+}
