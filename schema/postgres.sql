@@ -193,3 +193,78 @@ CREATE TABLE api_keys (
 );
 
 CREATE INDEX api_keys_by_team ON api_keys (team_id);
+
+-- migration: 2
+
+-- Restore (SPEC §7), as schema.sql's section 6. What produced a snapshot
+-- and what each host runs (`HostInfo` as JSON text; NULL: unknown).
+-- `host_info_at` is when the host was last asked (NULL: not since it came
+-- online), so that it is asked once.
+ALTER TABLE templates ADD COLUMN compat TEXT;
+ALTER TABLE templates ADD COLUMN last_used_at BIGINT;
+ALTER TABLE hosts ADD COLUMN host_info TEXT;
+ALTER TABLE hosts ADD COLUMN host_info_at BIGINT;
+-- The template a restored sandbox started from (its name as the caller
+-- gave it: the template may be deleted later).
+ALTER TABLE sandboxes ADD COLUMN template_id BYTEA
+    CHECK (template_id IS NULL OR octet_length(template_id) = 16);
+ALTER TABLE sandboxes ADD COLUMN template_name TEXT;
+
+-- The restore journal: one row per restore in flight, written with the
+-- sandbox row (`starting`) and deleted when the sandbox is `running` or
+-- gone. `owner` is the instance driving it; a row whose owner's lease
+-- ended is adopted by another replica (an interrupted restore).
+CREATE TABLE restores (
+    id            BYTEA   NOT NULL PRIMARY KEY CHECK (octet_length(id) = 16),
+    sandbox_id    BYTEA   NOT NULL CHECK (octet_length(sandbox_id) = 16),
+    team_id       BYTEA   NOT NULL CHECK (octet_length(team_id) = 16),
+    template_id   BYTEA   NOT NULL CHECK (octet_length(template_id) = 16),
+    template_name TEXT    NOT NULL,
+    host_id       BYTEA   NOT NULL CHECK (octet_length(host_id) = 16),
+    vcpus         BIGINT  NOT NULL,
+    memory_mb     BIGINT  NOT NULL,
+    timeout_sec   BIGINT  NOT NULL,
+    disk_size_mb  BIGINT  NOT NULL,
+    actor_type    TEXT    NOT NULL,
+    actor_id      TEXT,
+    actor_name    TEXT,
+    owner         BYTEA   CHECK (owner IS NULL OR octet_length(owner) = 16),
+    attempts      BIGINT  NOT NULL DEFAULT 0,
+    -- A restore driven by its own task: the end of its lease; else backoff.
+    next_attempt  BIGINT  NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    created_at    BIGINT  NOT NULL,
+    updated_at    BIGINT  NOT NULL
+);
+
+-- One restore per sandbox id (with the sandboxes key, what decides two
+-- restores of one id on two replicas).
+CREATE UNIQUE INDEX restores_one_per_sandbox ON restores (sandbox_id);
+-- While a restore from a template is open, that template's files on that
+-- host are not deleted (the deletion queue looks here).
+CREATE INDEX restores_by_template ON restores (template_id, host_id);
+-- A worker reads its own entries; adoption looks for other owners'.
+CREATE INDEX restores_by_owner ON restores (owner);
+
+-- Sandboxes to destroy on their host: a restore that failed ambiguously
+-- (the VM may exist, and the caller was told it failed) or was
+-- interrupted. Claimed by every replica's worker with leases, as the
+-- deletion queue is, and retried with backoff until the host confirms. A
+-- confirmed row stays as `destroyed`, so that the id is never used again.
+CREATE TABLE sandbox_destroys (
+    sandbox_id   BYTEA   NOT NULL PRIMARY KEY CHECK (octet_length(sandbox_id) = 16),
+    host_id      BYTEA   NOT NULL CHECK (octet_length(host_id) = 16),
+    team_id      BYTEA   NOT NULL CHECK (octet_length(team_id) = 16),
+    state        TEXT    NOT NULL CHECK (state IN ('queued', 'destroyed')),
+    attempts     BIGINT  NOT NULL DEFAULT 0,
+    next_attempt BIGINT  NOT NULL DEFAULT 0,
+    -- Claimed by an attempt in flight until this time, with this token
+    -- (see placements).
+    lease_until  BIGINT,
+    claim        BYTEA   CHECK (claim IS NULL OR octet_length(claim) = 16),
+    last_error   TEXT,
+    created_at   BIGINT  NOT NULL,
+    updated_at   BIGINT  NOT NULL
+);
+
+CREATE INDEX sandbox_destroys_due ON sandbox_destroys (next_attempt) WHERE state = 'queued';

@@ -4,8 +4,9 @@
 //!
 //! - `migrate.rs`: the section migrator, under an advisory lock.
 //! - `registry.rs`, `templates.rs`, `operations.rs`, `placements.rs`,
-//!   `audit.rs`, `keys.rs`: the statements and the domain logic of each
-//!   transaction, function for function those of `sqlite/sql.rs`.
+//!   `restores.rs`, `audit.rs`, `keys.rs`: the statements and the domain
+//!   logic of each transaction, function for function those of
+//!   `sqlite/sql/`.
 //! - `transactions.rs`: the [`Store`](super::Store) implementation, which
 //!   runs each of them as one transaction (retried on a lost race).
 //! - `rows.rs`: decoding rows, encoding ids, running cached statements.
@@ -23,6 +24,7 @@ mod migrate;
 mod operations;
 mod placements;
 mod registry;
+mod restores;
 mod rows;
 mod templates;
 mod transactions;

@@ -18,11 +18,12 @@ use super::registry::{
     SANDBOX_WITH_HOST, lock_team_sandbox_with_host, lost_name_race, release_sandbox,
 };
 use super::rows::{
-    BlobId, OP_COLS, Param, TEMPLATE_COLS, all, big, execute, get, get_id, get_opt_id, get_time,
-    get_u32, id_array, op_row, opt_bytes, prepare_all, query, query_one, query_opt, template_row,
+    BlobId, OP_COLS, Param, all, big, execute, get, get_id, get_opt_id, get_time, get_u32,
+    host_info_json, id_array, op_row, opt_bytes, prepare_all, query, query_one, query_opt,
+    template_row,
 };
 use super::templates::{NAME_CHECKS, NAME_HOLDER, check_name_free, name_holder};
-use crate::agent::HostTarget;
+use crate::agent::{HostInfo, HostTarget};
 use crate::audit::{AuditOutcome, NewAuditEntry};
 use crate::error::{Error, ErrorCode};
 use crate::ids::{InstanceId, OperationId, TemplateId};
@@ -80,11 +81,13 @@ pub(super) async fn heartbeat(
     Ok(())
 }
 
-/// Takes over every journal entry that names no owner, or whose owner has
-/// no instance with a lease beyond `now`. The dead driver's lease of a
-/// `started` entry is void: it is due at once. `me`'s own entries are never
-/// taken again (its tasks may still drive them). Also forgets instances
-/// whose lease ended more than an hour ago.
+/// Takes over every journal entry (operations and restores) that names no
+/// owner, or whose owner has no instance with a lease beyond `now`. The
+/// dead driver's lease of a `started` entry, or of a restore its task
+/// drove (never postponed), is void: it is due at once. `me`'s own entries
+/// are never taken again (its tasks may still drive them). Also forgets
+/// instances whose lease ended more than an hour ago. Returns how many
+/// entries it took.
 pub(super) async fn adopt_operations(
     db: &impl GenericClient,
     me: InstanceId,
@@ -101,6 +104,17 @@ pub(super) async fn adopt_operations(
         &[&me.bytes(), &now.unix_millis()],
     )
     .await?;
+    let restores = execute(
+        db,
+        "UPDATE restores r
+         SET owner = $1,
+             next_attempt = CASE WHEN r.attempts = 0 THEN 0 ELSE r.next_attempt END
+         WHERE r.owner IS DISTINCT FROM $1
+           AND NOT EXISTS (SELECT 1 FROM instances i
+                           WHERE i.id = r.owner AND i.lease_until > $2)",
+        &[&me.bytes(), &now.unix_millis()],
+    )
+    .await?;
     execute(
         db,
         "DELETE FROM instances WHERE lease_until < $1 AND id <> $2",
@@ -110,7 +124,7 @@ pub(super) async fn adopt_operations(
         ],
     )
     .await?;
-    Ok(adopted)
+    Ok(adopted + restores)
 }
 
 pub(super) async fn close(db: &impl GenericClient, me: InstanceId) -> TxResult<()> {
@@ -169,7 +183,8 @@ pub(super) async fn list_open_operations(db: &impl GenericClient) -> TxResult<Ve
 }
 
 /// The backlogs the worker reports as gauges: queued deletions and open
-/// operations (of every replica), each as (count, oldest start).
+/// operations, restores included (of every replica), each as (count,
+/// oldest start).
 pub(super) async fn backlogs(db: &impl GenericClient) -> TxResult<(Backlog, Backlog)> {
     let deletions = query_one(
         db,
@@ -180,7 +195,14 @@ pub(super) async fn backlogs(db: &impl GenericClient) -> TxResult<(Backlog, Back
         &[],
     )
     .await?;
-    let operations = query_one(db, "SELECT count(*), min(created_at) FROM operations", &[]).await?;
+    let operations = query_one(
+        db,
+        "SELECT sum(n)::bigint, min(m) FROM (
+             SELECT count(*) AS n, min(created_at) AS m FROM operations
+             UNION ALL SELECT count(*), min(created_at) FROM restores) open",
+        &[],
+    )
+    .await?;
     let count = |n: i64| u64::try_from(n).unwrap_or(0);
     Ok((
         (count(get(&deletions, 0)?), get(&deletions, 1)?),
@@ -189,9 +211,11 @@ pub(super) async fn backlogs(db: &impl GenericClient) -> TxResult<(Backlog, Back
 }
 
 /// The earliest time any of `me`'s queued work not in hand becomes due:
-/// deletions (claimed by any replica), `me`'s own journal entries, and the
-/// moment another instance's entries become adoptable (its lease's end;
-/// now, for entries whose owner has no instance row or is none).
+/// deletions and destroys (claimed by any replica), `me`'s own journal
+/// entries (operations and restores), and the moment another instance's
+/// entries become adoptable (its lease's end; now, for entries whose owner
+/// has no instance row or is none). Deletions of files a restore in flight
+/// starts from wait for that restore (its end wakes the worker).
 pub(super) async fn next_due(
     db: &impl GenericClient,
     me: InstanceId,
@@ -205,6 +229,8 @@ pub(super) async fn next_due(
              WHERE p.state = 'deleting' AND h.status <> 'offline'
                AND p.host_id <> ALL ($1::bytea[])
                AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.template_id = p.template_id)
+               AND NOT EXISTS (SELECT 1 FROM restores r
+                               WHERE r.template_id = p.template_id AND r.host_id = p.host_id)
              UNION ALL
              SELECT min(o.next_attempt) FROM operations o
              WHERE o.owner = $4
@@ -215,12 +241,28 @@ pub(super) async fn next_due(
              SELECT min(coalesce(i.lease_until, 0)) FROM operations o
              LEFT JOIN instances i ON i.id = o.owner
              WHERE o.owner IS DISTINCT FROM $4
+             UNION ALL
+             SELECT min(r.next_attempt) FROM restores r
+             WHERE r.owner = $4
+               AND r.host_id <> ALL ($1::bytea[])
+               AND r.id <> ALL ($5::bytea[])
+               AND r.id <> ALL ($3::bytea[])
+             UNION ALL
+             SELECT min(coalesce(i.lease_until, 0)) FROM restores r
+             LEFT JOIN instances i ON i.id = r.owner
+             WHERE r.owner IS DISTINCT FROM $4
+             UNION ALL
+             SELECT min(greatest(d.next_attempt, coalesce(d.lease_until, 0)))
+             FROM sandbox_destroys d JOIN hosts h ON h.id = d.host_id
+             WHERE d.state = 'queued' AND h.status <> 'offline'
+               AND d.host_id <> ALL ($1::bytea[])
          ) due",
         &[
             &id_array(&in_hand.hosts),
             &id_array(&in_hand.creates),
             &id_array(&in_hand.operations),
             &me.bytes(),
+            &id_array(&in_hand.restores),
         ],
     )
     .await?;
@@ -413,7 +455,10 @@ const BEGIN_CREATE_WRITES: &str = "WITH cas AS (
 /// The writes that end a successful create (after the journal row is
 /// locked and the name checked), as one statement: the journal entry
 /// closed, the placement `present`, the sandbox `paused`, the audit entry,
-/// and the template `ready` (returned; no row when it was not `creating`).
+/// and the template `ready` with what produced it (`$14`, else what its
+/// host said of itself; returned; no row when it was not `creating`). The
+/// statement's own writes are invisible to its subqueries, so the count of
+/// present placements it returns adds the one it writes.
 static FINISH_CREATE_WRITES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH closed AS (
@@ -434,12 +479,20 @@ static FINISH_CREATE_WRITES: std::sync::LazyLock<String> = std::sync::LazyLock::
              VALUES ($7, $5, $8, $9, $10, $11, '{}', $12, 'success', NULL, $13, $3)
          )
          UPDATE templates SET state = 'ready', replaces = NULL, size_bytes = $2,
-                              created_at = $3, updated_at = $3
+                              created_at = $3, updated_at = $3,
+                              compat = coalesce($14, (SELECT host_info FROM hosts WHERE id = $4))
          WHERE id = $1 AND state = 'creating'
-         RETURNING {TEMPLATE_COLS}",
+         RETURNING {FINISHED_COLS}",
         crate::audit::RESOURCE_TEMPLATE
     )
 });
+
+/// `rows::TEMPLATE_COLS` as [`FINISH_CREATE_WRITES`] returns them.
+const FINISHED_COLS: &str =
+    "id, team_id, name, type, vcpus, memory_mb, size_bytes, created_at, source_sandbox_id,
+     state, (SELECT count(*) FROM placements p
+             WHERE p.template_id = templates.id AND p.state = 'present' AND p.host_id <> $4) + 1,
+     compat, last_used_at";
 
 const JOURNAL_FOR_UPDATE: &str = "SELECT phase FROM operations WHERE template_id = $1 FOR UPDATE";
 
@@ -452,6 +505,7 @@ pub(super) async fn finish_create(
     db: &impl GenericClient,
     op: &CreateOp,
     size_bytes: u64,
+    compat: Option<&HostInfo>,
     lease_until: Timestamp,
     now: Timestamp,
 ) -> TxResult<Finish> {
@@ -517,7 +571,8 @@ pub(super) async fn finish_create(
     })
     .to_string();
     let action = crate::audit::actions::SNAPSHOT_CREATE;
-    let params: [Param<'_>; 13] = [
+    let compat = host_info_json(compat);
+    let params: [Param<'_>; 14] = [
         &template_bytes,
         &size,
         &now_ms,
@@ -531,6 +586,7 @@ pub(super) async fn finish_create(
         &action,
         &resource_id,
         &metadata,
+        &compat,
     ];
     let ready = query(db, &FINISH_CREATE_WRITES, &params).await?;
     let Some(row) = ready.first() else {

@@ -49,7 +49,11 @@ pub(super) async fn insert_placement(
 /// Marks a template deleted and its placements queued for deletion (with
 /// a lease of `lease_until` for the caller's own immediate attempt).
 /// Purges the row at once if it has no placements. The caller holds the
-/// template's row lock.
+/// template's row lock (`FOR UPDATE`), so that no restore from it begins
+/// meanwhile (`begin_restore` takes a share lock on it): a placement a
+/// restore in flight starts from is queued but not leased, nor returned
+/// for the caller's attempt; the worker deletes it once that restore is
+/// over.
 pub(super) async fn mark_deleting(
     db: &impl GenericClient,
     template: TemplateId,
@@ -76,7 +80,10 @@ pub(super) async fn mark_deleting(
     execute(
         db,
         "UPDATE placements SET state = 'deleting', attempts = 0, next_attempt = $3,
-                               lease_until = $2, claim = $4, updated_at = $3
+                               lease_until = CASE WHEN EXISTS (
+                                   SELECT 1 FROM restores r WHERE r.template_id = $1
+                                   AND r.host_id = placements.host_id) THEN NULL ELSE $2::bigint END,
+                               claim = $4, updated_at = $3
          WHERE template_id = $1",
         &[
             &template.bytes(),
@@ -90,7 +97,7 @@ pub(super) async fn mark_deleting(
         db,
         "SELECT p.template_id, p.team_id, p.host_id, h.address, p.attempts
          FROM placements p JOIN hosts h ON h.id = p.host_id
-         WHERE p.template_id = $1",
+         WHERE p.template_id = $1 AND p.lease_until IS NOT NULL",
         &[&template.bytes()],
     )
     .await?;
@@ -218,7 +225,8 @@ const PER_HOST: i64 = 16;
 /// Takes up to `limit` due deletions (skipping hosts marked offline and
 /// the hosts in `skip_hosts`, whose work is in hand) and leases them until
 /// `lease_until` so nobody else tries them meanwhile. A key whose create is
-/// still unresolved is not due: its host may still be writing it.
+/// still unresolved is not due: its host may still be writing it; nor are
+/// a template's files on a host a restore from it is in flight on.
 ///
 /// The due rows are locked `SKIP LOCKED` (another replica claiming at the
 /// same moment gets the others), then ranked per host — Postgres allows no
@@ -242,6 +250,8 @@ pub(super) async fn claim_due_deletions(
                AND coalesce(p.lease_until, 0) <= $1 AND h.status <> 'offline'
                AND p.host_id <> ALL ($4::bytea[])
                AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.template_id = p.template_id)
+               AND NOT EXISTS (SELECT 1 FROM restores r
+                               WHERE r.template_id = p.template_id AND r.host_id = p.host_id)
              FOR UPDATE OF p SKIP LOCKED
          ), ranked AS (
              SELECT template_id, host_id, next_attempt,
@@ -297,13 +307,15 @@ pub(super) async fn pending_deletions(db: &impl GenericClient) -> TxResult<Vec<P
 
 /// Whether the key of `template` is accounted for anywhere: a template row
 /// in any state, a placement on any host (present, or queued for deletion),
-/// or an open operation (see `sqlite/sql.rs` for why not per host).
+/// an open operation (see `sqlite/sql.rs` for why not per host), or an
+/// open restore from it.
 pub(super) async fn key_is_owned(db: &impl GenericClient, template: TemplateId) -> TxResult<bool> {
     let row = query_one(
         db,
         "SELECT EXISTS (SELECT 1 FROM templates WHERE id = $1)
              OR EXISTS (SELECT 1 FROM placements WHERE template_id = $1)
-             OR EXISTS (SELECT 1 FROM operations WHERE template_id = $1)",
+             OR EXISTS (SELECT 1 FROM operations WHERE template_id = $1)
+             OR EXISTS (SELECT 1 FROM restores WHERE template_id = $1)",
         &[&template.bytes()],
     )
     .await?;

@@ -7,14 +7,15 @@ use deadpool_postgres::GenericClient;
 
 use super::placements::insert_placement;
 use super::rows::{
-    BlobId, HOST_COLS, SANDBOX_COLS, all, big, execute, get, get_enum, host_row, opt_bytes, query,
-    query_opt, sandbox_row,
+    BlobId, HOST_COLS, Param, SANDBOX_COLS, all, big, execute, get, get_enum, host_info_json,
+    host_row, opt_bytes, prepare_all, query, query_one, query_opt, sandbox_row,
 };
 use super::templates::{check_name_free, name_race_error, overwrite_in_progress};
 use super::{TxError, TxResult};
 use crate::error::{Error, ErrorCode};
 use crate::ids::{HostId, SandboxId};
 use crate::model::{Host, HostStatus, Sandbox, SandboxStatus, Template, Timestamp};
+use crate::names::TemplateName;
 use crate::store::HostChange;
 
 // ---------------------------------------------------------------- hosts
@@ -135,6 +136,26 @@ async fn make_host_work_due(db: &impl GenericClient, host: HostId, now: Timestam
         &[&host.bytes(), &now.unix_millis()],
     )
     .await?;
+    execute(
+        db,
+        "UPDATE sandbox_destroys SET next_attempt = $2 WHERE host_id = $1 AND state = 'queued'",
+        &[&host.bytes(), &now.unix_millis()],
+    )
+    .await?;
+    // Likewise restores: only those the worker backed off.
+    execute(
+        db,
+        "UPDATE restores SET next_attempt = $2 WHERE host_id = $1 AND attempts > 0",
+        &[&host.bytes(), &now.unix_millis()],
+    )
+    .await?;
+    // What it runs may have changed while it was away: ask again.
+    execute(
+        db,
+        "UPDATE hosts SET host_info_at = NULL WHERE id = $1",
+        &[&host.bytes()],
+    )
+    .await?;
     Ok(())
 }
 
@@ -153,21 +174,36 @@ pub(super) async fn get_sandbox(
     Ok(row.as_ref().map(sandbox_row).transpose()?)
 }
 
-/// The sandbox, locked until the transaction ends: a snapshot of it (or
-/// any other change) by another transaction waits.
-async fn lock_sandbox(db: &impl GenericClient, id: SandboxId) -> TxResult<Option<Sandbox>> {
-    let row = query_opt(
-        db,
-        &format!("SELECT {SANDBOX_COLS} FROM sandboxes WHERE id = $1 FOR UPDATE"),
-        &[&id.bytes()],
-    )
-    .await?;
-    Ok(row.as_ref().map(sandbox_row).transpose()?)
+static LOCK_SANDBOX: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("SELECT {SANDBOX_COLS} FROM sandboxes WHERE id = $1 FOR UPDATE")
+});
+
+/// Whether a restore of the sandbox is in flight (it owns the sandbox).
+const RESTORE_OPEN: &str = "SELECT EXISTS (SELECT 1 FROM restores WHERE sandbox_id = $1)";
+
+/// The sandbox, locked until the transaction ends (a snapshot of it, or
+/// any other change, by another transaction waits), and whether a restore
+/// of it is open. One round trip: the second statement runs once the lock
+/// is had, on a snapshot of its own, so it sees what a restore that held
+/// the row committed meanwhile (`begin_restore` writes the sandbox row and
+/// the journal entry together; `end_restore` closes the entry and changes
+/// the row together).
+async fn lock_sandbox(db: &impl GenericClient, id: SandboxId) -> TxResult<(Option<Sandbox>, bool)> {
+    prepare_all(db, &[LOCK_SANDBOX.as_str(), RESTORE_OPEN]).await?;
+    let id_bytes = id.bytes();
+    let params: [Param<'_>; 1] = [&id_bytes];
+    let (row, open) = tokio::join!(
+        query_opt(db, &LOCK_SANDBOX, &params),
+        query_one(db, RESTORE_OPEN, &params)
+    );
+    let sandbox = row?.as_ref().map(sandbox_row).transpose()?;
+    let open: bool = get(&open?, 0)?;
+    Ok((sandbox, open))
 }
 
 pub(super) fn sandbox_busy(id: SandboxId) -> Error {
     Error::conflict(format!(
-        "sandbox {id} is being snapshotted; try again when the snapshot finishes"
+        "sandbox {id} is being snapshotted or restored; try again when that finishes"
     ))
 }
 
@@ -178,8 +214,9 @@ pub(super) async fn upsert_sandbox(
     sandbox: &Sandbox,
     now: Timestamp,
 ) -> TxResult<()> {
-    if let Some(existing) = lock_sandbox(db, sandbox.id).await?
-        && existing.status == SandboxStatus::Snapshotting
+    let (existing, restoring) = lock_sandbox(db, sandbox.id).await?;
+    if let Some(existing) = &existing
+        && (existing.status == SandboxStatus::Snapshotting || restoring)
     {
         return Err(sandbox_busy(sandbox.id).into());
     }
@@ -194,24 +231,45 @@ pub(super) async fn upsert_sandbox(
     {
         return Err(Error::not_found(format!("host {host} not found")).into());
     }
-    execute(
+    let template_name = sandbox.template.as_ref().map(TemplateName::as_str);
+    let params: [Param<'_>; 9] = [
+        &sandbox.id.bytes(),
+        &sandbox.team.bytes(),
+        &opt_bytes(&sandbox.host),
+        &sandbox.status.as_str(),
+        &i64::from(sandbox.vcpus),
+        &i64::from(sandbox.memory_mb),
+        &now.unix_millis(),
+        &opt_bytes(&sandbox.template_id),
+        &template_name,
+    ];
+    if existing.is_some() {
+        // Locked above: nobody changed or removed it since.
+        execute(
+            db,
+            "UPDATE sandboxes SET team_id = $2, host_id = $3, status = $4, vcpus = $5,
+                                  memory_mb = $6, updated_at = $7
+             WHERE id = $1",
+            &params[..7],
+        )
+        .await?;
+        return Ok(());
+    }
+    // New: a row inserted meanwhile by another transaction (a restore of
+    // this id, or another registration) was not checked above. Then run
+    // again: the check sees it (a restore in flight answers 409).
+    let inserted = execute(
         db,
-        "INSERT INTO sandboxes (id, team_id, host_id, status, vcpus, memory_mb, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
-         ON CONFLICT (id) DO UPDATE SET team_id = excluded.team_id, host_id = excluded.host_id,
-             status = excluded.status, vcpus = excluded.vcpus, memory_mb = excluded.memory_mb,
-             updated_at = excluded.updated_at",
-        &[
-            &sandbox.id.bytes(),
-            &sandbox.team.bytes(),
-            &opt_bytes(&sandbox.host),
-            &sandbox.status.as_str(),
-            &i64::from(sandbox.vcpus),
-            &i64::from(sandbox.memory_mb),
-            &now.unix_millis(),
-        ],
+        "INSERT INTO sandboxes (id, team_id, host_id, status, vcpus, memory_mb, created_at,
+                                updated_at, template_id, template_name)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9)
+         ON CONFLICT (id) DO NOTHING",
+        &params,
     )
     .await?;
+    if inserted == 0 {
+        return Err(TxError::Retry(sandbox_busy(sandbox.id)));
+    }
     Ok(())
 }
 
@@ -224,10 +282,12 @@ pub(super) async fn set_sandbox_status(
     status: SandboxStatus,
     now: Timestamp,
 ) -> TxResult<Sandbox> {
-    let current = lock_sandbox(db, id)
-        .await?
-        .ok_or_else(|| Error::not_found("sandbox not found"))?;
-    if current.status == SandboxStatus::Snapshotting || status == SandboxStatus::Snapshotting {
+    let (current, restoring) = lock_sandbox(db, id).await?;
+    let current = current.ok_or_else(|| Error::not_found("sandbox not found"))?;
+    if current.status == SandboxStatus::Snapshotting
+        || status == SandboxStatus::Snapshotting
+        || restoring
+    {
         return Err(sandbox_busy(id).into());
     }
     if let Some(expected) = expected
@@ -249,10 +309,9 @@ pub(super) async fn set_sandbox_status(
 }
 
 pub(super) async fn remove_sandbox(db: &impl GenericClient, id: SandboxId) -> TxResult<()> {
-    let current = lock_sandbox(db, id)
-        .await?
-        .ok_or_else(|| Error::not_found("sandbox not found"))?;
-    if current.status == SandboxStatus::Snapshotting {
+    let (current, restoring) = lock_sandbox(db, id).await?;
+    let current = current.ok_or_else(|| Error::not_found("sandbox not found"))?;
+    if current.status == SandboxStatus::Snapshotting || restoring {
         return Err(sandbox_busy(id).into());
     }
     execute(db, "DELETE FROM sandboxes WHERE id = $1", &[&id.bytes()]).await?;
@@ -293,8 +352,8 @@ pub(super) async fn insert_ready_template(
     let inserted = execute(
         db,
         "INSERT INTO templates (id, team_id, name, type, state, vcpus, memory_mb, size_bytes,
-                                source_sandbox_id, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, 'ready', $5, $6, $7, $8, $9, $9)",
+                                source_sandbox_id, created_at, updated_at, compat)
+         VALUES ($1, $2, $3, $4, 'ready', $5, $6, $7, $8, $9, $9, $10)",
         &[
             &template.id.bytes(),
             &template.team.bytes(),
@@ -305,6 +364,7 @@ pub(super) async fn insert_ready_template(
             &big(template.size_bytes),
             &opt_bytes(&template.source_sandbox),
             &template.created_at.unix_millis(),
+            &host_info_json(template.compat.as_ref()),
         ],
     )
     .await;
@@ -338,7 +398,8 @@ pub(super) fn lost_name_race(err: tokio_postgres::Error, overwrite: bool) -> TxE
 /// with its host's address and status (`None` when it has no host
 /// record): one round trip.
 pub(super) const SANDBOX_WITH_HOST: &str =
-    "SELECT s.id, s.team_id, s.host_id, s.status, s.vcpus, s.memory_mb, h.address, h.status
+    "SELECT s.id, s.team_id, s.host_id, s.status, s.vcpus, s.memory_mb, s.template_id,
+            s.template_name, s.created_at, h.address, h.status
      FROM sandboxes s LEFT JOIN hosts h ON h.id = s.host_id
      WHERE s.id = $1 AND s.team_id = $2 FOR UPDATE OF s";
 
@@ -352,10 +413,10 @@ pub(super) async fn lock_team_sandbox_with_host(
         return Ok(None);
     };
     let sandbox = sandbox_row(&row)?;
-    let address: Option<String> = get(&row, 6)?;
+    let address: Option<String> = get(&row, 9)?;
     let host = match address {
         None => None,
-        Some(address) => Some((address, get_enum(&row, 7)?)),
+        Some(address) => Some((address, get_enum(&row, 10)?)),
     };
     Ok(Some((sandbox, host)))
 }

@@ -8,7 +8,7 @@ use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 use tokio_postgres::types::{FromSql, ToSql};
 
-use crate::agent::HostTarget;
+use crate::agent::{HostInfo, HostTarget};
 use crate::error::Error;
 use crate::ids::{
     ApiKeyId, AuditLogId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId,
@@ -203,8 +203,10 @@ pub(super) fn host_row(row: &Row) -> Result<Host, StoreError> {
     })
 }
 
-pub(super) const SANDBOX_COLS: &str = "id, team_id, host_id, status, vcpus, memory_mb";
+pub(super) const SANDBOX_COLS: &str =
+    "id, team_id, host_id, status, vcpus, memory_mb, template_id, template_name, created_at";
 
+/// The nine columns of [`SANDBOX_COLS`], in that order.
 pub(super) fn sandbox_row(row: &Row) -> Result<Sandbox, StoreError> {
     Ok(Sandbox {
         id: get_id(row, 0)?,
@@ -213,11 +215,31 @@ pub(super) fn sandbox_row(row: &Row) -> Result<Sandbox, StoreError> {
         status: get_enum(row, 3)?,
         vcpus: get_u32(row, 4)?,
         memory_mb: get_u32(row, 5)?,
+        template_id: get_opt_id(row, 6)?,
+        template: get::<Option<String>>(row, 7)?.map(TemplateName::from_trusted),
+        created_at: get_time(row, 8)?,
     })
 }
 
+/// The columns [`template_row`] reads, from `templates`; `hosts` counts
+/// its `present` placements.
 pub(super) const TEMPLATE_COLS: &str =
-    "id, team_id, name, type, vcpus, memory_mb, size_bytes, created_at, source_sandbox_id";
+    "id, team_id, name, type, vcpus, memory_mb, size_bytes, created_at, source_sandbox_id,
+     state, (SELECT count(*) FROM placements p
+             WHERE p.template_id = templates.id AND p.state = 'present'),
+     compat, last_used_at";
+
+/// A `HostInfo` from its stored JSON; anything unreadable is unknown (as
+/// in SQLite).
+pub(super) fn get_host_info(row: &Row, idx: usize) -> Result<Option<HostInfo>, StoreError> {
+    Ok(get::<Option<&str>>(row, idx)?.and_then(|json| serde_json::from_str(json).ok()))
+}
+
+/// A `HostInfo` as stored: JSON, or NULL when unknown.
+pub(super) fn host_info_json(info: Option<&HostInfo>) -> Option<String> {
+    info.filter(|i| !i.is_unknown())
+        .and_then(|i| serde_json::to_string(i).ok())
+}
 
 pub(super) fn template_row(row: &Row) -> Result<Template, StoreError> {
     Ok(Template {
@@ -230,6 +252,10 @@ pub(super) fn template_row(row: &Row) -> Result<Template, StoreError> {
         size_bytes: get_u64(row, 6)?,
         created_at: get_time(row, 7)?,
         source_sandbox: get_opt_id(row, 8)?,
+        state: get_enum(row, 9)?,
+        hosts: get_u32(row, 10)?,
+        compat: get_host_info(row, 11)?,
+        last_used_at: get::<Option<i64>>(row, 12)?.map(Timestamp::from_unix_millis),
     })
 }
 

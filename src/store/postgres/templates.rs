@@ -41,21 +41,25 @@ pub(super) async fn find_visible(
     name: &TemplateName,
     lock: Lock,
 ) -> TxResult<Option<Template>> {
-    const READ: &str = "SELECT id, team_id, name, type, vcpus, memory_mb, size_bytes, created_at,
-                               source_sandbox_id
-        FROM templates
-        WHERE team_id IN ($1, $2) AND name = $3 AND state = 'ready' AND replaces IS NULL
-        ORDER BY team_id = $2 LIMIT 1";
+    static READ: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT {TEMPLATE_COLS} FROM templates
+             WHERE team_id IN ($1, $2) AND name = $3 AND state = 'ready' AND replaces IS NULL
+             ORDER BY team_id = $2 LIMIT 1"
+        )
+    });
     // A concurrent delete of the same template waits here, and then finds
     // it no longer ready (the row is read again once the lock is had).
-    const LOCKED: &str = "SELECT id, team_id, name, type, vcpus, memory_mb, size_bytes, created_at,
-                               source_sandbox_id
-        FROM templates
-        WHERE team_id IN ($1, $2) AND name = $3 AND state = 'ready' AND replaces IS NULL
-        ORDER BY team_id = $2 LIMIT 1 FOR UPDATE";
-    let sql = match lock {
-        Lock::None => READ,
-        Lock::ForUpdate => LOCKED,
+    static LOCKED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT {TEMPLATE_COLS} FROM templates
+             WHERE team_id IN ($1, $2) AND name = $3 AND state = 'ready' AND replaces IS NULL
+             ORDER BY team_id = $2 LIMIT 1 FOR UPDATE OF templates"
+        )
+    });
+    let sql: &str = match lock {
+        Lock::None => &READ,
+        Lock::ForUpdate => &LOCKED,
     };
     let row = query_opt(
         db,

@@ -515,6 +515,10 @@ async fn a_platform_name_and_a_team_name_cannot_be_taken_at_once() {
             size_bytes: 1,
             created_at: now(),
             source_sandbox: None,
+            state: crate::model::TemplateState::Ready,
+            hosts: 0,
+            compat: None,
+            last_used_at: None,
         };
         let (base, snapshot) = tokio::join!(
             a.insert_ready_template(platform, vec![host], now()),
@@ -592,6 +596,10 @@ async fn a_delete_racing_an_overwrite_s_finish_deletes_a_template_not_404() {
         size_bytes: 1,
         created_at: now(),
         source_sandbox: None,
+        state: crate::model::TemplateState::Ready,
+        hosts: 0,
+        compat: None,
+        last_used_at: None,
     };
     let old_id = old.id;
     store
@@ -629,7 +637,7 @@ async fn a_delete_racing_an_overwrite_s_finish_deletes_a_template_not_404() {
         let store = store.clone();
         tokio::spawn(async move {
             store
-                .finish_create(op, 7, later(now(), 60_000), now())
+                .finish_create(op, 7, None, later(now(), 60_000), now())
                 .await
         })
     };
@@ -783,4 +791,507 @@ async fn tls_to_the_database_is_verified_against_the_given_ca_only() {
     PostgresStore::open(&require, PostgresOptions::default())
         .await
         .expect_err("sslmode=require without TLS configured");
+}
+
+// ------------------------------------------------------------- restores
+
+/// A ready snapshot template of `team` named `name`, held by `host`.
+async fn ready_template(
+    store: &PostgresStore,
+    team: TeamId,
+    name: &str,
+    host: HostId,
+) -> TemplateId {
+    let template = crate::model::Template {
+        id: TemplateId::new(),
+        team,
+        name: TemplateName::parse(name).expect("name"),
+        template_type: crate::model::TemplateType::Snapshot,
+        vcpus: 1,
+        memory_mb: 128,
+        size_bytes: 1,
+        created_at: now(),
+        source_sandbox: None,
+        state: crate::model::TemplateState::Ready,
+        hosts: 0,
+        compat: None,
+        last_used_at: None,
+    };
+    let id = template.id;
+    store
+        .insert_ready_template(template, vec![host], now())
+        .await
+        .expect("insert the template");
+    id
+}
+
+/// A restore of `template` (named `name`, held by `host`) into `sandbox`.
+fn restore_input(
+    team: TeamId,
+    template: TemplateId,
+    name: &str,
+    host: HostId,
+    sandbox: SandboxId,
+    owner: InstanceId,
+) -> crate::store::RestoreInput {
+    crate::store::RestoreInput {
+        op: crate::store::RestoreOp {
+            id: OperationId::new(),
+            team,
+            template_id: template,
+            template_name: TemplateName::parse(name).expect("name"),
+            sandbox_id: sandbox,
+            host: crate::agent::HostTarget {
+                id: host,
+                address: "http://127.0.0.1:1".into(),
+            },
+            vcpus: 1,
+            memory_mb: 128,
+            timeout_sec: 0,
+            disk_size_mb: 0,
+            actor: Actor::System,
+            attempts: 0,
+            created_at: now(),
+        },
+        placed: true,
+        lease_until: later(now(), 60_000),
+        owner,
+    }
+}
+
+/// Two replicas restoring into one explicit sandbox id at once: exactly
+/// one succeeds, the other gets 409 `already_exists` (never `db_error`),
+/// and one sandbox row and one journal entry exist. In every other round
+/// both first wait behind a session that locks the template, so that both
+/// pass the id check before either inserts: the key decides, and the loser
+/// (run again) answers what the check answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_restores_of_one_sandbox_id_one_wins_the_other_gets_already_exists() {
+    let Some((url, mut client)) = fresh_schema().await else {
+        return;
+    };
+    let (a, b) = (open(&url).await, open(&url).await);
+    let team = TeamId::new();
+    let (host, _) = host_with_sandboxes(&a, team, 0).await;
+    let template = ready_template(&a, team, "golden", host).await;
+    let watcher = fresh_watcher(&url).await;
+    for round in 0..8 {
+        let sandbox = SandboxId::new();
+        let blocker = if round % 2 == 0 {
+            let tx = client.transaction().await.expect("begin");
+            let root: i32 = tx
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .expect("pid")
+                .get(0);
+            tx.execute(
+                "SELECT 1 FROM templates WHERE id = $1 FOR UPDATE",
+                &[&&template.as_blob()[..]],
+            )
+            .await
+            .expect("lock the template");
+            Some((tx, root))
+        } else {
+            None
+        };
+        let restore = |store: &PostgresStore| {
+            let store = store.clone();
+            let input = restore_input(team, template, "golden", host, sandbox, InstanceId::new());
+            tokio::spawn(async move { store.begin_restore(input, now()).await })
+        };
+        let (from_a, from_b) = (restore(&a), restore(&b));
+        if let Some((tx, root)) = blocker {
+            wait_blocked_behind(&watcher, root, 2).await;
+            tx.rollback().await.expect("release the template");
+        }
+        let (from_a, from_b) = (from_a.await.expect("task a"), from_b.await.expect("task b"));
+        match (from_a, from_b) {
+            (Ok(won), Err(lost)) | (Err(lost), Ok(won)) => {
+                assert_eq!(
+                    lost.code(),
+                    ErrorCode::AlreadyExists,
+                    "round {round}: {lost:?}"
+                );
+                assert_eq!(won.id, sandbox);
+                assert_eq!(won.status, SandboxStatus::Starting);
+                assert_eq!(won.template_id, Some(template));
+            }
+            other => panic!("round {round}: exactly one restore may take the id, got {other:?}"),
+        }
+        let id = &sandbox.as_blob()[..];
+        for table in ["sandboxes WHERE id", "restores WHERE sandbox_id"] {
+            let n: i64 = watcher
+                .query_one(&format!("SELECT count(*) FROM {table} = $1"), &[&id])
+                .await
+                .expect("count")
+                .get(0);
+            assert_eq!(n, 1, "round {round}: {table}");
+        }
+    }
+}
+
+/// A delete that meets a restore of the same template still in its first
+/// transaction waits for it (the restore share-locks the template), and
+/// then queues the files the restore starts from without leasing them to
+/// its own attempt; the worker gets them only once the restore is over.
+///
+/// Interleaving: a session holds an uncommitted journal row of the same
+/// sandbox id, so `begin_restore` stops at its insert into `restores`,
+/// after its checks and its template lock; the delete then waits behind
+/// it. Without the lock the delete would not see the uncommitted journal
+/// entry and hand the files to its caller for deletion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_waits_for_a_restore_s_first_step_and_keeps_its_files() {
+    let Some((url, mut client)) = fresh_schema().await else {
+        return;
+    };
+    let store = open(&url).await;
+    let team = TeamId::new();
+    let (host, _) = host_with_sandboxes(&store, team, 0).await;
+    let template = ready_template(&store, team, "golden", host).await;
+    let me = InstanceId::new();
+    store
+        .register_instance(me, later(now(), 60_000), now())
+        .await
+        .expect("register");
+    let sandbox = SandboxId::new();
+    let input = restore_input(team, template, "golden", host, sandbox, me);
+    let op = input.op.clone();
+
+    let holder = client.transaction().await.expect("begin");
+    let root: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let blob = |b: &[u8]| b.to_vec();
+    holder
+        .execute(
+            "INSERT INTO restores (id, sandbox_id, team_id, template_id, template_name, host_id,
+                                   vcpus, memory_mb, timeout_sec, disk_size_mb, actor_type,
+                                   created_at, updated_at)
+             VALUES ($1, $2, $3, $4, 'golden', $5, 1, 1, 0, 0, 'system', 0, 0)",
+            &[
+                &blob(OperationId::new().as_blob()),
+                &blob(sandbox.as_blob()),
+                &blob(team.as_blob()),
+                &blob(template.as_blob()),
+                &blob(host.as_blob()),
+            ],
+        )
+        .await
+        .expect("an uncommitted journal row");
+    let watcher = fresh_watcher(&url).await;
+
+    let restoring = {
+        let store = store.clone();
+        tokio::spawn(async move { store.begin_restore(input, now()).await })
+    };
+    wait_blocked_behind(&watcher, root, 1).await;
+    let mut deleting = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .begin_delete(
+                    Actor::System,
+                    team,
+                    false,
+                    TemplateName::parse("golden").expect("name"),
+                    later(now(), 60_000),
+                    now(),
+                )
+                .await
+        })
+    };
+    tokio::select! {
+        () = wait_blocked_behind(&watcher, root, 2) => {}
+        done = &mut deleting => panic!("the delete did not wait for the restore: {done:?}"),
+    }
+    holder.rollback().await.expect("release the journal row");
+
+    let sandbox_row = restoring.await.expect("task").expect("the restore begins");
+    assert_eq!(sandbox_row.status, SandboxStatus::Starting);
+    let (deleted, targets) = deleting.await.expect("task").expect("the delete");
+    assert_eq!(deleted.id, template);
+    assert!(
+        targets.is_empty(),
+        "the restore's files were handed out: {targets:?}"
+    );
+    let t = later(now(), 1);
+    assert!(
+        store
+            .claim_due_deletions(t, later(t, 60_000), 10, Vec::new())
+            .await
+            .expect("claim")
+            .is_empty(),
+        "claimable while the restore is open"
+    );
+    assert!(
+        store
+            .next_due(me, InHand::default())
+            .await
+            .expect("next due")
+            .is_none_or(|at| at > t),
+        "the held-back deletion must not wake the worker (only the restore's lease)"
+    );
+
+    let ended = store
+        .end_restore(op, crate::store::RestoreEnd::Running, now())
+        .await
+        .expect("end")
+        .expect("it was open");
+    assert_eq!(ended.status, SandboxStatus::Running);
+    let t = later(now(), 1);
+    let claimed = store
+        .claim_due_deletions(t, later(t, 60_000), 10, Vec::new())
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1, "due once the restore is over");
+    assert_eq!(
+        (claimed[0].template_id, claimed[0].host.id),
+        (template, host)
+    );
+}
+
+/// `n` sandboxes queued for destruction on `host` from `from` on: restores
+/// that failed ambiguously.
+async fn queue_destroys(
+    store: &PostgresStore,
+    team: TeamId,
+    host: HostId,
+    n: usize,
+    from: Timestamp,
+) -> HashSet<SandboxId> {
+    let name = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let template = ready_template(store, team, &name, host).await;
+    let mut queued = HashSet::new();
+    for _ in 0..n {
+        let input = restore_input(
+            team,
+            template,
+            &name,
+            host,
+            SandboxId::new(),
+            InstanceId::new(),
+        );
+        let op = input.op.clone();
+        store.begin_restore(input, now()).await.expect("begin");
+        let end = crate::store::RestoreEnd::Failed {
+            error_code: "agent_error",
+            destroy_from: Some(from),
+        };
+        store
+            .end_restore(op.clone(), end, now())
+            .await
+            .expect("end")
+            .expect("it was open");
+        queued.insert(op.sandbox_id);
+    }
+    queued
+}
+
+/// Two replicas' workers claiming the destroy queue at once never get one
+/// destroy both; a claim leases it; a lapsed claimer's late failure does
+/// not end the next claimer's lease, while that claimer's own does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroys_are_never_claimed_twice_at_once() {
+    let Some((url, _client)) = fresh_schema().await else {
+        return;
+    };
+    let (a, b) = (open(&url).await, open(&url).await);
+    let team = TeamId::new();
+    let t0 = now();
+    let mut queued = HashSet::new();
+    for _ in 0..3 {
+        let (host, _) = host_with_sandboxes(&a, team, 0).await;
+        queued.extend(queue_destroys(&a, team, host, 10, t0).await);
+    }
+    let claim = |store: PostgresStore| {
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let batch = store
+                    .claim_due_destroys(later(t0, 1), later(t0, 600_000), 4, Vec::new())
+                    .await
+                    .expect("claim");
+                if batch.is_empty() {
+                    return got;
+                }
+                got.extend(batch);
+            }
+        })
+    };
+    let (from_a, from_b) = (claim(a.clone()), claim(b.clone()));
+    let (from_a, from_b) = (from_a.await.expect("a"), from_b.await.expect("b"));
+    let mut seen = HashSet::new();
+    for d in from_a.iter().chain(&from_b) {
+        assert!(seen.insert(d.sandbox_id), "{d:?} was claimed twice");
+        assert!(d.claim.is_some());
+    }
+    assert_eq!(seen, queued, "every due destroy is claimed exactly once");
+    assert!(
+        a.claim_due_destroys(later(t0, 2), later(t0, 600_000), 100, Vec::new())
+            .await
+            .expect("claim")
+            .is_empty(),
+        "leased"
+    );
+
+    // A lapsed claim, claimed again; the first claimer's late failure.
+    let lapsed = later(t0, 600_001);
+    let by_b = b
+        .claim_due_destroys(lapsed, later(lapsed, 600_000), 100, Vec::new())
+        .await
+        .expect("B claims again");
+    assert_eq!(by_b.len(), queued.len(), "the first leases lapsed");
+    let first = from_a.first().or(from_b.first()).expect("claimed").clone();
+    a.record_destroy(
+        first.clone(),
+        crate::store::DeletionResult::Failed {
+            error: "timed out".into(),
+            retry_at: later(lapsed, 10),
+        },
+        later(lapsed, 5),
+    )
+    .await
+    .expect("the late failure");
+    assert!(
+        a.claim_due_destroys(later(lapsed, 20), later(lapsed, 600_000), 100, Vec::new())
+            .await
+            .expect("claim")
+            .is_empty(),
+        "claimed again while B's lease runs"
+    );
+    // B's own failure of the same destroy ends its lease.
+    let mine = by_b
+        .iter()
+        .find(|d| d.sandbox_id == first.sandbox_id)
+        .expect("B holds it")
+        .clone();
+    b.record_destroy(
+        mine,
+        crate::store::DeletionResult::Failed {
+            error: "unavailable".into(),
+            retry_at: later(lapsed, 30),
+        },
+        later(lapsed, 25),
+    )
+    .await
+    .expect("B's failure");
+    let retried = a
+        .claim_due_destroys(later(lapsed, 40), later(lapsed, 600_000), 100, Vec::new())
+        .await
+        .expect("claim");
+    assert_eq!(retried.len(), 1);
+    assert_eq!(retried[0].sandbox_id, first.sandbox_id);
+    assert_eq!(retried[0].attempts, 1);
+    // Confirmed: no longer queued, and the id stays used.
+    a.record_destroy(
+        retried[0].clone(),
+        crate::store::DeletionResult::Confirmed,
+        later(lapsed, 45),
+    )
+    .await
+    .expect("confirm");
+    let pending = a.pending_destroys().await.expect("pending");
+    assert_eq!(pending.len(), queued.len() - 1);
+    assert!(pending.iter().all(|p| p.sandbox != first.sandbox_id));
+}
+
+/// Restores follow their owner's lease as operations do: another
+/// replica's restore is neither listed nor due to `me` while that lease
+/// lives (the worker wakes at its end), and is taken over — due at once —
+/// once it lapsed; a backed-off one keeps its backoff.
+#[tokio::test]
+async fn restores_are_adopted_only_once_their_owner_s_lease_lapsed() {
+    let Some((url, _client)) = fresh_schema().await else {
+        return;
+    };
+    let store = open(&url).await;
+    let t0 = now();
+    let (dead, me) = (InstanceId::new(), InstanceId::new());
+    let lease_end = later(t0, 30_000);
+    for id in [dead, me] {
+        store
+            .register_instance(id, lease_end, t0)
+            .await
+            .expect("register");
+    }
+    let team = TeamId::new();
+    let (host, _) = host_with_sandboxes(&store, team, 0).await;
+    let template = ready_template(&store, team, "golden", host).await;
+    let driven = restore_input(team, template, "golden", host, SandboxId::new(), dead);
+    let backed_off = restore_input(team, template, "golden", host, SandboxId::new(), dead);
+    for input in [&driven, &backed_off] {
+        store
+            .begin_restore(input.clone(), t0)
+            .await
+            .expect("begin restore");
+    }
+    let backoff_end = later(t0, 120_000);
+    store
+        .postpone_restore(backed_off.op.id, "unreachable".into(), backoff_end, t0)
+        .await
+        .expect("postpone");
+
+    assert!(
+        store
+            .open_restores(me, None)
+            .await
+            .expect("open")
+            .is_empty()
+    );
+    assert_eq!(
+        store.open_restores(dead, None).await.expect("open").len(),
+        2
+    );
+    assert_eq!(
+        store
+            .adopt_operations(me, later(t0, 1))
+            .await
+            .expect("adopt"),
+        0
+    );
+    assert_eq!(
+        store
+            .next_due(me, InHand::default())
+            .await
+            .expect("next due"),
+        Some(lease_end),
+        "the worker wakes when the owner's lease ends"
+    );
+
+    let lapsed = later(lease_end, 1);
+    assert_eq!(store.adopt_operations(me, lapsed).await.expect("adopt"), 2);
+    assert!(
+        store
+            .open_restores(dead, None)
+            .await
+            .expect("open")
+            .is_empty()
+    );
+    let due: Vec<OperationId> = store
+        .open_restores(me, Some(lapsed))
+        .await
+        .expect("open")
+        .iter()
+        .map(|op| op.id)
+        .collect();
+    assert_eq!(due, vec![driven.op.id], "the dead driver's lease is void");
+    assert_eq!(store.open_restores(me, None).await.expect("open").len(), 2);
+    // Held in hand, the due one does not wake the worker; the other's
+    // backoff does.
+    let in_hand = InHand {
+        restores: vec![driven.op.id],
+        ..InHand::default()
+    };
+    assert_eq!(
+        store.next_due(me, in_hand).await.expect("next due"),
+        Some(backoff_end)
+    );
+    assert_eq!(
+        store.adopt_operations(me, lapsed).await.expect("adopt"),
+        0,
+        "our own entries are never taken again"
+    );
 }

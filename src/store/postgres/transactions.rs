@@ -15,7 +15,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{PostgresStore, TxError, TxResult};
-use super::{audit, keys, operations, placements, registry, templates};
+use super::{audit, keys, operations, placements, registry, restores, templates};
+use crate::agent::HostInfo;
 use crate::audit::AuditEntry;
 use crate::error::{Error, Result};
 use crate::ids::{ApiKeyId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId};
@@ -24,9 +25,9 @@ use crate::model::{
 };
 use crate::names::TemplateName;
 use crate::store::{
-    Backlog, CreateInput, CreateOp, Deletion, DeletionResult, Finish, HostChange, InHand,
-    KeyRecord, ListPosition, OpenOperation, PendingDeletion, Phase, ResolveReason, SandboxOutcome,
-    Store, StoreError,
+    Backlog, CreateInput, CreateOp, Deletion, DeletionResult, Destroy, Finish, HostChange, InHand,
+    KeyRecord, ListPosition, OpenOperation, PendingDeletion, PendingDestroy, Phase, ResolveReason,
+    RestoreCandidate, RestoreEnd, RestoreInput, RestoreOp, SandboxOutcome, Store, StoreError,
 };
 
 /// Runs of a transaction after the first one, when it keeps losing races.
@@ -241,6 +242,7 @@ impl Store for PostgresStore {
         &self,
         op: CreateOp,
         size_bytes: u64,
+        compat: Option<HostInfo>,
         lease_until: Timestamp,
         now: Timestamp,
     ) -> Result<Finish> {
@@ -248,6 +250,7 @@ impl Store for PostgresStore {
             tx,
             &op,
             size_bytes,
+            compat.as_ref(),
             lease_until,
             now
         ))
@@ -408,6 +411,92 @@ impl Store for PostgresStore {
         transaction!(self, |tx| placements::queue_orphan(
             tx, template, host, size_bytes, now
         ))
+    }
+
+    async fn restore_candidates(&self, template: TemplateId) -> Result<Vec<RestoreCandidate>> {
+        read!(self, |db| restores::restore_candidates(db, template))
+    }
+
+    async fn set_host_info(
+        &self,
+        host: HostId,
+        info: Option<HostInfo>,
+        now: Timestamp,
+    ) -> Result<()> {
+        transaction!(self, |tx| restores::set_host_info(
+            tx,
+            host,
+            info.as_ref(),
+            now
+        ))
+    }
+
+    async fn begin_restore(&self, input: RestoreInput, now: Timestamp) -> Result<Sandbox> {
+        transaction!(self, |tx| restores::begin_restore(tx, &input, now))
+    }
+
+    async fn end_restore(
+        &self,
+        op: RestoreOp,
+        end: RestoreEnd,
+        now: Timestamp,
+    ) -> Result<Option<Sandbox>> {
+        transaction!(self, |tx| restores::end_restore(tx, &op, &end, now))
+    }
+
+    async fn postpone_restore(
+        &self,
+        id: OperationId,
+        error: String,
+        next_attempt: Timestamp,
+        now: Timestamp,
+    ) -> Result<()> {
+        transaction!(self, |tx| restores::postpone_restore(
+            tx,
+            id,
+            &error,
+            next_attempt,
+            now
+        ))
+    }
+
+    async fn open_restores(
+        &self,
+        me: InstanceId,
+        due_before: Option<Timestamp>,
+    ) -> Result<Vec<RestoreOp>> {
+        read!(self, |db| restores::open_restores(db, me, due_before))
+    }
+
+    async fn claim_due_destroys(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+        skip_hosts: Vec<HostId>,
+    ) -> Result<Vec<Destroy>> {
+        transaction!(self, |tx| restores::claim_due_destroys(
+            tx,
+            now,
+            lease_until,
+            limit,
+            &skip_hosts
+        ))
+    }
+
+    async fn record_destroy(
+        &self,
+        destroy: Destroy,
+        result: DeletionResult,
+        now: Timestamp,
+    ) -> Result<()> {
+        transaction!(self, |tx| restores::record_destroy(
+            tx, &destroy, &result, now
+        ))
+    }
+
+    async fn pending_destroys(&self) -> Result<Vec<PendingDestroy>> {
+        read!(self, |db| restores::pending_destroys(db))
     }
 
     async fn next_due(&self, me: InstanceId, in_hand: InHand) -> Result<Option<Timestamp>> {
