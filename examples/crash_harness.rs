@@ -5,11 +5,14 @@
 //!
 //! Modes:
 //!   run --db PATH --root DIR --host ID --team ID --sandbox ID --name NAME
-//!       --op create|overwrite|delete --pause STEP
+//!       --op create|overwrite|delete|restore [--restore-id ID] --pause STEP
 //!     Opens the manager on PATH with the reference agent over DIR
 //!     (in-process), registers the host and the (running) sandbox, runs the
 //!     operation, and when it reaches STEP prints `PAUSED STEP` and waits
-//!     forever. STEP is one of:
+//!     forever. `restore` restores the ready template NAME (the test made
+//!     it) into a new sandbox `--restore-id`; its destroys are queued after
+//!     a grace of 50 ms, so that the recovering test's worker runs them.
+//!     STEP is one of:
 //!       before-call  the first transaction is committed, the agent not called
 //!       in-agent     the agent has paused the VM and written part of the files
 //!       after-call   the agent answered, the final transaction not run
@@ -22,6 +25,24 @@
 //!                    the same, but the status is answered while this
 //!                    process holds SQLite's write lock on another
 //!                    connection, so the rollback can never commit
+//!     and, for `restore`:
+//!       restore-before-call
+//!                    the journal entry and the `starting` row are
+//!                    committed, the agent not called
+//!       restore-in-agent
+//!                    the agent started the VM (its directory is under
+//!                    `sandboxes/`) but has not answered
+//!       restore-in-agent-partial
+//!                    the agent's copy is cut short: it sits in a `.tmp-`
+//!                    directory under `sandboxes/`, no VM
+//!       restore-in-failure
+//!                    the agent started the VM and answered Internal; the
+//!                    manager is asking ListSandboxes (the outcome not yet
+//!                    written)
+//!       restore-destroy-queued
+//!                    the agent started the VM and timed out, ListSandboxes
+//!                    does not show it: the caller was told it failed and
+//!                    a destroy is queued, none has run
 //!     With `--agent go`, the reference agent answers like the Go agent
 //!     (see `GoLikeAgent`).
 //!   hold-lock --db PATH --seconds N
@@ -45,13 +66,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sandbox_snapshots::agent::GoLikeAgent;
 use sandbox_snapshots::agent::{
-    CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest, Hold, SandboxList,
-    SnapshotInfo, SnapshotKey,
+    CreateSandboxRequest, CreateSandboxResponse, CreateSnapshotRequest, CreateSnapshotResponse,
+    DeleteSnapshotRequest, DestroySandboxRequest, Hold, SandboxList, SnapshotInfo, SnapshotKey,
 };
 use sandbox_snapshots::{
     Actor, AgentCode, AgentError, AgentTransport, Caller, DirHostAgent, HostAgent, HostId,
-    HostStatus, HostTarget, InProcessTransport, Manager, ManagerOptions, NewSnapshot, Sandbox,
-    SandboxId, SandboxStatus, SnapshotManager, TeamId, TemplateName,
+    HostInfo, HostStatus, HostTarget, InProcessTransport, Manager, ManagerOptions, NewSnapshot,
+    RestoreRequest, Sandbox, SandboxId, SandboxStatus, SnapshotManager, TeamId, TemplateName,
 };
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -74,6 +95,9 @@ struct Pausing {
     agent: DirHostAgent,
     pause: String,
     db: PathBuf,
+    /// The sandbox a restore creates (hidden from ListSandboxes at
+    /// `restore-destroy-queued`).
+    restored: Option<SandboxId>,
 }
 
 #[async_trait]
@@ -123,6 +147,14 @@ impl HostAgent for Pausing {
     async fn list_sandboxes(&self) -> Result<SandboxList, AgentError> {
         match self.pause.as_str() {
             "in-failure" => stop_here("in-failure").await,
+            "restore-in-failure" => stop_here("restore-in-failure").await,
+            "restore-destroy-queued" => {
+                let mut list = self.agent.list_sandboxes().await?;
+                let hidden = self.restored.map(|id| id.to_string());
+                list.sandboxes
+                    .retain(|s| Some(&s.sandbox_id) != hidden.as_ref());
+                Ok(list)
+            }
             "in-failure-locked" => {
                 // Held until the process dies: the rollback cannot commit.
                 let conn = rusqlite::Connection::open(&self.db)
@@ -138,6 +170,53 @@ impl HostAgent for Pausing {
 
     async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, AgentError> {
         self.agent.list_snapshots().await
+    }
+
+    async fn create_sandbox(
+        &self,
+        req: CreateSandboxRequest,
+    ) -> Result<CreateSandboxResponse, AgentError> {
+        match self.pause.as_str() {
+            "restore-before-call" => stop_here("restore-before-call").await,
+            "restore-in-agent" => {
+                self.agent.create_sandbox(req).await?;
+                stop_here("restore-in-agent").await
+            }
+            "restore-in-agent-partial" => {
+                // The agent's own copy, stopped before its rename.
+                let hold = Hold::new();
+                self.agent.pause_before_rename(Some(hold.clone()));
+                let agent = self.agent.clone();
+                let copy = tokio::spawn(async move { agent.create_sandbox(req).await });
+                tokio::select! {
+                    () = hold.arrived(1) => stop_here("restore-in-agent-partial").await,
+                    done = copy => Err(AgentError::rejected(
+                        AgentCode::Internal,
+                        format!("the copy ended before its rename: {done:?}"),
+                    )),
+                }
+            }
+            "restore-in-failure" => {
+                self.agent.create_sandbox(req).await?;
+                Err(AgentError::rejected(
+                    AgentCode::Internal,
+                    "sandbox started, then failed",
+                ))
+            }
+            "restore-destroy-queued" => {
+                self.agent.create_sandbox(req).await?;
+                Err(AgentError::Timeout)
+            }
+            _ => self.agent.create_sandbox(req).await,
+        }
+    }
+
+    async fn destroy_sandbox(&self, req: DestroySandboxRequest) -> Result<(), AgentError> {
+        self.agent.destroy_sandbox(req).await
+    }
+
+    async fn host_info(&self) -> Result<HostInfo, AgentError> {
+        self.agent.host_info().await
     }
 }
 
@@ -183,10 +262,15 @@ async fn run(opts: HashMap<String, String>) -> Result<(), Failure> {
     let pause = get(&opts, "pause")?.to_owned();
     let agent = DirHostAgent::open(get(&opts, "root")?).await?;
     let db = PathBuf::from(get(&opts, "db")?);
+    let restored = opts
+        .get("restore-id")
+        .map(|id| SandboxId::parse(id))
+        .transpose()?;
     let pausing = Pausing {
         agent,
-        pause,
+        pause: pause.clone(),
         db: db.clone(),
+        restored,
     };
     let agent: Arc<dyn HostAgent> = match opts.get("agent").map(String::as_str) {
         None | Some("ours") => Arc::new(pausing),
@@ -198,6 +282,11 @@ async fn run(opts: HashMap<String, String>) -> Result<(), Failure> {
     // This process only drives the one operation.
     manager_options.run_janitor = false;
     manager_options.store.busy_timeout = Duration::from_millis(100);
+    if opts.get("op").map(String::as_str) == Some("restore") {
+        // A destroy the restore queues is due soon enough for the test's
+        // worker.
+        manager_options.late_write_grace = Duration::from_millis(50);
+    }
     let manager = Manager::open(db, transport, manager_options).await?;
     let registry = manager.registry();
     registry
@@ -230,6 +319,22 @@ async fn run(opts: HashMap<String, String>) -> Result<(), Failure> {
         }
         "delete" => {
             manager.delete(&caller, &name).await?;
+        }
+        "restore" => {
+            let id = restored.ok_or("--restore-id is required")?;
+            let result = manager
+                .restore(&caller, RestoreRequest::new(name).sandbox_id(id))
+                .await;
+            if pause == "restore-destroy-queued" {
+                // The caller was told it failed; the destroy waits, queued.
+                let err = result.err().ok_or("the restore succeeded")?;
+                let queued = manager.pending_destroys().await?;
+                if queued.len() != 1 || queued[0].sandbox != id {
+                    return Err(format!("after {err}: destroys queued {queued:?}").into());
+                }
+                stop_here("restore-destroy-queued").await;
+            }
+            result?;
         }
         other => return Err(format!("unknown --op {other:?}").into()),
     }

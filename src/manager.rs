@@ -471,7 +471,8 @@ impl Manager {
         self.inner.store.pending_destroys().await
     }
 
-    /// The store underneath.
+    /// The store underneath (the HTTP API's key checks).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
     }

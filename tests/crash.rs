@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Mode, caller, eventually, fast_options, harness, name};
+use common::{Mode, caller, count, eventually, fast_options, harness, name};
 use sandbox_snapshots::*;
 
 struct Scene {
@@ -24,6 +24,8 @@ struct Scene {
     host: HostId,
     team: TeamId,
     sandbox: SandboxId,
+    /// The sandbox a restore creates.
+    restored: SandboxId,
 }
 
 impl Scene {
@@ -43,6 +45,7 @@ impl Scene {
             host: HostId::new(),
             team: TeamId::new(),
             sandbox,
+            restored: SandboxId::new(),
         }
     }
 
@@ -53,6 +56,10 @@ impl Scene {
 
     /// The same, with an agent that may lack the `ListSnapshots` extension.
     async fn manager_with(&self, list_snapshots: bool) -> Manager {
+        self.manager_opts(list_snapshots, fast_options()).await
+    }
+
+    async fn manager_opts(&self, list_snapshots: bool, options: ManagerOptions) -> Manager {
         let agent = DirHostAgent::open(&self.root).await.unwrap();
         let agent: Arc<dyn HostAgent> = match (self.mode, list_snapshots) {
             (Mode::GoLike, _) => Arc::new(agent::GoLikeAgent::new(agent)),
@@ -61,9 +68,7 @@ impl Scene {
         };
         let transport = Arc::new(InProcessTransport::new());
         transport.add_host(self.host, agent);
-        let manager = Manager::open(&self.db, transport, fast_options())
-            .await
-            .unwrap();
+        let manager = Manager::open(&self.db, transport, options).await.unwrap();
         let registry = manager.registry();
         registry
             .register_host(self.host, "in-process", HostStatus::Online)
@@ -100,10 +105,11 @@ impl Scene {
 
     /// Runs the harness until it reports `pause`, then SIGKILLs it.
     async fn crash(&self, op: &str, n: &str, pause: &str) {
-        let (host, team, sandbox) = (
+        let (host, team, sandbox, restored) = (
             self.host.to_string(),
             self.team.to_string(),
             self.sandbox.to_string(),
+            self.restored.to_string(),
         );
         let agent = if self.mode == Mode::GoLike {
             "go"
@@ -130,6 +136,8 @@ impl Scene {
             pause,
             "--agent",
             agent,
+            "--restore-id",
+            &restored,
         ];
         let mut child = harness(&args, &format!("PAUSED {pause}")).await;
         child.start_kill().unwrap(); // SIGKILL
@@ -137,8 +145,9 @@ impl Scene {
         assert!(!status.success(), "killed, not exited");
     }
 
-    /// A fresh manager recovers; waits until the journal and the deletion
-    /// queue are empty; checks the invariants; returns what `n` shows.
+    /// A fresh manager recovers; waits until the journals (operations and
+    /// restores) and the deletion and destroy queues are empty; checks the
+    /// invariants; returns what `n` shows.
     async fn recover_and_check(&self, n: &str) -> (Manager, Option<Template>) {
         self.recover_and_check_with(n, true).await
     }
@@ -152,6 +161,8 @@ impl Scene {
         eventually("recovery and the worker finish", || async {
             manager.open_operations().await.unwrap().is_empty()
                 && manager.pending_deletions().await.unwrap().is_empty()
+                && count(&self.db, "SELECT count(*) FROM restores") == 0
+                && manager.pending_destroys().await.unwrap().is_empty()
         })
         .await;
         let visible = manager
@@ -215,6 +226,33 @@ impl Scene {
             .unwrap()
             .unwrap()
             .status
+    }
+
+    /// The names under the agent's `sandboxes/`.
+    fn sandbox_dirs(&self) -> HashSet<String> {
+        std::fs::read_dir(self.root.join("sandboxes"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// SPEC §4a "Restore" after recovery: the restored sandbox is
+    /// registered `running` on the host and its VM runs, or neither (`kept`
+    /// says which); no VM the store does not know, no row `starting`.
+    async fn check_restored(&self, manager: &Manager, kept: bool, case: &str) {
+        let registered = manager.registry().sandbox(self.restored).await.unwrap();
+        if let Some(sb) = &registered {
+            assert_eq!(sb.status, SandboxStatus::Running, "{case}");
+            assert_eq!(sb.host, Some(self.host), "{case}");
+        }
+        assert_eq!(registered.is_some(), kept, "{case}: {registered:?}");
+        let mut expected = HashSet::from([self.sandbox.to_string()]);
+        if kept {
+            expected.insert(self.restored.to_string());
+        }
+        assert_eq!(self.sandbox_dirs(), expected, "{case}: the VMs on the host");
+        let starting = "SELECT count(*) FROM sandboxes WHERE status = 'starting'";
+        assert_eq!(count(&self.db, starting), 0, "{case}");
     }
 }
 
@@ -441,6 +479,102 @@ async fn delete_killed_mid_way_finishes() {
                 .items
                 .is_empty()
         );
+    }
+}
+
+/// A restore killed at each step, with either agent: after recovery its
+/// sandbox is registered `running` with its VM on the host, or neither;
+/// one the caller was told failed is destroyed; the template is intact;
+/// and the sandbox id stays taken either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_killed_at_each_step_leaves_no_vm_the_store_does_not_know() {
+    // (step, the VM exists at the kill, recovery keeps it)
+    let steps = [
+        ("restore-before-call", false, false),
+        ("restore-in-agent", true, true),
+        ("restore-in-agent-partial", false, false),
+        ("restore-in-failure", true, true),
+        ("restore-destroy-queued", true, false),
+    ];
+    for mode in Mode::ALL {
+        for (pause, started, kept) in steps {
+            let case = format!("{mode:?} {pause}");
+            let scene = Scene::new(mode);
+            let t = scene.prepare("r").await;
+            scene.crash("restore", "r", pause).await;
+            let dirs = scene.sandbox_dirs();
+            assert_eq!(
+                dirs.contains(&scene.restored.to_string()),
+                started,
+                "{case}"
+            );
+            let partial = format!(".tmp-{}-", scene.restored);
+            assert_eq!(
+                dirs.iter().any(|d| d.starts_with(&partial)),
+                pause == "restore-in-agent-partial",
+                "{case}: {dirs:?}"
+            );
+            let (manager, shown) = scene.recover_and_check("r").await;
+            scene.check_restored(&manager, kept, &case).await;
+            assert_eq!(
+                shown.map(|s| s.id),
+                Some(t.id),
+                "{case}: the template stays"
+            );
+            assert!(
+                snapshot_dir(&scene.root, t.id).join("memory.bin").exists(),
+                "{case}"
+            );
+            let again = RestoreRequest::new(name("r")).sandbox_id(scene.restored);
+            let err = manager
+                .restore(&caller(scene.team), again)
+                .await
+                .unwrap_err();
+            assert_eq!(
+                (err.code(), err.http_status()),
+                (ErrorCode::AlreadyExists, 409),
+                "{case}: ids are never reused"
+            );
+        }
+    }
+}
+
+/// A template deleted while its restore is interrupted: its files stay
+/// until the restore is resolved, then go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_deleted_during_an_interrupted_restore_keeps_its_files_until_resolved() {
+    for mode in Mode::ALL {
+        let scene = Scene::new(mode);
+        let t = scene.prepare("r").await;
+        scene.crash("restore", "r", "restore-before-call").await;
+        let mut options = fast_options();
+        options.run_janitor = false;
+        let manager = scene.manager_opts(true, options).await;
+        manager
+            .delete(&caller(scene.team), &name("r"))
+            .await
+            .unwrap();
+        let files = snapshot_dir(&scene.root, t.id);
+        let restores = "SELECT count(*) FROM restores";
+        assert_eq!(count(&scene.db, restores), 1, "{mode:?}");
+        assert!(files.exists(), "{mode:?}: the open restore holds the files");
+        eventually("the restore and the deletion settle", || async {
+            manager.run_pending_work().await.unwrap();
+            assert!(
+                count(&scene.db, restores) == 0 || files.exists(),
+                "{mode:?}"
+            );
+            !files.exists()
+        })
+        .await;
+        manager.shutdown().await;
+        drop(manager);
+        let (manager, shown) = scene.recover_and_check("r").await;
+        assert_eq!(shown, None, "{mode:?}");
+        assert_eq!(scene.keys(), 0, "{mode:?}");
+        scene
+            .check_restored(&manager, false, &format!("{mode:?}"))
+            .await;
     }
 }
 

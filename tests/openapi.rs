@@ -1,5 +1,3 @@
-#![cfg(feature = "server")]
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Keeps `openapi.json` (the document served at `GET /openapi.json`) in sync
 //! with the HTTP server in `src/http`:
 //!
@@ -17,6 +15,8 @@
 //!
 //! The checks that talk to the server start the real router on a loopback
 //! port and drive it with a real HTTP client (`reqwest`).
+#![cfg(feature = "server")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

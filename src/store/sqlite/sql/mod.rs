@@ -4,6 +4,8 @@
 //! to SQLite values, and the imports every part uses.
 
 mod audit;
+// API keys: used by the HTTP API only.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 mod keys;
 mod operations;
 mod placements;
