@@ -374,8 +374,12 @@ pub(crate) async fn resolve_interrupted_restore(
         error_code: "interrupted",
         destroy_from: Some(from),
     };
+    // Every destroy queued here waits out the grace first (a destroy
+    // answered NotFound while a late CreateSandbox still boots the VM
+    // would leave it running); a host coming back online skips backoff,
+    // never that grace.
     let end = if views.offline(inner, op.host.id).await? {
-        interrupted(Timestamp::now())
+        interrupted(grace)
     } else {
         match views.sandboxes(inner, &op.host).await {
             Ok(list) => {

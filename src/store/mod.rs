@@ -223,7 +223,6 @@ pub(crate) struct CreateDone {
 /// What the final transaction of a successful create did.
 // One is returned per create and consumed at once: boxing `Done` would buy
 // nothing but an allocation.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // short-lived, returned once per create
 pub(crate) enum Finish {

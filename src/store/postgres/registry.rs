@@ -138,7 +138,8 @@ async fn make_host_work_due(db: &impl GenericClient, host: HostId, now: Timestam
     .await?;
     execute(
         db,
-        "UPDATE sandbox_destroys SET next_attempt = $2 WHERE host_id = $1 AND state = 'queued'",
+        "UPDATE sandbox_destroys SET next_attempt = $2
+         WHERE host_id = $1 AND state = 'queued' AND attempts > 0",
         &[&host.bytes(), &now.unix_millis()],
     )
     .await?;

@@ -106,8 +106,11 @@ pub(super) fn make_host_work_due(conn: &Connection, host: HostId, now: Timestamp
          WHERE host_id = ?1 AND (phase = 'resolving' OR attempts > 0)",
     )
     .and_then(|mut s| s.execute(params![host, now.unix_millis()]))?;
+    // Destroys never tried keep their first attempt's time: the grace a
+    // late-booting VM gets before a NotFound may be believed.
     conn.prepare_cached(
-        "UPDATE sandbox_destroys SET next_attempt = ?2 WHERE host_id = ?1 AND state = 'queued'",
+        "UPDATE sandbox_destroys SET next_attempt = ?2
+         WHERE host_id = ?1 AND state = 'queued' AND attempts > 0",
     )
     .and_then(|mut s| s.execute(params![host, now.unix_millis()]))?;
     conn.prepare_cached(
