@@ -269,8 +269,10 @@ async fn create_rows_of_the_spec_table() {
     assert_eq!(
         text,
         format!(
-            r#"{{"name":"snap","type":"snapshot","vcpus":2,"memory_mb":512,"size_bytes":{},"created_at":"{created_at}","platform":false}}"#,
-            (512 + 16) * 1024 * 1024
+            r#"{{"name":"snap","type":"snapshot","vcpus":2,"memory_mb":512,"size_bytes":{},"created_at":"{created_at}","platform":false,"state":"ready","hosts":1,"compat":{{"vmm":"memory","vmm_version":"{}","snapshot_format":"memory-1","arch":"{}"}}}}"#,
+            (512 + 16) * 1024 * 1024,
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::ARCH,
         )
     );
     assert_eq!(
@@ -388,7 +390,8 @@ async fn list_and_get_rows_with_platform_templates_and_filters() {
     let created_at = items[1]["created_at"].clone();
     assert_eq!(
         items[1],
-        json!({"name": "base-image", "type": "base", "size_bytes": 0, "created_at": created_at, "platform": true})
+        json!({"name": "base-image", "type": "base", "size_bytes": 0, "created_at": created_at,
+               "platform": true, "state": "ready", "hosts": 0})
     );
 
     let (_, snaps) = api

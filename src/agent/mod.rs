@@ -314,24 +314,36 @@ pub const HOST_INFO_MAX_FLAGS: usize = 1024;
 /// Values from the wire are checked ([`HostInfo::validate`]): each text at
 /// most [`HOST_INFO_MAX_TEXT`] bytes without control characters, at most
 /// [`HOST_INFO_MAX_FLAGS`] flags, each a non-empty word.
+///
+/// As JSON (the template object's `compat`, and how stores keep it) an
+/// unknown field is left out.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 #[non_exhaustive]
 pub struct HostInfo {
     /// The VMM, e.g. `firecracker`.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub vmm: String,
     /// Its version.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub vmm_version: String,
     /// The snapshot format version the VMM writes.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub snapshot_format: String,
     /// The host kernel's release.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub kernel_version: String,
     /// The CPU vendor.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub cpu_vendor: String,
     /// The CPU model.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub cpu_model: String,
     /// The CPU feature flags.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub cpu_flags: Vec<String>,
     /// The machine architecture, e.g. `x86_64`.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub arch: String,
 }
 
