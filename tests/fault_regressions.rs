@@ -62,7 +62,7 @@ impl StoreLock {
         match &env.store {
             Db::Sqlite(path) => StoreLock::Sqlite(WriteLock::take(path).await),
             Db::Postgres(url) => {
-                let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
+                let (locked_tx, locked_rx) = tokio::sync::oneshot::channel::<()>();
                 let (release, released) = tokio::sync::oneshot::channel::<()>();
                 let url = url.clone();
                 let task = tokio::spawn(async move {

@@ -213,7 +213,8 @@ pub(crate) async fn run_restore(
             team,
             template_id: template.id,
             template_name: spec.template.clone(),
-            sandbox_id: spec.sandbox_id.unwrap_or_else(SandboxId::new),
+            // Not given: a new random id (what `SandboxId::default` is).
+            sandbox_id: spec.sandbox_id.unwrap_or_default(),
             host: HostTarget {
                 id: host.host.id,
                 address: host.host.address.clone(),

@@ -219,8 +219,10 @@ pub(crate) struct CreateDone {
     pub(crate) replaced: Vec<Deletion>,
 }
 
-/// What the final transaction of a successful create did.
+/// What the final transaction of a successful create did (one per create:
+/// its size does not matter).
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Finish {
     /// The template is ready.
     Done(CreateDone),
