@@ -11,8 +11,8 @@
 //!   before or after starting the VM, ours and the Go-like agent), of the
 //!   `ListSandboxes` asked after an ambiguous failure, and of the queued
 //!   `DestroySandbox`;
-//! - a delete racing a restore in flight, and restores interrupted by a
-//!   crash.
+//! - a delete or an overwrite racing a restore in flight, a caller that
+//!   goes away, a shutdown, and restores interrupted by a crash.
 //!
 //! After every case the invariants of §4a hold once the worker drained: no
 //! VM runs that its caller was told failed, every registered `running`
@@ -32,6 +32,7 @@ use sandbox_snapshots::*;
 
 conformance!(
     placement_follows_the_files_the_host_status_and_the_load,
+    restores_in_flight_count_as_load,
     compatibility_is_checked_against_the_recorded_host_info,
     the_template_shows_compat_hosts_state_and_last_use,
     teams_restore_only_their_own_and_platform_templates,
@@ -41,6 +42,8 @@ conformance!(
     list_sandboxes_failures_after_an_ambiguous_restore,
     destroy_sandbox_failures_are_retried_until_the_host_confirms,
     a_delete_during_a_restore_keeps_the_files_until_it_ends,
+    a_dropped_caller_does_not_abort_the_restore,
+    a_shutdown_waits_for_a_restore_in_flight,
     interrupted_restores_are_finished_or_rolled_back,
 );
 
@@ -503,6 +506,40 @@ async fn placement_follows_the_files_the_host_status_and_the_load(backend: Backe
     }
 }
 
+/// Restores in flight count as load: two at once from two equally loaded
+/// holders go one to each.
+async fn restores_in_flight_count_as_load(backend: Backend) {
+    let env = Env::on(&backend, options(), Mode::Ours).await;
+    let fleet = vec![
+        first(&env),
+        add_host(&env, MemoryHostAgent::new()).await,
+        add_host(&env, MemoryHostAgent::new()).await,
+    ];
+    let team = TeamId::new();
+    snapshot_on(&env, team, "t", &[&fleet[1], &fleet[2]], None).await;
+    let hold = Hold::new();
+    for node in &fleet[1..] {
+        node.agent
+            .inject_times(AgentOp::CreateSandbox, Fault::Hold(hold.clone()), 1);
+    }
+    let spawn = || {
+        let manager = env.manager.clone();
+        tokio::spawn(async move { manager.restore(&caller(team), req("t")).await })
+    };
+    let one = spawn();
+    hold.arrived(1).await;
+    let two = spawn();
+    // Sent to the same host, the second would not be held (one hold each).
+    tokio::time::timeout(Duration::from_secs(10), hold.arrived(2))
+        .await
+        .expect("the second restore goes to the other holder");
+    hold.release();
+    let (one, two) = (one.await.unwrap().unwrap(), two.await.unwrap().unwrap());
+    assert_ne!(one.host, two.host);
+    assert_eq!(fleet[0].agent.calls(AgentOp::CreateSandbox), 0);
+    assert_restore_invariants("in flight", &env, &fleet, &[], &[one.id, two.id]).await;
+}
+
 // -------------------------------------------------------- compatibility
 
 fn host_info(vmm: &str, format: &str, arch: &str, cpu: &str) -> HostInfo {
@@ -708,8 +745,34 @@ async fn the_template_shows_compat_hosts_state_and_last_use(backend: Backend) {
         check_audit(&case, &env, team, failed, &t, Some(&err)).await;
         assert_eq!(get().await.unwrap().last_used_at, None, "{case}");
 
-        let sandbox = restore(&env, team, req("snap")).await.expect(&case);
+        let request = req("snap").timeout_sec(600).disk_size_mb(4096);
+        let sandbox = restore(&env, team, request).await.expect(&case);
         assert_eq!(sandbox.host, Some(env.host), "{case}");
+        // What the agent was asked: the template's files by id, for the
+        // caller's team, with the template's sizes.
+        let listed = env.agent.list_sandboxes().await.unwrap().sandboxes;
+        let info = listed
+            .iter()
+            .find(|s| s.sandbox_id == sandbox.id.to_string())
+            .expect(&case);
+        assert_eq!(
+            (
+                info.template.as_str(),
+                info.template_id.as_str(),
+                info.team_id.as_str()
+            ),
+            (
+                t.id.to_string().as_str(),
+                t.id.to_string().as_str(),
+                team.to_string().as_str()
+            ),
+            "{case}"
+        );
+        assert_eq!(
+            (info.vcpus, info.memory_mb, info.timeout_sec),
+            (2, 512, 600),
+            "{case}"
+        );
         assert_eq!(sandbox.template, Some(name("snap")), "{case}");
         assert_eq!(sandbox.template_id, Some(t.id), "{case}");
         assert_eq!((sandbox.vcpus, sandbox.memory_mb), (2, 512), "{case}");
@@ -992,8 +1055,12 @@ async fn sandbox_ids_are_never_reused(backend: Backend) {
         "the id of a failed restore whose destroy is queued",
         restore(&env, team, req("snap").sandbox_id(ambiguous)).await,
     );
-    drain_restores(&env, &fleet).await;
-    assert!(host.agent.calls(AgentOp::DestroySandbox) >= 1);
+    // The background worker destroys it by itself (NotFound counts).
+    eventually("the worker destroys the VM", || async {
+        host.agent.calls(AgentOp::DestroySandbox) >= 1
+            && env.manager.pending_destroys().await.unwrap().is_empty()
+    })
+    .await;
     taken(
         "the id of a failed restore whose destroy is confirmed",
         restore(&env, team, req("snap").sandbox_id(ambiguous)).await,
@@ -1264,7 +1331,10 @@ async fn destroy_sandbox_failures_are_retried_until_the_host_confirms(backend: B
     for (mode, failure, when) in Failure::matrix() {
         let case = format!("{mode:?}: DestroySandbox {failure:?} {when:?}");
         let outcome = failure.destroy_outcome(when);
-        let env = Env::on(&backend, options(), mode).await;
+        // The worker runs only when asked, so that its reports add up.
+        let mut o = options();
+        o.run_janitor = false;
+        let env = Env::on(&backend, o, mode).await;
         let host = first(&env);
         let fleet = [host.clone()];
         let team = TeamId::new();
@@ -1289,9 +1359,15 @@ async fn destroy_sandbox_failures_are_retried_until_the_host_confirms(backend: B
         );
 
         let pending = || async { env.manager.pending_destroys().await.unwrap() };
+        let (confirmed, failed) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        let pass = || async {
+            let report = env.manager.run_pending_work().await.unwrap();
+            confirmed.set(confirmed.get() + report.destroys_confirmed);
+            failed.set(failed.get() + report.destroys_failed);
+        };
         if outcome == DestroyOutcome::Retried {
             eventually(&case, || async {
-                let _ = env.manager.run_pending_work().await;
+                pass().await;
                 pending()
                     .await
                     .iter()
@@ -1310,9 +1386,11 @@ async fn destroy_sandbox_failures_are_retried_until_the_host_confirms(backend: B
                 Some("running"),
                 "{case}"
             );
+            assert_eq!(confirmed.get(), 0, "{case}");
+            assert!(failed.get() >= 1, "{case}");
         } else {
             eventually(&case, || async {
-                let _ = env.manager.run_pending_work().await;
+                pass().await;
                 pending().await.is_empty()
             })
             .await;
@@ -1325,6 +1403,12 @@ async fn destroy_sandbox_failures_are_retried_until_the_host_confirms(backend: B
             assert_eq!(
                 host.agent.sandbox_status(id).is_some(),
                 outcome == DestroyOutcome::ConfirmedVmLeft,
+                "{case}"
+            );
+            assert_eq!(confirmed.get(), 1, "{case}");
+            assert_eq!(
+                failed.get() >= 1,
+                outcome == DestroyOutcome::DestroyedThenConfirmed,
                 "{case}"
             );
         }
@@ -1341,80 +1425,234 @@ async fn destroy_sandbox_failures_are_retried_until_the_host_confirms(backend: B
     }
 }
 
-// ------------------------------------------------------ delete and crash
+// ------------------------------------------------- delete, drop and crash
 
-/// A delete while a restore from the template is in flight answers at
-/// once and frees the name; the files on that host stay until the restore
-/// is over, then the worker deletes them.
+/// How a test takes a template's name away while a restore from it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replace {
+    /// The template is deleted (and a new one takes the name).
+    Delete,
+    /// A new snapshot overwrites it.
+    Overwrite,
+}
+
+/// A delete or an overwrite while a restore from the template is in
+/// flight answers at once and frees the name; the old files on that host
+/// stay until the restore is over, then the worker deletes them.
 async fn a_delete_during_a_restore_keeps_the_files_until_it_ends(backend: Backend) {
-    let mut o = options();
-    o.create_timeout = Duration::from_secs(30);
-    let env = Env::on(&backend, o, Mode::Ours).await;
+    for how in [Replace::Delete, Replace::Overwrite] {
+        let case = format!("{how:?} during a restore");
+        let mut o = options();
+        o.create_timeout = Duration::from_secs(30);
+        let env = Env::on(&backend, o, Mode::Ours).await;
+        let host = first(&env);
+        let team = TeamId::new();
+        let source = env.sandbox(team).await;
+        let old = env.create(team, source, "snap").await.unwrap();
+        let key = old.id.to_string();
+        let hold = Hold::new();
+        host.agent
+            .inject_times(AgentOp::CreateSandbox, Fault::Hold(hold.clone()), 1);
+        let task = {
+            let manager = env.manager.clone();
+            tokio::spawn(async move { manager.restore(&caller(team), req("snap")).await })
+        };
+        hold.arrived(1).await;
+
+        let new = match how {
+            Replace::Delete => {
+                let deleted = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    env.manager.delete(&caller(team), &name("snap")),
+                )
+                .await
+                .expect("the delete answers at once")
+                .unwrap();
+                assert_eq!(deleted.template.id, old.id, "{case}");
+                assert!(
+                    !deleted.hosts_confirmed.contains(&host.id),
+                    "{case}: the files are not gone: {deleted:?}"
+                );
+                assert!(env.names(team).await.is_empty(), "{case}");
+                // The name is free: a new snapshot takes it.
+                env.create(team, source, "snap").await.expect(&case)
+            }
+            Replace::Overwrite => env.overwrite(team, source, "snap").await.expect(&case),
+        };
+        assert_ne!(new.id, old.id, "{case}");
+        assert_eq!(env.names(team).await, vec!["snap"], "{case}");
+        // The worker leaves the old files alone while the restore is open,
+        // however long it takes.
+        for _ in 0..5 {
+            env.manager.run_pending_work().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert!(
+            host.agent.has_snapshot(&key),
+            "{case}: deleted under a restore"
+        );
+        assert_eq!(host.agent.calls(AgentOp::DeleteSnapshot), 0, "{case}");
+        assert!(
+            env.manager
+                .pending_deletions()
+                .await
+                .unwrap()
+                .iter()
+                .any(|d| d.template_id == old.id),
+            "{case}: the deletion stays queued"
+        );
+
+        hold.release();
+        let sandbox = task.await.unwrap().expect("the restore finishes");
+        assert_eq!(sandbox.status, SandboxStatus::Running, "{case}");
+        assert_eq!(sandbox.template_id, Some(old.id), "{case}");
+        assert_eq!(sandbox.template, Some(name("snap")), "{case}");
+        assert_eq!(
+            host.agent.sandbox_status(sandbox.id).as_deref(),
+            Some("running"),
+            "{case}"
+        );
+        drain(&env).await;
+        assert!(
+            !host.agent.has_snapshot(&key),
+            "{case}: kept after the restore"
+        );
+        assert!(host.agent.has_snapshot(&new.id.to_string()), "{case}");
+        assert_invariants(&env, &[team]).await;
+        let fleet = [host];
+        assert_restore_invariants(&case, &env, &fleet, &[], &[sandbox.id]).await;
+        // The new template is restorable.
+        let from_new = restore(&env, team, req("snap")).await.expect(&case);
+        assert_eq!(from_new.template_id, Some(new.id), "{case}");
+    }
+}
+
+/// A caller that goes away does not abort its restore: the outcome is
+/// recorded, the sandbox registered `running`.
+async fn a_dropped_caller_does_not_abort_the_restore(backend: Backend) {
+    let env = Env::on(&backend, options(), Mode::Ours).await;
     let host = first(&env);
     let team = TeamId::new();
-    let source = env.sandbox(team).await;
-    let old = env.create(team, source, "snap").await.unwrap();
-    let key = old.id.to_string();
+    let t = snapshot_on(&env, team, "snap", &[&host], None).await;
     let hold = Hold::new();
     host.agent
         .inject_times(AgentOp::CreateSandbox, Fault::Hold(hold.clone()), 1);
+    let id = SandboxId::new();
     let task = {
         let manager = env.manager.clone();
-        tokio::spawn(async move { manager.restore(&caller(team), req("snap")).await })
+        tokio::spawn(async move {
+            manager
+                .restore(&caller(team), req("snap").sandbox_id(id))
+                .await
+        })
     };
     hold.arrived(1).await;
-
-    let deleted = tokio::time::timeout(
-        Duration::from_secs(1),
-        env.manager.delete(&caller(team), &name("snap")),
-    )
-    .await
-    .expect("the delete answers at once")
-    .unwrap();
-    assert_eq!(deleted.template.id, old.id);
-    assert!(
-        !deleted.hosts_confirmed.contains(&host.id),
-        "the files are not gone: {deleted:?}"
-    );
-    assert!(env.names(team).await.is_empty());
-    // The name is free: a new snapshot takes it.
-    let new = env.create(team, source, "snap").await.unwrap();
-    assert_ne!(new.id, old.id);
-    // The worker leaves the files alone while the restore is open, however
-    // long it takes.
-    for _ in 0..5 {
-        env.manager.run_pending_work().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
-    assert!(host.agent.has_snapshot(&key), "deleted under a restore");
-    assert_eq!(host.agent.calls(AgentOp::DeleteSnapshot), 0);
-    assert!(
-        env.manager
-            .pending_deletions()
-            .await
-            .unwrap()
-            .iter()
-            .any(|d| d.template_id == old.id),
-        "the deletion stays queued"
-    );
-
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
     hold.release();
-    let sandbox = task.await.unwrap().expect("the restore finishes");
+    eventually("the restore ends without its caller", || async {
+        env.count("SELECT count(*) FROM restores").await == 0
+    })
+    .await;
+    let sandbox = env.manager.sandbox(&caller(team), id).await.unwrap();
     assert_eq!(sandbox.status, SandboxStatus::Running);
-    assert_eq!(sandbox.template_id, Some(old.id));
-    assert_eq!(sandbox.template, Some(name("snap")));
-    assert_eq!(
-        host.agent.sandbox_status(sandbox.id).as_deref(),
-        Some("running")
-    );
-    drain(&env).await;
-    assert!(!host.agent.has_snapshot(&key), "deleted after the restore");
-    assert!(host.agent.has_snapshot(&new.id.to_string()));
-    assert_invariants(&env, &[team]).await;
-    assert_restore_invariants("delete", &env, &[host], &[], &[sandbox.id]).await;
-    // The new template is restorable.
-    let from_new = restore(&env, team, req("snap")).await.unwrap();
-    assert_eq!(from_new.template_id, Some(new.id));
+    check_audit("dropped", &env, team, id, &t, None).await;
+    assert_restore_invariants("dropped", &env, &[host], &[], &[id]).await;
+}
+
+/// An [`Env`] whose manager was shut down and dropped (one manager may use
+/// an SQLite file at a time), to be opened again on the same store,
+/// transport and agent.
+struct Closed {
+    dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    store: Db,
+    transport: Arc<InProcessTransport>,
+    agent: Arc<MemoryHostAgent>,
+    host: HostId,
+}
+
+impl Closed {
+    async fn of(env: Env) -> Closed {
+        env.manager.shutdown().await;
+        let Env {
+            dir,
+            db,
+            store,
+            manager,
+            transport,
+            agent,
+            host,
+            options: _,
+        } = env;
+        drop(manager);
+        Closed {
+            dir,
+            db,
+            store,
+            transport,
+            agent,
+            host,
+        }
+    }
+
+    async fn open(self, options: ManagerOptions) -> Env {
+        let manager = self
+            .store
+            .open(self.transport.clone(), options.clone())
+            .await
+            .unwrap();
+        Env {
+            dir: self.dir,
+            db: self.db,
+            store: self.store,
+            manager,
+            transport: self.transport,
+            agent: self.agent,
+            host: self.host,
+            options,
+        }
+    }
+}
+
+/// A shutdown waits for a restore in flight to record its outcome: the
+/// agent holds `CreateSandbox` past the create timeout, the caller is told
+/// it failed, and the VM it may have started is destroyed by the next
+/// manager.
+async fn a_shutdown_waits_for_a_restore_in_flight(backend: Backend) {
+    for mode in Mode::ALL {
+        let case = format!("{mode:?}: shutdown during a restore");
+        let env = Env::on(&backend, options(), mode).await;
+        let host = first(&env);
+        let team = TeamId::new();
+        let t = snapshot_on(&env, team, "snap", &[&host], None).await;
+        let hold = Hold::new();
+        host.agent
+            .inject(AgentOp::CreateSandbox, Fault::Hold(hold.clone()));
+        let id = SandboxId::new();
+        let task = {
+            let manager = env.manager.clone();
+            tokio::spawn(async move {
+                manager
+                    .restore(&caller(team), req("snap").sandbox_id(id))
+                    .await
+            })
+        };
+        hold.arrived(1).await;
+        let closed = Closed::of(env).await;
+        let err = expect_code(&case, task.await.unwrap(), ErrorCode::AgentError);
+        let env = closed.open(options()).await;
+        assert_eq!(
+            env.count("SELECT count(*) FROM restores").await,
+            0,
+            "{case}"
+        );
+        check_audit(&case, &env, team, id, &t, Some(&err)).await;
+        assert!(destroy_queued_or_done(&env, &host, id).await, "{case}");
+        drain_restores(&env, std::slice::from_ref(&host)).await;
+        assert!(host.agent.calls(AgentOp::DestroySandbox) >= 1, "{case}");
+        assert_restore_invariants(&case, &env, &[host], &[id], &[]).await;
+    }
 }
 
 /// Opens a manager on `store` on a runtime of its own, starts `request`
@@ -1422,15 +1660,14 @@ async fn a_delete_during_a_restore_keeps_the_files_until_it_ends(backend: Backen
 /// then drops that runtime: every task of that manager stops where it is,
 /// as in a killed process, and the journal stays as it was.
 async fn crash_mid_restore(
-    store: &Db,
-    transport: Arc<InProcessTransport>,
+    closed: &Closed,
     options: ManagerOptions,
     team: TeamId,
     request: RestoreRequest,
     hold: &Hold,
 ) {
     let (kill, killed) = tokio::sync::oneshot::channel::<()>();
-    let store = store.clone();
+    let (store, transport) = (closed.store.clone(), closed.transport.clone());
     let process = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1473,187 +1710,180 @@ enum AtRecovery {
     HostOffline,
     /// The VM runs; the host's first list fails, so the restore waits.
     ListFailsFirst,
+    /// The VM runs; the host never lists: at `resolve_deadline` the
+    /// restore is rolled back, and the VM destroyed (that needs no list).
+    HostSilent,
+}
+
+impl AtRecovery {
+    const ALL: [AtRecovery; 5] = [
+        AtRecovery::NoVm,
+        AtRecovery::VmRuns,
+        AtRecovery::HostOffline,
+        AtRecovery::ListFailsFirst,
+        AtRecovery::HostSilent,
+    ];
+
+    /// Whether recovery keeps the sandbox (the host lists it).
+    fn kept(self) -> bool {
+        matches!(self, AtRecovery::VmRuns | AtRecovery::ListFailsFirst)
+    }
+
+    /// Whether recovery waits for the host at least once.
+    fn postponed(self) -> bool {
+        matches!(self, AtRecovery::ListFailsFirst | AtRecovery::HostSilent)
+    }
 }
 
 async fn interrupted_restores_are_finished_or_rolled_back(backend: Backend) {
-    for mode in Mode::ALL {
-        for at in [
-            AtRecovery::NoVm,
-            AtRecovery::VmRuns,
-            AtRecovery::HostOffline,
-            AtRecovery::ListFailsFirst,
-        ] {
-            let case = format!("{mode:?}: interrupted, {at:?}");
-            let mut o = options();
-            // Short leases, so that another store's replica could adopt
-            // the entry at once too; a create timeout the crash beats.
-            o.instance_lease = Duration::from_secs(1);
-            o.record_patience = Duration::from_millis(200);
-            o.create_timeout = Duration::from_secs(3);
-            let Env {
-                dir,
-                db,
-                store,
-                manager,
-                transport,
-                agent,
-                host,
-                options: env_options,
-            } = Env::on(&backend, o.clone(), mode).await;
-            let fleet = [Node {
-                id: host,
-                agent: agent.clone(),
-            }];
-            let team = TeamId::new();
-            let t = {
-                let template = NewTemplate::new(team, name("snap"), TemplateType::Snapshot)
-                    .shape(2, 512)
-                    .on_hosts([host]);
-                manager
-                    .registry()
-                    .register_template(template)
-                    .await
-                    .unwrap()
-            };
-            agent.put_snapshot(&t.id.to_string(), 1 << 20, None);
-            manager.shutdown().await;
-            drop(manager);
+    for (mode, at) in Mode::ALL
+        .into_iter()
+        .flat_map(|m| AtRecovery::ALL.map(|at| (m, at)))
+    {
+        let case = format!("{mode:?}: interrupted, {at:?}");
+        let mut o = options();
+        // Short leases, so that another replica adopts the entry soon
+        // after the crash; a create timeout the crash beats.
+        o.instance_lease = Duration::from_secs(1);
+        o.record_patience = Duration::from_millis(200);
+        o.create_timeout = Duration::from_secs(3);
+        let env = Env::on(&backend, o.clone(), mode).await;
+        let fleet = [first(&env)];
+        let (host, agent) = (fleet[0].id, fleet[0].agent.clone());
+        let team = TeamId::new();
+        let t = snapshot_on(&env, team, "snap", &[&fleet[0]], None).await;
+        let closed = Closed::of(env).await;
 
-            let hold = Hold::new();
-            agent.inject(AgentOp::CreateSandbox, Fault::Hold(hold.clone()));
-            let id = SandboxId::new();
-            let request = req("snap").sandbox_id(id);
-            crash_mid_restore(&store, transport.clone(), o.clone(), team, request, &hold).await;
-            agent.clear_faults();
-            assert_eq!(
-                agent.sandbox_status(id),
-                None,
-                "{case}: the held VM never started"
-            );
-            if at != AtRecovery::NoVm {
-                // It had started on the host before the crash.
-                agent.add_sandbox(id, "running", 2, 512);
-            }
+        let hold = Hold::new();
+        agent.inject(AgentOp::CreateSandbox, Fault::Hold(hold.clone()));
+        let id = SandboxId::new();
+        crash_mid_restore(&closed, o.clone(), team, req("snap").sandbox_id(id), &hold).await;
+        agent.clear_faults();
+        assert_eq!(agent.sandbox_status(id), None, "{case}: held, not started");
+        if at != AtRecovery::NoVm {
+            // It had started on the host before the crash.
+            agent.add_sandbox(id, "running", 2, 512);
+        }
 
-            let mut recovering = o.clone();
-            recovering.run_janitor = false;
-            let manager = store.open(transport.clone(), recovering).await.unwrap();
-            let env = Env {
-                dir,
-                db,
-                store,
-                manager,
-                transport,
-                agent,
-                host,
-                options: env_options,
-            };
-            // Interrupted, not resolved: the sandbox is `starting`, and
-            // owned by the restore.
-            assert_eq!(
-                env.count("SELECT count(*) FROM restores").await,
+        let mut recovering = o.clone();
+        recovering.run_janitor = false;
+        if at == AtRecovery::HostSilent {
+            recovering.resolve_deadline = Duration::from_millis(500);
+        }
+        let env = closed.open(recovering).await;
+        // Interrupted, not resolved: the sandbox is `starting`, and owned
+        // by the restore.
+        assert_eq!(
+            env.count("SELECT count(*) FROM restores").await,
+            1,
+            "{case}"
+        );
+        let shown = env.manager.sandbox(&caller(team), id).await.expect(&case);
+        assert_eq!(shown.status, SandboxStatus::Starting, "{case}");
+        expect_code(
+            &case,
+            env.manager
+                .registry()
+                .set_sandbox_status(id, SandboxStatus::Stopped)
+                .await,
+            ErrorCode::Conflict,
+        );
+        match at {
+            AtRecovery::HostOffline => env
+                .manager
+                .registry()
+                .set_host_status(host, HostStatus::Offline)
+                .await
+                .unwrap(),
+            AtRecovery::ListFailsFirst => agent.inject_times(
+                AgentOp::ListSandboxes,
+                Fault::Fail(AgentError::unavailable("x")),
                 1,
-                "{case}"
-            );
-            let shown = env.manager.sandbox(&caller(team), id).await.expect(&case);
-            assert_eq!(shown.status, SandboxStatus::Starting, "{case}");
-            expect_code(
-                &case,
-                env.manager
-                    .registry()
-                    .set_sandbox_status(id, SandboxStatus::Stopped)
-                    .await,
-                ErrorCode::Conflict,
-            );
-            match at {
-                AtRecovery::HostOffline => env
-                    .manager
-                    .registry()
-                    .set_host_status(host, HostStatus::Offline)
-                    .await
-                    .unwrap(),
-                AtRecovery::ListFailsFirst => env.agent.inject_times(
-                    AgentOp::ListSandboxes,
-                    Fault::Fail(AgentError::unavailable("x")),
-                    1,
-                ),
-                AtRecovery::NoVm | AtRecovery::VmRuns => {}
-            }
+            ),
+            AtRecovery::HostSilent => agent.inject(
+                AgentOp::ListSandboxes,
+                Fault::Fail(AgentError::unavailable("x")),
+            ),
+            AtRecovery::NoVm | AtRecovery::VmRuns => {}
+        }
 
-            let mut report = WorkReport::default();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-            while env.count("SELECT count(*) FROM restores").await > 0 {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{case}: not recovered"
-                );
-                let pass = env.manager.run_pending_work().await.unwrap();
-                report.restores_kept += pass.restores_kept;
-                report.restores_rolled_back += pass.restores_rolled_back;
-                report.postponed += pass.postponed;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let kept = matches!(at, AtRecovery::VmRuns | AtRecovery::ListFailsFirst);
-            assert_eq!(
-                (report.restores_kept, report.restores_rolled_back),
-                (usize::from(kept), usize::from(!kept)),
-                "{case}: {report:?}"
+        let mut report = WorkReport::default();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while env.count("SELECT count(*) FROM restores").await > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{case}: not recovered"
             );
+            let pass = env.manager.run_pending_work().await.unwrap();
+            report.restores_kept += pass.restores_kept;
+            report.restores_rolled_back += pass.restores_rolled_back;
+            report.postponed += pass.postponed;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let kept = at.kept();
+        assert_eq!(
+            (report.restores_kept, report.restores_rolled_back),
+            (usize::from(kept), usize::from(!kept)),
+            "{case}: {report:?}"
+        );
+        assert_eq!(report.postponed >= 1, at.postponed(), "{case}: {report:?}");
+        let entries = restore_entries(&env, team, id).await;
+        assert_eq!(entries.len(), 1, "{case}: {entries:?}");
+        assert_eq!(entries[0].actor, *caller(team).actor(), "{case}");
+        if kept {
+            assert_eq!(entries[0].outcome, AuditOutcome::Success, "{case}");
+            let sandbox = env.manager.sandbox(&caller(team), id).await.expect(&case);
             assert_eq!(
-                report.postponed >= 1,
-                at == AtRecovery::ListFailsFirst,
-                "{case}: {report:?}"
-            );
-            let entries = restore_entries(&env, team, id).await;
-            assert_eq!(entries.len(), 1, "{case}: {entries:?}");
-            if kept {
-                assert_eq!(entries[0].outcome, AuditOutcome::Success, "{case}");
-                let sandbox = env.manager.sandbox(&caller(team), id).await.expect(&case);
-                assert_eq!(
-                    (sandbox.status, sandbox.host, sandbox.template_id),
-                    (SandboxStatus::Running, Some(host), Some(t.id)),
-                    "{case}"
-                );
-                let used = env.manager.get(&caller(team), &name("snap")).await;
-                assert!(used.unwrap().last_used_at.is_some(), "{case}");
-                drain_restores(&env, &fleet).await;
-                assert_restore_invariants(&case, &env, &fleet, &[], &[id]).await;
-                continue;
-            }
-            assert_eq!(entries[0].outcome, AuditOutcome::Failure, "{case}");
-            assert_eq!(
-                entries[0].error_code.as_deref(),
-                Some("interrupted"),
+                (sandbox.status, sandbox.host, sandbox.template_id),
+                (SandboxStatus::Running, Some(host), Some(t.id)),
                 "{case}"
             );
-            expect_code(
-                &case,
-                env.manager.sandbox(&caller(team), id).await,
-                ErrorCode::NotFound,
-            );
-            let queued = env.manager.pending_destroys().await.unwrap();
-            assert!(
-                queued.iter().any(|d| d.sandbox == id && d.host == host)
-                    || env.agent.calls(AgentOp::DestroySandbox) >= 1,
-                "{case}: {queued:?}"
-            );
-            if at == AtRecovery::HostOffline {
+            let used = env.manager.get(&caller(team), &name("snap")).await;
+            assert!(used.unwrap().last_used_at.is_some(), "{case}");
+            drain_restores(&env, &fleet).await;
+            assert_restore_invariants(&case, &env, &fleet, &[], &[id]).await;
+            continue;
+        }
+        assert_eq!(entries[0].outcome, AuditOutcome::Failure, "{case}");
+        assert_eq!(
+            entries[0].error_code.as_deref(),
+            Some("interrupted"),
+            "{case}"
+        );
+        expect_code(
+            &case,
+            env.manager.sandbox(&caller(team), id).await,
+            ErrorCode::NotFound,
+        );
+        assert!(destroy_queued_or_done(&env, &fleet[0], id).await, "{case}");
+        match at {
+            AtRecovery::HostOffline => {
                 // Nothing is asked of an offline host; the VM waits.
                 for _ in 0..5 {
                     env.manager.run_pending_work().await.unwrap();
                     tokio::time::sleep(Duration::from_millis(30)).await;
                 }
-                assert_eq!(env.agent.calls(AgentOp::DestroySandbox), 0, "{case}");
+                assert_eq!(agent.calls(AgentOp::DestroySandbox), 0, "{case}");
                 assert_eq!(env.manager.pending_destroys().await.unwrap().len(), 1);
-                assert!(env.agent.sandbox_status(id).is_some(), "{case}");
+                assert!(agent.sandbox_status(id).is_some(), "{case}");
                 env.manager
                     .registry()
                     .set_host_status(host, HostStatus::Online)
                     .await
                     .unwrap();
             }
-            drain_restores(&env, &fleet).await;
-            assert_restore_invariants(&case, &env, &fleet, &[id], &[]).await;
+            AtRecovery::HostSilent => {
+                // The host still cannot list; the destroy does not need it.
+                eventually(&case, || async {
+                    let _ = env.manager.run_pending_work().await;
+                    env.manager.pending_destroys().await.unwrap().is_empty()
+                })
+                .await;
+                assert_eq!(agent.sandbox_status(id), None, "{case}");
+            }
+            _ => {}
         }
+        drain_restores(&env, &fleet).await;
+        assert_restore_invariants(&case, &env, &fleet, &[id], &[]).await;
     }
 }
