@@ -506,38 +506,35 @@ async fn placement_follows_the_files_the_host_status_and_the_load(backend: Backe
     }
 }
 
-/// Restores in flight count as load: two at once from two equally loaded
-/// holders go one to each.
+/// Restores in flight count as load: with two restores starting on one
+/// holder, the next goes to the other holder, although that one runs a
+/// sandbox already.
 async fn restores_in_flight_count_as_load(backend: Backend) {
     let env = Env::on(&backend, options(), Mode::Ours).await;
-    let fleet = vec![
-        first(&env),
-        add_host(&env, MemoryHostAgent::new()).await,
-        add_host(&env, MemoryHostAgent::new()).await,
-    ];
+    let (a, b) = (first(&env), add_host(&env, MemoryHostAgent::new()).await);
     let team = TeamId::new();
-    snapshot_on(&env, team, "t", &[&fleet[1], &fleet[2]], None).await;
+    snapshot_on(&env, team, "only-a", &[&a], None).await;
+    snapshot_on(&env, team, "both", &[&a, &b], None).await;
+    load(&env, &b, 1, SandboxStatus::Running).await;
     let hold = Hold::new();
-    for node in &fleet[1..] {
-        node.agent
-            .inject_times(AgentOp::CreateSandbox, Fault::Hold(hold.clone()), 1);
-    }
-    let spawn = || {
+    a.agent
+        .inject_times(AgentOp::CreateSandbox, Fault::Hold(hold.clone()), 2);
+    let spawn = |n: &'static str| {
         let manager = env.manager.clone();
-        tokio::spawn(async move { manager.restore(&caller(team), req("t")).await })
+        tokio::spawn(async move { manager.restore(&caller(team), req(n)).await })
     };
-    let one = spawn();
-    hold.arrived(1).await;
-    let two = spawn();
-    // Sent to the same host, the second would not be held (one hold each).
-    tokio::time::timeout(Duration::from_secs(10), hold.arrived(2))
-        .await
-        .expect("the second restore goes to the other holder");
+    let starting = [spawn("only-a"), spawn("only-a")];
+    hold.arrived(2).await;
+    let next = restore(&env, team, req("both")).await.unwrap();
+    assert_eq!(next.host, Some(b.id), "2 starting on a, 1 running on b");
     hold.release();
-    let (one, two) = (one.await.unwrap().unwrap(), two.await.unwrap().unwrap());
-    assert_ne!(one.host, two.host);
-    assert_eq!(fleet[0].agent.calls(AgentOp::CreateSandbox), 0);
-    assert_restore_invariants("in flight", &env, &fleet, &[], &[one.id, two.id]).await;
+    let mut running = vec![next.id];
+    for task in starting {
+        let sandbox = task.await.unwrap().unwrap();
+        assert_eq!(sandbox.host, Some(a.id));
+        running.push(sandbox.id);
+    }
+    assert_restore_invariants("in flight", &env, &[a, b], &[], &running).await;
 }
 
 // -------------------------------------------------------- compatibility
