@@ -21,8 +21,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use common::failure::{Failure, When};
 use common::*;
-use sandbox_snapshots::agent::{AgentOp, Fault};
+use sandbox_snapshots::agent::AgentOp;
 use sandbox_snapshots::*;
 
 conformance!(
@@ -34,15 +35,8 @@ conformance!(
     delete_snapshot_failures,
 );
 
-/// Put into every injected error message: it must never reach the caller.
-const AGENT_TEXT: &str = "injected: /var/lib/agent/secret";
-
 /// The create, list and delete timeouts of these tests.
 const TIMEOUT: Duration = Duration::from_millis(300);
-
-/// A call that outlasts [`TIMEOUT`] (it is cancelled at the timeout, so
-/// its length costs nothing).
-const SLOW: Duration = Duration::from_secs(60);
 
 fn options() -> ManagerOptions {
     let mut o = fast_options();
@@ -52,79 +46,9 @@ fn options() -> ManagerOptions {
     o
 }
 
-/// One way an agent call can fail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Failure {
-    /// The agent answers with this code.
-    Code(AgentCode),
-    /// The agent cannot be reached, or the connection failed mid-call.
-    Unavailable,
-    /// The request provably never reached the agent (refused, DNS, TLS).
-    NotSent,
-    /// The transport reports a timeout.
-    Timeout,
-    /// The call really outlasts the manager's timeout.
-    Slow,
-    /// The answer does not decode.
-    Protocol,
-}
-
-/// Whether the agent fails before or after doing the work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum When {
-    Before,
-    After,
-}
-
+/// What each failure means for a create and a delete ([`Failure`] and
+/// [`When`] are shared with the restore matrix, in `common`).
 impl Failure {
-    fn all() -> Vec<Failure> {
-        let mut all: Vec<Failure> = CODES.iter().copied().map(Failure::Code).collect();
-        all.extend([
-            Failure::Unavailable,
-            Failure::NotSent,
-            Failure::Timeout,
-            Failure::Slow,
-            Failure::Protocol,
-        ]);
-        all
-    }
-
-    /// Every failure with every timing that exists (a real timeout has no
-    /// "after", and a request that was never sent did no work), against
-    /// each kind of agent.
-    fn matrix() -> Vec<(Mode, Failure, When)> {
-        let mut cases = Vec::new();
-        for mode in Mode::ALL {
-            for f in Self::all() {
-                cases.push((mode, f, When::Before));
-                if f != Failure::Slow && f != Failure::NotSent {
-                    cases.push((mode, f, When::After));
-                }
-            }
-        }
-        cases
-    }
-
-    fn fault(self, when: When) -> Fault {
-        let err = match self {
-            Failure::Code(code) => AgentError::rejected(code, AGENT_TEXT),
-            Failure::Unavailable => AgentError::unavailable(AGENT_TEXT),
-            Failure::NotSent => AgentError::not_sent(AGENT_TEXT),
-            Failure::Timeout => AgentError::Timeout,
-            Failure::Protocol => AgentError::Protocol {
-                message: AGENT_TEXT.into(),
-            },
-            Failure::Slow => {
-                assert_eq!(when, When::Before, "a slow call has no 'after'");
-                return Fault::Delay(SLOW);
-            }
-        };
-        match when {
-            When::Before => Fault::Fail(err),
-            When::After => Fault::FailAfter(err),
-        }
-    }
-
     /// What the caller of a create sees when `CreateSnapshot` fails so
     /// (SPEC §3): code and HTTP status. The Go agent answers every failure
     /// with Internal.
@@ -137,24 +61,6 @@ impl Failure {
             Failure::Code(AgentCode::FailedPrecondition) => (ErrorCode::Conflict, 409),
             _ => (ErrorCode::AgentError, 502),
         }
-    }
-
-    /// Whether the answer says the agent did nothing (the documented list
-    /// of `AgentError::is_definite_rejection`).
-    fn definite(self) -> bool {
-        matches!(
-            self,
-            Failure::Code(
-                AgentCode::InvalidArgument
-                    | AgentCode::NotFound
-                    | AgentCode::AlreadyExists
-                    | AgentCode::PermissionDenied
-                    | AgentCode::FailedPrecondition
-                    | AgentCode::OutOfRange
-                    | AgentCode::Unimplemented
-                    | AgentCode::Unauthenticated
-            )
-        )
     }
 
     /// Whether the manager may take the failure as definite: a rejection

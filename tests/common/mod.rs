@@ -8,6 +8,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod connect_server;
+pub mod failure;
 pub mod pki;
 pub mod wire;
 
