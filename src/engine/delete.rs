@@ -59,7 +59,14 @@ pub(crate) async fn delete_files(
     targets: Vec<Deletion>,
 ) -> (Vec<HostId>, Vec<HostId>) {
     let mut calls = JoinSet::new();
+    let mut pending = Vec::new();
     for target in targets {
+        if target.claim.is_none() {
+            // Unclaimed: a restore in flight starts from these files; the
+            // worker deletes them once it is over.
+            pending.push(target.host.id);
+            continue;
+        }
         let inner = inner.clone();
         calls.spawn(async move {
             let result = delete_on_host(&inner, &target).await;
@@ -85,7 +92,6 @@ pub(crate) async fn delete_files(
         });
     }
     let mut confirmed = Vec::new();
-    let mut pending = Vec::new();
     while let Some(joined) = calls.join_next().await {
         // A call that panicked keeps its lease and is retried after it.
         let Ok((target, result)) = joined else {

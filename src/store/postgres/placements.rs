@@ -95,15 +95,20 @@ pub(super) async fn mark_deleting(
     .await?;
     let rows = query(
         db,
-        "SELECT p.template_id, p.team_id, p.host_id, h.address, p.attempts
+        "SELECT p.template_id, p.team_id, p.host_id, h.address, p.attempts,
+                p.lease_until IS NOT NULL
          FROM placements p JOIN hosts h ON h.id = p.host_id
-         WHERE p.template_id = $1 AND p.lease_until IS NOT NULL",
+         WHERE p.template_id = $1",
         &[&template.bytes()],
     )
     .await?;
     let mut targets = all(&rows, deletion_row)?;
-    for t in &mut targets {
-        t.claim = Some(claim);
+    // The caller tries the leased ones now; those an open restore holds
+    // (no claim) are only reported, and the worker deletes them later.
+    for (t, row) in targets.iter_mut().zip(&rows) {
+        if get::<bool>(row, 5)? {
+            t.claim = Some(claim);
+        }
     }
     purge_if_done(db, template).await?;
     Ok(targets)

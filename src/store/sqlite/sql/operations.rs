@@ -279,16 +279,22 @@ pub(super) fn mark_deleting(
         ])
     })?;
     let mut stmt = conn.prepare_cached(
-        "SELECT p.template_id, p.team_id, p.host_id, h.address, p.attempts
+        "SELECT p.template_id, p.team_id, p.host_id, h.address, p.attempts,
+                p.lease_until IS NOT NULL
              FROM placements p JOIN hosts h ON h.id = p.host_id
-             WHERE p.template_id = ?1 AND p.lease_until IS NOT NULL",
+             WHERE p.template_id = ?1",
     )?;
-    let mut targets = stmt
-        .query_map([template], deletion_row)
+    // The caller tries the leased ones now; those an open restore holds
+    // (no claim) are only reported, and the worker deletes them later.
+    let targets = stmt
+        .query_map([template], |r| {
+            let mut d = deletion_row(r)?;
+            if r.get::<_, bool>(5)? {
+                d.claim = Some(claim);
+            }
+            Ok(d)
+        })
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())?;
-    for t in &mut targets {
-        t.claim = Some(claim);
-    }
     purge_if_done(conn, template)?;
     Ok(targets)
 }
