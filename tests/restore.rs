@@ -40,6 +40,9 @@ conformance!(
     sandbox_ids_are_never_reused,
     create_sandbox_failures,
     list_sandboxes_failures_after_an_ambiguous_restore,
+    the_listed_status_after_an_ambiguous_failure_decides,
+    a_host_back_online_does_not_cut_the_destroy_grace,
+    a_host_that_cannot_say_keeps_its_cached_host_info,
     destroy_sandbox_failures_are_retried_until_the_host_confirms,
     a_delete_during_a_restore_keeps_the_files_until_it_ends,
     a_dropped_caller_does_not_abort_the_restore,
@@ -1292,6 +1295,149 @@ async fn list_sandboxes_failures_after_an_ambiguous_restore(backend: Backend) {
         drain_restores(&env, &fleet).await;
         assert_restore_invariants(&case, &env, &fleet, &[id], &[]).await;
     }
+}
+
+/// After an ambiguous failure the host is asked: a VM it lists alive
+/// (running, starting, paused) is the caller's; one it lists in another
+/// status is not usable, so the caller is told it failed and it is
+/// destroyed, as one not listed.
+async fn the_listed_status_after_an_ambiguous_failure_decides(backend: Backend) {
+    for (status, kept) in [
+        ("running", true),
+        ("starting", true),
+        ("paused", true),
+        ("error", false),
+        ("stopped", false),
+    ] {
+        let case = format!("listed {status}");
+        let env = Env::on(&backend, options(), Mode::Ours).await;
+        let host = first(&env);
+        let team = TeamId::new();
+        snapshot_on(&env, team, "snap", &[&host], None).await;
+        host.agent.inject_times(
+            AgentOp::CreateSandbox,
+            Failure::Code(AgentCode::Internal).fault(When::After),
+            1,
+        );
+        let hold = Hold::new();
+        host.agent
+            .inject_times(AgentOp::ListSandboxes, Fault::Hold(hold.clone()), 1);
+        let id = SandboxId::new();
+        let task = {
+            let manager = env.manager.clone();
+            tokio::spawn(async move {
+                manager
+                    .restore(&caller(team), req("snap").sandbox_id(id))
+                    .await
+            })
+        };
+        hold.arrived(1).await;
+        host.agent.set_sandbox_status(id, status);
+        hold.release();
+        let result = task.await.unwrap();
+        if kept {
+            let sandbox = result.expect(&case);
+            assert_eq!(sandbox.status, SandboxStatus::Running, "{case}");
+            host.agent.set_sandbox_status(id, "running");
+            drain_restores(&env, &[host.clone()]).await;
+            assert_restore_invariants(&case, &env, &[host.clone()], &[], &[id]).await;
+        } else {
+            expect_code(&case, result, ErrorCode::AgentError);
+            drain_restores(&env, &[host.clone()]).await;
+            assert_restore_invariants(&case, &env, &[host.clone()], &[id], &[]).await;
+        }
+    }
+}
+
+/// A destroy queued after an ambiguous failure waits out the grace (a
+/// late-booting VM must not be answered NotFound and then left running),
+/// even when its host goes offline and comes back meanwhile: coming back
+/// skips retry backoff, not that grace.
+async fn a_host_back_online_does_not_cut_the_destroy_grace(backend: Backend) {
+    let mut o = options();
+    o.late_write_grace = Duration::from_secs(2);
+    o.create_timeout = Duration::from_secs(2);
+    let env = Env::on(&backend, o, Mode::Ours).await;
+    let host = first(&env);
+    let team = TeamId::new();
+    snapshot_on(&env, team, "snap", &[&host], None).await;
+    host.agent
+        .inject_times(AgentOp::CreateSandbox, Fault::Fail(AgentError::Timeout), 1);
+    let id = SandboxId::new();
+    let queued_at = tokio::time::Instant::now();
+    expect_code(
+        "a timeout",
+        restore(&env, team, req("snap").sandbox_id(id)).await,
+        ErrorCode::AgentError,
+    );
+    let registry = env.manager.registry();
+    registry
+        .set_host_status(host.id, HostStatus::Offline)
+        .await
+        .unwrap();
+    registry
+        .set_host_status(host.id, HostStatus::Online)
+        .await
+        .unwrap();
+    while queued_at.elapsed() < Duration::from_millis(1500) {
+        env.manager.run_pending_work().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        host.agent.calls(AgentOp::DestroySandbox),
+        0,
+        "destroyed within the grace"
+    );
+    drain_restores(&env, &[host.clone()]).await;
+    assert!(
+        host.agent.calls(AgentOp::DestroySandbox) >= 1,
+        "destroyed after it"
+    );
+    assert_restore_invariants("after the grace", &env, &[host], &[id], &[]).await;
+}
+
+/// A host that comes back online is asked what it runs again; if it cannot
+/// say then, what it said before stands (an incompatible host does not
+/// become allowed because its agent hiccuped).
+async fn a_host_that_cannot_say_keeps_its_cached_host_info(backend: Backend) {
+    let env = Env::on(&backend, options(), Mode::Ours).await;
+    let made = host_info("firecracker", "v1", "x86_64", "Xeon 8375C");
+    let mut other = made.clone();
+    other.cpu_model = "EPYC 7R13".into();
+    let host = add_host(&env, Says::Info(other).agent()).await;
+    let team = TeamId::new();
+    snapshot_on(&env, team, "snap", &[&host], Some(made)).await;
+    let err = expect_code(
+        "asked first",
+        restore(&env, team, req("snap")).await,
+        ErrorCode::Incompatible,
+    );
+    assert!(err.message().contains("cpu_model"), "{err:?}");
+    host.agent.inject(
+        AgentOp::GetHostInfo,
+        Fault::Fail(AgentError::unavailable("agent restarting")),
+    );
+    let registry = env.manager.registry();
+    registry
+        .set_host_status(host.id, HostStatus::Offline)
+        .await
+        .unwrap();
+    registry
+        .set_host_status(host.id, HostStatus::Online)
+        .await
+        .unwrap();
+    let asked = host.agent.calls(AgentOp::GetHostInfo);
+    let err = expect_code(
+        "cannot say now",
+        restore(&env, team, req("snap")).await,
+        ErrorCode::Incompatible,
+    );
+    assert!(err.message().contains("cpu_model"), "{err:?}");
+    assert!(
+        host.agent.calls(AgentOp::GetHostInfo) > asked,
+        "asked again"
+    );
+    assert_eq!(host.agent.calls(AgentOp::CreateSandbox), 0);
 }
 
 /// What becomes of a queued destroy while every `DestroySandbox` fails

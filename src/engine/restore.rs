@@ -56,16 +56,17 @@ impl Drop for RestoreGuard<'_> {
     }
 }
 
-/// Asks `host` what it runs and caches the answer. An agent without
-/// `GetHostInfo` is recorded as unknown (and allowed); an agent that cannot
-/// answer now is unknown this time and asked again next time. Takes what
-/// it needs by value so that hosts can be asked on tasks of their own.
+/// Asks `host` what it runs and caches the answer (`Some(None)`: an agent
+/// without `GetHostInfo`, or with an unusable answer — recorded as unknown,
+/// and allowed). `None` when it cannot answer now: whatever was cached
+/// stands, and it is asked again next time. Takes what it needs by value so
+/// that hosts can be asked on tasks of their own.
 pub(crate) async fn ask_host_info(
     store: Arc<dyn Store>,
     transport: Arc<dyn AgentTransport>,
     timeout: Duration,
     host: HostTarget,
-) -> Option<HostInfo> {
+) -> Option<Option<HostInfo>> {
     let answer = async {
         let agent = transport.agent(&host)?;
         tokio::time::timeout(timeout, agent.host_info())
@@ -99,7 +100,7 @@ pub(crate) async fn ask_host_info(
     {
         tracing::warn!(host = %host.id, error = ?err, "cannot cache the host's HostInfo");
     }
-    info
+    Some(info)
 }
 
 /// The host to restore `template` on (SPEC §7 "Placement"): online,
@@ -134,7 +135,7 @@ async fn choose_host(inner: &Engine, template: &Template) -> Result<RestoreCandi
         asks.spawn(async move { (i, ask_host_info(store, transport, timeout, target).await) });
     }
     while let Some(joined) = asks.join_next().await {
-        if let Ok((i, info)) = joined {
+        if let Ok((i, Some(info))) = joined {
             online[i].info = info;
         }
     }
@@ -340,11 +341,25 @@ fn failed(err: &AgentError, destroy_from: Option<Timestamp>) -> RestoreEnd {
     }
 }
 
-/// Whether the host lists the sandbox (`None`: it cannot say).
+/// Whether `list` shows the restored sandbox as a VM that lives (running,
+/// still starting, or paused): the caller's sandbox. Listed in another
+/// status (`error`, `stopped`, …) it is not one the caller can use, and
+/// is destroyed like one not listed.
+fn lists_alive(list: &crate::agent::SandboxList, sandbox: SandboxId) -> bool {
+    let wanted = sandbox.to_string();
+    list.sandboxes.iter().any(|s| {
+        s.sandbox_id == wanted
+            && matches!(
+                s.status.parse::<SandboxStatus>(),
+                Ok(SandboxStatus::Running | SandboxStatus::Starting | SandboxStatus::Paused)
+            )
+    })
+}
+
+/// Whether the host lists the sandbox alive (`None`: it cannot say).
 async fn host_lists(inner: &Engine, op: &RestoreOp) -> Option<bool> {
-    let wanted = op.sandbox_id.to_string();
     match inner.list_sandboxes(&op.host).await {
-        Ok(list) => Some(list.sandboxes.iter().any(|s| s.sandbox_id == wanted)),
+        Ok(list) => Some(lists_alive(&list, op.sandbox_id)),
         Err(err) => {
             tracing::warn!(host = %op.host.id, error = %err, "cannot ask the host whether the sandbox runs");
             None
@@ -383,8 +398,7 @@ pub(crate) async fn resolve_interrupted_restore(
     } else {
         match views.sandboxes(inner, &op.host).await {
             Ok(list) => {
-                let wanted = op.sandbox_id.to_string();
-                if list.sandboxes.iter().any(|s| s.sandbox_id == wanted) {
+                if lists_alive(list, op.sandbox_id) {
                     RestoreEnd::Running
                 } else {
                     interrupted(grace)
