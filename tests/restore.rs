@@ -1312,6 +1312,7 @@ async fn the_listed_status_after_an_ambiguous_failure_decides(backend: Backend) 
         let case = format!("listed {status}");
         let env = Env::on(&backend, options(), Mode::Ours).await;
         let host = first(&env);
+        let fleet = [host.clone()];
         let team = TeamId::new();
         snapshot_on(&env, team, "snap", &[&host], None).await;
         host.agent.inject_times(
@@ -1339,12 +1340,12 @@ async fn the_listed_status_after_an_ambiguous_failure_decides(backend: Backend) 
             let sandbox = result.expect(&case);
             assert_eq!(sandbox.status, SandboxStatus::Running, "{case}");
             host.agent.set_sandbox_status(id, "running");
-            drain_restores(&env, &[host.clone()]).await;
-            assert_restore_invariants(&case, &env, &[host.clone()], &[], &[id]).await;
+            drain_restores(&env, &fleet).await;
+            assert_restore_invariants(&case, &env, &fleet, &[], &[id]).await;
         } else {
             expect_code(&case, result, ErrorCode::AgentError);
-            drain_restores(&env, &[host.clone()]).await;
-            assert_restore_invariants(&case, &env, &[host.clone()], &[id], &[]).await;
+            drain_restores(&env, &fleet).await;
+            assert_restore_invariants(&case, &env, &fleet, &[id], &[]).await;
         }
     }
 }
@@ -1359,6 +1360,7 @@ async fn a_host_back_online_does_not_cut_the_destroy_grace(backend: Backend) {
     o.create_timeout = Duration::from_secs(2);
     let env = Env::on(&backend, o, Mode::Ours).await;
     let host = first(&env);
+    let fleet = [host.clone()];
     let team = TeamId::new();
     snapshot_on(&env, team, "snap", &[&host], None).await;
     host.agent
@@ -1388,12 +1390,12 @@ async fn a_host_back_online_does_not_cut_the_destroy_grace(backend: Backend) {
         0,
         "destroyed within the grace"
     );
-    drain_restores(&env, &[host.clone()]).await;
+    drain_restores(&env, &fleet).await;
     assert!(
         host.agent.calls(AgentOp::DestroySandbox) >= 1,
         "destroyed after it"
     );
-    assert_restore_invariants("after the grace", &env, &[host], &[id], &[]).await;
+    assert_restore_invariants("after the grace", &env, &fleet, &[id], &[]).await;
 }
 
 /// A host that comes back online is asked what it runs again; if it cannot
