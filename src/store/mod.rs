@@ -338,6 +338,57 @@ pub(crate) enum RestoreEnd {
     },
 }
 
+impl RestoreOp {
+    /// The audit entry of its end (`sandbox.restore`, keyed by the
+    /// sandbox), the same in every store.
+    pub(crate) fn audit(&self, end: &RestoreEnd) -> crate::audit::NewAuditEntry {
+        use crate::audit::AuditOutcome;
+        let mut metadata = serde_json::json!({
+            "template": self.template_name.as_str(),
+            "template_id": self.template_id.to_string(),
+            "host_id": self.host.id.to_string(),
+            "vcpus": self.vcpus,
+            "memory_mb": self.memory_mb,
+        });
+        let (outcome, error_code) = match end {
+            RestoreEnd::Running => (AuditOutcome::Success, None),
+            RestoreEnd::Failed {
+                error_code,
+                destroy_from,
+            } => {
+                metadata["destroy_queued"] = serde_json::json!(destroy_from.is_some());
+                (AuditOutcome::Failure, Some(*error_code))
+            }
+        };
+        crate::audit::NewAuditEntry {
+            team: self.team,
+            actor: self.actor.clone(),
+            action: crate::audit::actions::SANDBOX_RESTORE,
+            resource_id: self.sandbox_id.to_string(),
+            outcome,
+            error_code,
+            metadata,
+        }
+    }
+
+    /// The sandbox as a failed restore leaves it (its row is gone).
+    pub(crate) fn failed_sandbox(&self) -> Sandbox {
+        Sandbox {
+            template: Some(self.template_name.clone()),
+            template_id: Some(self.template_id),
+            created_at: self.created_at,
+            ..Sandbox::new(
+                self.sandbox_id,
+                self.team,
+                Some(self.host.id),
+                SandboxStatus::Error,
+                self.vcpus,
+                self.memory_mb,
+            )
+        }
+    }
+}
+
 /// Queued deletions, for operators.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

@@ -22,10 +22,9 @@ use super::rows::{
 };
 use super::{TxError, TxResult};
 use crate::agent::{HostInfo, HostTarget};
-use crate::audit::{AuditOutcome, NewAuditEntry};
 use crate::error::{Error, ErrorCode};
 use crate::ids::{HostId, InstanceId, OperationId, TeamId, TemplateId};
-use crate::model::{HostStatus, Sandbox, SandboxStatus, Timestamp};
+use crate::model::{HostStatus, Sandbox, Timestamp};
 use crate::names::TemplateName;
 use crate::store::{
     DeletionResult, Destroy, PendingDestroy, RestoreCandidate, RestoreEnd, RestoreInput, RestoreOp,
@@ -239,14 +238,7 @@ pub(super) async fn end_restore(
     }
     let now_ms = now.unix_millis();
     let sandbox_bytes = op.sandbox_id.bytes();
-    let mut metadata = serde_json::json!({
-        "template": op.template_name.as_str(),
-        "template_id": op.template_id.to_string(),
-        "host_id": op.host.id.to_string(),
-        "vcpus": op.vcpus,
-        "memory_mb": op.memory_mb,
-    });
-    let (outcome, error_code) = match end {
+    match end {
         RestoreEnd::Running => {
             execute(
                 db,
@@ -261,12 +253,8 @@ pub(super) async fn end_restore(
                 &[&op.template_id.bytes(), &now_ms],
             )
             .await?;
-            (AuditOutcome::Success, None)
         }
-        RestoreEnd::Failed {
-            error_code,
-            destroy_from,
-        } => {
+        RestoreEnd::Failed { destroy_from, .. } => {
             execute(
                 db,
                 "DELETE FROM sandboxes WHERE id = $1 AND status = 'starting'",
@@ -291,40 +279,12 @@ pub(super) async fn end_restore(
                 )
                 .await?;
             }
-            metadata["destroy_queued"] = serde_json::json!(destroy_from.is_some());
-            (AuditOutcome::Failure, Some(*error_code))
         }
     };
-    insert_audit(
-        db,
-        &NewAuditEntry {
-            team: op.team,
-            actor: op.actor.clone(),
-            action: crate::audit::actions::SANDBOX_RESTORE,
-            resource_id: op.sandbox_id.to_string(),
-            outcome,
-            error_code,
-            metadata,
-        },
-        now,
-    )
-    .await?;
+    insert_audit(db, &op.audit(end), now).await?;
     match end {
         RestoreEnd::Running => get_sandbox(db, op.sandbox_id).await,
-        RestoreEnd::Failed { .. } => Ok(Some(Sandbox {
-            status: SandboxStatus::Error,
-            template: Some(op.template_name.clone()),
-            template_id: Some(op.template_id),
-            created_at: op.created_at,
-            ..Sandbox::new(
-                op.sandbox_id,
-                op.team,
-                Some(op.host.id),
-                SandboxStatus::Error,
-                op.vcpus,
-                op.memory_mb,
-            )
-        })),
+        RestoreEnd::Failed { .. } => Ok(Some(op.failed_sandbox())),
     }
 }
 

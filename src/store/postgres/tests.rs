@@ -505,21 +505,7 @@ async fn a_platform_name_and_a_team_name_cannot_be_taken_at_once() {
     let (host, sandboxes) = host_with_sandboxes(&a, team, 10).await;
     for (round, sandbox) in sandboxes.iter().enumerate() {
         let name = format!("shared-{round}");
-        let platform = crate::model::Template {
-            id: TemplateId::new(),
-            team: TeamId::PLATFORM,
-            name: TemplateName::parse(&name).expect("name"),
-            template_type: crate::model::TemplateType::Base,
-            vcpus: 1,
-            memory_mb: 128,
-            size_bytes: 1,
-            created_at: now(),
-            source_sandbox: None,
-            state: crate::model::TemplateState::Ready,
-            hosts: 0,
-            compat: None,
-            last_used_at: None,
-        };
+        let platform = template_record(TeamId::PLATFORM, &name, crate::model::TemplateType::Base);
         let (base, snapshot) = tokio::join!(
             a.insert_ready_template(platform, vec![host], now()),
             b.begin_create(
@@ -586,21 +572,7 @@ async fn a_delete_racing_an_overwrite_s_finish_deletes_a_template_not_404() {
     let store = open(&url).await;
     let team = TeamId::new();
     let (host, sandboxes) = host_with_sandboxes(&store, team, 1).await;
-    let old = crate::model::Template {
-        id: TemplateId::new(),
-        team,
-        name: TemplateName::parse("busy").expect("name"),
-        template_type: crate::model::TemplateType::Snapshot,
-        vcpus: 1,
-        memory_mb: 128,
-        size_bytes: 1,
-        created_at: now(),
-        source_sandbox: None,
-        state: crate::model::TemplateState::Ready,
-        hosts: 0,
-        compat: None,
-        last_used_at: None,
-    };
+    let old = template_record(team, "busy", crate::model::TemplateType::Snapshot);
     let old_id = old.id;
     store
         .insert_ready_template(old, vec![host], now())
@@ -795,18 +767,17 @@ async fn tls_to_the_database_is_verified_against_the_given_ca_only() {
 
 // ------------------------------------------------------------- restores
 
-/// A ready snapshot template of `team` named `name`, held by `host`.
-async fn ready_template(
-    store: &PostgresStore,
+/// A ready template record of `team` (1 vCPU, 128 MiB, 1 byte).
+fn template_record(
     team: TeamId,
     name: &str,
-    host: HostId,
-) -> TemplateId {
-    let template = crate::model::Template {
+    template_type: crate::model::TemplateType,
+) -> crate::model::Template {
+    crate::model::Template {
         id: TemplateId::new(),
         team,
         name: TemplateName::parse(name).expect("name"),
-        template_type: crate::model::TemplateType::Snapshot,
+        template_type,
         vcpus: 1,
         memory_mb: 128,
         size_bytes: 1,
@@ -816,7 +787,17 @@ async fn ready_template(
         hosts: 0,
         compat: None,
         last_used_at: None,
-    };
+    }
+}
+
+/// A ready snapshot template of `team` named `name`, held by `host`.
+async fn ready_template(
+    store: &PostgresStore,
+    team: TeamId,
+    name: &str,
+    host: HostId,
+) -> TemplateId {
+    let template = template_record(team, name, crate::model::TemplateType::Snapshot);
     let id = template.id;
     store
         .insert_ready_template(template, vec![host], now())

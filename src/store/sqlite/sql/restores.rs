@@ -177,14 +177,7 @@ pub(crate) fn end_restore(
         return Ok(None);
     }
     let now_ms = now.unix_millis();
-    let mut metadata = serde_json::json!({
-        "template": op.template_name.as_str(),
-        "template_id": op.template_id.to_string(),
-        "host_id": op.host.id.to_string(),
-        "vcpus": op.vcpus,
-        "memory_mb": op.memory_mb,
-    });
-    let (outcome, error_code) = match end {
+    match end {
         RestoreEnd::Running => {
             conn.prepare_cached(
                 "UPDATE sandboxes SET status = 'running', updated_at = ?2
@@ -193,13 +186,8 @@ pub(crate) fn end_restore(
             .and_then(|mut s| s.execute(params![op.sandbox_id, now_ms]))?;
             conn.prepare_cached("UPDATE templates SET last_used_at = ?2 WHERE id = ?1")
                 .and_then(|mut s| s.execute(params![op.template_id, now_ms]))?;
-            (AuditOutcome::Success, None)
         }
-        RestoreEnd::Failed {
-            error_code,
-            destroy_from,
-            ..
-        } => {
+        RestoreEnd::Failed { destroy_from, .. } => {
             conn.prepare_cached("DELETE FROM sandboxes WHERE id = ?1 AND status = 'starting'")
                 .and_then(|mut s| s.execute([op.sandbox_id]))?;
             if let Some(from) = destroy_from {
@@ -220,39 +208,12 @@ pub(crate) fn end_restore(
                     ])
                 })?;
             }
-            metadata["destroy_queued"] = serde_json::json!(destroy_from.is_some());
-            (AuditOutcome::Failure, Some(*error_code))
         }
     };
-    insert_audit(
-        conn,
-        &NewAuditEntry {
-            team: op.team,
-            actor: op.actor.clone(),
-            action: crate::audit::actions::SANDBOX_RESTORE,
-            resource_id: op.sandbox_id.to_string(),
-            outcome,
-            error_code,
-            metadata,
-        },
-        now,
-    )?;
+    insert_audit(conn, &op.audit(end), now)?;
     match end {
         RestoreEnd::Running => get_sandbox(conn, op.sandbox_id),
-        RestoreEnd::Failed { .. } => Ok(Some(Sandbox {
-            status: SandboxStatus::Error,
-            template: Some(op.template_name.clone()),
-            template_id: Some(op.template_id),
-            created_at: op.created_at,
-            ..Sandbox::new(
-                op.sandbox_id,
-                op.team,
-                Some(op.host.id),
-                SandboxStatus::Error,
-                op.vcpus,
-                op.memory_mb,
-            )
-        })),
+        RestoreEnd::Failed { .. } => Ok(Some(op.failed_sandbox())),
     }
 }
 
