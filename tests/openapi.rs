@@ -1671,11 +1671,33 @@ async fn real_objects_and_errors_match_the_documented_schemas() {
         .send("delete", "/v1/snapshots/second", Some(&key), None)
         .await;
     assert_eq!(reply.status, 204);
+    // A restore whose agent cannot answer: 502, and its VM (which may have
+    // started) is queued for destruction.
+    let reply = server
+        .send(
+            "post",
+            "/v1/sandboxes",
+            Some(&key),
+            Some(&json!({ "template": "golden" })),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        502,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    check_reply(&doc, &ops, "post", "/v1/sandboxes", &reply);
     let reply = server.admin("get", "/v1/admin/pending", None).await;
     assert_eq!(reply.status, 200);
     let pending = check_reply(&doc, &ops, "get", "/v1/admin/pending", &reply);
     assert!(
         !pending["deletions"].as_array().unwrap().is_empty(),
+        "{pending}"
+    );
+    assert_eq!(
+        pending["destroys"].as_array().unwrap().len(),
+        1,
         "{pending}"
     );
     server.agent.set_unavailable(false);

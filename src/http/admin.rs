@@ -340,11 +340,13 @@ async fn delete_platform_template(
 struct PendingOut {
     deletions: Vec<serde_json::Value>,
     operations: Vec<serde_json::Value>,
+    destroys: Vec<serde_json::Value>,
 }
 
 async fn pending(State(state): State<ApiState>) -> ApiResult<Response> {
     let deletions = state.manager.pending_deletions().await?;
     let operations = state.manager.open_operations().await?;
+    let destroys = state.manager.pending_destroys().await?;
     let out = PendingOut {
         deletions: deletions
             .iter()
@@ -359,6 +361,19 @@ async fn pending(State(state): State<ApiState>) -> ApiResult<Response> {
             })
             .collect(),
         operations: operations.iter().map(operation_json).collect(),
+        destroys: destroys
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "sandbox_id": d.sandbox.to_string(),
+                    "team_id": d.team.to_string(),
+                    "host_id": d.host.to_string(),
+                    "attempts": d.attempts,
+                    "last_error": d.last_error,
+                    "next_attempt": d.next_attempt.to_rfc3339(),
+                })
+            })
+            .collect(),
     };
     Ok(axum::Json(out).into_response())
 }
