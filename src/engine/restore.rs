@@ -322,6 +322,43 @@ pub(crate) async fn run_restore(
             // replica after this one stalled, or an earlier try of ours
             // whose commit was not acknowledged): report what it became.
             let current = inner.store.get_sandbox(op.sandbox_id).await;
+            let rolled_back = matches!(&current, Ok(s) if !s.as_ref().is_some_and(|s| {
+                s.team == op.team && s.status == SandboxStatus::Running
+            }));
+            if running && rolled_back {
+                // Rolled back, yet this task saw the VM live (the host
+                // started it after the other's look, or after that one's
+                // destroy found nothing): the caller is told it failed,
+                // so it must not run on. Destroyed from now on.
+                let queued = inner
+                    .persist(
+                        "the destroy of a rolled-back restore's VM",
+                        || {
+                            let now = Timestamp::now();
+                            inner.store.requeue_destroy(op.clone(), now, now)
+                        },
+                        |db| {
+                            send(Err(Error::new(
+                                ErrorCode::DbError,
+                                "the restore was rolled back meanwhile, and the destroy of its \
+                                 VM could not be recorded yet",
+                            )
+                            .with_source(db.to_string())));
+                        },
+                    )
+                    .await;
+                let Some(queued) = queued else {
+                    return send(Err(Error::new(
+                        ErrorCode::DbError,
+                        "the snapshot manager shut down before the restore's outcome was recorded",
+                    )));
+                };
+                if queued {
+                    tracing::info!(sandbox = %op.sandbox_id, host = %op.host.id,
+                        "a restore rolled back meanwhile started its VM after all: queued for destruction");
+                    inner.wake.notify_one();
+                }
+            }
             send(match current {
                 Ok(Some(s)) if s.status == SandboxStatus::Running && s.team == op.team => Ok(s),
                 Ok(_) => Err(failure.map_or_else(
