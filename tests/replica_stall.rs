@@ -163,3 +163,105 @@ async fn a_stalled_replica_never_reports_a_failure_for_a_create_another_rolled_f
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Replica A's restore is in flight (its `CreateSandbox` held); A stalls
+/// past its lease; replica B adopts the restore, finds no VM on the host,
+/// rolls it back and destroys the sandbox (NotFound: nothing there yet).
+/// A resumes and its `CreateSandbox` succeeds: the VM runs, and A's
+/// `end_restore` finds the entry closed. A's caller is told the restore
+/// failed, so that VM must not run on (SPEC §4a "Restore").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_replica_never_leaves_a_vm_running_for_a_restore_another_rolled_back() {
+    use sandbox_snapshots::agent::{AgentOp, Fault, Hold};
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::fresh(&backend, dir.path()).await;
+    let Db::Postgres(url) = &db else {
+        unreachable!("a PostgreSQL backend")
+    };
+    let agent = Arc::new(MemoryHostAgent::new());
+    let host = HostId::new();
+    let transport = Arc::new(InProcessTransport::new());
+    transport.add_host(host, agent.clone());
+    let mut options = fast_options();
+    // Long enough that A's own heartbeat does not renew the lease the test
+    // ends by hand (it renews every third of it).
+    options.instance_lease = Duration::from_secs(120);
+    let a = db.open(transport.clone(), options.clone()).await.unwrap();
+    let b = db.open(transport, options).await.unwrap();
+    a.registry()
+        .register_host(host, "in-process", HostStatus::Online)
+        .await
+        .unwrap();
+    let team = TeamId::new();
+    let template = a
+        .registry()
+        .register_template(
+            NewTemplate::new(team, name("snap"), TemplateType::Snapshot)
+                .shape(2, 512)
+                .on_hosts([host]),
+        )
+        .await
+        .unwrap();
+    agent.put_snapshot(&template.id.to_string(), 1 << 20, None);
+
+    let hold = Hold::new();
+    agent.inject_times(AgentOp::CreateSandbox, Fault::Hold(hold.clone()), 1);
+    let sandbox = SandboxId::new();
+    let restoring = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.restore(
+                &caller(team),
+                RestoreRequest::new(name("snap")).sandbox_id(sandbox),
+            )
+            .await
+        })
+    };
+    hold.arrived(1).await;
+
+    // A stalls past its lease: its lease ends without a renewal.
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .execute(
+            "UPDATE instances SET lease_until = 0
+             WHERE id IN (SELECT owner FROM restores)",
+            &[],
+        )
+        .await
+        .unwrap();
+    // B adopts the restore, rolls it back and destroys the (absent) VM.
+    common::eventually("B rolls the adopted restore back", || async {
+        b.run_pending_work().await.unwrap();
+        db.count("SELECT count(*) FROM restores").await == 0
+            && b.pending_destroys().await.unwrap().is_empty()
+            && agent.calls(AgentOp::DestroySandbox) >= 1
+    })
+    .await;
+
+    // A resumes: the host starts the VM and answers A's call.
+    hold.release();
+    let answer = restoring.await.unwrap();
+    if answer.is_err() {
+        common::eventually("the VM A's caller was told failed is gone", || async {
+            let _ = a.run_pending_work().await;
+            let _ = b.run_pending_work().await;
+            agent.sandbox_status(sandbox).is_none()
+        })
+        .await;
+    } else {
+        let registered = b.registry().sandbox(sandbox).await.unwrap();
+        assert_eq!(
+            registered.map(|s| s.status),
+            Some(SandboxStatus::Running),
+            "A's caller was told it runs: {answer:?}"
+        );
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

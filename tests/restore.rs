@@ -48,6 +48,7 @@ conformance!(
     a_dropped_caller_does_not_abort_the_restore,
     a_shutdown_waits_for_a_restore_in_flight,
     interrupted_restores_are_finished_or_rolled_back,
+    another_teams_vm_under_the_id_is_never_taken_nor_destroyed,
 );
 
 /// The create, list and delete timeouts of these tests.
@@ -2036,4 +2037,68 @@ async fn interrupted_restores_are_finished_or_rolled_back(backend: Backend) {
         drain_restores(&env, &fleet).await;
         assert_restore_invariants(&case, &env, &fleet, &[id], &[]).await;
     }
+}
+
+/// A VM of another team runs on the host under an id the store does not
+/// know (not registered yet). A restore into that id whose `CreateSandbox`
+/// fails ambiguously (an agent that answers Internal for a duplicate id)
+/// must not hand that VM to the caller when the host lists it, nor queue
+/// its destruction: the host lists it with its own team and template.
+/// Likewise when the restore was interrupted and recovery decides.
+async fn another_teams_vm_under_the_id_is_never_taken_nor_destroyed(backend: Backend) {
+    use sandbox_snapshots::agent::{CreateSandboxRequest, HostAgent, SnapshotKey};
+    let env = Env::on(&backend, options(), Mode::Ours).await;
+    let host = first(&env);
+    let fleet = [host.clone()];
+    let (team, other) = (TeamId::new(), TeamId::new());
+    snapshot_on(&env, team, "snap", &[&host], None).await;
+    let theirs = snapshot_on(&env, other, "theirs", &[&host], None).await;
+    let foreign = |id: SandboxId, n: &str| {
+        let agent = host.agent.clone();
+        let n = n.to_owned();
+        async move {
+            let mut req = CreateSandboxRequest::new(id, SnapshotKey::for_template(theirs.id));
+            req.team_id = Some(other);
+            req.template_id = Some(theirs.id);
+            agent.create_sandbox(req).await.expect(&n);
+            id
+        }
+    };
+
+    let id = foreign(SandboxId::new(), "a foreign VM").await;
+    host.agent.inject_times(
+        AgentOp::CreateSandbox,
+        Fault::Fail(AgentError::rejected(AgentCode::Internal, "exists")),
+        1,
+    );
+    let answer = restore(&env, team, req("snap").sandbox_id(id)).await;
+    assert!(answer.is_err(), "the foreign VM was handed out: {answer:?}");
+    assert_eq!(env.manager.registry().sandbox(id).await.unwrap(), None);
+
+    // Interrupted: the process stops while `CreateSandbox` hangs; recovery
+    // then finds another team's VM under the id.
+    let id2 = SandboxId::new();
+    let mut o = options();
+    // Short leases, so that PostgreSQL adopts the entry soon after.
+    o.instance_lease = Duration::from_secs(1);
+    let closed = Closed::of(env).await;
+    let hold = Hold::new();
+    host.agent
+        .inject(AgentOp::CreateSandbox, Fault::Hold(hold.clone()));
+    crash_mid_restore(&closed, o.clone(), team, req("snap").sandbox_id(id2), &hold).await;
+    host.agent.clear_faults();
+    foreign(id2, "another foreign VM").await;
+    let env = closed.open(o).await;
+    drain_restores(&env, &fleet).await;
+    let registered = env.manager.registry().sandbox(id2).await.unwrap();
+    assert_eq!(registered, None, "recovery handed the foreign VM out");
+
+    for id in [id, id2] {
+        assert_eq!(
+            host.agent.sandbox_status(id).as_deref(),
+            Some("running"),
+            "the other team's VM {id} was destroyed"
+        );
+    }
+    assert_restore_invariants("foreign", &env, &fleet, &[], &[]).await;
 }

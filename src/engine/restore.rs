@@ -267,24 +267,36 @@ pub(crate) async fn run_restore(
             tracing::warn!(sandbox = %op.sandbox_id, host = %op.host.id, error = %err,
                 "host agent failed to restore");
             let definite = err.is_not_sent() || err.is_definite_rejection();
-            let end = if definite {
-                failed(&err, None)
-            } else if host_lists(inner, &op).await == Some(true) {
-                // The VM runs after all: it is the caller's.
-                RestoreEnd::Running
+            if definite {
+                (failed(&err, None), Some(err))
             } else {
-                // It may exist, or start late: the caller is told it
-                // failed, so it must not run on.
-                let from = after(
-                    Timestamp::now(),
-                    inner
-                        .options
-                        .late_write_grace
-                        .min(inner.options.create_timeout),
-                );
-                failed(&err, Some(from))
-            };
-            (end, Some(err))
+                match host_sees(inner, &op).await {
+                    // The VM runs after all: it is the caller's.
+                    Some(Seen::Alive) => (RestoreEnd::Running, Some(err)),
+                    // Another team's (or template's) VM holds the id: ours
+                    // cannot exist beside it, and that one is not ours to
+                    // hand out or destroy.
+                    Some(Seen::Foreign) => {
+                        let err = AgentError::rejected(
+                            AgentCode::AlreadyExists,
+                            "another sandbox runs under this id on the host",
+                        );
+                        (failed(&err, None), Some(err))
+                    }
+                    // It may exist, or start late: the caller is told it
+                    // failed, so it must not run on.
+                    Some(Seen::Gone) | None => {
+                        let from = after(
+                            Timestamp::now(),
+                            inner
+                                .options
+                                .late_write_grace
+                                .min(inner.options.create_timeout),
+                        );
+                        (failed(&err, Some(from)), Some(err))
+                    }
+                }
+            }
         }
     };
     let recorded = inner
@@ -322,6 +334,43 @@ pub(crate) async fn run_restore(
             // replica after this one stalled, or an earlier try of ours
             // whose commit was not acknowledged): report what it became.
             let current = inner.store.get_sandbox(op.sandbox_id).await;
+            let rolled_back = matches!(&current, Ok(s) if !s.as_ref().is_some_and(|s| {
+                s.team == op.team && s.status == SandboxStatus::Running
+            }));
+            if running && rolled_back {
+                // Rolled back, yet this task saw the VM live (the host
+                // started it after the other's look, or after that one's
+                // destroy found nothing): the caller is told it failed,
+                // so it must not run on. Destroyed from now on.
+                let queued = inner
+                    .persist(
+                        "the destroy of a rolled-back restore's VM",
+                        || {
+                            let now = Timestamp::now();
+                            inner.store.requeue_destroy(op.clone(), now, now)
+                        },
+                        |db| {
+                            send(Err(Error::new(
+                                ErrorCode::DbError,
+                                "the restore was rolled back meanwhile, and the destroy of its \
+                                 VM could not be recorded yet",
+                            )
+                            .with_source(db.to_string())));
+                        },
+                    )
+                    .await;
+                let Some(queued) = queued else {
+                    return send(Err(Error::new(
+                        ErrorCode::DbError,
+                        "the snapshot manager shut down before the restore's outcome was recorded",
+                    )));
+                };
+                if queued {
+                    tracing::info!(sandbox = %op.sandbox_id, host = %op.host.id,
+                        "a restore rolled back meanwhile started its VM after all: queued for destruction");
+                    inner.wake.notify_one();
+                }
+            }
             send(match current {
                 Ok(Some(s)) if s.status == SandboxStatus::Running && s.team == op.team => Ok(s),
                 Ok(_) => Err(failure.map_or_else(
@@ -341,25 +390,43 @@ fn failed(err: &AgentError, destroy_from: Option<Timestamp>) -> RestoreEnd {
     }
 }
 
-/// Whether `list` shows the restored sandbox as a VM that lives (running,
-/// still starting, or paused): the caller's sandbox. Listed in another
-/// status (`error`, `stopped`, …) it is not one the caller can use, and
-/// is destroyed like one not listed.
-fn lists_alive(list: &crate::agent::SandboxList, sandbox: SandboxId) -> bool {
-    let wanted = sandbox.to_string();
-    list.sandboxes.iter().any(|s| {
-        s.sandbox_id == wanted
-            && matches!(
-                s.status.parse::<SandboxStatus>(),
-                Ok(SandboxStatus::Running | SandboxStatus::Starting | SandboxStatus::Paused)
-            )
-    })
+/// What a host's list shows of a restored sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Ours, and a VM that lives (running, still starting, or paused):
+    /// the caller's sandbox.
+    Alive,
+    /// A VM under the id that the host says is another team's, or from
+    /// another template: not ours (ours cannot exist beside it).
+    Foreign,
+    /// Not listed, or listed in another status (`error`, `stopped`, …):
+    /// not one the caller can use; destroyed like one not listed.
+    Gone,
 }
 
-/// Whether the host lists the sandbox alive (`None`: it cannot say).
-async fn host_lists(inner: &Engine, op: &RestoreOp) -> Option<bool> {
+fn seen(list: &crate::agent::SandboxList, op: &RestoreOp) -> Seen {
+    let wanted = op.sandbox_id.to_string();
+    let Some(s) = list.sandboxes.iter().find(|s| s.sandbox_id == wanted) else {
+        return Seen::Gone;
+    };
+    // Agents that say whose a VM is (upstream's later fields) are believed;
+    // one that does not say is taken to list ours.
+    let differs = |said: &str, ours: String| !said.is_empty() && said != ours;
+    if differs(&s.team_id, op.team.to_string())
+        || differs(&s.template_id, op.template_id.to_string())
+    {
+        return Seen::Foreign;
+    }
+    match s.status.parse::<SandboxStatus>() {
+        Ok(SandboxStatus::Running | SandboxStatus::Starting | SandboxStatus::Paused) => Seen::Alive,
+        _ => Seen::Gone,
+    }
+}
+
+/// What the host lists of the sandbox (`None`: it cannot say).
+async fn host_sees(inner: &Engine, op: &RestoreOp) -> Option<Seen> {
     match inner.list_sandboxes(&op.host).await {
-        Ok(list) => Some(lists_alive(&list, op.sandbox_id)),
+        Ok(list) => Some(seen(&list, op)),
         Err(err) => {
             tracing::warn!(host = %op.host.id, error = %err, "cannot ask the host whether the sandbox runs");
             None
@@ -397,13 +464,15 @@ pub(crate) async fn resolve_interrupted_restore(
         interrupted(grace)
     } else {
         match views.sandboxes(inner, &op.host).await {
-            Ok(list) => {
-                if lists_alive(list, op.sandbox_id) {
-                    RestoreEnd::Running
-                } else {
-                    interrupted(grace)
-                }
-            }
+            Ok(list) => match seen(list, op) {
+                Seen::Alive => RestoreEnd::Running,
+                // Not ours: nothing of ours to destroy under that id.
+                Seen::Foreign => RestoreEnd::Failed {
+                    error_code: "interrupted",
+                    destroy_from: None,
+                },
+                Seen::Gone => interrupted(grace),
+            },
             Err(err) => {
                 if after(op.created_at, inner.options.resolve_deadline) <= Timestamp::now() {
                     interrupted(grace)

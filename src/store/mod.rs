@@ -690,6 +690,12 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
         end: RestoreEnd,
         now: Timestamp,
     ) -> Result<Option<Sandbox>>;
+    /// Queues a destroy of a restore's sandbox from `from` on (again, if
+    /// one was already done), unless the sandbox is registered or a
+    /// restore of it is open: the restore's own task saw its VM live after
+    /// someone else had rolled the restore back. Returns whether it queued.
+    async fn requeue_destroy(&self, op: RestoreOp, from: Timestamp, now: Timestamp)
+    -> Result<bool>;
     /// Backs off an interrupted restore whose host cannot answer yet.
     async fn postpone_restore(
         &self,

@@ -288,6 +288,35 @@ pub(super) async fn end_restore(
     }
 }
 
+/// See `Store::requeue_destroy`.
+pub(super) async fn requeue_destroy(
+    db: &impl GenericClient,
+    op: &RestoreOp,
+    from: Timestamp,
+    now: Timestamp,
+) -> TxResult<bool> {
+    let queued = execute(
+        db,
+        "INSERT INTO sandbox_destroys (sandbox_id, host_id, team_id, state,
+                                       next_attempt, created_at, updated_at)
+         SELECT $1, $2, $3, 'queued', $4, $5, $5
+         WHERE NOT EXISTS (SELECT 1 FROM sandboxes WHERE id = $1)
+           AND NOT EXISTS (SELECT 1 FROM restores WHERE sandbox_id = $1)
+         ON CONFLICT (sandbox_id) DO UPDATE SET state = 'queued',
+             next_attempt = excluded.next_attempt, updated_at = excluded.updated_at,
+             lease_until = NULL, claim = NULL",
+        &[
+            &op.sandbox_id.bytes(),
+            &op.host.id.bytes(),
+            &op.team.bytes(),
+            &from.unix_millis(),
+            &now.unix_millis(),
+        ],
+    )
+    .await?;
+    Ok(queued == 1)
+}
+
 pub(super) async fn postpone_restore(
     db: &impl GenericClient,
     id: OperationId,
@@ -410,10 +439,10 @@ pub(super) async fn claim_due_destroys(
     Ok(due.into_iter().map(|(_, d)| d).collect())
 }
 
-/// Records a host's answer to a destroy. A confirmation counts whoever
-/// holds the claim now (the sandbox is gone); a failure only while the
-/// claim is still this attempt's, so that a late answer of a lapsed
-/// attempt cannot end the lease of the next claimer.
+/// Records a host's answer to a destroy, only while the claim is still
+/// this attempt's: a late answer of a lapsed attempt cannot end the lease
+/// of the next claimer, nor confirm a destroy queued again since (a
+/// NotFound from before a late VM booted proves nothing).
 pub(super) async fn record_destroy(
     db: &impl GenericClient,
     d: &Destroy,
@@ -426,8 +455,13 @@ pub(super) async fn record_destroy(
                 db,
                 "UPDATE sandbox_destroys SET state = 'destroyed', lease_until = NULL,
                         claim = NULL, last_error = NULL, updated_at = $2
-                 WHERE sandbox_id = $1 AND state = 'queued'",
-                &[&d.sandbox_id.bytes(), &now.unix_millis()],
+                 WHERE sandbox_id = $1 AND state = 'queued'
+                   AND claim IS NOT DISTINCT FROM $3",
+                &[
+                    &d.sandbox_id.bytes(),
+                    &now.unix_millis(),
+                    &d.claim.as_ref().map(|c| c.as_bytes().to_vec()),
+                ],
             )
             .await?;
         }

@@ -444,6 +444,15 @@ impl Store for PostgresStore {
         transaction!(self, |tx| restores::end_restore(tx, &op, &end, now))
     }
 
+    async fn requeue_destroy(
+        &self,
+        op: RestoreOp,
+        from: Timestamp,
+        now: Timestamp,
+    ) -> Result<bool> {
+        transaction!(self, |tx| restores::requeue_destroy(tx, &op, from, now))
+    }
+
     async fn postpone_restore(
         &self,
         id: OperationId,

@@ -302,6 +302,16 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn requeue_destroy(
+        &self,
+        op: RestoreOp,
+        from: Timestamp,
+        now: Timestamp,
+    ) -> Result<bool> {
+        self.write(move |c| sql::requeue_destroy(c, &op, from, now))
+            .await
+    }
+
     async fn postpone_restore(
         &self,
         id: OperationId,

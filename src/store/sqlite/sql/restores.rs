@@ -217,6 +217,36 @@ pub(crate) fn end_restore(
     }
 }
 
+/// See `Store::requeue_destroy`.
+pub(crate) fn requeue_destroy(
+    conn: &Connection,
+    op: &RestoreOp,
+    from: Timestamp,
+    now: Timestamp,
+) -> Result<bool> {
+    let queued = conn
+        .prepare_cached(
+            "INSERT INTO sandbox_destroys (sandbox_id, host_id, team_id, state,
+                                           next_attempt, created_at, updated_at)
+             SELECT ?1, ?2, ?3, 'queued', ?4, ?5, ?5
+             WHERE NOT EXISTS (SELECT 1 FROM sandboxes WHERE id = ?1)
+               AND NOT EXISTS (SELECT 1 FROM restores WHERE sandbox_id = ?1)
+             ON CONFLICT (sandbox_id) DO UPDATE SET state = 'queued',
+                 next_attempt = excluded.next_attempt, updated_at = excluded.updated_at,
+                 lease_until = NULL, claim = NULL",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                op.sandbox_id,
+                op.host.id,
+                op.team,
+                from.unix_millis(),
+                now.unix_millis()
+            ])
+        })?;
+    Ok(queued == 1)
+}
+
 pub(crate) fn postpone_restore(
     conn: &Connection,
     id: OperationId,
@@ -342,9 +372,9 @@ pub(crate) fn record_destroy(
             .prepare_cached(
                 "UPDATE sandbox_destroys SET state = 'destroyed', lease_until = NULL,
                         claim = NULL, last_error = NULL, updated_at = ?2
-                 WHERE sandbox_id = ?1 AND state = 'queued'",
+                 WHERE sandbox_id = ?1 AND state = 'queued' AND claim IS ?3",
             )
-            .and_then(|mut s| s.execute(params![d.sandbox_id, now.unix_millis()]))?,
+            .and_then(|mut s| s.execute(params![d.sandbox_id, now.unix_millis(), claim]))?,
         crate::store::DeletionResult::Failed { error, retry_at } => conn
             .prepare_cached(
                 "UPDATE sandbox_destroys SET attempts = attempts + 1, next_attempt = ?2,
