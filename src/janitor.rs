@@ -380,6 +380,9 @@ async fn dispatch(inner: &Arc<Engine>, wait: bool) -> Result<Dispatched> {
         .store
         .open_operations(me, Phase::Resolving, Some(now))
         .await?;
+    // Read before anything is claimed: a failing read must not strand a
+    // claimed batch until its lease ends.
+    let restores = inner.store.open_restores(me, Some(now)).await?;
     let busy: Vec<HostId> = lock_unpoisoned(&inner.worker.busy_hosts)
         .iter()
         .copied()
@@ -397,7 +400,6 @@ async fn dispatch(inner: &Arc<Engine>, wait: bool) -> Result<Dispatched> {
             Vec::new()
         }
     };
-    let restores = inner.store.open_restores(me, Some(now)).await?;
     let busy: Vec<HostId> = lock_unpoisoned(&inner.worker.busy_hosts)
         .iter()
         .copied()
