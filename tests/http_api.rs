@@ -889,7 +889,10 @@ async fn admin_endpoints_manage_the_registry_and_platform_templates() {
         .send(Method::GET, "/v1/admin/pending", admin, None)
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(pending, json!({"deletions": [], "operations": []}));
+    assert_eq!(
+        pending,
+        json!({"deletions": [], "operations": [], "destroys": []})
+    );
 }
 
 /// A client that disconnects while its snapshot is being taken does not
