@@ -29,6 +29,7 @@ conformance!(
     a_hanging_host_delays_only_its_own_work,
     a_failure_the_store_cannot_record_never_takes_effect_later,
     a_success_the_store_cannot_record_appears_once_it_recovers,
+    a_restore_the_store_cannot_record_is_told_db_error_then_takes_effect,
 );
 
 fn internal() -> AgentError {
@@ -720,4 +721,72 @@ async fn a_success_the_store_cannot_record_appears_once_it_recovers(backend: Bac
     let t = env.manager.get(&caller(team), &name("snap")).await.unwrap();
     assert_eq!(env.agent.snapshot_keys(), vec![t.id.to_string()]);
     assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Paused);
+}
+
+/// A restore whose agent answered while another connection holds the
+/// store's writes: past `record_patience` the caller is told `db_error`
+/// (outcome unknown), the sandbox stays owned by the restore meanwhile, and
+/// once the store recovers what the host did takes effect: a VM that
+/// started is registered `running`; one that did not answer is not
+/// registered, and its possible VM is destroyed.
+async fn a_restore_the_store_cannot_record_is_told_db_error_then_takes_effect(backend: Backend) {
+    for started in [true, false] {
+        let case = if started {
+            "the VM started"
+        } else {
+            "no answer"
+        };
+        let env = Env::on(&backend, impatient_options(), Mode::Ours).await;
+        let team = TeamId::new();
+        let sb = env.sandbox(team).await;
+        env.create(team, sb, "snap").await.unwrap();
+        // Held where the outcome is known and not yet recorded: in the
+        // agent's call, or (no answer) in the host's list asked after it.
+        let hold = Hold::new();
+        if started {
+            env.agent
+                .inject_times(AgentOp::CreateSandbox, Fault::Hold(hold.clone()), 1);
+        } else {
+            let timeout = Fault::Fail(AgentError::Timeout);
+            env.agent.inject_times(AgentOp::CreateSandbox, timeout, 1);
+            env.agent
+                .inject_times(AgentOp::ListSandboxes, Fault::Hold(hold.clone()), 1);
+        }
+        let id = SandboxId::new();
+        let restore = {
+            let manager = env.manager.clone();
+            let request = RestoreRequest::new(name("snap")).sandbox_id(id);
+            tokio::spawn(async move { manager.restore(&caller(team), request).await })
+        };
+        hold.arrived(1).await;
+        let lock = StoreLock::take(&env).await;
+        hold.release();
+        let err = restore.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), ErrorCode::DbError, "{case}: {err:?}");
+        assert!(
+            err.message().contains("outcome is unknown"),
+            "{case}: {err:?}"
+        );
+        let owned = env.manager.registry().sandbox(id).await.unwrap();
+        assert_eq!(
+            owned.map(|s| s.status),
+            Some(SandboxStatus::Starting),
+            "{case}"
+        );
+        lock.release().await;
+
+        eventually(case, || async {
+            let _ = env.manager.run_pending_work().await;
+            let registered = env.manager.registry().sandbox(id).await.unwrap();
+            let settled = if started {
+                registered.is_some_and(|s| s.status == SandboxStatus::Running)
+            } else {
+                registered.is_none() && env.manager.pending_destroys().await.unwrap().is_empty()
+            };
+            settled && env.count("SELECT count(*) FROM restores").await == 0
+        })
+        .await;
+        let on_host = env.agent.sandbox_status(id);
+        assert_eq!(on_host.as_deref(), started.then_some("running"), "{case}");
+    }
 }
