@@ -133,18 +133,7 @@ async fn a_stalled_replica_never_reports_a_failure_for_a_create_another_rolled_f
     agent.set_sandbox_status(sandbox, "paused");
 
     // A stalls past its lease: its lease ends without a renewal.
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
-        .execute(
-            "UPDATE instances SET lease_until = 0
-             WHERE id IN (SELECT owner FROM operations)",
-            &[],
-        )
-        .await
-        .unwrap();
+    end_lease_of_owners(url, "operations").await;
     // B adopts the entry and rolls it forward.
     common::eventually("B rolls the adopted create forward", || async {
         b.run_pending_work().await.unwrap();
@@ -223,18 +212,7 @@ async fn a_stalled_replica_never_leaves_a_vm_running_for_a_restore_another_rolle
     hold.arrived(1).await;
 
     // A stalls past its lease: its lease ends without a renewal.
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
-        .execute(
-            "UPDATE instances SET lease_until = 0
-             WHERE id IN (SELECT owner FROM restores)",
-            &[],
-        )
-        .await
-        .unwrap();
+    end_lease_of_owners(url, "restores").await;
     // B adopts the restore, rolls it back and destroys the (absent) VM.
     common::eventually("B rolls the adopted restore back", || async {
         b.run_pending_work().await.unwrap();
@@ -264,4 +242,16 @@ async fn a_stalled_replica_never_leaves_a_vm_running_for_a_restore_another_rolle
     }
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// Ends the instance leases of the owners of the entries of `table`
+/// (`operations` or `restores`), as if they had stalled past them.
+async fn end_lease_of_owners(url: &str, table: &str) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let sql =
+        format!("UPDATE instances SET lease_until = 0 WHERE id IN (SELECT owner FROM {table})");
+    client.execute(sql.as_str(), &[]).await.unwrap();
 }
