@@ -256,3 +256,14 @@ CREATE TABLE sandbox_destroys (
 ) STRICT, WITHOUT ROWID;
 
 CREATE INDEX sandbox_destroys_due ON sandbox_destroys (next_attempt) WHERE state = 'queued';
+
+-- migration: 7
+
+-- Team quotas (SPEC §8): NULL is no limit. Checked in the transaction that
+-- opens a create, so that concurrent creates never overshoot the count.
+CREATE TABLE team_limits (
+    team_id       BLOB    NOT NULL PRIMARY KEY CHECK (length(team_id) = 16),
+    max_snapshots INTEGER CHECK (max_snapshots IS NULL OR max_snapshots >= 0),
+    max_bytes     INTEGER CHECK (max_bytes IS NULL OR max_bytes >= 0),
+    updated_at    INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;

@@ -268,3 +268,15 @@ CREATE TABLE sandbox_destroys (
 );
 
 CREATE INDEX sandbox_destroys_due ON sandbox_destroys (next_attempt) WHERE state = 'queued';
+
+-- migration: 3
+
+-- Team quotas (SPEC §8): NULL is no limit. A create of a team with limits
+-- locks its row, so that concurrent creates (on any replica) are counted
+-- one after the other and never overshoot the count.
+CREATE TABLE team_limits (
+    team_id       BYTEA   NOT NULL PRIMARY KEY CHECK (length(team_id) = 16),
+    max_snapshots BIGINT  CHECK (max_snapshots IS NULL OR max_snapshots >= 0),
+    max_bytes     BIGINT  CHECK (max_bytes IS NULL OR max_bytes >= 0),
+    updated_at    BIGINT  NOT NULL
+);

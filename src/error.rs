@@ -17,6 +17,8 @@ pub enum ErrorCode {
     Unauthorized,
     /// 403: the caller may not do this (e.g. delete a platform template).
     Forbidden,
+    /// 403: the team's snapshot quota (count or bytes) is used up.
+    QuotaExceeded,
     /// 404: the sandbox or template is not visible to the caller (or, over
     /// HTTP, no such route).
     NotFound,
@@ -50,6 +52,7 @@ impl ErrorCode {
             Self::InvalidRequest => "invalid_request",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
+            Self::QuotaExceeded => "quota_exceeded",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PayloadTooLarge => "payload_too_large",
@@ -69,7 +72,7 @@ impl ErrorCode {
         match self {
             Self::InvalidRequest => 400,
             Self::Unauthorized => 401,
-            Self::Forbidden => 403,
+            Self::Forbidden | Self::QuotaExceeded => 403,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::PayloadTooLarge => 413,

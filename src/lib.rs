@@ -118,8 +118,8 @@ pub use manager::{
     NewSnapshot, Page, Placement, ResolvedOperation, RestoreRequest, SnapshotManager, SweepOptions,
 };
 pub use model::{
-    Actor, Caller, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateState, TemplateType,
-    Timestamp,
+    Actor, Caller, Host, HostStatus, Sandbox, SandboxStatus, TeamLimits, Template, TemplateState,
+    TemplateType, Timestamp, Usage,
 };
 pub use names::{NameError, TemplateName};
 pub use registry::{NewTemplate, Registry};

@@ -464,6 +464,32 @@ impl Manager {
         Registry::new(&self.inner)
     }
 
+    /// The caller's team's usage against its quotas (SPEC §8).
+    pub async fn usage(&self, caller: &Caller) -> Result<crate::model::Usage> {
+        self.inner.store.team_usage(caller.team()).await
+    }
+
+    /// Sets `team`'s quotas (administrators): creates of templates of type
+    /// snapshot beyond `max_snapshots`, or starting at or over `max_bytes`,
+    /// are refused with 403 `quota_exceeded`. `None` lifts a limit. Limits
+    /// lowered below the usage refuse new creates and delete nothing.
+    pub async fn set_team_limits(
+        &self,
+        caller: &Caller,
+        team: crate::ids::TeamId,
+        limits: crate::model::TeamLimits,
+    ) -> Result<crate::model::Usage> {
+        if !caller.is_admin() {
+            return Err(Error::forbidden("only administrators may set quotas"));
+        }
+        self.inner
+            .store
+            .set_team_limits(team, limits, Timestamp::now())
+            .await?;
+        tracing::info!(%team, ?limits, "team quotas set");
+        self.inner.store.team_usage(team).await
+    }
+
     /// Sandboxes queued for destruction on their hosts (restores that
     /// failed or were interrupted while the VM may exist), with attempts
     /// and last error (operators).

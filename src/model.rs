@@ -321,3 +321,37 @@ impl Caller {
         self.admin
     }
 }
+
+/// A team's quotas (SPEC §8); `None` is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TeamLimits {
+    /// Most templates of type snapshot that are being created or ready.
+    pub max_snapshots: Option<u64>,
+    /// Most bytes those may hold; a create starting at or over it is
+    /// refused (the one that crosses it may overshoot: its size is known
+    /// only afterwards).
+    pub max_bytes: Option<u64>,
+}
+
+impl TeamLimits {
+    /// Limits of at most `max_snapshots` snapshots and `max_bytes` bytes.
+    pub fn new(max_snapshots: Option<u64>, max_bytes: Option<u64>) -> Self {
+        Self {
+            max_snapshots,
+            max_bytes,
+        }
+    }
+}
+
+/// A team's usage against its quotas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Usage {
+    /// Templates of type snapshot being created or ready.
+    pub snapshots: u64,
+    /// Bytes they hold.
+    pub bytes: u64,
+    /// The limits that apply.
+    pub limits: TeamLimits,
+}

@@ -786,6 +786,7 @@ fn error_schema_lists_every_error_code() {
         ErrorCode::InvalidRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
+        ErrorCode::QuotaExceeded,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::PayloadTooLarge,
@@ -1471,6 +1472,70 @@ async fn real_objects_and_errors_match_the_documented_schemas() {
         let error = check_reply(&doc, &ops, "post", "/v1/sandboxes", &reply);
         assert_eq!(error["error"]["code"], code, "{body}");
     }
+    // Quotas: at the count limit a create is refused before any host is
+    // called; the usage shows it; lifting the limit lets it through.
+    let limits = format!("/v1/admin/teams/{team}/limits");
+    let reply = server
+        .admin("put", &limits, Some(&json!({ "max_snapshots": 2 })))
+        .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let usage = check_reply(
+        &doc,
+        &ops,
+        "put",
+        "/v1/admin/teams/{team_id}/limits",
+        &reply,
+    );
+    assert_eq!(
+        (usage["snapshots"].clone(), usage["max_snapshots"].clone()),
+        (json!(2), json!(2))
+    );
+    assert_eq!(usage["max_bytes"], Value::Null);
+    let calls = server
+        .agent
+        .calls(sandbox_snapshots::agent::AgentOp::CreateSnapshot);
+    let reply = server
+        .send(
+            "post",
+            "/v1/snapshots",
+            Some(&key),
+            Some(&json!({ "sandbox_id": sandboxes[0], "name": "third" })),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        403,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let refused = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
+    assert_eq!(refused["error"]["code"], "quota_exceeded");
+    assert_eq!(
+        server
+            .agent
+            .calls(sandbox_snapshots::agent::AgentOp::CreateSnapshot),
+        calls,
+        "no host called"
+    );
+    let reply = server.send("get", "/v1/usage", Some(&key), None).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(check_reply(&doc, &ops, "get", "/v1/usage", &reply), usage);
+    let reply = server.admin("put", &limits, Some(&json!({}))).await;
+    assert_eq!(reply.status, 200);
+    let lifted = check_reply(
+        &doc,
+        &ops,
+        "put",
+        "/v1/admin/teams/{team_id}/limits",
+        &reply,
+    );
+    assert_eq!(lifted["max_snapshots"], Value::Null);
+
     let (_, stranger) = server.team_key().await;
     let reply = server
         .send("get", &format!("/v1/sandboxes/{id}"), Some(&stranger), None)

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, patch, post};
+use axum::routing::{delete, get, patch, post, put};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiResult, ApiState, PathParam, TemplateBody, json_body, parse_name};
@@ -20,6 +20,7 @@ pub(super) fn routes() -> Router<ApiState> {
     Router::new()
         .route("/v1/admin/teams", post(create_team))
         .route("/v1/admin/teams/{team_id}/keys", post(create_key))
+        .route("/v1/admin/teams/{team_id}/limits", put(set_limits))
         .route("/v1/admin/hosts", get(list_hosts).post(register_host))
         .route("/v1/admin/hosts/{host_id}", patch(update_host))
         .route("/v1/admin/sandboxes", post(register_sandbox))
@@ -427,4 +428,28 @@ async fn resolve_operation(
         "sandbox_status": resolved.sandbox_status.as_str(),
     }))
     .into_response())
+}
+
+#[derive(Deserialize)]
+struct LimitsBody {
+    max_snapshots: Option<u64>,
+    max_bytes: Option<u64>,
+}
+
+/// `PUT /v1/admin/teams/{team_id}/limits`: null or absent is no limit.
+/// Answers the team's usage with the new limits.
+async fn set_limits(
+    State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    PathParam(team_id): PathParam,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let team = parse_id(&team_id, "team_id", TeamId::parse)?;
+    let body: LimitsBody = json_body(body)?;
+    let limits = crate::model::TeamLimits::new(body.max_snapshots, body.max_bytes);
+    let usage = state
+        .manager
+        .set_team_limits(&platform_caller(&caller), team, limits)
+        .await?;
+    Ok(axum::Json(super::usage_json(&usage)).into_response())
 }

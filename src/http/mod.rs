@@ -415,6 +415,24 @@ async fn get_sandbox(
     Ok(axum::Json(SandboxBody::from(&sandbox)).into_response())
 }
 
+/// A team's usage against its quotas (SPEC §8); limits null when unset.
+pub(crate) fn usage_json(u: &crate::model::Usage) -> serde_json::Value {
+    serde_json::json!({
+        "snapshots": u.snapshots,
+        "bytes": u.bytes,
+        "max_snapshots": u.limits.max_snapshots,
+        "max_bytes": u.limits.max_bytes,
+    })
+}
+
+async fn usage(
+    State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> ApiResult<Response> {
+    let usage = state.manager.usage(&caller).await?;
+    Ok(axum::Json(usage_json(&usage)).into_response())
+}
+
 async fn list_snapshots(
     State(state): State<ApiState>,
     axum::Extension(caller): axum::Extension<Caller>,
@@ -633,6 +651,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/sandboxes", post(restore_sandbox))
         .route("/v1/sandboxes/{sandbox_id}", get(get_sandbox))
         .route("/v1/audit-logs", get(audit_logs))
+        .route("/v1/usage", get(usage))
         .merge(
             admin::routes()
                 .route("/metrics", get(metrics_page))

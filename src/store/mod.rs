@@ -29,7 +29,8 @@ use crate::audit::AuditEntry;
 use crate::error::Result;
 use crate::ids::{ApiKeyId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId};
 use crate::model::{
-    Actor, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateType, Timestamp,
+    Actor, Host, HostStatus, Sandbox, SandboxStatus, TeamLimits, Template, TemplateType, Timestamp,
+    Usage,
 };
 use crate::names::TemplateName;
 
@@ -558,8 +559,9 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     // ---------------------------------------------------------- create
 
     /// Step one of a create: name checks, the team-scoped sandbox, its
-    /// status and host, sandbox → `snapshotting` (CAS), the `creating`
-    /// template and the journal entry.
+    /// status and host, the team's quota (403 `quota_exceeded`; an
+    /// overwrite needs no count headroom), sandbox → `snapshotting` (CAS),
+    /// the `creating` template and the journal entry.
     async fn begin_create(&self, input: CreateInput, now: Timestamp)
     -> Result<(CreateOp, Sandbox)>;
     /// The last step of a successful create (only while the entry is open
@@ -729,6 +731,14 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Sandboxes queued for destruction (not yet confirmed), for operators.
     async fn pending_destroys(&self) -> Result<Vec<PendingDestroy>>;
 
+    // -------------------------------------------------------- policies
+
+    /// Sets a team's quotas (replacing earlier ones).
+    async fn set_team_limits(&self, team: TeamId, limits: TeamLimits, now: Timestamp)
+    -> Result<()>;
+    /// A team's usage and limits.
+    async fn team_usage(&self, team: TeamId) -> Result<Usage>;
+
     // ---------------------------------------------------------- worker
 
     /// The earliest time any of `me`'s queued work not in hand is due:
@@ -765,4 +775,33 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// A live key by id.
     #[cfg_attr(not(feature = "server"), allow(dead_code))]
     async fn find_key(&self, id: ApiKeyId) -> Result<Option<KeyRecord>>;
+}
+
+/// The 403 of a create over a team's quota, with usage and limit.
+pub(crate) fn quota_check(usage: &Usage, overwrite: bool) -> Result<()> {
+    use crate::error::{Error, ErrorCode};
+    if let Some(max) = usage.limits.max_snapshots
+        && !overwrite
+        && usage.snapshots >= max
+    {
+        return Err(Error::new(
+            ErrorCode::QuotaExceeded,
+            format!(
+                "snapshot quota exceeded: the team has {} of at most {max} snapshots",
+                usage.snapshots
+            ),
+        ));
+    }
+    if let Some(max) = usage.limits.max_bytes
+        && usage.bytes >= max
+    {
+        return Err(Error::new(
+            ErrorCode::QuotaExceeded,
+            format!(
+                "snapshot quota exceeded: the team's snapshots hold {} of at most {max} bytes",
+                usage.bytes
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -23,6 +23,7 @@ mod keys;
 mod migrate;
 mod operations;
 mod placements;
+mod policies;
 mod registry;
 mod restores;
 mod rows;

@@ -369,6 +369,8 @@ pub(super) async fn begin_create(
     if address.is_empty() || !host_status.accepts_snapshots() {
         return Err(unreachable().into());
     }
+    let usage = super::policies::team_usage(db, team, true).await?;
+    crate::store::quota_check(&usage, replaces.is_some())?;
     let now_ms = now.unix_millis();
     let actor_id = actor.id_text();
     let (sandbox_bytes, team_bytes, template_bytes) =

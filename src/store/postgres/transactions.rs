@@ -15,13 +15,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{PostgresStore, TxError, TxResult};
-use super::{audit, keys, operations, placements, registry, restores, templates};
+use super::{audit, keys, operations, placements, policies, registry, restores, templates};
 use crate::agent::HostInfo;
 use crate::audit::AuditEntry;
 use crate::error::{Error, Result};
 use crate::ids::{ApiKeyId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId};
 use crate::model::{
-    Actor, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateType, Timestamp,
+    Actor, Host, HostStatus, Sandbox, SandboxStatus, TeamLimits, Template, TemplateType, Timestamp,
+    Usage,
 };
 use crate::names::TemplateName;
 use crate::store::{
@@ -506,6 +507,19 @@ impl Store for PostgresStore {
 
     async fn pending_destroys(&self) -> Result<Vec<PendingDestroy>> {
         read!(self, |db| restores::pending_destroys(db))
+    }
+
+    async fn set_team_limits(
+        &self,
+        team: TeamId,
+        limits: TeamLimits,
+        now: Timestamp,
+    ) -> Result<()> {
+        transaction!(self, |tx| policies::set_team_limits(tx, team, &limits, now))
+    }
+
+    async fn team_usage(&self, team: TeamId) -> Result<Usage> {
+        read!(self, |db| policies::team_usage(db, team, false))
     }
 
     async fn next_due(&self, me: InstanceId, in_hand: InHand) -> Result<Option<Timestamp>> {

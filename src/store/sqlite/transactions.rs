@@ -11,7 +11,8 @@ use crate::audit::AuditEntry;
 use crate::error::Result;
 use crate::ids::{ApiKeyId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId};
 use crate::model::{
-    Actor, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateType, Timestamp,
+    Actor, Host, HostStatus, Sandbox, SandboxStatus, TeamLimits, Template, TemplateType, Timestamp,
+    Usage,
 };
 use crate::names::TemplateName;
 use crate::store::{
@@ -354,6 +355,20 @@ impl Store for SqliteStore {
 
     async fn pending_destroys(&self) -> Result<Vec<PendingDestroy>> {
         self.read(sql::pending_destroys).await
+    }
+
+    async fn set_team_limits(
+        &self,
+        team: TeamId,
+        limits: TeamLimits,
+        now: Timestamp,
+    ) -> Result<()> {
+        self.write(move |c| sql::set_team_limits(c, team, &limits, now))
+            .await
+    }
+
+    async fn team_usage(&self, team: TeamId) -> Result<Usage> {
+        self.read(move |c| sql::team_usage(c, team)).await
     }
 
     async fn next_due(&self, _me: InstanceId, in_hand: InHand) -> Result<Option<Timestamp>> {

@@ -9,6 +9,7 @@ mod audit;
 mod keys;
 mod operations;
 mod placements;
+mod policies;
 mod registry;
 mod restores;
 mod templates;
@@ -17,6 +18,7 @@ pub(crate) use audit::*;
 pub(crate) use keys::*;
 pub(crate) use operations::*;
 pub(crate) use placements::*;
+pub(crate) use policies::*;
 pub(crate) use registry::*;
 pub(crate) use restores::*;
 pub(crate) use templates::*;
@@ -31,8 +33,8 @@ use crate::ids::{
     ApiKeyId, AuditLogId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId,
 };
 use crate::model::{
-    Actor, Host, HostStatus, Sandbox, SandboxStatus, Template, TemplateState, TemplateType,
-    Timestamp,
+    Actor, Host, HostStatus, Sandbox, SandboxStatus, TeamLimits, Template, TemplateState,
+    TemplateType, Timestamp, Usage,
 };
 use crate::names::TemplateName;
 
