@@ -267,3 +267,8 @@ CREATE TABLE team_limits (
     max_bytes     INTEGER CHECK (max_bytes IS NULL OR max_bytes >= 0),
     updated_at    INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
+
+-- A limited team's usage is counted on each create: its snapshots that
+-- are not being deleted, with their sizes, from the index alone.
+CREATE INDEX templates_quota ON templates (team_id, size_bytes)
+    WHERE type = 'snapshot' AND state <> 'deleting';

@@ -68,7 +68,7 @@ pub(super) async fn team_usage(
     let row = query_one(
         db,
         "SELECT count(*), coalesce(sum(size_bytes), 0)::bigint FROM templates
-         WHERE team_id = $1 AND type = 'snapshot' AND state IN ('creating', 'ready')",
+         WHERE team_id = $1 AND type = 'snapshot' AND state <> 'deleting'",
         &[&team.bytes()],
     )
     .await?;

@@ -168,7 +168,7 @@ pub(crate) fn begin_create(
     if host.address.is_empty() || !host.status.accepts_snapshots() {
         return Err(unreachable());
     }
-    crate::store::quota_check(&team_usage(conn, team)?, replaces.is_some())?;
+    check_quota(conn, team, replaces.is_some())?;
     let now_ms = now.unix_millis();
     let swapped = conn
         .prepare_cached(

@@ -27,6 +27,19 @@ pub(crate) fn set_team_limits(
     Ok(())
 }
 
+/// A create's quota check (see `Store::begin_create`): a team without
+/// limits is not counted at all, so that creates of the many teams
+/// without quotas pay one primary-key lookup for them.
+pub(crate) fn check_quota(conn: &Connection, team: TeamId, overwrite: bool) -> Result<()> {
+    let limited: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM team_limits WHERE team_id = ?1)")
+        .and_then(|mut s| s.query_row([team], |r| r.get(0)))?;
+    if !limited {
+        return Ok(());
+    }
+    crate::store::quota_check(&team_usage(conn, team)?, overwrite)
+}
+
 /// A team's usage: its templates of type snapshot being created or ready,
 /// and their bytes; with its limits.
 pub(crate) fn team_usage(conn: &Connection, team: TeamId) -> Result<Usage> {
@@ -43,7 +56,7 @@ pub(crate) fn team_usage(conn: &Connection, team: TeamId) -> Result<Usage> {
     let (snapshots, bytes) = conn
         .prepare_cached(
             "SELECT count(*), coalesce(sum(size_bytes), 0) FROM templates
-             WHERE team_id = ?1 AND type = 'snapshot' AND state IN ('creating', 'ready')",
+             WHERE team_id = ?1 AND type = 'snapshot' AND state <> 'deleting'",
         )
         .and_then(|mut s| s.query_row([team], |r| Ok((u64_col(r, 0)?, u64_col(r, 1)?))))?;
     Ok(Usage {
