@@ -730,13 +730,17 @@ async fn a_success_the_store_cannot_record_appears_once_it_recovers(backend: Bac
 /// started is registered `running`; one that did not answer is not
 /// registered, and its possible VM is destroyed.
 async fn a_restore_the_store_cannot_record_is_told_db_error_then_takes_effect(backend: Backend) {
-    for started in [true, false] {
-        let case = if started {
+    let cases = Mode::ALL
+        .into_iter()
+        .flat_map(|mode| [true, false].map(|started| (mode, started)));
+    for (mode, started) in cases {
+        let what = if started {
             "the VM started"
         } else {
             "no answer"
         };
-        let env = Env::on(&backend, impatient_options(), Mode::Ours).await;
+        let case = &format!("{mode:?}: {what}");
+        let env = Env::on(&backend, impatient_options(), mode).await;
         let team = TeamId::new();
         let sb = env.sandbox(team).await;
         env.create(team, sb, "snap").await.unwrap();

@@ -828,6 +828,13 @@ async fn teams_restore_only_their_own_and_platform_templates(backend: Backend) {
         restore(&env, b, req("snap")).await,
         ErrorCode::NotFound,
     );
+    // Nor by its id guessed as the name (ids are keys on hosts, never
+    // names a team can use to reach another team's files).
+    expect_code(
+        "b restores a's snap by its id",
+        restore(&env, b, req(&a_snap.id.to_string())).await,
+        ErrorCode::NotFound,
+    );
     assert_eq!(host.agent.calls(AgentOp::CreateSandbox), 0);
 
     // Each team restores its own template of that name.
