@@ -285,3 +285,27 @@ CREATE TABLE team_limits (
 -- are not being deleted, with their sizes, from the index alone.
 CREATE INDEX templates_quota ON templates (team_id, size_bytes)
     WHERE type = 'snapshot' AND state <> 'deleting';
+
+-- migration: 4
+
+-- Requests remembered for their idempotency key or because they run
+-- asynchronously (SPEC §8), keyed by their journal entry's operation id.
+-- Written in the transaction that opens the operation and given its
+-- outcome (`result`, JSON) in the one that decides it; purged once
+-- `expires_at` (24 h by default) has passed.
+CREATE TABLE requests (
+    id            BYTEA   NOT NULL PRIMARY KEY CHECK (length(id) = 16),
+    team_id       BYTEA   NOT NULL CHECK (length(team_id) = 16),
+    kind          TEXT    NOT NULL,
+    idem_key      TEXT,
+    fingerprint   TEXT    NOT NULL,
+    respond_async BOOLEAN NOT NULL,
+    state         TEXT    NOT NULL CHECK (state IN ('running', 'succeeded', 'failed')),
+    result        TEXT,
+    created_at    BIGINT  NOT NULL,
+    finished_at   BIGINT,
+    expires_at    BIGINT  NOT NULL
+);
+
+CREATE UNIQUE INDEX requests_key ON requests (team_id, idem_key) WHERE idem_key IS NOT NULL;
+CREATE INDEX requests_expiry ON requests (expires_at);

@@ -35,8 +35,12 @@ pub enum ErrorCode {
     /// 409: no host that holds the template can run it (another VMM,
     /// snapshot format, architecture or CPU model; the message says which).
     Incompatible,
+    /// 409: a request with this `Idempotency-Key` is still running.
+    IdempotencyInProgress,
     /// 413: the request body is too large (HTTP only).
     PayloadTooLarge,
+    /// 422: the `Idempotency-Key` was used for a different request.
+    IdempotencyKeyReused,
     /// 500: the store failed.
     DbError,
     /// 502: the host agent failed.
@@ -61,6 +65,8 @@ impl ErrorCode {
             Self::InvalidState => "invalid_state",
             Self::Conflict => "conflict",
             Self::Incompatible => "incompatible",
+            Self::IdempotencyInProgress => "idempotency_in_progress",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::DbError => "db_error",
             Self::AgentError => "agent_error",
             Self::HostUnavailable => "host_unavailable",
@@ -80,11 +86,41 @@ impl ErrorCode {
             | Self::NameReserved
             | Self::InvalidState
             | Self::Conflict
-            | Self::Incompatible => 409,
+            | Self::Incompatible
+            | Self::IdempotencyInProgress => 409,
+            Self::IdempotencyKeyReused => 422,
             Self::DbError => 500,
             Self::AgentError => 502,
             Self::HostUnavailable => 503,
         }
+    }
+}
+
+impl ErrorCode {
+    /// Every code, in declaration order.
+    pub const ALL: &'static [ErrorCode] = &[
+        Self::InvalidRequest,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::QuotaExceeded,
+        Self::NotFound,
+        Self::MethodNotAllowed,
+        Self::AlreadyExists,
+        Self::NameReserved,
+        Self::InvalidState,
+        Self::Conflict,
+        Self::Incompatible,
+        Self::IdempotencyInProgress,
+        Self::PayloadTooLarge,
+        Self::IdempotencyKeyReused,
+        Self::DbError,
+        Self::AgentError,
+        Self::HostUnavailable,
+    ];
+
+    /// The code whose wire form is `text`, if any.
+    pub fn from_wire(text: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|c| c.as_str() == text)
     }
 }
 

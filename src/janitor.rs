@@ -231,6 +231,13 @@ pub(crate) fn spawn(inner: Weak<Engine>) -> tokio::task::JoinHandle<()> {
                     }
                 }
             }
+            match strong.purge_due(strong.options.janitor_interval) {
+                Some(wait) => sleep = sleep.min(wait),
+                None => {
+                    purge_requests(&strong).await;
+                    sleep = sleep.min(strong.options.janitor_interval);
+                }
+            }
             strong.worker.record_sleep(sleep);
             let wake = strong.wake.clone();
             let shutdown = strong.shutdown.clone();
@@ -242,6 +249,30 @@ pub(crate) fn spawn(inner: Weak<Engine>) -> tokio::task::JoinHandle<()> {
             }
         }
     })
+}
+
+/// Most expired requests purged per transaction, and transactions per
+/// purge: a backlog beyond that waits for the next interval.
+const PURGE_BATCH: u32 = 1000;
+const PURGE_ROUNDS: usize = 10;
+
+/// Purges remembered requests past their retention, in bounded batches. A
+/// failing store is retried at the next interval (its backoff).
+async fn purge_requests(inner: &Engine) {
+    for _ in 0..PURGE_ROUNDS {
+        match inner
+            .store
+            .purge_requests(Timestamp::now(), PURGE_BATCH)
+            .await
+        {
+            Ok(purged) if purged < u64::from(PURGE_BATCH) => return,
+            Ok(_) => tokio::task::yield_now().await,
+            Err(err) => {
+                tracing::warn!(error = ?err, "cannot purge expired requests; will retry");
+                return;
+            }
+        }
+    }
 }
 
 /// The sweep runs on a task of its own (one at a time): it asks every host

@@ -92,6 +92,7 @@ mod manager;
 pub mod metrics;
 mod model;
 pub mod names;
+mod operation;
 mod options;
 mod registry;
 mod signal;
@@ -122,6 +123,9 @@ pub use model::{
     TemplateType, Timestamp, Usage,
 };
 pub use names::{NameError, TemplateName};
+pub use operation::{
+    IdempotencyKey, MAX_IDEMPOTENCY_KEY_LEN, Operation, OperationKind, OperationState,
+};
 pub use registry::{NewTemplate, Registry};
 pub use signal::shutdown_signal;
 #[cfg(feature = "postgres")]

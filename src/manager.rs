@@ -16,7 +16,8 @@ use tracing::Instrument;
 
 use crate::agent::AgentTransport;
 use crate::audit::{AuditEntry, AuditQuery, audit_cursor};
-use crate::engine::create::{CreateRequest, Reply, run_create};
+use crate::engine::Reply;
+use crate::engine::create::{CreateRequest, run_create};
 use crate::engine::delete::run_delete;
 use crate::engine::restore::{RestoreSpec, run_restore};
 use crate::engine::{Engine, after, lock_unpoisoned};
@@ -25,6 +26,9 @@ use crate::ids::{HostId, InstanceId, OperationId, SandboxId, TemplateId};
 use crate::janitor::SweepReport;
 use crate::model::{Caller, Sandbox, SandboxStatus, Template, TemplateType, Timestamp};
 use crate::names::TemplateName;
+use crate::operation::{
+    IdempotencyKey, Operation, OperationKind, OperationState, RequestRecord, StoredRequest,
+};
 pub use crate::options::{ManagerOptions, SweepOptions};
 use crate::registry::Registry;
 use crate::store::sqlite::lock::DbLock;
@@ -40,7 +44,11 @@ pub const MAX_PAGE_SIZE: u32 = 1000;
 pub struct NewSnapshot {
     sandbox_id: SandboxId,
     name: TemplateName,
+    /// Whether the name was generated (then a retry with the same key is
+    /// the same request whatever name it would generate).
+    generated_name: bool,
     overwrite: bool,
+    idempotency_key: Option<IdempotencyKey>,
 }
 
 impl NewSnapshot {
@@ -49,8 +57,10 @@ impl NewSnapshot {
     pub fn new(sandbox_id: SandboxId, name: Option<TemplateName>) -> Self {
         Self {
             sandbox_id,
+            generated_name: name.is_none(),
             name: name.unwrap_or_else(TemplateName::generate),
             overwrite: false,
+            idempotency_key: None,
         }
     }
 
@@ -76,6 +86,32 @@ impl NewSnapshot {
     pub fn overwrite(mut self, overwrite: bool) -> Self {
         self.overwrite = overwrite;
         self
+    }
+
+    /// Makes the create safe to retry (SPEC §8): a create with the same
+    /// key and the same request returns the first one's outcome (even
+    /// after a restart) instead of snapshotting again; while the first is
+    /// still running, 409 `idempotency_in_progress`; the same key with a
+    /// different request, 422 `idempotency_key_reused`. Keys are scoped to
+    /// the team and remembered [`ManagerOptions::request_retention`].
+    pub fn idempotency_key(mut self, key: IdempotencyKey) -> Self {
+        self.idempotency_key = Some(key);
+        self
+    }
+
+    /// What makes two creates the same request.
+    fn fingerprint(&self) -> String {
+        let name = if self.generated_name {
+            "*"
+        } else {
+            self.name.as_str()
+        };
+        format!(
+            "lib {} {} {name} overwrite={}",
+            OperationKind::SnapshotCreate.as_str(),
+            self.sandbox_id,
+            self.overwrite
+        )
     }
 
     /// The sandbox to snapshot.
@@ -105,6 +141,7 @@ pub struct RestoreRequest {
     memory_mb: Option<u32>,
     timeout_sec: u32,
     disk_size_mb: u32,
+    idempotency_key: Option<IdempotencyKey>,
 }
 
 impl RestoreRequest {
@@ -118,6 +155,7 @@ impl RestoreRequest {
             memory_mb: None,
             timeout_sec: 0,
             disk_size_mb: 0,
+            idempotency_key: None,
         }
     }
 
@@ -174,9 +212,32 @@ impl RestoreRequest {
         self
     }
 
+    /// Makes the restore safe to retry, as
+    /// [`NewSnapshot::idempotency_key`] does a create.
+    pub fn idempotency_key(mut self, key: IdempotencyKey) -> Self {
+        self.idempotency_key = Some(key);
+        self
+    }
+
     /// The template's name.
     pub fn template(&self) -> &TemplateName {
         &self.template
+    }
+
+    /// What makes two restores the same request.
+    fn fingerprint(&self) -> String {
+        let id = self
+            .sandbox_id
+            .map_or_else(|| "*".to_owned(), |id| id.to_string());
+        format!(
+            "lib {} {} {id} vcpus={:?} memory_mb={:?} timeout_sec={} disk_size_mb={}",
+            OperationKind::SandboxRestore.as_str(),
+            self.template,
+            self.vcpus,
+            self.memory_mb,
+            self.timeout_sec,
+            self.disk_size_mb
+        )
     }
 
     fn check(&self) -> Result<()> {
@@ -446,6 +507,7 @@ impl Manager {
                 restores_in_flight: Mutex::new(HashSet::new()),
                 janitor: Mutex::new(None),
                 last_sweep: Mutex::new(None),
+                last_purge: Mutex::new(None),
                 worker: crate::engine::WorkerState::default(),
                 _lock: lock,
             }),
@@ -689,6 +751,63 @@ fn list_cursor(t: &Template) -> String {
 }
 
 /// Logs an error once, at the boundary, with its hidden cause.
+/// How a create or restore is submitted.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Submission {
+    /// What makes two requests the same, over HTTP (method, path, query
+    /// and body); the library's own otherwise.
+    pub(crate) fingerprint: Option<String>,
+    /// Answer once the journal entry is durable, not with the outcome.
+    pub(crate) respond_async: bool,
+}
+
+/// What a submitted create or restore answers.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // returned once per request and consumed at once
+pub(crate) enum Submitted<T> {
+    /// Its outcome (a synchronous submission).
+    Done(T),
+    /// Under way (an asynchronous submission).
+    Started(Operation),
+    /// A remembered request with the same key and the same request: its
+    /// first answer, not done again.
+    Replay(StoredRequest),
+}
+
+/// A remembered operation's outcome as a synchronous answer: 409
+/// `idempotency_in_progress` while it runs.
+pub(crate) fn replayed<T>(op: Operation, pick: impl FnOnce(Operation) -> Option<T>) -> Result<T> {
+    match op.state {
+        OperationState::Running => Err(crate::operation::in_progress()),
+        OperationState::Failed => Err(op.error.unwrap_or_else(|| {
+            Error::new(
+                ErrorCode::DbError,
+                "the operation failed without a recorded error",
+            )
+        })),
+        OperationState::Succeeded => pick(op).ok_or_else(|| {
+            Error::new(
+                ErrorCode::DbError,
+                "the operation's recorded outcome cannot be read",
+            )
+        }),
+    }
+}
+
+/// Counts a create or restore refused before its task ran (the task
+/// counts its own outcome, see [`Reply`]); a replay's 409 or 422 did no
+/// work and is not counted.
+fn count_refusal<T>(kind: &'static str, began: std::time::Instant, result: &Result<T>) {
+    if let Err(err) = result
+        && !matches!(
+            err.code(),
+            ErrorCode::IdempotencyInProgress | ErrorCode::IdempotencyKeyReused
+        )
+    {
+        crate::metrics::operation(kind, began, result);
+    }
+}
+
 fn log_failure(operation: &str, err: &Error) {
     let cause = std::error::Error::source(err).map(ToString::to_string);
     if err.http_status() >= 500 {
@@ -701,50 +820,14 @@ fn log_failure(operation: &str, err: &Error) {
 #[async_trait]
 impl SnapshotManager for Manager {
     async fn create(&self, caller: &Caller, snapshot: NewSnapshot) -> Result<Template> {
-        let started = std::time::Instant::now();
-        let span = tracing::info_span!(
-            "snapshot.create",
-            team = %caller.team(),
-            sandbox = %snapshot.sandbox_id,
-            name = %snapshot.name,
-            overwrite = snapshot.overwrite,
-        );
-        let result = async {
-            if caller.team().is_platform() && !caller.is_admin() {
-                return Err(Error::forbidden(
-                    "only administrators may create platform templates",
-                ));
-            }
-            // The whole operation runs on its own task: a caller that goes
-            // away does not abort it, and its result is still recorded.
-            let (tx, rx) = oneshot::channel();
-            let inner = self.inner.clone();
-            let caller = caller.clone();
-            self.inner.tasks.spawn(
-                async move {
-                    let request = CreateRequest {
-                        sandbox_id: snapshot.sandbox_id,
-                        name: snapshot.name,
-                        overwrite: snapshot.overwrite,
-                    };
-                    run_create(&inner, &caller, request, Reply(Some(tx))).await;
-                }
-                .in_current_span(),
-            );
-            rx.await.unwrap_or_else(|_| {
-                Err(Error::new(
-                    ErrorCode::DbError,
-                    "the snapshot task stopped unexpectedly",
-                ))
-            })
+        match self
+            .submit_create(caller, snapshot, Submission::default())
+            .await?
+        {
+            Submitted::Done(template) => Ok(template),
+            Submitted::Started(op) => replayed(op, |op| op.template),
+            Submitted::Replay(stored) => replayed(stored.operation(), |op| op.template),
         }
-        .instrument(span.clone())
-        .await;
-        if let Err(err) = &result {
-            span.in_scope(|| log_failure("create", err));
-        }
-        crate::metrics::operation("create", started, &result);
-        result
     }
 
     async fn get(&self, caller: &Caller, name: &TemplateName) -> Result<Template> {
@@ -775,48 +858,14 @@ impl SnapshotManager for Manager {
     }
 
     async fn restore(&self, caller: &Caller, request: RestoreRequest) -> Result<Sandbox> {
-        let started = std::time::Instant::now();
-        let span = tracing::info_span!(
-            "sandbox.restore",
-            team = %caller.team(),
-            template = %request.template,
-            sandbox = request.sandbox_id.map(|id| id.to_string()),
-        );
-        let result = async {
-            request.check()?;
-            // On its own task, like a create: a caller that goes away does
-            // not abort it, and its outcome is still recorded.
-            let (tx, rx) = oneshot::channel();
-            let inner = self.inner.clone();
-            let caller = caller.clone();
-            self.inner.tasks.spawn(
-                async move {
-                    let spec = RestoreSpec {
-                        template: request.template,
-                        sandbox_id: request.sandbox_id,
-                        vcpus: request.vcpus,
-                        memory_mb: request.memory_mb,
-                        timeout_sec: request.timeout_sec,
-                        disk_size_mb: request.disk_size_mb,
-                    };
-                    run_restore(&inner, &caller, spec, tx).await;
-                }
-                .in_current_span(),
-            );
-            rx.await.unwrap_or_else(|_| {
-                Err(Error::new(
-                    ErrorCode::DbError,
-                    "the restore task stopped unexpectedly",
-                ))
-            })
+        match self
+            .submit_restore(caller, request, Submission::default())
+            .await?
+        {
+            Submitted::Done(sandbox) => Ok(sandbox),
+            Submitted::Started(op) => replayed(op, |op| op.sandbox),
+            Submitted::Replay(stored) => replayed(stored.operation(), |op| op.sandbox),
         }
-        .instrument(span.clone())
-        .await;
-        if let Err(err) = &result {
-            span.in_scope(|| log_failure("restore", err));
-        }
-        crate::metrics::operation("restore", started, &result);
-        result
     }
 
     async fn sandbox(&self, caller: &Caller, id: SandboxId) -> Result<Sandbox> {
@@ -832,6 +881,263 @@ impl SnapshotManager for Manager {
 }
 
 impl Manager {
+    /// Starts a snapshot and returns once it is under way (its journal
+    /// entry durable), without waiting for the host (SPEC §8 "Asynchronous
+    /// create"): follow it with [`Manager::operation`]. Errors found
+    /// before it starts (validation, quota, the sandbox's state) are
+    /// returned at once. With an idempotency key, a retry returns the same
+    /// operation.
+    pub async fn start_create(&self, caller: &Caller, snapshot: NewSnapshot) -> Result<Operation> {
+        let how = Submission {
+            respond_async: true,
+            ..Submission::default()
+        };
+        match self.submit_create(caller, snapshot, how).await? {
+            Submitted::Started(op) => Ok(op),
+            Submitted::Replay(stored) => Ok(stored.operation()),
+            Submitted::Done(_) => Err(Error::new(
+                ErrorCode::DbError,
+                "the snapshot finished without being started",
+            )),
+        }
+    }
+
+    /// Starts a restore and returns once it is under way, as
+    /// [`Manager::start_create`] does a snapshot.
+    pub async fn start_restore(
+        &self,
+        caller: &Caller,
+        request: RestoreRequest,
+    ) -> Result<Operation> {
+        let how = Submission {
+            respond_async: true,
+            ..Submission::default()
+        };
+        match self.submit_restore(caller, request, how).await? {
+            Submitted::Started(op) => Ok(op),
+            Submitted::Replay(stored) => Ok(stored.operation()),
+            Submitted::Done(_) => Err(Error::new(
+                ErrorCode::DbError,
+                "the restore finished without being started",
+            )),
+        }
+    }
+
+    /// A remembered create or restore of the caller's team (started
+    /// asynchronously or with an idempotency key): `running`, then
+    /// `succeeded` with its template or sandbox, or `failed` with its
+    /// error. Kept [`ManagerOptions::request_retention`]; another team's,
+    /// an expired one or an unknown id is 404.
+    pub async fn operation(&self, caller: &Caller, id: OperationId) -> Result<Operation> {
+        let now = Timestamp::now();
+        self.inner
+            .store
+            .get_request(caller.team(), id, now)
+            .await?
+            .map(|stored| stored.operation())
+            .ok_or_else(|| Error::not_found("operation not found"))
+    }
+
+    /// What a request with `key` (if any) means now: a replay of a
+    /// remembered one (or its 409 / 422), or the record to write with the
+    /// new operation's journal entry (none when there is nothing to
+    /// remember).
+    async fn remember(
+        &self,
+        caller: &Caller,
+        key: Option<IdempotencyKey>,
+        kind: OperationKind,
+        fingerprint: String,
+        respond_async: bool,
+    ) -> Result<std::result::Result<Option<RequestRecord>, StoredRequest>> {
+        let now = Timestamp::now();
+        if let Some(key) = &key
+            && let Some(stored) = self
+                .inner
+                .store
+                .find_request(caller.team(), key.clone(), now)
+                .await?
+        {
+            crate::operation::replay_check(&stored, &fingerprint)?;
+            return Ok(Err(stored));
+        }
+        if key.is_none() && !respond_async {
+            return Ok(Ok(None));
+        }
+        Ok(Ok(Some(RequestRecord {
+            kind,
+            key,
+            fingerprint,
+            respond_async,
+            expires_at: after(now, self.inner.options.request_retention),
+        })))
+    }
+
+    /// A create, synchronous or not (see [`Submission`]).
+    pub(crate) async fn submit_create(
+        &self,
+        caller: &Caller,
+        snapshot: NewSnapshot,
+        how: Submission,
+    ) -> Result<Submitted<Template>> {
+        let began = std::time::Instant::now();
+        let span = tracing::info_span!(
+            "snapshot.create",
+            team = %caller.team(),
+            sandbox = %snapshot.sandbox_id,
+            name = %snapshot.name,
+            overwrite = snapshot.overwrite,
+        );
+        let result = async {
+            if caller.team().is_platform() && !caller.is_admin() {
+                return Err(Error::forbidden(
+                    "only administrators may create platform templates",
+                ));
+            }
+            let fingerprint = how
+                .fingerprint
+                .clone()
+                .unwrap_or_else(|| snapshot.fingerprint());
+            let kind = OperationKind::SnapshotCreate;
+            let key = snapshot.idempotency_key.clone();
+            let request = match self
+                .remember(caller, key, kind, fingerprint, how.respond_async)
+                .await?
+            {
+                Ok(request) => request,
+                Err(stored) => return Ok(Submitted::Replay(stored)),
+            };
+            let operation_id = OperationId::new();
+            let create = CreateRequest {
+                sandbox_id: snapshot.sandbox_id,
+                name: snapshot.name,
+                overwrite: snapshot.overwrite,
+                operation_id,
+                request,
+            };
+            // The whole operation runs on its own task: a caller that goes
+            // away does not abort it, and its result is still recorded.
+            let inner = self.inner.clone();
+            let caller = caller.clone();
+            self.launch(
+                kind,
+                operation_id,
+                how.respond_async,
+                "the snapshot task stopped unexpectedly",
+                move |reply| async move { run_create(&inner, &caller, create, reply).await },
+            )
+            .await
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(err) = &result {
+            span.in_scope(|| log_failure("create", err));
+        }
+        count_refusal("create", began, &result);
+        result
+    }
+
+    /// A restore, synchronous or not (see [`Submission`]).
+    pub(crate) async fn submit_restore(
+        &self,
+        caller: &Caller,
+        request: RestoreRequest,
+        how: Submission,
+    ) -> Result<Submitted<Sandbox>> {
+        let began = std::time::Instant::now();
+        let span = tracing::info_span!(
+            "sandbox.restore",
+            team = %caller.team(),
+            template = %request.template,
+            sandbox = request.sandbox_id.map(|id| id.to_string()),
+        );
+        let result = async {
+            request.check()?;
+            let fingerprint = how
+                .fingerprint
+                .clone()
+                .unwrap_or_else(|| request.fingerprint());
+            let kind = OperationKind::SandboxRestore;
+            let key = request.idempotency_key.clone();
+            let remembered = match self
+                .remember(caller, key, kind, fingerprint, how.respond_async)
+                .await?
+            {
+                Ok(remembered) => remembered,
+                Err(stored) => return Ok(Submitted::Replay(stored)),
+            };
+            let operation_id = OperationId::new();
+            let spec = RestoreSpec {
+                template: request.template,
+                sandbox_id: request.sandbox_id,
+                vcpus: request.vcpus,
+                memory_mb: request.memory_mb,
+                timeout_sec: request.timeout_sec,
+                disk_size_mb: request.disk_size_mb,
+                operation_id,
+                request: remembered,
+            };
+            // On its own task, like a create: a caller that goes away does
+            // not abort it, and its outcome is still recorded.
+            let inner = self.inner.clone();
+            let caller = caller.clone();
+            self.launch(
+                kind,
+                operation_id,
+                how.respond_async,
+                "the restore task stopped unexpectedly",
+                move |reply| async move { run_restore(&inner, &caller, spec, reply).await },
+            )
+            .await
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(err) = &result {
+            span.in_scope(|| log_failure("restore", err));
+        }
+        count_refusal("restore", began, &result);
+        result
+    }
+
+    /// Runs an operation's task and waits for its answer: the outcome, or
+    /// (asynchronously) that it is under way.
+    async fn launch<T, F, Fut>(
+        &self,
+        kind: OperationKind,
+        id: OperationId,
+        respond_async: bool,
+        stopped: &'static str,
+        run: F,
+    ) -> Result<Submitted<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(Reply<T>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let metric = match kind {
+            OperationKind::SandboxRestore => "restore",
+            _ => "create",
+        };
+        let stopped = || Error::new(ErrorCode::DbError, stopped);
+        if respond_async {
+            let (tx, rx) = oneshot::channel();
+            let created_at = Timestamp::now();
+            self.inner
+                .tasks
+                .spawn(run(Reply::asynchronous(metric, tx)).in_current_span());
+            rx.await.unwrap_or_else(|_| Err(stopped()))?;
+            Ok(Submitted::Started(Operation::running(id, kind, created_at)))
+        } else {
+            let (tx, rx) = oneshot::channel();
+            self.inner
+                .tasks
+                .spawn(run(Reply::done(metric, tx)).in_current_span());
+            rx.await
+                .unwrap_or_else(|_| Err(stopped()))
+                .map(Submitted::Done)
+        }
+    }
+
     async fn list_page(&self, caller: &Caller, query: ListQuery) -> Result<Page<Template>> {
         let limit = check_limit(query.limit)?;
         let after = query.cursor.as_deref().map(parse_list_cursor).transpose()?;

@@ -60,6 +60,11 @@ pub struct ManagerOptions {
     /// [`DefaultCompatPolicy`](crate::DefaultCompatPolicy): the same vmm,
     /// snapshot format, architecture and CPU model.
     pub compat_policy: std::sync::Arc<dyn crate::CompatPolicy>,
+    /// How long a create or restore with an idempotency key, or started
+    /// asynchronously, is remembered (its key replayed, its operation
+    /// shown), counted from its start and moved on by its duration once it
+    /// ends (SPEC §8). Default 24 h.
+    pub request_retention: Duration,
 }
 
 /// Settings of the opt-in orphan sweep (see
@@ -111,6 +116,7 @@ impl Default for ManagerOptions {
             run_janitor: true,
             orphan_sweep: None,
             compat_policy: std::sync::Arc::new(crate::DefaultCompatPolicy),
+            request_retention: Duration::from_secs(24 * 60 * 60),
         }
     }
 }

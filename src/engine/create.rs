@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::delete::delete_files;
@@ -15,18 +14,10 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::ids::{OperationId, SandboxId, TemplateId};
 use crate::model::{Actor, Caller, SandboxStatus, Template, Timestamp};
 use crate::names::TemplateName;
-use crate::store::{CreateInput, CreateOp, Finish, ResolveReason, SandboxOutcome};
+use crate::operation::RequestRecord;
+use crate::store::{CreateInput, CreateOp, Failure, Finish, ResolveReason, SandboxOutcome};
 
-/// The answer to a create's caller, sent at most once.
-pub(crate) struct Reply(pub(crate) Option<oneshot::Sender<Result<Template>>>);
-
-impl Reply {
-    fn send(&mut self, result: Result<Template>) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(result);
-        }
-    }
-}
+pub(crate) use super::Reply;
 
 /// What a caller hears when the store cannot record what the host did:
 /// the outcome is unknown (a crash before the store recovers may still
@@ -48,13 +39,17 @@ pub(crate) struct CreateRequest {
     pub(crate) sandbox_id: SandboxId,
     pub(crate) name: TemplateName,
     pub(crate) overwrite: bool,
+    /// The journal entry's id.
+    pub(crate) operation_id: OperationId,
+    /// The request to remember with it, if any.
+    pub(crate) request: Option<RequestRecord>,
 }
 
 pub(crate) async fn run_create(
     inner: &Arc<Engine>,
     caller: &Caller,
     snapshot: CreateRequest,
-    mut reply: Reply,
+    mut reply: Reply<Template>,
 ) {
     let template_id = TemplateId::new();
     let _guard = InFlightGuard::new(inner, template_id);
@@ -66,14 +61,16 @@ pub(crate) async fn run_create(
         name: snapshot.name,
         overwrite: snapshot.overwrite,
         template_id,
-        operation_id: OperationId::new(),
+        operation_id: snapshot.operation_id,
         owner: inner.instance,
         lease_until: after(now, inner.create_lease()),
+        request: snapshot.request,
     };
     let op = match inner.store.begin_create(input, now).await {
         Ok((op, _sandbox)) => op,
         Err(err) => return reply.send(Err(err)),
     };
+    reply.started();
     tracing::debug!(template = %template_id, host = %op.host.id, "snapshot started");
 
     let request = CreateSnapshotRequest::for_template(op.sandbox_id, op.team, template_id);
@@ -106,7 +103,7 @@ async fn finish_success(
     op: &CreateOp,
     size_bytes: u64,
     compat: Option<HostInfo>,
-    reply: &mut Reply,
+    reply: &mut Reply<Template>,
 ) {
     // The host holds the snapshot: giving up would tell the caller it
     // failed and then let recovery roll it forward (or, without
@@ -183,7 +180,12 @@ async fn finish_success(
 /// cannot record within `record_patience` is answered `db_error` (outcome
 /// unknown), and recording it goes on in the background, so that what the
 /// caller was told (and what this process knows) is what happens.
-async fn finish_failure(inner: &Arc<Engine>, op: &CreateOp, err: AgentError, reply: &mut Reply) {
+async fn finish_failure(
+    inner: &Arc<Engine>,
+    op: &CreateOp,
+    err: AgentError,
+    reply: &mut Reply<Template>,
+) {
     tracing::warn!(template = %op.template_id, error = %err, "host agent failed to snapshot");
     let user_error = Error::from_create_failure(err.clone());
     let not_sent = err.is_not_sent();
@@ -204,17 +206,20 @@ async fn finish_failure(inner: &Arc<Engine>, op: &CreateOp, err: AgentError, rep
     } else {
         Some(after(now, inner.options.late_write_grace))
     };
-    let code = user_error.code().as_str();
-    let detail = err.to_string();
+    let failure = Failure {
+        code: user_error.code().as_str(),
+        message: user_error.message().to_owned(),
+        detail: err.to_string(),
+    };
     let recorded = inner
         .persist(
             "a failed snapshot",
             || {
-                let (op, detail) = (op.clone(), detail.clone());
+                let (op, failure) = (op.clone(), failure.clone());
                 let now = Timestamp::now();
                 inner
                     .store
-                    .fail_create(op, outcome, code, detail, first_attempt, now)
+                    .fail_create(op, outcome, failure, first_attempt, now)
             },
             |db| reply.send(Err(unrecorded("the snapshot failed", db))),
         )
@@ -356,7 +361,7 @@ pub(crate) async fn resolve_interrupted(
             op,
             outcome,
             "interrupted",
-            "interrupted before completion".into(),
+            crate::operation::INTERRUPTED_MESSAGE.into(),
             false,
         )
         .await?;

@@ -47,6 +47,8 @@ pub(crate) struct Engine {
     pub(crate) restores_in_flight: Mutex<HashSet<OperationId>>,
     pub(crate) janitor: Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub(crate) last_sweep: Mutex<Option<tokio::time::Instant>>,
+    /// When remembered requests were last purged.
+    pub(crate) last_purge: Mutex<Option<tokio::time::Instant>>,
     /// What the background worker keeps in memory between passes.
     pub(crate) worker: WorkerState,
     /// SQLite's one-process lock (none on PostgreSQL).
@@ -119,17 +121,30 @@ impl Engine {
     /// `None` when an orphan sweep is due now (and records it as started),
     /// else how long until it is.
     pub(crate) fn sweep_due(&self, interval: Duration) -> Option<Duration> {
-        let mut last = lock_unpoisoned(&self.last_sweep);
-        let now = tokio::time::Instant::now();
-        match *last {
-            Some(at) if now < at + interval => Some(at + interval - now),
-            _ => {
-                *last = Some(now);
-                None
-            }
-        }
+        due(&self.last_sweep, interval)
     }
 
+    /// Like [`Engine::sweep_due`], for the purge of expired requests.
+    pub(crate) fn purge_due(&self, interval: Duration) -> Option<Duration> {
+        due(&self.last_purge, interval)
+    }
+}
+
+/// How long until `interval` has passed since `last`, or `None` (and
+/// `last` set to now) when it has.
+fn due(last: &Mutex<Option<tokio::time::Instant>>, interval: Duration) -> Option<Duration> {
+    let mut last = lock_unpoisoned(last);
+    let now = tokio::time::Instant::now();
+    match *last {
+        Some(at) if now < at + interval => Some(at + interval - now),
+        _ => {
+            *last = Some(now);
+            None
+        }
+    }
+}
+
+impl Engine {
     /// Runs `work` on a task that `shutdown` waits for.
     pub(crate) fn tasks_spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
         self.tasks.spawn(work.in_current_span());
@@ -199,7 +214,13 @@ impl Engine {
         let op = op.clone();
         let applied = self
             .store
-            .fail_create(op, outcome, code, detail, Some(first_attempt), now)
+            .fail_create(
+                op,
+                outcome,
+                crate::store::Failure::new(code, detail),
+                Some(first_attempt),
+                now,
+            )
             .await?;
         self.wake.notify_one();
         Ok(applied)
@@ -375,4 +396,59 @@ pub(crate) struct WorkerState {
     pub(crate) sleeps: AtomicU64,
     pub(crate) last_sleep_ms: AtomicU64,
     pub(crate) sweeping: AtomicBool,
+}
+
+/// The answers to a create's or restore's caller, each sent at most
+/// once: `started` once the journal entry is durable (an asynchronous
+/// start's 202) or with why it could not be opened, `done` with the
+/// outcome (a synchronous caller).
+///
+/// The first outcome sent is also counted in the operation metrics (for
+/// both kinds of caller), with the time since the request began.
+pub(crate) struct Reply<T> {
+    done: Option<tokio::sync::oneshot::Sender<Result<T>>>,
+    started: Option<tokio::sync::oneshot::Sender<Result<()>>>,
+    metric: Option<(&'static str, std::time::Instant)>,
+}
+
+impl<T> Reply<T> {
+    /// A synchronous caller's: told the outcome.
+    pub(crate) fn done(kind: &'static str, tx: tokio::sync::oneshot::Sender<Result<T>>) -> Self {
+        Self {
+            done: Some(tx),
+            started: None,
+            metric: Some((kind, std::time::Instant::now())),
+        }
+    }
+
+    /// An asynchronous caller's: told once the operation is under way.
+    pub(crate) fn asynchronous(
+        kind: &'static str,
+        tx: tokio::sync::oneshot::Sender<Result<()>>,
+    ) -> Self {
+        Self {
+            done: None,
+            started: Some(tx),
+            metric: Some((kind, std::time::Instant::now())),
+        }
+    }
+
+    /// The journal entry is durable.
+    pub(crate) fn started(&mut self) {
+        if let Some(tx) = self.started.take() {
+            let _ = tx.send(Ok(()));
+        }
+    }
+
+    /// The outcome (or, before `started`, why the operation never opened).
+    pub(crate) fn send(&mut self, result: Result<T>) {
+        if let Some((kind, began)) = self.metric.take() {
+            crate::metrics::operation(kind, began, &result);
+        }
+        if let Some(tx) = self.started.take() {
+            let _ = tx.send(result.map(|_| ()));
+        } else if let Some(tx) = self.done.take() {
+            let _ = tx.send(result);
+        }
+    }
 }

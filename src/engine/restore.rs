@@ -8,10 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
-use super::{Engine, HostViews, WorkReport, after, backoff, lock_unpoisoned};
+use super::{Engine, HostViews, Reply, WorkReport, after, backoff, lock_unpoisoned};
 use crate::agent::{
     AgentCode, AgentError, AgentTransport, CreateSandboxRequest, DestroySandboxRequest, HostInfo,
     HostTarget, SnapshotKey,
@@ -33,6 +32,10 @@ pub(crate) struct RestoreSpec {
     pub(crate) memory_mb: Option<u32>,
     pub(crate) timeout_sec: u32,
     pub(crate) disk_size_mb: u32,
+    /// The journal entry's id.
+    pub(crate) operation_id: OperationId,
+    /// The request to remember with it, if any.
+    pub(crate) request: Option<crate::operation::RequestRecord>,
 }
 
 /// Marks a restore as driven by a task of this process while it lives.
@@ -191,14 +194,8 @@ pub(crate) async fn run_restore(
     inner: &Arc<Engine>,
     caller: &Caller,
     spec: RestoreSpec,
-    reply: oneshot::Sender<Result<Sandbox>>,
+    mut reply: Reply<Sandbox>,
 ) {
-    let mut reply = Some(reply);
-    let mut send = |result: Result<Sandbox>| {
-        if let Some(tx) = reply.take() {
-            let _ = tx.send(result);
-        }
-    };
     let team = caller.team();
     let begun = async {
         let template = inner
@@ -210,7 +207,7 @@ pub(crate) async fn run_restore(
         let host = choose_host(inner, &template).await?;
         let now = Timestamp::now();
         let op = RestoreOp {
-            id: OperationId::new(),
+            id: spec.operation_id,
             team,
             template_id: template.id,
             template_name: spec.template.clone(),
@@ -233,6 +230,7 @@ pub(crate) async fn run_restore(
             placed: template.hosts > 0,
             lease_until: after(now, inner.create_lease()),
             owner: inner.instance,
+            request: spec.request.clone(),
         };
         inner.store.begin_restore(input, now).await?;
         Ok::<_, Error>(op)
@@ -240,8 +238,9 @@ pub(crate) async fn run_restore(
     .await;
     let op = match begun {
         Ok(op) => op,
-        Err(err) => return send(Err(err)),
+        Err(err) => return reply.send(Err(err)),
     };
+    reply.started();
     let _guard = RestoreGuard::new(inner, op.id);
     tracing::debug!(sandbox = %op.sandbox_id, host = %op.host.id, template = %op.template_id,
         "restore started");
@@ -308,7 +307,7 @@ pub(crate) async fn run_restore(
                     .end_restore(op.clone(), end.clone(), Timestamp::now())
             },
             |db| {
-                send(Err(Error::new(
+                reply.send(Err(Error::new(
                     ErrorCode::DbError,
                     "the restore's outcome could not be recorded yet; the outcome is unknown \
                      until the store recovers",
@@ -320,15 +319,15 @@ pub(crate) async fn run_restore(
     inner.wake.notify_one();
     let running = matches!(end, RestoreEnd::Running);
     match (recorded, failure) {
-        (None, _) => send(Err(Error::new(
+        (None, _) => reply.send(Err(Error::new(
             ErrorCode::DbError,
             "the snapshot manager shut down before the restore's outcome was recorded",
         ))),
         (Some(Some(sandbox)), _) if running => {
             tracing::info!(sandbox = %sandbox.id, host = %op.host.id, "sandbox restored");
-            send(Ok(sandbox));
+            reply.send(Ok(sandbox));
         }
-        (Some(Some(_)), Some(err)) => send(Err(Error::from_restore_failure(err))),
+        (Some(Some(_)), Some(err)) => reply.send(Err(Error::from_restore_failure(err))),
         (Some(_), failure) => {
             // Closed by someone else first (a recovery pass of another
             // replica after this one stalled, or an earlier try of ours
@@ -350,7 +349,7 @@ pub(crate) async fn run_restore(
                             inner.store.requeue_destroy(op.clone(), now, now)
                         },
                         |db| {
-                            send(Err(Error::new(
+                            reply.send(Err(Error::new(
                                 ErrorCode::DbError,
                                 "the restore was rolled back meanwhile, and the destroy of its \
                                  VM could not be recorded yet",
@@ -360,7 +359,7 @@ pub(crate) async fn run_restore(
                     )
                     .await;
                 let Some(queued) = queued else {
-                    return send(Err(Error::new(
+                    return reply.send(Err(Error::new(
                         ErrorCode::DbError,
                         "the snapshot manager shut down before the restore's outcome was recorded",
                     )));
@@ -371,7 +370,7 @@ pub(crate) async fn run_restore(
                     inner.wake.notify_one();
                 }
             }
-            send(match current {
+            reply.send(match current {
                 Ok(Some(s)) if s.status == SandboxStatus::Running && s.team == op.team => Ok(s),
                 Ok(_) => Err(failure.map_or_else(
                     || Error::conflict("the restore was rolled back meanwhile"),
@@ -384,8 +383,10 @@ pub(crate) async fn run_restore(
 }
 
 fn failed(err: &AgentError, destroy_from: Option<Timestamp>) -> RestoreEnd {
+    let told = Error::from_restore_failure(err.clone());
     RestoreEnd::Failed {
-        error_code: Error::from_restore_failure(err.clone()).code().as_str(),
+        error_code: told.code().as_str(),
+        message: told.message().to_owned(),
         destroy_from,
     }
 }
@@ -454,6 +455,7 @@ pub(crate) async fn resolve_interrupted_restore(
     );
     let interrupted = |from| RestoreEnd::Failed {
         error_code: "interrupted",
+        message: crate::operation::INTERRUPTED_MESSAGE.to_owned(),
         destroy_from: Some(from),
     };
     // Every destroy queued here waits out the grace first (a destroy
@@ -469,6 +471,7 @@ pub(crate) async fn resolve_interrupted_restore(
                 // Not ours: nothing of ours to destroy under that id.
                 Seen::Foreign => RestoreEnd::Failed {
                     error_code: "interrupted",
+                    message: crate::operation::INTERRUPTED_MESSAGE.to_owned(),
                     destroy_from: None,
                 },
                 Seen::Gone => interrupted(grace),

@@ -29,10 +29,13 @@ pub use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::audit::{AuditEntry, AuditQuery};
 use crate::error::{Error, ErrorCode};
-use crate::ids::SandboxId;
-use crate::manager::{ListQuery, Manager, NewSnapshot, RestoreRequest, SnapshotManager};
+use crate::ids::{OperationId, SandboxId};
+use crate::manager::{
+    ListQuery, Manager, NewSnapshot, RestoreRequest, SnapshotManager, Submission, Submitted,
+};
 use crate::model::{Caller, Sandbox, Template, TemplateType, Timestamp};
 use crate::names::TemplateName;
+use crate::operation::{IdempotencyKey, Operation, OperationKind, OperationState};
 
 /// The header that carries an API key.
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -349,15 +352,142 @@ struct CreateBody {
     name: String,
 }
 
+/// The header of SPEC §8's idempotency keys.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+/// The response header that marks a replayed answer.
+pub const IDEMPOTENT_REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// How a `POST` that creates something is submitted: its idempotency key
+/// (400 when malformed), whether it asks `Prefer: respond-async`, and its
+/// fingerprint (method, path, query and the body's bytes).
+fn submission(
+    method: &axum::http::Method,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    body: &Result<Bytes, BytesRejection>,
+) -> ApiResult<(Option<IdempotencyKey>, Submission)> {
+    use sha2::Digest;
+    let key = match headers.get(IDEMPOTENCY_KEY_HEADER) {
+        None => None,
+        Some(value) => {
+            let text = value.to_str().map_err(|_| {
+                Error::invalid_request(
+                    "invalid Idempotency-Key: only printable ASCII characters are allowed",
+                )
+            })?;
+            Some(IdempotencyKey::parse(text)?)
+        }
+    };
+    let respond_async = headers
+        .get_all(axum::http::header::HeaderName::from_static("prefer"))
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| {
+            p.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("respond-async"))
+        });
+    let fingerprint = key.as_ref().map(|_| {
+        let mut hash = sha2::Sha256::new();
+        for part in [method.as_str(), uri.path(), uri.query().unwrap_or("")] {
+            hash.update(part.as_bytes());
+            hash.update([0]);
+        }
+        if let Ok(body) = body {
+            hash.update(body);
+        }
+        let digest = hash.finalize();
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!("http {hex}")
+    });
+    Ok((
+        key,
+        Submission {
+            fingerprint,
+            respond_async,
+        },
+    ))
+}
+
+/// The 202 of an asynchronous start (SPEC §8), the same when replayed.
+fn accepted(id: OperationId, kind: OperationKind) -> ApiResult<Response> {
+    let location = format!("/v1/operations/{id}");
+    let mut response = (
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({
+            "operation_id": id.to_string(),
+            "kind": kind.as_str(),
+            "state": OperationState::Running.as_str(),
+        })),
+    )
+        .into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        axum::http::header::LOCATION,
+        HeaderValue::from_str(&location)
+            .map_err(|_| Error::new(ErrorCode::DbError, "invalid operation id"))?,
+    );
+    headers.insert(
+        axum::http::header::HeaderName::from_static("preference-applied"),
+        HeaderValue::from_static("respond-async"),
+    );
+    Ok(response)
+}
+
+/// A submitted create's or restore's answer: its outcome (201 with
+/// `body`), a 202, or the first answer of a remembered request.
+fn submitted<T>(
+    submitted: Submitted<T>,
+    body: impl Fn(&T) -> serde_json::Value,
+    replayed: impl Fn(Operation) -> Option<T>,
+) -> ApiResult<Response> {
+    match submitted {
+        Submitted::Done(item) => Ok((StatusCode::CREATED, axum::Json(body(&item))).into_response()),
+        Submitted::Started(op) => accepted(op.id, op.kind),
+        Submitted::Replay(stored) => {
+            let op = stored.operation();
+            let mut response = if stored.respond_async {
+                accepted(op.id, op.kind)?
+            } else {
+                let item = crate::manager::replayed(op, replayed)?;
+                (StatusCode::CREATED, axum::Json(body(&item))).into_response()
+            };
+            response
+                .headers_mut()
+                .insert(IDEMPOTENT_REPLAYED_HEADER, HeaderValue::from_static("true"));
+            Ok(response)
+        }
+    }
+}
+
+/// A replayed failure carries the replay header too.
+fn replayed_error(err: ApiError, replay: bool) -> Response {
+    let mut response = err.into_response();
+    if replay {
+        response
+            .headers_mut()
+            .insert(IDEMPOTENT_REPLAYED_HEADER, HeaderValue::from_static("true"));
+    }
+    response
+}
+
 async fn create_snapshot(
     State(state): State<ApiState>,
     axum::Extension(caller): axum::Extension<Caller>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
+    let (key, how) = submission(&method, &uri, &headers, &body)?;
     let body: CreateBody = json_body(body)?;
     let overwrite = query.get("overwrite").is_some_and(|v| v == "true");
-    let request = NewSnapshot::parse(&body.sandbox_id, &body.name)?.overwrite(overwrite);
+    let mut request = NewSnapshot::parse(&body.sandbox_id, &body.name)?.overwrite(overwrite);
+    if let Some(key) = key {
+        request = request.idempotency_key(key);
+    }
     // The manager runs the snapshot on its own task: a client that goes
     // away does not abort it, and its result is recorded either way.
     if caller.team().is_platform() {
@@ -365,12 +495,17 @@ async fn create_snapshot(
             Error::forbidden("platform templates are created through /v1/admin/templates").into(),
         );
     }
-    let template = state.manager.create(&as_member(&caller), request).await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(TemplateBody::from(&template)),
+    let outcome = state
+        .manager
+        .submit_create(&as_member(&caller), request, how)
+        .await?;
+    let replay = matches!(outcome, Submitted::Replay(_));
+    Ok(submitted(
+        outcome,
+        |t| serde_json::to_value(TemplateBody::from(t)).unwrap_or_default(),
+        |op| op.template,
     )
-        .into_response())
+    .unwrap_or_else(|err| replayed_error(err, replay)))
 }
 
 #[derive(Deserialize)]
@@ -387,8 +522,12 @@ struct RestoreBody {
 async fn restore_sandbox(
     State(state): State<ApiState>,
     axum::Extension(caller): axum::Extension<Caller>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
+    let (key, how) = submission(&method, &uri, &headers, &body)?;
     let body: RestoreBody = json_body(body)?;
     let mut request = RestoreRequest::parse(&body.template, body.sandbox_id.as_deref())?
         .timeout_sec(body.timeout_sec.unwrap_or(0))
@@ -399,10 +538,58 @@ async fn restore_sandbox(
     if let Some(memory_mb) = body.memory_mb {
         request = request.memory_mb(memory_mb);
     }
+    if let Some(key) = key {
+        request = request.idempotency_key(key);
+    }
     // Like a create, the restore runs on its own task: a client that goes
     // away does not abort it.
-    let sandbox = state.manager.restore(&as_member(&caller), request).await?;
-    Ok((StatusCode::CREATED, axum::Json(SandboxBody::from(&sandbox))).into_response())
+    let outcome = state
+        .manager
+        .submit_restore(&as_member(&caller), request, how)
+        .await?;
+    let replay = matches!(outcome, Submitted::Replay(_));
+    Ok(submitted(
+        outcome,
+        |s| serde_json::to_value(SandboxBody::from(s)).unwrap_or_default(),
+        |op| op.sandbox,
+    )
+    .unwrap_or_else(|err| replayed_error(err, replay)))
+}
+
+/// An operation object (SPEC §8): its state, and its template, sandbox or
+/// error once it ended.
+pub(crate) fn operation_json(op: &Operation) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "operation_id": op.id.to_string(),
+        "kind": op.kind.as_str(),
+        "state": op.state.as_str(),
+        "created_at": op.created_at.to_rfc3339(),
+    });
+    if let Some(at) = op.finished_at {
+        body["finished_at"] = at.to_rfc3339().into();
+    }
+    if let Some(t) = &op.template {
+        body["template"] = serde_json::to_value(TemplateBody::from(t)).unwrap_or_default();
+    }
+    if let Some(s) = &op.sandbox {
+        body["sandbox"] = serde_json::to_value(SandboxBody::from(s)).unwrap_or_default();
+    }
+    if let Some(err) = &op.error {
+        body["error"] =
+            serde_json::json!({ "code": err.code().as_str(), "message": err.message() });
+    }
+    body
+}
+
+async fn get_operation(
+    State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    PathParam(id): PathParam,
+) -> ApiResult<Response> {
+    // An id that does not parse is unknown like any other.
+    let id = OperationId::parse(&id).map_err(|_| Error::not_found("operation not found"))?;
+    let op = state.manager.operation(&caller, id).await?;
+    Ok(axum::Json(operation_json(&op)).into_response())
 }
 
 async fn get_sandbox(
@@ -650,6 +837,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/sandboxes", post(restore_sandbox))
         .route("/v1/sandboxes/{sandbox_id}", get(get_sandbox))
+        .route("/v1/operations/{operation_id}", get(get_operation))
         .route("/v1/audit-logs", get(audit_logs))
         .route("/v1/usage", get(usage))
         .merge(

@@ -197,6 +197,45 @@ pub(crate) struct CreateInput {
     /// The manager process that drives it: the journal entry names it, and
     /// other replicas adopt the entry only once its heartbeat lease ends.
     pub(crate) owner: InstanceId,
+    /// The request to remember with the journal entry (an idempotency key,
+    /// or an asynchronous start), if any.
+    pub(crate) request: Option<crate::operation::RequestRecord>,
+}
+
+/// Why a create failed, as its journal's last transaction records it.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    /// The code audited and remembered (an [`crate::ErrorCode`]'s wire
+    /// form, or the journal's own `interrupted` / `unresolved`).
+    pub(crate) code: &'static str,
+    /// What the caller was told (remembered for a replay).
+    pub(crate) message: String,
+    /// What operators see while the sandbox's status is still unknown.
+    pub(crate) detail: String,
+}
+
+impl Failure {
+    /// An operation resolved without its host's answer.
+    pub(crate) fn unresolved(reason: ResolveReason) -> Self {
+        Self {
+            code: "unresolved",
+            message: format!(
+                "the operation was resolved without its host's answer ({}) and rolled back",
+                reason.as_str()
+            ),
+            detail: reason.as_str().to_owned(),
+        }
+    }
+
+    /// A failure whose caller message and operator detail are the same.
+    pub(crate) fn new(code: &'static str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self {
+            code,
+            detail: message.clone(),
+            message,
+        }
+    }
 }
 
 /// Files to delete from one host.
@@ -301,6 +340,8 @@ pub(crate) struct RestoreInput {
     pub(crate) placed: bool,
     pub(crate) lease_until: Timestamp,
     pub(crate) owner: InstanceId,
+    /// The request to remember with the journal entry, if any.
+    pub(crate) request: Option<crate::operation::RequestRecord>,
 }
 
 /// A host a template could be restored on.
@@ -335,6 +376,8 @@ pub(crate) enum RestoreEnd {
     /// `DestroySandbox` is queued from then on (the VM may exist).
     Failed {
         error_code: &'static str,
+        /// What the caller was told (remembered for a replay).
+        message: String,
         destroy_from: Option<Timestamp>,
     },
 }
@@ -356,6 +399,7 @@ impl RestoreOp {
             RestoreEnd::Failed {
                 error_code,
                 destroy_from,
+                ..
             } => {
                 metadata["destroy_queued"] = serde_json::json!(destroy_from.is_some());
                 (AuditOutcome::Failure, Some(*error_code))
@@ -369,6 +413,33 @@ impl RestoreOp {
             outcome,
             error_code,
             metadata,
+        }
+    }
+
+    /// What its remembered request (if any) records of `end`: the sandbox
+    /// the restore left running, or the failure its caller was told.
+    pub(crate) fn request_outcome(
+        &self,
+        end: &RestoreEnd,
+        sandbox: Option<&Sandbox>,
+    ) -> (crate::operation::OperationState, String) {
+        use crate::operation::{OperationState, encode_error, encode_sandbox};
+        match (end, sandbox) {
+            (RestoreEnd::Running, Some(sandbox)) => {
+                (OperationState::Succeeded, encode_sandbox(sandbox))
+            }
+            (RestoreEnd::Running, None) => (
+                OperationState::Failed,
+                encode_error("conflict", "the restored sandbox is no longer registered"),
+            ),
+            (
+                RestoreEnd::Failed {
+                    error_code,
+                    message,
+                    ..
+                },
+                _,
+            ) => (OperationState::Failed, encode_error(error_code, message)),
         }
     }
 
@@ -580,8 +651,7 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
         &self,
         op: CreateOp,
         outcome: SandboxOutcome,
-        error_code: &'static str,
-        detail: String,
+        failure: Failure,
         first_attempt: Option<Timestamp>,
         now: Timestamp,
     ) -> Result<bool>;
@@ -738,6 +808,25 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     -> Result<()>;
     /// A team's usage and limits.
     async fn team_usage(&self, team: TeamId) -> Result<Usage>;
+
+    // -------------------------------------------------------- requests
+
+    /// `team`'s request remembered under `key`, unless it expired by `now`.
+    async fn find_request(
+        &self,
+        team: TeamId,
+        key: crate::operation::IdempotencyKey,
+        now: Timestamp,
+    ) -> Result<Option<crate::operation::StoredRequest>>;
+    /// `team`'s remembered operation `id`, unless it expired by `now`.
+    async fn get_request(
+        &self,
+        team: TeamId,
+        id: OperationId,
+        now: Timestamp,
+    ) -> Result<Option<crate::operation::StoredRequest>>;
+    /// Purges up to `limit` requests expired by `now`; returns how many.
+    async fn purge_requests(&self, now: Timestamp, limit: u32) -> Result<u64>;
 
     // ---------------------------------------------------------- worker
 

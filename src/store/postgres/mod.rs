@@ -25,6 +25,7 @@ mod operations;
 mod placements;
 mod policies;
 mod registry;
+mod requests;
 mod restores;
 mod rows;
 mod templates;

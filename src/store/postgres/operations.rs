@@ -30,8 +30,8 @@ use crate::ids::{InstanceId, OperationId, TemplateId};
 use crate::model::{Actor, Sandbox, SandboxStatus, Timestamp};
 use crate::names::TemplateName;
 use crate::store::{
-    Backlog, CreateDone, CreateInput, CreateOp, Finish, InHand, OpenOperation, ResolveReason,
-    SandboxOutcome, StoreError,
+    Backlog, CreateDone, CreateInput, CreateOp, Failure, Finish, InHand, OpenOperation,
+    ResolveReason, SandboxOutcome, StoreError,
 };
 
 // ------------------------------------------------------------ instances
@@ -340,8 +340,15 @@ pub(super) async fn begin_create(
         operation_id,
         lease_until,
         owner,
+        request,
     } = input;
     let (team, sandbox_id, overwrite, template_id) = (*team, *sandbox_id, *overwrite, *template_id);
+    // First: a request with the same key on another connection makes this
+    // one wait for it on the unique index, then answer 409
+    // `idempotency_in_progress` (not whatever its writes make of ours).
+    if let Some(request) = request {
+        super::requests::insert_request(db, *operation_id, team, request, now).await?;
+    }
     // The reads go out together (pipelined on the connection, run in this
     // order): the sandbox (locked) with its host, then the name checks.
     prepare_all(db, &[SANDBOX_WITH_HOST]).await?;
@@ -601,6 +608,9 @@ pub(super) async fn finish_create(
         .into());
     };
     let template = template_row(row)?;
+    let result = crate::operation::encode_template(&template);
+    let succeeded = crate::operation::OperationState::Succeeded;
+    super::requests::end_request(db, op.id, succeeded, &result, now).await?;
     Ok(Finish::Done(CreateDone { template, replaced }))
 }
 
@@ -614,8 +624,7 @@ pub(super) async fn fail_create(
     db: &impl GenericClient,
     op: &CreateOp,
     sandbox: SandboxOutcome,
-    error_code: &'static str,
-    detail: &str,
+    failure: &Failure,
     first_attempt: Option<Timestamp>,
     now: Timestamp,
 ) -> TxResult<bool> {
@@ -640,7 +649,7 @@ pub(super) async fn fail_create(
                 &[
                     &op.template_id.bytes(),
                     &retry_at.unix_millis(),
-                    &detail,
+                    &failure.detail,
                     &now.unix_millis(),
                 ],
             )
@@ -675,6 +684,9 @@ pub(super) async fn fail_create(
     if let SandboxOutcome::Known(status) = sandbox {
         release_sandbox(db, op.sandbox_id, status, now).await?;
     }
+    let result = crate::operation::encode_error(failure.code, &failure.message);
+    let failed = crate::operation::OperationState::Failed;
+    super::requests::end_request(db, op.id, failed, &result, now).await?;
     insert_audit(
         db,
         &NewAuditEntry {
@@ -683,7 +695,7 @@ pub(super) async fn fail_create(
             action: crate::audit::actions::SNAPSHOT_CREATE,
             resource_id: op.template_id.to_string(),
             outcome: AuditOutcome::Failure,
-            error_code: Some(error_code),
+            error_code: Some(failure.code),
             metadata: serde_json::json!({
                 "name": op.name.as_str(),
                 "sandbox_id": op.sandbox_id.to_string(),
@@ -742,8 +754,7 @@ pub(super) async fn resolve_open_operation(
                 db,
                 &op,
                 SandboxOutcome::Known(status),
-                "unresolved",
-                reason.as_str(),
+                &Failure::unresolved(reason),
                 Some(first_attempt),
                 now,
             )

@@ -132,6 +132,10 @@ pub(super) async fn begin_restore(
     now: Timestamp,
 ) -> TxResult<Sandbox> {
     let op = &input.op;
+    // First, as for a create (see `begin_create`).
+    if let Some(request) = &input.request {
+        super::requests::insert_request(db, op.id, op.team, request, now).await?;
+    }
     let (template_bytes, team_bytes, platform_bytes) = (
         op.template_id.bytes(),
         op.team.bytes(),
@@ -282,10 +286,13 @@ pub(super) async fn end_restore(
         }
     };
     insert_audit(db, &op.audit(end), now).await?;
-    match end {
-        RestoreEnd::Running => get_sandbox(db, op.sandbox_id).await,
-        RestoreEnd::Failed { .. } => Ok(Some(op.failed_sandbox())),
-    }
+    let sandbox = match end {
+        RestoreEnd::Running => get_sandbox(db, op.sandbox_id).await?,
+        RestoreEnd::Failed { .. } => Some(op.failed_sandbox()),
+    };
+    let (state, result) = op.request_outcome(end, sandbox.as_ref());
+    super::requests::end_request(db, op.id, state, &result, now).await?;
+    Ok(sandbox)
 }
 
 /// See `Store::requeue_destroy`.

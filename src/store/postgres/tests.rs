@@ -120,6 +120,7 @@ fn create_input(
         operation_id: OperationId::new(),
         lease_until: later(now(), 60_000),
         owner,
+        request: None,
     }
 }
 
@@ -837,6 +838,7 @@ fn restore_input(
         placed: true,
         lease_until: later(now(), 60_000),
         owner,
+        request: None,
     }
 }
 
@@ -1062,6 +1064,7 @@ async fn queue_destroys(
         store.begin_restore(input, now()).await.expect("begin");
         let end = crate::store::RestoreEnd::Failed {
             error_code: "agent_error",
+            message: "the host agent failed to start the sandbox".into(),
             destroy_from: Some(from),
         };
         store

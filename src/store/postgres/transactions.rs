@@ -15,7 +15,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{PostgresStore, TxError, TxResult};
-use super::{audit, keys, operations, placements, policies, registry, restores, templates};
+use super::{
+    audit, keys, operations, placements, policies, registry, requests, restores, templates,
+};
 use crate::agent::HostInfo;
 use crate::audit::AuditEntry;
 use crate::error::{Error, Result};
@@ -26,9 +28,10 @@ use crate::model::{
 };
 use crate::names::TemplateName;
 use crate::store::{
-    Backlog, CreateInput, CreateOp, Deletion, DeletionResult, Destroy, Finish, HostChange, InHand,
-    KeyRecord, ListPosition, OpenOperation, PendingDeletion, PendingDestroy, Phase, ResolveReason,
-    RestoreCandidate, RestoreEnd, RestoreInput, RestoreOp, SandboxOutcome, Store, StoreError,
+    Backlog, CreateInput, CreateOp, Deletion, DeletionResult, Destroy, Failure, Finish, HostChange,
+    InHand, KeyRecord, ListPosition, OpenOperation, PendingDeletion, PendingDestroy, Phase,
+    ResolveReason, RestoreCandidate, RestoreEnd, RestoreInput, RestoreOp, SandboxOutcome, Store,
+    StoreError,
 };
 
 /// Runs of a transaction after the first one, when it keeps losing races.
@@ -261,8 +264,7 @@ impl Store for PostgresStore {
         &self,
         op: CreateOp,
         outcome: SandboxOutcome,
-        error_code: &'static str,
-        detail: String,
+        failure: Failure,
         first_attempt: Option<Timestamp>,
         now: Timestamp,
     ) -> Result<bool> {
@@ -270,8 +272,7 @@ impl Store for PostgresStore {
             tx,
             &op,
             outcome,
-            error_code,
-            &detail,
+            &failure,
             first_attempt,
             now
         ))
@@ -520,6 +521,33 @@ impl Store for PostgresStore {
 
     async fn team_usage(&self, team: TeamId) -> Result<Usage> {
         read!(self, |db| policies::team_usage(db, team, false))
+    }
+
+    async fn find_request(
+        &self,
+        team: TeamId,
+        key: crate::operation::IdempotencyKey,
+        now: Timestamp,
+    ) -> Result<Option<crate::operation::StoredRequest>> {
+        read!(self, |db| requests::find_request(
+            db,
+            team,
+            key.as_str(),
+            now
+        ))
+    }
+
+    async fn get_request(
+        &self,
+        team: TeamId,
+        id: OperationId,
+        now: Timestamp,
+    ) -> Result<Option<crate::operation::StoredRequest>> {
+        read!(self, |db| requests::get_request(db, team, id, now))
+    }
+
+    async fn purge_requests(&self, now: Timestamp, limit: u32) -> Result<u64> {
+        transaction!(self, |tx| requests::purge_requests(tx, now, limit))
     }
 
     async fn next_due(&self, me: InstanceId, in_hand: InHand) -> Result<Option<Timestamp>> {

@@ -16,9 +16,9 @@ use crate::model::{
 };
 use crate::names::TemplateName;
 use crate::store::{
-    Backlog, CreateInput, CreateOp, Deletion, DeletionResult, Destroy, Finish, HostChange, InHand,
-    KeyRecord, ListPosition, OpenOperation, PendingDeletion, PendingDestroy, Phase, ResolveReason,
-    RestoreCandidate, RestoreEnd, RestoreInput, RestoreOp, SandboxOutcome, Store,
+    Backlog, CreateInput, CreateOp, Deletion, DeletionResult, Destroy, Failure, Finish, HostChange,
+    InHand, KeyRecord, ListPosition, OpenOperation, PendingDeletion, PendingDestroy, Phase,
+    ResolveReason, RestoreCandidate, RestoreEnd, RestoreInput, RestoreOp, SandboxOutcome, Store,
 };
 
 #[async_trait]
@@ -154,15 +154,12 @@ impl Store for SqliteStore {
         &self,
         op: CreateOp,
         outcome: SandboxOutcome,
-        error_code: &'static str,
-        detail: String,
+        failure: Failure,
         first_attempt: Option<Timestamp>,
         now: Timestamp,
     ) -> Result<bool> {
-        self.write(move |c| {
-            sql::fail_create(c, &op, outcome, error_code, &detail, first_attempt, now)
-        })
-        .await
+        self.write(move |c| sql::fail_create(c, &op, outcome, &failure, first_attempt, now))
+            .await
     }
 
     async fn resolve_operation(
@@ -369,6 +366,30 @@ impl Store for SqliteStore {
 
     async fn team_usage(&self, team: TeamId) -> Result<Usage> {
         self.read(move |c| sql::team_usage(c, team)).await
+    }
+
+    async fn find_request(
+        &self,
+        team: TeamId,
+        key: crate::operation::IdempotencyKey,
+        now: Timestamp,
+    ) -> Result<Option<crate::operation::StoredRequest>> {
+        self.read(move |c| sql::find_request(c, team, key.as_str(), now))
+            .await
+    }
+
+    async fn get_request(
+        &self,
+        team: TeamId,
+        id: OperationId,
+        now: Timestamp,
+    ) -> Result<Option<crate::operation::StoredRequest>> {
+        self.read(move |c| sql::get_request(c, team, id, now)).await
+    }
+
+    async fn purge_requests(&self, now: Timestamp, limit: u32) -> Result<u64> {
+        self.write(move |c| sql::purge_requests(c, now, limit))
+            .await
     }
 
     async fn next_due(&self, _me: InstanceId, in_hand: InHand) -> Result<Option<Timestamp>> {

@@ -11,6 +11,7 @@ mod operations;
 mod placements;
 mod policies;
 mod registry;
+mod requests;
 mod restores;
 mod templates;
 
@@ -20,6 +21,7 @@ pub(crate) use operations::*;
 pub(crate) use placements::*;
 pub(crate) use policies::*;
 pub(crate) use registry::*;
+pub(crate) use requests::*;
 pub(crate) use restores::*;
 pub(crate) use templates::*;
 
@@ -39,8 +41,8 @@ use crate::model::{
 use crate::names::TemplateName;
 
 use crate::store::{
-    Backlog, CreateDone, CreateInput, CreateOp, Deletion, Destroy, Finish, HostChange, InHand,
-    KeyRecord, ListPosition, OpenOperation, PendingDeletion, PendingDestroy, ResolveReason,
+    Backlog, CreateDone, CreateInput, CreateOp, Deletion, Destroy, Failure, Finish, HostChange,
+    InHand, KeyRecord, ListPosition, OpenOperation, PendingDeletion, PendingDestroy, ResolveReason,
     RestoreCandidate, RestoreEnd, RestoreInput, RestoreOp, SandboxOutcome, StoreError,
     actor_from_columns,
 };

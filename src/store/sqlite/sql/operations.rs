@@ -141,8 +141,14 @@ pub(crate) fn begin_create(
         operation_id,
         lease_until,
         owner,
+        request,
     } = input;
     let (team, sandbox_id, overwrite, template_id) = (*team, *sandbox_id, *overwrite, *template_id);
+    // First: a request with the same key that began meanwhile is 409
+    // `idempotency_in_progress`, not whatever its writes make of ours.
+    if let Some(request) = request {
+        insert_request(conn, *operation_id, team, request, now)?;
+    }
     let replaces = check_name_free(conn, team, name, overwrite)?;
     let sandbox = conn
         .prepare_cached(&format!(
@@ -407,6 +413,14 @@ pub(crate) fn finish_create(
             "SELECT {TEMPLATE_COLS} FROM templates WHERE id = ?1"
         ))
         .and_then(|mut s| s.query_row([op.template_id], template_row))?;
+    let result = crate::operation::encode_template(&template);
+    end_request(
+        conn,
+        op.id,
+        crate::operation::OperationState::Succeeded,
+        &result,
+        now,
+    )?;
     insert_audit(
         conn,
         &NewAuditEntry {
@@ -444,8 +458,7 @@ pub(crate) fn fail_create(
     conn: &Connection,
     op: &CreateOp,
     sandbox: SandboxOutcome,
-    error_code: &'static str,
-    detail: &str,
+    failure: &Failure,
     first_attempt: Option<Timestamp>,
     now: Timestamp,
 ) -> Result<bool> {
@@ -463,7 +476,7 @@ pub(crate) fn fail_create(
                 s.execute(params![
                     op.template_id,
                     retry_at.unix_millis(),
-                    detail,
+                    failure.detail,
                     now.unix_millis()
                 ])
             })?,
@@ -492,6 +505,14 @@ pub(crate) fn fail_create(
     if let SandboxOutcome::Known(status) = sandbox {
         release_sandbox(conn, op.sandbox_id, status, now)?;
     }
+    let result = crate::operation::encode_error(failure.code, &failure.message);
+    end_request(
+        conn,
+        op.id,
+        crate::operation::OperationState::Failed,
+        &result,
+        now,
+    )?;
     insert_audit(
         conn,
         &NewAuditEntry {
@@ -500,7 +521,7 @@ pub(crate) fn fail_create(
             action: crate::audit::actions::SNAPSHOT_CREATE,
             resource_id: op.template_id.to_string(),
             outcome: AuditOutcome::Failure,
-            error_code: Some(error_code),
+            error_code: Some(failure.code),
             metadata: serde_json::json!({
                 "name": op.name.as_str(),
                 "sandbox_id": op.sandbox_id.to_string(),
@@ -557,8 +578,7 @@ pub(crate) fn resolve_open_operation(
             conn,
             &op,
             SandboxOutcome::Known(status),
-            "unresolved",
-            reason.as_str(),
+            &Failure::unresolved(reason),
             Some(first_attempt),
             now,
         )?,

@@ -67,6 +67,10 @@ pub(crate) fn begin_restore(
     now: Timestamp,
 ) -> Result<Sandbox> {
     let op = &input.op;
+    // First, as for a create (see `begin_create`).
+    if let Some(request) = &input.request {
+        insert_request(conn, op.id, op.team, request, now)?;
+    }
     let visible: bool = conn
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM templates WHERE id = ?1 AND state = 'ready'
@@ -211,10 +215,13 @@ pub(crate) fn end_restore(
         }
     };
     insert_audit(conn, &op.audit(end), now)?;
-    match end {
-        RestoreEnd::Running => get_sandbox(conn, op.sandbox_id),
-        RestoreEnd::Failed { .. } => Ok(Some(op.failed_sandbox())),
-    }
+    let sandbox = match end {
+        RestoreEnd::Running => get_sandbox(conn, op.sandbox_id)?,
+        RestoreEnd::Failed { .. } => Some(op.failed_sandbox()),
+    };
+    let (state, result) = op.request_outcome(end, sandbox.as_ref());
+    end_request(conn, op.id, state, &result, now)?;
+    Ok(sandbox)
 }
 
 /// See `Store::requeue_destroy`.
