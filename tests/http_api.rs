@@ -1051,3 +1051,253 @@ async fn graceful_shutdown_lets_snapshots_in_flight_finish() {
         1
     );
 }
+
+/// A `POST` with headers, answered as (status, headers, body text).
+async fn post_with(
+    api: &Api,
+    path: &str,
+    key: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (StatusCode, reqwest::header::HeaderMap, String) {
+    let mut request = api
+        .http
+        .post(format!("{}{path}", api.base))
+        .header("X-API-Key", key)
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    (status, headers, response.text().await.unwrap())
+}
+
+/// Polls an operation until it is no longer running.
+async fn settled(api: &Api, team: &Team, location: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, op) = api.send(Method::GET, location, Some(&team.key), None).await;
+        assert_eq!(status, StatusCode::OK, "{op}");
+        if op["state"] != "running" {
+            return op;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{op}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_over_http_replay_the_first_answer() {
+    let api = Api::start().await;
+    let team = api.team().await;
+    let sandbox = api.sandbox(&team, SandboxStatus::Running).await;
+    let body = json!({ "sandbox_id": sandbox.to_string(), "name": "keyed" }).to_string();
+    let key = [("Idempotency-Key", "order-42")];
+
+    // Malformed keys: 400, nothing done.
+    let long = "k".repeat(256);
+    for bad in ["", long.as_str(), "tab\there"] {
+        let (status, _, text) = post_with(
+            &api,
+            "/v1/snapshots",
+            &team.key,
+            &[("Idempotency-Key", bad)],
+            &body,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}: {text}");
+        assert!(text.contains("Idempotency-Key"), "{text}");
+    }
+    assert_eq!(api.agent.calls(AgentOp::CreateSnapshot), 0);
+
+    let (status, headers, first) = post_with(&api, "/v1/snapshots", &team.key, &key, &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert!(headers.get("idempotent-replayed").is_none());
+    let (status, headers, again) = post_with(&api, "/v1/snapshots", &team.key, &key, &body).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(again, first, "byte for byte");
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(api.agent.calls(AgentOp::CreateSnapshot), 1);
+
+    // The same key with another body, or another query: 422.
+    // (The same JSON, other bytes: the body is compared byte for byte.)
+    let other = format!("{{\"sandbox_id\": \"{sandbox}\", \"name\": \"keyed\"}}");
+    let (status, _, text) = post_with(&api, "/v1/snapshots", &team.key, &key, &other).await;
+    assert_eq!(status.as_u16(), 422, "{text}");
+    assert!(text.contains("idempotency_key_reused"), "{text}");
+    let (status, _, _) =
+        post_with(&api, "/v1/snapshots?overwrite=true", &team.key, &key, &body).await;
+    assert_eq!(status.as_u16(), 422);
+    assert_eq!(api.agent.calls(AgentOp::CreateSnapshot), 1);
+
+    // Another team's same key is its own.
+    let other_team = api.team().await;
+    let theirs = api.sandbox(&other_team, SandboxStatus::Running).await;
+    let body2 = json!({ "sandbox_id": theirs.to_string(), "name": "keyed" }).to_string();
+    let (status, _, _) = post_with(&api, "/v1/snapshots", &other_team.key, &key, &body2).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    // While the first runs: 409 `idempotency_in_progress`.
+    let hold = Hold::new();
+    api.agent
+        .inject(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()));
+    let slow = json!({ "sandbox_id": sandbox.to_string(), "name": "slow" }).to_string();
+    let slow_key = [("Idempotency-Key", "slow-1")];
+    let first = {
+        let (http, base, key, body) = (
+            api.http.clone(),
+            api.base.clone(),
+            team.key.clone(),
+            slow.clone(),
+        );
+        tokio::spawn(async move {
+            http.post(format!("{base}/v1/snapshots"))
+                .header("X-API-Key", key)
+                .header("Idempotency-Key", "slow-1")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    hold.arrived(1).await;
+    let (status, _, text) = post_with(&api, "/v1/snapshots", &team.key, &slow_key, &slow).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{text}");
+    assert!(text.contains("idempotency_in_progress"), "{text}");
+    hold.release();
+    assert_eq!(first.await.unwrap(), StatusCode::CREATED);
+    api.agent.clear_faults();
+
+    // A failure is replayed too, with its status and body.
+    api.agent.inject(
+        AgentOp::CreateSnapshot,
+        Fault::Fail(AgentError::rejected(AgentCode::Internal, "boom")),
+    );
+    let failing = json!({ "sandbox_id": sandbox.to_string(), "name": "fails" }).to_string();
+    let fail_key = [("Idempotency-Key", "fail-1")];
+    let (status, _, first) = post_with(&api, "/v1/snapshots", &team.key, &fail_key, &failing).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{first}");
+    api.agent.clear_faults();
+    let calls = api.agent.calls(AgentOp::CreateSnapshot);
+    let (status, headers, again) =
+        post_with(&api, "/v1/snapshots", &team.key, &fail_key, &failing).await;
+    assert_eq!((status, again), (StatusCode::BAD_GATEWAY, first));
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(api.agent.calls(AgentOp::CreateSnapshot), calls);
+
+    // Restores the same way.
+    let restore = json!({ "template": "keyed" }).to_string();
+    let rkey = [("Idempotency-Key", "restore-1")];
+    let (status, _, first) = post_with(&api, "/v1/sandboxes", &team.key, &rkey, &restore).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let (_, _, again) = post_with(&api, "/v1/sandboxes", &team.key, &rkey, &restore).await;
+    assert_eq!(again, first);
+    assert_eq!(api.agent.calls(AgentOp::CreateSandbox), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn respond_async_answers_202_and_the_operation_is_polled() {
+    let api = Api::start().await;
+    let team = api.team().await;
+    let sandbox = api.sandbox(&team, SandboxStatus::Running).await;
+    let prefer = ("Prefer", "respond-async");
+
+    // A slow agent: 202 while the host still works.
+    let hold = Hold::new();
+    api.agent
+        .inject(AgentOp::CreateSnapshot, Fault::Hold(hold.clone()));
+    let body = json!({ "sandbox_id": sandbox.to_string(), "name": "async" }).to_string();
+    let (status, headers, text) = post_with(
+        &api,
+        "/v1/snapshots",
+        &team.key,
+        &[prefer, ("Idempotency-Key", "a-1")],
+        &body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{text}");
+    let accepted: Value = serde_json::from_str(&text).unwrap();
+    let id = accepted["operation_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        accepted,
+        json!({ "operation_id": id, "kind": "snapshot.create", "state": "running" })
+    );
+    let location = headers["location"].to_str().unwrap().to_owned();
+    assert_eq!(location, format!("/v1/operations/{id}"));
+    assert_eq!(headers["preference-applied"], "respond-async");
+    hold.arrived(1).await;
+    let (_, running) = api
+        .send(Method::GET, &location, Some(&team.key), None)
+        .await;
+    assert_eq!(running["state"], "running");
+    // A retry under the key replays the 202.
+    let (status, headers, again) = post_with(
+        &api,
+        "/v1/snapshots",
+        &team.key,
+        &[prefer, ("Idempotency-Key", "a-1")],
+        &body,
+    )
+    .await;
+    assert_eq!((status, again), (StatusCode::ACCEPTED, text));
+    assert_eq!(headers["location"].to_str().unwrap(), location);
+    // Another team's key sees nothing.
+    let other = api.team().await;
+    let (status, _) = api
+        .send(Method::GET, &location, Some(&other.key), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = api
+        .send(Method::GET, "/v1/operations/op-nope", Some(&team.key), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    hold.release();
+    let done = settled(&api, &team, &location).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let (_, got) = api
+        .send(Method::GET, "/v1/snapshots/async", Some(&team.key), None)
+        .await;
+    assert_eq!(done["template"], got);
+    assert!(done["finished_at"].is_string() && done.get("error").is_none());
+    assert_eq!(api.agent.calls(AgentOp::CreateSnapshot), 1);
+
+    // A failing agent: `failed` with the error object.
+    api.agent.clear_faults();
+    api.agent.inject(
+        AgentOp::CreateSnapshot,
+        Fault::Fail(AgentError::rejected(AgentCode::Internal, "boom")),
+    );
+    let body = json!({ "sandbox_id": sandbox.to_string(), "name": "async-fails" }).to_string();
+    let (status, headers, _) = post_with(&api, "/v1/snapshots", &team.key, &[prefer], &body).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let failed = settled(&api, &team, headers["location"].to_str().unwrap()).await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "agent_error");
+    assert!(failed["error"]["message"].is_string() && failed.get("template").is_none());
+    api.agent.clear_faults();
+
+    // Errors found before the start are answered at once, not 202.
+    let (status, _, text) = post_with(&api, "/v1/snapshots", &team.key, &[prefer], &body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{text}");
+    let missing = json!({ "sandbox_id": SandboxId::new().to_string(), "name": "x" }).to_string();
+    let (status, _, _) = post_with(&api, "/v1/snapshots", &team.key, &[prefer], &missing).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // A restore, started and polled to its sandbox.
+    let restore = json!({ "template": "async" }).to_string();
+    let (status, headers, _) =
+        post_with(&api, "/v1/sandboxes", &team.key, &[prefer], &restore).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let done = settled(&api, &team, headers["location"].to_str().unwrap()).await;
+    assert_eq!(done["kind"], "sandbox.restore");
+    assert_eq!(done["sandbox"]["status"], "running", "{done}");
+    let path = format!(
+        "/v1/sandboxes/{}",
+        done["sandbox"]["sandbox_id"].as_str().unwrap()
+    );
+    let (status, got) = api.send(Method::GET, &path, Some(&team.key), None).await;
+    assert_eq!((status, &got), (StatusCode::OK, &done["sandbox"]));
+}

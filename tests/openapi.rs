@@ -782,23 +782,7 @@ fn error_schema_lists_every_error_code() {
         documented, in_source,
         "Error.code enum vs ErrorCode::as_str"
     );
-    for code in [
-        ErrorCode::InvalidRequest,
-        ErrorCode::Unauthorized,
-        ErrorCode::Forbidden,
-        ErrorCode::QuotaExceeded,
-        ErrorCode::NotFound,
-        ErrorCode::MethodNotAllowed,
-        ErrorCode::PayloadTooLarge,
-        ErrorCode::AlreadyExists,
-        ErrorCode::NameReserved,
-        ErrorCode::InvalidState,
-        ErrorCode::Conflict,
-        ErrorCode::Incompatible,
-        ErrorCode::DbError,
-        ErrorCode::AgentError,
-        ErrorCode::HostUnavailable,
-    ] {
+    for code in ErrorCode::ALL {
         assert!(
             documented.contains(code.as_str()),
             "{code} is not documented"
@@ -1936,4 +1920,135 @@ async fn open_operations_are_listed_and_resolved_as_documented() {
     assert_eq!(created[0]["status"], "error", "{created}");
     assert_eq!(created[0]["outcome"], "failure", "{created}");
     assert_eq!(entries[0]["metadata"]["operation_id"], id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asynchronous_and_idempotent_answers_match_the_documented_schemas() {
+    let doc = document();
+    let ops = operations(&doc);
+    let server = Server::start().await;
+    let host = server.host.to_string();
+    let reply = server
+        .admin(
+            "post",
+            "/v1/admin/hosts",
+            Some(&json!({ "id": host, "address": "in-process" })),
+        )
+        .await;
+    assert_eq!(reply.status, 201);
+    let (team, key) = server.team_key().await;
+    let sandbox = SandboxId::new();
+    server.agent.add_sandbox(sandbox, "running", 2, 512);
+    let reply = server
+        .admin(
+            "post",
+            "/v1/admin/sandboxes",
+            Some(
+                &json!({ "id": sandbox.to_string(), "team_id": team.to_string(),
+                          "host_id": host, "vcpus": 2, "memory_mb": 512 }),
+            ),
+        )
+        .await;
+    assert_eq!(reply.status, 201);
+    let post = |path: &str, headers: &[(&str, &str)], body: Value| {
+        let mut request = server
+            .client
+            .post(format!("{}{path}", server.base))
+            .header("X-API-Key", key.as_str())
+            .json(&body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            Reply {
+                status: response.status().as_u16(),
+                headers: response.headers().clone(),
+                body: response.bytes().await.unwrap().to_vec(),
+            }
+        }
+    };
+    let get = |path: String| {
+        let request = server
+            .client
+            .get(format!("{}{path}", server.base))
+            .header("X-API-Key", key.as_str());
+        async move {
+            let response = request.send().await.unwrap();
+            Reply {
+                status: response.status().as_u16(),
+                headers: response.headers().clone(),
+                body: response.bytes().await.unwrap().to_vec(),
+            }
+        }
+    };
+    let prefer = ("Prefer", "respond-async");
+    let steps = [
+        (
+            "/v1/snapshots",
+            json!({ "sandbox_id": sandbox.to_string(), "name": "a" }),
+            false,
+        ),
+        ("/v1/sandboxes", json!({ "template": "a" }), false),
+        (
+            "/v1/snapshots",
+            json!({ "sandbox_id": sandbox.to_string(), "name": "b" }),
+            true,
+        ),
+    ];
+    let mut states = Vec::new();
+    for (path, body, failing) in steps {
+        if failing {
+            server.agent.inject(
+                sandbox_snapshots::agent::AgentOp::CreateSnapshot,
+                sandbox_snapshots::agent::Fault::Fail(sandbox_snapshots::AgentError::rejected(
+                    sandbox_snapshots::AgentCode::Internal,
+                    "boom",
+                )),
+            );
+        }
+        let reply = post(path, &[prefer], body).await;
+        assert_eq!(
+            reply.status,
+            202,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let accepted = check_reply(&doc, &ops, "post", path, &reply);
+        let id = accepted["operation_id"].as_str().unwrap().to_owned();
+        let reply = loop {
+            let reply = get(format!("/v1/operations/{id}")).await;
+            if reply.status != 200 || reply.json()["state"] != "running" {
+                break reply;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        let op = check_reply(&doc, &ops, "get", "/v1/operations/{operation_id}", &reply);
+        states.push(op["state"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(states, ["succeeded", "succeeded", "failed"]);
+    let reply = get("/v1/operations/op-0000000000000000000000001".into()).await;
+    assert_eq!(reply.status, 404);
+    check_reply(&doc, &ops, "get", "/v1/operations/{operation_id}", &reply);
+
+    // 400 and 422 of the key.
+    let reply = post(
+        "/v1/snapshots",
+        &[("Idempotency-Key", "")],
+        json!({ "sandbox_id": sandbox.to_string(), "name": "c" }),
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
+    server.agent.clear_faults();
+    for (name, status) in [("c", 201), ("d", 422)] {
+        let reply = post(
+            "/v1/snapshots",
+            &[("Idempotency-Key", "k")],
+            json!({ "sandbox_id": sandbox.to_string(), "name": name }),
+        )
+        .await;
+        assert_eq!(reply.status, status);
+        check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
+    }
 }
