@@ -47,6 +47,36 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Retries and long operations
+//!
+//! A create or restore may carry an [`IdempotencyKey`]
+//! ([`NewSnapshot::idempotency_key`], [`RestoreRequest::idempotency_key`]):
+//! the key is recorded in the same transaction as the operation's journal
+//! entry, so a retry — after a lost answer, a timeout or a crash and
+//! restart — returns the first outcome instead of snapshotting again
+//! (409 `idempotency_in_progress` while the first runs; 422
+//! `idempotency_key_reused` for a different request under the key).
+//! [`Manager::start_create`] and [`Manager::start_restore`] return an
+//! [`Operation`] as soon as the work is under way; [`Manager::operation`]
+//! follows it to `succeeded` or `failed`. Both are remembered for
+//! [`ManagerOptions::request_retention`] (24 h).
+//!
+//! ```no_run
+//! # use sandbox_snapshots::*;
+//! # async fn demo(manager: Manager, caller: Caller, sandbox: SandboxId) -> Result<(), Error> {
+//! let key = IdempotencyKey::parse("nightly-2026-12-01")?;
+//! let request = NewSnapshot::parse(&sandbox.to_string(), "nightly")?.idempotency_key(key);
+//! let first = manager.create(&caller, request.clone()).await?;
+//! // The same request again: the same template, and no second snapshot.
+//! assert_eq!(manager.create(&caller, request).await?.id, first.id);
+//!
+//! let started = manager
+//!     .start_create(&caller, NewSnapshot::parse(&sandbox.to_string(), "weekly")?)
+//!     .await?;
+//! let op = manager.operation(&caller, started.id).await?; // running, then succeeded
+//! # let _ = op; Ok(()) }
+//! ```
+//!
 //! # Layout
 //! - [`ids`], [`names`]: validated identifiers and template names, parsed
 //!   once at the boundary; `time`: [`Timestamp`], below every other layer.
@@ -74,7 +104,8 @@
 //!   `agent/server/`); agents: in-memory (with fault injection) and the
 //!   directory-backed reference agent. Protobuf types stay private in
 //!   `agent::pb`, generated from `proto/` at build time.
-//! - `audit`: the audit log.
+//! - `audit`: the audit log; `operation`: remembered requests
+//!   (idempotency keys, asynchronous operations).
 //! - [`http`] (feature `server`): the REST API for self-hosters, API keys,
 //!   admin endpoints and the OpenAPI document; `src/bin/snapshots-server.rs`
 //!   runs it.
