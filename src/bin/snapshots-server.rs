@@ -69,6 +69,11 @@ struct Cli {
     #[arg(long, global = true, env = "SNAPSHOTS_INSTANCE_LEASE", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(3..=86_400))]
     instance_lease: u64,
+    /// Seconds a create or restore with an `Idempotency-Key`, or started
+    /// with `Prefer: respond-async`, is remembered after it began (serve).
+    #[arg(long, global = true, env = "SNAPSHOTS_REQUEST_RETENTION", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..=30 * 86_400))]
+    request_retention: u64,
     /// Address to listen on (serve).
     #[arg(
         long,
@@ -242,6 +247,7 @@ async fn main() -> Result<(), Failure> {
     let database = database_url(cli.database.as_deref(), &data_dir);
     let mut options = ManagerOptions::default();
     options.instance_lease = std::time::Duration::from_secs(cli.instance_lease);
+    options.request_retention = std::time::Duration::from_secs(cli.request_retention);
     if let Some(ca) = &cli.database_ca {
         let pem = std::fs::read(ca)
             .map_err(|e| format!("cannot read the database CA {}: {e}", ca.display()))?;
