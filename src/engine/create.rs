@@ -48,6 +48,8 @@ pub(crate) struct CreateRequest {
     pub(crate) sandbox_id: SandboxId,
     pub(crate) name: TemplateName,
     pub(crate) overwrite: bool,
+    /// The create's own TTL (validated); `None`: the team's default.
+    pub(crate) ttl: Option<std::time::Duration>,
 }
 
 pub(crate) async fn run_create(
@@ -69,6 +71,7 @@ pub(crate) async fn run_create(
         operation_id: OperationId::new(),
         owner: inner.instance,
         lease_until: after(now, inner.create_lease()),
+        expires_at: snapshot.ttl.map(|ttl| after(now, ttl)),
     };
     let op = match inner.store.begin_create(input, now).await {
         Ok((op, _sandbox)) => op,

@@ -47,10 +47,20 @@ pub(crate) struct Engine {
     pub(crate) restores_in_flight: Mutex<HashSet<OperationId>>,
     pub(crate) janitor: Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub(crate) last_sweep: Mutex<Option<tokio::time::Instant>>,
+    /// When the retention sweep is due next.
+    pub(crate) retention: Mutex<RetentionClock>,
     /// What the background worker keeps in memory between passes.
     pub(crate) worker: WorkerState,
     /// SQLite's one-process lock (none on PostgreSQL).
     pub(crate) _lock: Option<DbLock>,
+}
+
+/// When the retention sweep is due next (`None`: now), and how many of
+/// its runs in a row failed (it then backs off).
+#[derive(Debug, Default)]
+pub(crate) struct RetentionClock {
+    pub(crate) next: Option<tokio::time::Instant>,
+    pub(crate) failures: u32,
 }
 
 pub(crate) fn lock_unpoisoned<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -128,6 +138,39 @@ impl Engine {
                 None
             }
         }
+    }
+
+    /// How long until the retention sweep is due (zero: now).
+    pub(crate) fn retention_wait(&self) -> Duration {
+        let clock = lock_unpoisoned(&self.retention);
+        clock.next.map_or(Duration::ZERO, |at| {
+            at.saturating_duration_since(tokio::time::Instant::now())
+        })
+    }
+
+    /// Makes the retention sweep due at once (a policy changed) and wakes
+    /// the worker.
+    pub(crate) fn wake_retention(&self) {
+        lock_unpoisoned(&self.retention).next = None;
+        self.wake.notify_one();
+    }
+
+    /// Records how a retention sweep ended: done (next after the
+    /// interval), more due (at once), or failed (after a backoff).
+    pub(crate) fn retention_ran(&self, outcome: Result<bool>) {
+        let mut clock = lock_unpoisoned(&self.retention);
+        let interval = self.options.retention_interval.max(MIN_RETRY);
+        let wait = match outcome {
+            Ok(more) => {
+                clock.failures = 0;
+                if more { Duration::ZERO } else { interval }
+            }
+            Err(_) => {
+                clock.failures = clock.failures.saturating_add(1);
+                backoff(&self.options, clock.failures - 1).min(interval)
+            }
+        };
+        clock.next = Some(tokio::time::Instant::now() + wait);
     }
 
     /// Runs `work` on a task that `shutdown` waits for.

@@ -26,6 +26,7 @@ mod placements;
 mod policies;
 mod registry;
 mod restores;
+mod retention;
 mod rows;
 mod templates;
 mod transactions;

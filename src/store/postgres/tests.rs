@@ -120,6 +120,7 @@ fn create_input(
         operation_id: OperationId::new(),
         lease_until: later(now(), 60_000),
         owner,
+        expires_at: None,
     }
 }
 
@@ -787,6 +788,7 @@ fn template_record(
         hosts: 0,
         compat: None,
         last_used_at: None,
+        expires_at: None,
     }
 }
 

@@ -12,6 +12,7 @@ mod placements;
 mod policies;
 mod registry;
 mod restores;
+mod retention;
 mod templates;
 
 pub(crate) use audit::*;
@@ -21,6 +22,7 @@ pub(crate) use placements::*;
 pub(crate) use policies::*;
 pub(crate) use registry::*;
 pub(crate) use restores::*;
+pub(crate) use retention::*;
 pub(crate) use templates::*;
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
