@@ -135,6 +135,8 @@ pub(crate) struct TemplateBody {
     compat: Option<crate::agent::HostInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_used_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
 }
 
 impl From<&Template> for TemplateBody {
@@ -151,6 +153,7 @@ impl From<&Template> for TemplateBody {
             hosts: t.hosts,
             compat: t.compat.clone(),
             last_used_at: t.last_used_at.map(Timestamp::to_rfc3339),
+            expires_at: t.expires_at.map(Timestamp::to_rfc3339),
         }
     }
 }
@@ -347,6 +350,29 @@ struct CreateBody {
     sandbox_id: String,
     #[serde(default)]
     name: String,
+    /// Any JSON value, checked by [`retention_seconds`] for a clear 400.
+    #[serde(default)]
+    ttl_seconds: Option<serde_json::Value>,
+}
+
+/// A retention field of a request body (`what` names it): an integer
+/// number of seconds from 1 to `MAX_TTL`; the library checks the range
+/// again with the same message.
+pub(crate) fn retention_seconds(
+    what: &str,
+    value: Option<&serde_json::Value>,
+) -> ApiResult<Option<std::time::Duration>> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let max = crate::manager::MAX_TTL.as_secs();
+    match value.as_u64() {
+        Some(secs) if (1..=max).contains(&secs) => Ok(Some(std::time::Duration::from_secs(secs))),
+        _ => Err(Error::invalid_request(format!(
+            "{what} must be a whole number of seconds from 1 to {max}"
+        ))
+        .into()),
+    }
 }
 
 async fn create_snapshot(
@@ -357,7 +383,10 @@ async fn create_snapshot(
 ) -> ApiResult<Response> {
     let body: CreateBody = json_body(body)?;
     let overwrite = query.get("overwrite").is_some_and(|v| v == "true");
-    let request = NewSnapshot::parse(&body.sandbox_id, &body.name)?.overwrite(overwrite);
+    let mut request = NewSnapshot::parse(&body.sandbox_id, &body.name)?.overwrite(overwrite);
+    if let Some(ttl) = retention_seconds("ttl_seconds", body.ttl_seconds.as_ref())? {
+        request = request.ttl(ttl);
+    }
     // The manager runs the snapshot on its own task: a client that goes
     // away does not abort it, and its result is recorded either way.
     if caller.team().is_platform() {
