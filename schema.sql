@@ -275,6 +275,36 @@ CREATE INDEX templates_quota ON templates (team_id, size_bytes)
 
 -- migration: 8
 
+-- Retention (SPEC §8). A template's `expires_at` (NULL: never) is set by
+-- its create: the create's own TTL, else its team's `default_ttl`. The
+-- background worker deletes what a policy selects through the ordinary
+-- delete; platform templates never.
+ALTER TABLE templates ADD COLUMN expires_at INTEGER;
+
+-- A team's retention policy, in seconds; NULL is off. A team without any
+-- has no row.
+CREATE TABLE team_retention (
+    team_id               BLOB    NOT NULL PRIMARY KEY CHECK (length(team_id) = 16),
+    default_ttl           INTEGER CHECK (default_ttl IS NULL OR default_ttl > 0),
+    delete_unused_after   INTEGER CHECK (delete_unused_after IS NULL OR delete_unused_after > 0),
+    keep_last_per_sandbox INTEGER CHECK (keep_last_per_sandbox IS NULL OR keep_last_per_sandbox > 0),
+    updated_at            INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+
+-- What the sweep selects, each from an index of its own, so that a pass
+-- reads only what is due: expired templates (few rows carry a TTL) ...
+CREATE INDEX templates_expiry ON templates (expires_at)
+    WHERE state = 'ready' AND expires_at IS NOT NULL;
+-- ... a team's snapshots by when they were last used (or created) ...
+CREATE INDEX templates_unused ON templates (team_id, coalesce(last_used_at, created_at))
+    WHERE type = 'snapshot' AND state = 'ready';
+-- ... and a team's snapshots of each source sandbox, newest first.
+CREATE INDEX templates_by_source
+    ON templates (team_id, source_sandbox_id, created_at DESC, id DESC)
+    WHERE type = 'snapshot' AND state = 'ready';
+
+-- migration: 9
+
 -- Requests remembered for their idempotency key or because they run
 -- asynchronously (SPEC §8), keyed by their journal entry's operation id.
 -- Written in the transaction that opens the operation and given its

@@ -288,6 +288,34 @@ CREATE INDEX templates_quota ON templates (team_id, size_bytes)
 
 -- migration: 4
 
+-- Retention (SPEC §8), as schema.sql's section 8. A template's
+-- `expires_at` (NULL: never) is set by its create: the create's own TTL,
+-- else its team's `default_ttl`. Every replica's worker sweeps; each batch
+-- locks what it selects (`FOR UPDATE SKIP LOCKED`) and checks it is still
+-- ready, so that no template is deleted or audited twice.
+ALTER TABLE templates ADD COLUMN expires_at BIGINT;
+
+-- A team's retention policy, in seconds; NULL is off. A team without any
+-- has no row.
+CREATE TABLE team_retention (
+    team_id               BYTEA   NOT NULL PRIMARY KEY CHECK (octet_length(team_id) = 16),
+    default_ttl           BIGINT  CHECK (default_ttl IS NULL OR default_ttl > 0),
+    delete_unused_after   BIGINT  CHECK (delete_unused_after IS NULL OR delete_unused_after > 0),
+    keep_last_per_sandbox BIGINT  CHECK (keep_last_per_sandbox IS NULL OR keep_last_per_sandbox > 0),
+    updated_at            BIGINT  NOT NULL
+);
+
+-- What the sweep selects, each from an index of its own (see schema.sql).
+CREATE INDEX templates_expiry ON templates (expires_at)
+    WHERE state = 'ready' AND expires_at IS NOT NULL;
+CREATE INDEX templates_unused ON templates (team_id, (coalesce(last_used_at, created_at)))
+    WHERE type = 'snapshot' AND state = 'ready';
+CREATE INDEX templates_by_source
+    ON templates (team_id, source_sandbox_id, created_at DESC, id DESC)
+    WHERE type = 'snapshot' AND state = 'ready';
+
+-- migration: 5
+
 -- Requests remembered for their idempotency key or because they run
 -- asynchronously (SPEC §8), keyed by their journal entry's operation id.
 -- Written in the transaction that opens the operation and given its

@@ -37,6 +37,13 @@ use crate::store::{CreateOp, Deletion, Destroy, InHand, Phase, RestoreOp};
 /// Most deletions claimed per round.
 const BATCH: u32 = 64;
 
+/// Most templates one retention batch (one store transaction) deletes.
+const RETENTION_BATCH: u32 = 100;
+
+/// Most retention batches per pass; past them, the next pass goes on at
+/// once (and claims the files of what this one deleted meanwhile).
+const RETENTION_BATCHES: u32 = 10;
+
 /// Size of the in-memory backoff table at which lapsed entries are dropped.
 const HELD_BACK_PRUNE: usize = 1024;
 
@@ -222,6 +229,9 @@ pub(crate) fn spawn(inner: Weak<Engine>) -> tokio::task::JoinHandle<()> {
                     idle_backoff(&strong.options, idle)
                 }
             };
+            // The pass ran the retention sweep if it was due: it is due
+            // again after the interval (or a backoff).
+            sleep = sleep.min(strong.retention_wait());
             if let Some(options) = strong.options.orphan_sweep.clone() {
                 match strong.sweep_due(options.interval) {
                     Some(wait) => sleep = sleep.min(wait),
@@ -401,6 +411,9 @@ async fn dispatch(inner: &Arc<Engine>, wait: bool) -> Result<Dispatched> {
         ),
         Err(err) => tracing::warn!(error = ?err, "cannot adopt lapsed instances' operations"),
     }
+    // Before anything that can fail the pass: a sweep that is due and
+    // never runs would keep the worker awake.
+    apply_retention(inner, now, wait).await;
     let me = inner.instance;
     let started = inner
         .store
@@ -526,6 +539,47 @@ async fn dispatch(inner: &Arc<Engine>, wait: bool) -> Result<Dispatched> {
         hosts: count,
         report,
     })
+}
+
+/// The retention sweep (SPEC §8), when it is due or `force`d (an explicit
+/// pass): batches of at most [`RETENTION_BATCH`] templates, one store
+/// transaction each, until one comes back short, yielding between them,
+/// at most [`RETENTION_BATCHES`] per pass. What it deletes is queued like
+/// any delete, due at `now`, so this very pass claims the files. A failing
+/// store backs the sweep off (never past its interval); it never spins.
+async fn apply_retention(inner: &Arc<Engine>, now: Timestamp, force: bool) {
+    if !force && !inner.retention_wait().is_zero() {
+        return;
+    }
+    let mut deleted = 0u32;
+    let mut outcome = Ok(true);
+    for round in 0..RETENTION_BATCHES {
+        if round > 0 {
+            tokio::task::yield_now().await;
+        }
+        match inner.store.sweep_retention(now, RETENTION_BATCH).await {
+            Ok(n) => {
+                deleted = deleted.saturating_add(n);
+                if n < RETENTION_BATCH {
+                    outcome = Ok(false);
+                    break;
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = ?err, "retention sweep failed; will retry");
+                outcome = Err(err);
+                break;
+            }
+        }
+    }
+    if deleted > 0 {
+        tracing::info!(deleted, "retention: snapshots deleted");
+    }
+    let more = matches!(outcome, Ok(true));
+    inner.retention_ran(outcome);
+    if more {
+        inner.wake.notify_one();
+    }
 }
 
 /// Runs the background work that is due now, once, and waits for it.

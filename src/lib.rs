@@ -146,12 +146,12 @@ pub use ids::{
 };
 pub use janitor::{SweepReport, WorkerStats};
 pub use manager::{
-    Deleted, ListQuery, MAX_MEMORY_MB, MAX_PAGE_SIZE, MAX_VCPUS, Manager, ManagerOptions,
+    Deleted, ListQuery, MAX_MEMORY_MB, MAX_PAGE_SIZE, MAX_TTL, MAX_VCPUS, Manager, ManagerOptions,
     NewSnapshot, Page, Placement, ResolvedOperation, RestoreRequest, SnapshotManager, SweepOptions,
 };
 pub use model::{
-    Actor, Caller, Host, HostStatus, Sandbox, SandboxStatus, TeamLimits, Template, TemplateState,
-    TemplateType, Timestamp, Usage,
+    Actor, Caller, Host, HostStatus, RetentionPolicy, Sandbox, SandboxStatus, TeamLimits, Template,
+    TemplateState, TemplateType, Timestamp, Usage,
 };
 pub use names::{NameError, TemplateName};
 pub use operation::{

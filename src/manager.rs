@@ -49,6 +49,7 @@ pub struct NewSnapshot {
     generated_name: bool,
     overwrite: bool,
     idempotency_key: Option<IdempotencyKey>,
+    ttl: Option<Duration>,
 }
 
 impl NewSnapshot {
@@ -61,6 +62,7 @@ impl NewSnapshot {
             name: name.unwrap_or_else(TemplateName::generate),
             overwrite: false,
             idempotency_key: None,
+            ttl: None,
         }
     }
 
@@ -107,11 +109,22 @@ impl NewSnapshot {
             self.name.as_str()
         };
         format!(
-            "lib {} {} {name} overwrite={}",
+            "lib {} {} {name} overwrite={} ttl={:?}",
             OperationKind::SnapshotCreate.as_str(),
             self.sandbox_id,
-            self.overwrite
+            self.overwrite,
+            self.ttl.map(|t| t.as_millis())
         )
+    }
+
+    /// Delete the snapshot `ttl` after the create begins (SPEC §8
+    /// "Retention"): the template's `expires_at`, after which the
+    /// background worker deletes it. Whole seconds, from 1 s to
+    /// [`MAX_TTL`]; the create fails with `invalid_request` otherwise.
+    /// Without it the team's default TTL applies, if it has one.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
     }
 
     /// The sandbox to snapshot.
@@ -123,6 +136,21 @@ impl NewSnapshot {
     pub fn name(&self) -> &TemplateName {
         &self.name
     }
+}
+
+/// Longest TTL, default TTL or `delete_unused_after` (10 years).
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Checks a retention duration (`what` names it in the message): whole
+/// seconds from 1 s to [`MAX_TTL`].
+pub(crate) fn check_retention_duration(what: &str, d: Duration) -> Result<()> {
+    if d.subsec_nanos() != 0 || d.as_secs() < 1 || d > MAX_TTL {
+        return Err(Error::invalid_request(format!(
+            "{what} must be a whole number of seconds from 1 to {}",
+            MAX_TTL.as_secs()
+        )));
+    }
+    Ok(())
 }
 
 /// Most vCPUs a restore may ask for.
@@ -508,6 +536,7 @@ impl Manager {
                 janitor: Mutex::new(None),
                 last_sweep: Mutex::new(None),
                 last_purge: Mutex::new(None),
+                retention: Mutex::new(crate::engine::RetentionClock::default()),
                 worker: crate::engine::WorkerState::default(),
                 _lock: lock,
             }),
@@ -550,6 +579,52 @@ impl Manager {
             .await?;
         tracing::info!(%team, ?limits, "team quotas set");
         self.inner.store.team_usage(team).await
+    }
+
+    /// Sets `team`'s retention policy (administrators; replacing an
+    /// earlier one, `RetentionPolicy::new()` turns it off): the default
+    /// TTL of creates that carry none (templates created before keep
+    /// theirs), and which snapshots the background worker deletes —
+    /// unused for `delete_unused_after`, or beyond the newest
+    /// `keep_last_per_sandbox` of one source sandbox. Durations are whole
+    /// seconds from 1 s to [`MAX_TTL`], the count at least 1
+    /// (`invalid_request` otherwise). Answers the policy as stored.
+    /// Platform templates are never deleted by retention.
+    pub async fn set_team_retention(
+        &self,
+        caller: &Caller,
+        team: crate::ids::TeamId,
+        policy: crate::model::RetentionPolicy,
+    ) -> Result<crate::model::RetentionPolicy> {
+        if !caller.is_admin() {
+            return Err(Error::forbidden(
+                "only administrators may set retention policies",
+            ));
+        }
+        if let Some(d) = policy.default_ttl {
+            check_retention_duration("default_ttl_seconds", d)?;
+        }
+        if let Some(d) = policy.delete_unused_after {
+            check_retention_duration("delete_unused_after", d)?;
+        }
+        if policy.keep_last_per_sandbox == Some(0) {
+            return Err(Error::invalid_request(
+                "keep_last_per_sandbox must be at least 1",
+            ));
+        }
+        self.inner
+            .store
+            .set_team_retention(team, policy, Timestamp::now())
+            .await?;
+        tracing::info!(%team, ?policy, "team retention policy set");
+        // A policy may select work at once.
+        self.inner.wake_retention();
+        self.inner.store.team_retention(team).await
+    }
+
+    /// The caller's team's retention policy (SPEC §8).
+    pub async fn retention(&self, caller: &Caller) -> Result<crate::model::RetentionPolicy> {
+        self.inner.store.team_retention(caller.team()).await
     }
 
     /// Sandboxes queued for destruction on their hosts (restores that
@@ -994,6 +1069,9 @@ impl Manager {
                     "only administrators may create platform templates",
                 ));
             }
+            if let Some(ttl) = snapshot.ttl {
+                check_retention_duration("ttl", ttl)?;
+            }
             let fingerprint = how
                 .fingerprint
                 .clone()
@@ -1012,6 +1090,7 @@ impl Manager {
                 sandbox_id: snapshot.sandbox_id,
                 name: snapshot.name,
                 overwrite: snapshot.overwrite,
+                ttl: snapshot.ttl,
                 operation_id,
                 request,
             };

@@ -217,6 +217,11 @@ pub struct Template {
     pub compat: Option<crate::agent::HostInfo>,
     /// When a sandbox was last restored from it.
     pub last_used_at: Option<Timestamp>,
+    /// When retention deletes it (SPEC §8): its create's TTL (or its
+    /// team's default TTL), counted from when the create began. `None`:
+    /// never. Platform templates are never deleted by retention, whatever
+    /// this says.
+    pub expires_at: Option<Timestamp>,
 }
 
 impl Template {
@@ -354,4 +359,60 @@ pub struct Usage {
     pub bytes: u64,
     /// The limits that apply.
     pub limits: TeamLimits,
+}
+
+/// A team's retention policy (SPEC §8); `None` is off. The background
+/// worker deletes what it selects through the ordinary delete, audited as
+/// the system. Platform templates are never selected.
+///
+/// ```
+/// use std::time::Duration;
+/// use sandbox_snapshots::RetentionPolicy;
+///
+/// let policy = RetentionPolicy::new()
+///     .default_ttl(Duration::from_secs(7 * 24 * 3600))
+///     .keep_last_per_sandbox(3);
+/// assert_eq!(policy.delete_unused_after, None);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RetentionPolicy {
+    /// The TTL of a create that carries none (whole seconds).
+    pub default_ttl: Option<std::time::Duration>,
+    /// Snapshots not restored from for this long (counted from their
+    /// creation when never restored) are deleted (whole seconds).
+    pub delete_unused_after: Option<std::time::Duration>,
+    /// Only the newest this many snapshots taken from one source sandbox
+    /// are kept.
+    pub keep_last_per_sandbox: Option<u32>,
+}
+
+impl RetentionPolicy {
+    /// A policy with everything off.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Creates without a TTL of their own get `ttl`.
+    pub fn default_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.default_ttl = Some(ttl);
+        self
+    }
+
+    /// Snapshots unused for `after` are deleted.
+    pub fn delete_unused_after(mut self, after: std::time::Duration) -> Self {
+        self.delete_unused_after = Some(after);
+        self
+    }
+
+    /// Only the newest `n` snapshots of each source sandbox are kept.
+    pub fn keep_last_per_sandbox(mut self, n: u32) -> Self {
+        self.keep_last_per_sandbox = Some(n);
+        self
+    }
+
+    /// Whether every part is off.
+    pub fn is_off(&self) -> bool {
+        *self == Self::default()
+    }
 }

@@ -244,6 +244,8 @@ struct TemplateJson {
     compat: Option<crate::agent::HostInfo>,
     #[serde(default)]
     last_used_at: Option<i64>,
+    #[serde(default)]
+    expires_at: Option<i64>,
 }
 
 /// A created template as its operation's outcome.
@@ -262,6 +264,7 @@ pub(crate) fn encode_template(t: &Template) -> String {
         hosts: t.hosts,
         compat: t.compat.clone(),
         last_used_at: t.last_used_at.map(Timestamp::unix_millis),
+        expires_at: t.expires_at.map(Timestamp::unix_millis),
     };
     serde_json::to_string(&json).unwrap_or_else(|_| "null".to_owned())
 }
@@ -282,6 +285,7 @@ fn decode_template(text: &str) -> Option<Template> {
         hosts: j.hosts,
         compat: j.compat,
         last_used_at: j.last_used_at.map(Timestamp::from_unix_millis),
+        expires_at: j.expires_at.map(Timestamp::from_unix_millis),
     })
 }
 
@@ -430,6 +434,7 @@ mod tests {
             hosts: 1,
             compat: None,
             last_used_at: Some(Timestamp::from_unix_millis(5)),
+            expires_at: Some(Timestamp::from_unix_millis(9)),
         };
         assert_eq!(
             decode_template(&encode_template(&template)).as_ref(),
@@ -437,6 +442,7 @@ mod tests {
         );
         template.source_sandbox = None;
         template.last_used_at = None;
+        template.expires_at = None;
         assert_eq!(
             decode_template(&encode_template(&template)).as_ref(),
             Some(&template)

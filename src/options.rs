@@ -54,6 +54,10 @@ pub struct ManagerOptions {
     pub janitor_interval: Duration,
     /// Whether to run the background worker. Default true.
     pub run_janitor: bool,
+    /// How often the background worker applies the teams' retention
+    /// policies and TTLs (SPEC §8): what they select is deleted at most
+    /// this long after it is due. Default 60 s.
+    pub retention_interval: Duration,
     /// The background orphan sweep; off (`None`) by default.
     pub orphan_sweep: Option<SweepOptions>,
     /// Which hosts may restore which snapshots. Default
@@ -114,6 +118,7 @@ impl Default for ManagerOptions {
             retry_max: Duration::from_secs(300),
             janitor_interval: Duration::from_secs(30),
             run_janitor: true,
+            retention_interval: Duration::from_secs(60),
             orphan_sweep: None,
             compat_policy: std::sync::Arc::new(crate::DefaultCompatPolicy),
             request_retention: Duration::from_secs(24 * 60 * 60),

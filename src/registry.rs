@@ -262,6 +262,7 @@ impl Registry {
             hosts: u32::try_from(template.hosts.len()).unwrap_or(u32::MAX),
             compat: template.compat,
             last_used_at: None,
+            expires_at: None,
         };
         let hosts = template.hosts;
         self.store

@@ -789,7 +789,7 @@ fn error_schema_lists_every_error_code() {
         );
     }
 
-    // The template object of SPEC §3, with §7's additions.
+    // The template object of SPEC §3, with §7's and §8's additions.
     let template = component(&doc, "Template");
     assert_eq!(
         template["required"],
@@ -823,7 +823,8 @@ fn error_schema_lists_every_error_code() {
             "state",
             "hosts",
             "compat",
-            "last_used_at"
+            "last_used_at",
+            "expires_at"
         ])
     );
     assert_eq!(
@@ -2051,4 +2052,245 @@ async fn asynchronous_and_idempotent_answers_match_the_documented_schemas() {
         assert_eq!(reply.status, status);
         check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
     }
+}
+
+/// Retention over HTTP (SPEC §8): `PUT /v1/admin/teams/{team_id}/retention`
+/// answers the policy (200), refuses bad values (400) and team keys (403);
+/// `ttl_seconds` on a create is validated and shows as `expires_at`, as is
+/// the team's default TTL; every body matches the document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_is_set_and_shown_as_documented() {
+    let doc = document();
+    let ops = operations(&doc);
+    let server = Server::start().await;
+    let host = server.host.to_string();
+    let reply = server
+        .admin(
+            "post",
+            "/v1/admin/hosts",
+            Some(&json!({ "id": host, "address": "in-process" })),
+        )
+        .await;
+    assert_eq!(reply.status, 201);
+    let (team, key) = server.team_key().await;
+    let sb = SandboxId::new();
+    server.agent.add_sandbox(sb, "running", 1, 64);
+    let body = json!({ "id": sb.to_string(), "team_id": team.to_string(), "host_id": host,
+                       "status": "running", "vcpus": 1, "memory_mb": 64 });
+    let reply = server
+        .admin("post", "/v1/admin/sandboxes", Some(&body))
+        .await;
+    assert_eq!(reply.status, 201);
+    let create = |name: &str, extra: Value| {
+        let mut body = json!({ "sandbox_id": sb.to_string(), "name": name });
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let path = "/v1/admin/teams/{team_id}/retention";
+    let retention = format!("/v1/admin/teams/{team}/retention");
+
+    // ttl_seconds: out of range or not an integer → 400, nothing created.
+    let calls = server
+        .agent
+        .calls(sandbox_snapshots::agent::AgentOp::CreateSnapshot);
+    for bad in [
+        json!(0),
+        json!(-5),
+        json!(1.5),
+        json!("60"),
+        json!(315_360_001u64),
+    ] {
+        let reply = server
+            .send(
+                "post",
+                "/v1/snapshots",
+                Some(&key),
+                Some(&create("bad-ttl", json!({ "ttl_seconds": bad }))),
+            )
+            .await;
+        assert_eq!(reply.status, 400, "ttl_seconds {bad}");
+        let error = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
+        assert_eq!(error["error"]["code"], "invalid_request", "{bad}");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("ttl_seconds"),
+            "{error}"
+        );
+    }
+    assert_eq!(
+        server
+            .agent
+            .calls(sandbox_snapshots::agent::AgentOp::CreateSnapshot),
+        calls,
+        "no host called for a bad ttl_seconds"
+    );
+
+    // Without a TTL and without a policy: no expires_at.
+    let reply = server
+        .send(
+            "post",
+            "/v1/snapshots",
+            Some(&key),
+            Some(&create("forever", json!({}))),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let forever = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
+    assert!(forever.get("expires_at").is_none(), "{forever}");
+
+    // An explicit TTL: expires_at about an hour ahead.
+    let reply = server
+        .send(
+            "post",
+            "/v1/snapshots",
+            Some(&key),
+            Some(&create("hour", json!({ "ttl_seconds": 3600 }))),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let hour = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
+    assert_expires_in(&hour, 3600);
+    let reply = server
+        .send("get", "/v1/snapshots/hour", Some(&key), None)
+        .await;
+    let got = check_reply(&doc, &ops, "get", "/v1/snapshots/{name}", &reply);
+    assert_eq!(got["expires_at"], hour["expires_at"]);
+
+    // The policy: 200 with what was stored; absent fields are off.
+    let reply = server
+        .admin(
+            "put",
+            &retention,
+            Some(
+                &json!({ "default_ttl_seconds": 7200, "keep_last_per_sandbox": 50,
+                          "delete_unused_after": null }),
+            ),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let policy = check_reply(&doc, &ops, "put", path, &reply);
+    assert_eq!(
+        policy,
+        json!({ "default_ttl_seconds": 7200, "delete_unused_after": null,
+                "keep_last_per_sandbox": 50 })
+    );
+    // The default TTL applies to a create without one ...
+    let reply = server
+        .send(
+            "post",
+            "/v1/snapshots",
+            Some(&key),
+            Some(&create("default", json!({}))),
+        )
+        .await;
+    assert_eq!(reply.status, 201);
+    let default = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
+    assert_expires_in(&default, 7200);
+    // ... and a create's own TTL overrides it.
+    let reply = server
+        .send(
+            "post",
+            "/v1/snapshots",
+            Some(&key),
+            Some(&create("own", json!({ "ttl_seconds": 60 }))),
+        )
+        .await;
+    assert_eq!(reply.status, 201);
+    let own = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
+    assert_expires_in(&own, 60);
+
+    // Bad values → 400, and the stored policy is unchanged.
+    for bad in [
+        json!({ "default_ttl_seconds": 0 }),
+        json!({ "default_ttl_seconds": "1h" }),
+        json!({ "delete_unused_after": -1 }),
+        json!({ "delete_unused_after": 315_360_001u64 }),
+        json!({ "keep_last_per_sandbox": 0 }),
+        json!({ "keep_last_per_sandbox": 2.5 }),
+        json!({ "keep_last_per_sandbox": 4_294_967_296u64 }),
+    ] {
+        let reply = server.admin("put", &retention, Some(&bad)).await;
+        assert_eq!(reply.status, 400, "{bad}");
+        let error = check_reply(&doc, &ops, "put", path, &reply);
+        assert_eq!(error["error"]["code"], "invalid_request", "{bad}");
+        let field = bad.as_object().unwrap().keys().next().unwrap().clone();
+        assert!(
+            error["error"]["message"].as_str().unwrap().contains(&field),
+            "{error}"
+        );
+    }
+    let reply = server
+        .admin("put", "/v1/admin/teams/team-x/retention", Some(&json!({})))
+        .await;
+    assert_eq!(reply.status, 400);
+    check_reply(&doc, &ops, "put", path, &reply);
+    // A team key may not set a policy, not even its own team's.
+    let reply = server
+        .send(
+            "put",
+            &retention,
+            Some(&key),
+            Some(&json!({ "default_ttl_seconds": 1 })),
+        )
+        .await;
+    assert_eq!(reply.status, 403);
+    let error = check_reply(&doc, &ops, "put", path, &reply);
+    assert_eq!(error["error"]["code"], "forbidden");
+    // The refused requests changed nothing: the default TTL still holds.
+    let reply = server
+        .send(
+            "post",
+            "/v1/snapshots",
+            Some(&key),
+            Some(&create("still-default", json!({}))),
+        )
+        .await;
+    assert_eq!(reply.status, 201);
+    let still = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
+    assert_expires_in(&still, 7200);
+    // An empty body turns it off.
+    let reply = server.admin("put", &retention, Some(&json!({}))).await;
+    assert_eq!(reply.status, 200);
+    let off = check_reply(&doc, &ops, "put", path, &reply);
+    assert_eq!(
+        off,
+        json!({ "default_ttl_seconds": null, "delete_unused_after": null,
+                "keep_last_per_sandbox": null })
+    );
+}
+
+/// `template["expires_at"]` is `secs` from about now (RFC 3339 with second
+/// precision: a few seconds of slack either way).
+fn assert_expires_in(template: &Value, secs: i64) {
+    let at = |delta_ms: i64| {
+        sandbox_snapshots::Timestamp::from_unix_millis(
+            sandbox_snapshots::Timestamp::now().unix_millis() + secs * 1000 + delta_ms,
+        )
+        .to_rfc3339()
+    };
+    let expires = template["expires_at"].as_str().unwrap_or_default();
+    // Same format throughout: the text order is the time order.
+    assert!(
+        at(-10_000).as_str() <= expires && expires <= at(1_000).as_str(),
+        "expires_at {expires:?} is not {secs} s from now: {template}"
+    );
 }

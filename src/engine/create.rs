@@ -43,6 +43,8 @@ pub(crate) struct CreateRequest {
     pub(crate) operation_id: OperationId,
     /// The request to remember with it, if any.
     pub(crate) request: Option<RequestRecord>,
+    /// The create's own TTL (validated); `None`: the team's default.
+    pub(crate) ttl: Option<std::time::Duration>,
 }
 
 pub(crate) async fn run_create(
@@ -65,6 +67,7 @@ pub(crate) async fn run_create(
         owner: inner.instance,
         lease_until: after(now, inner.create_lease()),
         request: snapshot.request,
+        expires_at: snapshot.ttl.map(|ttl| after(now, ttl)),
     };
     let op = match inner.store.begin_create(input, now).await {
         Ok((op, _sandbox)) => op,

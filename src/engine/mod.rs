@@ -49,10 +49,20 @@ pub(crate) struct Engine {
     pub(crate) last_sweep: Mutex<Option<tokio::time::Instant>>,
     /// When remembered requests were last purged.
     pub(crate) last_purge: Mutex<Option<tokio::time::Instant>>,
+    /// When the retention sweep is due next.
+    pub(crate) retention: Mutex<RetentionClock>,
     /// What the background worker keeps in memory between passes.
     pub(crate) worker: WorkerState,
     /// SQLite's one-process lock (none on PostgreSQL).
     pub(crate) _lock: Option<DbLock>,
+}
+
+/// When the retention sweep is due next (`None`: now), and how many of
+/// its runs in a row failed (it then backs off).
+#[derive(Debug, Default)]
+pub(crate) struct RetentionClock {
+    pub(crate) next: Option<tokio::time::Instant>,
+    pub(crate) failures: u32,
 }
 
 pub(crate) fn lock_unpoisoned<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -145,6 +155,39 @@ fn due(last: &Mutex<Option<tokio::time::Instant>>, interval: Duration) -> Option
 }
 
 impl Engine {
+    /// How long until the retention sweep is due (zero: now).
+    pub(crate) fn retention_wait(&self) -> Duration {
+        let clock = lock_unpoisoned(&self.retention);
+        clock.next.map_or(Duration::ZERO, |at| {
+            at.saturating_duration_since(tokio::time::Instant::now())
+        })
+    }
+
+    /// Makes the retention sweep due at once (a policy changed) and wakes
+    /// the worker.
+    pub(crate) fn wake_retention(&self) {
+        lock_unpoisoned(&self.retention).next = None;
+        self.wake.notify_one();
+    }
+
+    /// Records how a retention sweep ended: done (next after the
+    /// interval), more due (at once), or failed (after a backoff).
+    pub(crate) fn retention_ran(&self, outcome: Result<bool>) {
+        let mut clock = lock_unpoisoned(&self.retention);
+        let interval = self.options.retention_interval.max(MIN_RETRY);
+        let wait = match outcome {
+            Ok(more) => {
+                clock.failures = 0;
+                if more { Duration::ZERO } else { interval }
+            }
+            Err(_) => {
+                clock.failures = clock.failures.saturating_add(1);
+                backoff(&self.options, clock.failures - 1).min(interval)
+            }
+        };
+        clock.next = Some(tokio::time::Instant::now() + wait);
+    }
+
     /// Runs `work` on a task that `shutdown` waits for.
     pub(crate) fn tasks_spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
         self.tasks.spawn(work.in_current_span());

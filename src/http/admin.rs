@@ -21,6 +21,7 @@ pub(super) fn routes() -> Router<ApiState> {
         .route("/v1/admin/teams", post(create_team))
         .route("/v1/admin/teams/{team_id}/keys", post(create_key))
         .route("/v1/admin/teams/{team_id}/limits", put(set_limits))
+        .route("/v1/admin/teams/{team_id}/retention", put(set_retention))
         .route("/v1/admin/hosts", get(list_hosts).post(register_host))
         .route("/v1/admin/hosts/{host_id}", patch(update_host))
         .route("/v1/admin/sandboxes", post(register_sandbox))
@@ -452,4 +453,56 @@ async fn set_limits(
         .set_team_limits(&platform_caller(&caller), team, limits)
         .await?;
     Ok(axum::Json(super::usage_json(&usage)).into_response())
+}
+
+#[derive(Deserialize)]
+struct RetentionBody {
+    /// Any JSON value each, checked for a clear 400.
+    default_ttl_seconds: Option<serde_json::Value>,
+    delete_unused_after: Option<serde_json::Value>,
+    keep_last_per_sandbox: Option<serde_json::Value>,
+}
+
+/// A team's retention policy as the API shows it (null: off).
+pub(super) fn retention_json(p: &crate::model::RetentionPolicy) -> serde_json::Value {
+    serde_json::json!({
+        "default_ttl_seconds": p.default_ttl.map(|d| d.as_secs()),
+        "delete_unused_after": p.delete_unused_after.map(|d| d.as_secs()),
+        "keep_last_per_sandbox": p.keep_last_per_sandbox,
+    })
+}
+
+/// `PUT /v1/admin/teams/{team_id}/retention`: null or absent is off.
+/// Answers the policy as stored.
+async fn set_retention(
+    State(state): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    PathParam(team_id): PathParam,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let team = parse_id(&team_id, "team_id", TeamId::parse)?;
+    let body: RetentionBody = json_body(body)?;
+    let mut policy = crate::model::RetentionPolicy::new();
+    policy.default_ttl =
+        super::retention_seconds("default_ttl_seconds", body.default_ttl_seconds.as_ref())?;
+    policy.delete_unused_after =
+        super::retention_seconds("delete_unused_after", body.delete_unused_after.as_ref())?;
+    if let Some(keep) = &body.keep_last_per_sandbox {
+        let n = keep
+            .as_u64()
+            .filter(|n| *n >= 1)
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| {
+                Error::invalid_request(format!(
+                    "keep_last_per_sandbox must be a whole number from 1 to {}",
+                    u32::MAX
+                ))
+            })?;
+        policy.keep_last_per_sandbox = Some(n);
+    }
+    let policy = state
+        .manager
+        .set_team_retention(&platform_caller(&caller), team, policy)
+        .await?;
+    Ok(axum::Json(retention_json(&policy)).into_response())
 }

@@ -138,6 +138,8 @@ pub(crate) struct TemplateBody {
     compat: Option<crate::agent::HostInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_used_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
 }
 
 impl From<&Template> for TemplateBody {
@@ -154,6 +156,7 @@ impl From<&Template> for TemplateBody {
             hosts: t.hosts,
             compat: t.compat.clone(),
             last_used_at: t.last_used_at.map(Timestamp::to_rfc3339),
+            expires_at: t.expires_at.map(Timestamp::to_rfc3339),
         }
     }
 }
@@ -350,6 +353,29 @@ struct CreateBody {
     sandbox_id: String,
     #[serde(default)]
     name: String,
+    /// Any JSON value, checked by [`retention_seconds`] for a clear 400.
+    #[serde(default)]
+    ttl_seconds: Option<serde_json::Value>,
+}
+
+/// A retention field of a request body (`what` names it): an integer
+/// number of seconds from 1 to `MAX_TTL`; the library checks the range
+/// again with the same message.
+pub(crate) fn retention_seconds(
+    what: &str,
+    value: Option<&serde_json::Value>,
+) -> ApiResult<Option<std::time::Duration>> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let max = crate::manager::MAX_TTL.as_secs();
+    match value.as_u64() {
+        Some(secs) if (1..=max).contains(&secs) => Ok(Some(std::time::Duration::from_secs(secs))),
+        _ => Err(Error::invalid_request(format!(
+            "{what} must be a whole number of seconds from 1 to {max}"
+        ))
+        .into()),
+    }
 }
 
 /// The header of SPEC §8's idempotency keys.
@@ -437,9 +463,9 @@ fn accepted(id: OperationId, kind: OperationKind) -> ApiResult<Response> {
 
 /// A submitted create's or restore's answer: its outcome (201 with
 /// `body`), a 202, or the first answer of a remembered request.
-fn submitted<T>(
+fn submitted<T, B: Serialize>(
     submitted: Submitted<T>,
-    body: impl Fn(&T) -> serde_json::Value,
+    body: impl Fn(&T) -> B,
     replayed: impl Fn(Operation) -> Option<T>,
 ) -> ApiResult<Response> {
     match submitted {
@@ -485,6 +511,9 @@ async fn create_snapshot(
     let body: CreateBody = json_body(body)?;
     let overwrite = query.get("overwrite").is_some_and(|v| v == "true");
     let mut request = NewSnapshot::parse(&body.sandbox_id, &body.name)?.overwrite(overwrite);
+    if let Some(ttl) = retention_seconds("ttl_seconds", body.ttl_seconds.as_ref())? {
+        request = request.ttl(ttl);
+    }
     if let Some(key) = key {
         request = request.idempotency_key(key);
     }
@@ -502,7 +531,7 @@ async fn create_snapshot(
     let replay = matches!(outcome, Submitted::Replay(_));
     Ok(submitted(
         outcome,
-        |t| serde_json::to_value(TemplateBody::from(t)).unwrap_or_default(),
+        |t: &Template| TemplateBody::from(t),
         |op| op.template,
     )
     .unwrap_or_else(|err| replayed_error(err, replay)))
@@ -548,12 +577,10 @@ async fn restore_sandbox(
         .submit_restore(&as_member(&caller), request, how)
         .await?;
     let replay = matches!(outcome, Submitted::Replay(_));
-    Ok(submitted(
-        outcome,
-        |s| serde_json::to_value(SandboxBody::from(s)).unwrap_or_default(),
-        |op| op.sandbox,
+    Ok(
+        submitted(outcome, |s: &Sandbox| SandboxBody::from(s), |op| op.sandbox)
+            .unwrap_or_else(|err| replayed_error(err, replay)),
     )
-    .unwrap_or_else(|err| replayed_error(err, replay)))
 }
 
 /// An operation object (SPEC §8): its state, and its template, sandbox or

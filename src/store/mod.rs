@@ -29,8 +29,8 @@ use crate::audit::AuditEntry;
 use crate::error::Result;
 use crate::ids::{ApiKeyId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId};
 use crate::model::{
-    Actor, Host, HostStatus, Sandbox, SandboxStatus, TeamLimits, Template, TemplateType, Timestamp,
-    Usage,
+    Actor, Host, HostStatus, RetentionPolicy, Sandbox, SandboxStatus, TeamLimits, Template,
+    TemplateType, Timestamp, Usage,
 };
 use crate::names::TemplateName;
 
@@ -197,6 +197,9 @@ pub(crate) struct CreateInput {
     /// The manager process that drives it: the journal entry names it, and
     /// other replicas adopt the entry only once its heartbeat lease ends.
     pub(crate) owner: InstanceId,
+    /// When the template expires by the create's own TTL; `None`: the
+    /// team's default TTL applies (read in the same transaction), if any.
+    pub(crate) expires_at: Option<Timestamp>,
     /// The request to remember with the journal entry (an idempotency key,
     /// or an asynchronous start), if any.
     pub(crate) request: Option<crate::operation::RequestRecord>,
@@ -808,6 +811,27 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     -> Result<()>;
     /// A team's usage and limits.
     async fn team_usage(&self, team: TeamId) -> Result<Usage>;
+    /// Sets a team's retention policy (replacing an earlier one; all off
+    /// removes it).
+    async fn set_team_retention(
+        &self,
+        team: TeamId,
+        policy: RetentionPolicy,
+        now: Timestamp,
+    ) -> Result<()>;
+    /// A team's retention policy (all off when it has none).
+    async fn team_retention(&self, team: TeamId) -> Result<RetentionPolicy>;
+    /// One batch of the retention sweep, in one transaction: up to `limit`
+    /// templates of type snapshot, `ready`, not the platform team's, that
+    /// a policy selects at `now` — expired (`ttl`), unused for the team's
+    /// `delete_unused_after`, or beyond the newest `keep_last_per_sandbox`
+    /// of their source sandbox — each deleted by id as `begin_delete`
+    /// does (invisible, name free, placements queued: due at `now` and
+    /// unleased, for the worker to claim) and audited as `snapshot.delete`
+    /// by the system with the policy in its metadata. Returns how many;
+    /// fewer than `limit`: nothing more is selected. Replicas sweeping at
+    /// once never select one template twice.
+    async fn sweep_retention(&self, now: Timestamp, limit: u32) -> Result<u32>;
 
     // -------------------------------------------------------- requests
 
@@ -864,6 +888,55 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// A live key by id.
     #[cfg_attr(not(feature = "server"), allow(dead_code))]
     async fn find_key(&self, id: ApiKeyId) -> Result<Option<KeyRecord>>;
+}
+
+/// The retention policies, as audited (`policy` in the metadata).
+pub(crate) mod policy {
+    pub(crate) const TTL: &str = "ttl";
+    pub(crate) const UNUSED: &str = "delete_unused_after";
+    pub(crate) const KEEP_LAST: &str = "keep_last_per_sandbox";
+}
+
+/// The audit entry of a template retention deletes (keyed by its id).
+pub(crate) fn retention_audit(
+    template: TemplateId,
+    team: TeamId,
+    mut metadata: serde_json::Value,
+    targets: &[Deletion],
+) -> crate::audit::NewAuditEntry {
+    let hosts: Vec<String> = targets.iter().map(|d| d.host.id.to_string()).collect();
+    metadata["hosts"] = serde_json::json!(hosts);
+    crate::audit::NewAuditEntry {
+        team,
+        actor: Actor::System,
+        action: crate::audit::actions::SNAPSHOT_DELETE,
+        resource_id: template.to_string(),
+        outcome: crate::audit::AuditOutcome::Success,
+        error_code: None,
+        metadata,
+    }
+}
+
+/// A retention duration as stored (whole seconds).
+pub(crate) fn retention_secs(d: Option<std::time::Duration>) -> Option<i64> {
+    d.map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// A retention policy from its stored columns.
+pub(crate) fn retention_from_columns(
+    default_ttl: Option<i64>,
+    delete_unused_after: Option<i64>,
+    keep_last_per_sandbox: Option<i64>,
+) -> RetentionPolicy {
+    let secs = |v: Option<i64>| {
+        v.and_then(|v| u64::try_from(v).ok())
+            .map(std::time::Duration::from_secs)
+    };
+    let mut policy = RetentionPolicy::new();
+    policy.default_ttl = secs(default_ttl);
+    policy.delete_unused_after = secs(delete_unused_after);
+    policy.keep_last_per_sandbox = keep_last_per_sandbox.and_then(|v| u32::try_from(v).ok());
+    policy
 }
 
 /// The 403 of a create over a team's quota, with usage and limit.

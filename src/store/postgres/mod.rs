@@ -27,6 +27,7 @@ mod policies;
 mod registry;
 mod requests;
 mod restores;
+mod retention;
 mod rows;
 mod templates;
 mod transactions;

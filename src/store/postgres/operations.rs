@@ -341,6 +341,7 @@ pub(super) async fn begin_create(
         lease_until,
         owner,
         request,
+        expires_at,
     } = input;
     let (team, sandbox_id, overwrite, template_id) = (*team, *sandbox_id, *overwrite, *template_id);
     // First: a request with the same key on another connection makes this
@@ -388,7 +389,8 @@ pub(super) async fn begin_create(
         (sandbox.status.as_str(), name.as_str(), opt_bytes(&replaces));
     let (vcpus, memory_mb) = (i64::from(sandbox.vcpus), i64::from(sandbox.memory_mb));
     let (kind, actor_name, lease_ms) = (actor.kind(), actor.name_text(), lease_until.unix_millis());
-    let params: [Param<'_>; 16] = [
+    let expires_ms = expires_at.map(Timestamp::unix_millis);
+    let params: [Param<'_>; 17] = [
         &template_bytes,
         &team_bytes,
         &name_text,
@@ -405,6 +407,7 @@ pub(super) async fn begin_create(
         &owner_bytes,
         &vcpus,
         &memory_mb,
+        &expires_ms,
     ];
     // The three writes are one statement: the sandbox CAS, and only if it
     // took, the `creating` row and the journal entry.
@@ -448,9 +451,11 @@ const BEGIN_CREATE_WRITES: &str = "WITH cas AS (
          RETURNING id
      ), creating AS (
          INSERT INTO templates (id, team_id, name, type, state, vcpus, memory_mb, size_bytes,
-                                source_sandbox_id, replaces, created_at, updated_at)
+                                source_sandbox_id, replaces, created_at, updated_at, expires_at)
          SELECT $1::bytea, $2::bytea, $3::text, 'snapshot', 'creating', $15::bigint,
-                $16::bigint, 0, $4::bytea, $7::bytea, $11::bigint, $11::bigint
+                $16::bigint, 0, $4::bytea, $7::bytea, $11::bigint, $11::bigint,
+                coalesce($17::bigint, $11::bigint + 1000 * (SELECT default_ttl FROM team_retention
+                                                            WHERE team_id = $2::bytea))
          FROM cas
          RETURNING id
      )
@@ -501,7 +506,7 @@ const FINISHED_COLS: &str =
     "id, team_id, name, type, vcpus, memory_mb, size_bytes, created_at, source_sandbox_id,
      state, (SELECT count(*) FROM placements p
              WHERE p.template_id = templates.id AND p.state = 'present' AND p.host_id <> $4) + 1,
-     compat, last_used_at";
+     compat, last_used_at, expires_at";
 
 const JOURNAL_FOR_UPDATE: &str = "SELECT phase FROM operations WHERE template_id = $1 FOR UPDATE";
 

@@ -227,7 +227,7 @@ pub(super) const TEMPLATE_COLS: &str =
     "id, team_id, name, type, vcpus, memory_mb, size_bytes, created_at, source_sandbox_id,
      state, (SELECT count(*) FROM placements p
              WHERE p.template_id = templates.id AND p.state = 'present'),
-     compat, last_used_at";
+     compat, last_used_at, expires_at";
 
 /// A `HostInfo` from its stored JSON; anything unreadable is unknown (as
 /// in SQLite).
@@ -256,6 +256,7 @@ pub(super) fn template_row(row: &Row) -> Result<Template, StoreError> {
         hosts: get_u32(row, 10)?,
         compat: get_host_info(row, 11)?,
         last_used_at: get::<Option<i64>>(row, 12)?.map(Timestamp::from_unix_millis),
+        expires_at: get::<Option<i64>>(row, 13)?.map(Timestamp::from_unix_millis),
     })
 }
 

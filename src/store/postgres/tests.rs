@@ -121,6 +121,7 @@ fn create_input(
         lease_until: later(now(), 60_000),
         owner,
         request: None,
+        expires_at: None,
     }
 }
 
@@ -788,6 +789,7 @@ fn template_record(
         hosts: 0,
         compat: None,
         last_used_at: None,
+        expires_at: None,
     }
 }
 

@@ -16,15 +16,16 @@ use async_trait::async_trait;
 
 use super::{PostgresStore, TxError, TxResult};
 use super::{
-    audit, keys, operations, placements, policies, registry, requests, restores, templates,
+    audit, keys, operations, placements, policies, registry, requests, restores, retention,
+    templates,
 };
 use crate::agent::HostInfo;
 use crate::audit::AuditEntry;
 use crate::error::{Error, Result};
 use crate::ids::{ApiKeyId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId};
 use crate::model::{
-    Actor, Host, HostStatus, Sandbox, SandboxStatus, TeamLimits, Template, TemplateType, Timestamp,
-    Usage,
+    Actor, Host, HostStatus, RetentionPolicy, Sandbox, SandboxStatus, TeamLimits, Template,
+    TemplateType, Timestamp, Usage,
 };
 use crate::names::TemplateName;
 use crate::store::{
@@ -548,6 +549,25 @@ impl Store for PostgresStore {
 
     async fn purge_requests(&self, now: Timestamp, limit: u32) -> Result<u64> {
         transaction!(self, |tx| requests::purge_requests(tx, now, limit))
+    }
+
+    async fn set_team_retention(
+        &self,
+        team: TeamId,
+        policy: RetentionPolicy,
+        now: Timestamp,
+    ) -> Result<()> {
+        transaction!(self, |tx| retention::set_team_retention(
+            tx, team, &policy, now
+        ))
+    }
+
+    async fn team_retention(&self, team: TeamId) -> Result<RetentionPolicy> {
+        read!(self, |db| retention::team_retention(db, team))
+    }
+
+    async fn sweep_retention(&self, now: Timestamp, limit: u32) -> Result<u32> {
+        transaction!(self, |tx| retention::sweep_retention(tx, now, limit))
     }
 
     async fn next_due(&self, me: InstanceId, in_hand: InHand) -> Result<Option<Timestamp>> {

@@ -11,8 +11,8 @@ use crate::audit::AuditEntry;
 use crate::error::Result;
 use crate::ids::{ApiKeyId, HostId, InstanceId, OperationId, SandboxId, TeamId, TemplateId};
 use crate::model::{
-    Actor, Host, HostStatus, Sandbox, SandboxStatus, TeamLimits, Template, TemplateType, Timestamp,
-    Usage,
+    Actor, Host, HostStatus, RetentionPolicy, Sandbox, SandboxStatus, TeamLimits, Template,
+    TemplateType, Timestamp, Usage,
 };
 use crate::names::TemplateName;
 use crate::store::{
@@ -389,6 +389,25 @@ impl Store for SqliteStore {
 
     async fn purge_requests(&self, now: Timestamp, limit: u32) -> Result<u64> {
         self.write(move |c| sql::purge_requests(c, now, limit))
+            .await
+    }
+
+    async fn set_team_retention(
+        &self,
+        team: TeamId,
+        policy: RetentionPolicy,
+        now: Timestamp,
+    ) -> Result<()> {
+        self.write(move |c| sql::set_team_retention(c, team, &policy, now))
+            .await
+    }
+
+    async fn team_retention(&self, team: TeamId) -> Result<RetentionPolicy> {
+        self.read(move |c| sql::team_retention(c, team)).await
+    }
+
+    async fn sweep_retention(&self, now: Timestamp, limit: u32) -> Result<u32> {
+        self.write(move |c| sql::sweep_retention(c, now, limit))
             .await
     }
 

@@ -13,6 +13,7 @@ mod policies;
 mod registry;
 mod requests;
 mod restores;
+mod retention;
 mod templates;
 
 pub(crate) use audit::*;
@@ -23,6 +24,7 @@ pub(crate) use policies::*;
 pub(crate) use registry::*;
 pub(crate) use requests::*;
 pub(crate) use restores::*;
+pub(crate) use retention::*;
 pub(crate) use templates::*;
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};

@@ -142,6 +142,7 @@ pub(crate) fn begin_create(
         lease_until,
         owner,
         request,
+        expires_at,
     } = input;
     let (team, sandbox_id, overwrite, template_id) = (*team, *sandbox_id, *overwrite, *template_id);
     // First: a request with the same key that began meanwhile is 409
@@ -190,8 +191,10 @@ pub(crate) fn begin_create(
     }
     conn.prepare_cached(
         "INSERT INTO templates (id, team_id, name, type, state, vcpus, memory_mb, size_bytes,
-                                source_sandbox_id, replaces, created_at, updated_at)
-         VALUES (?1, ?2, ?3, 'snapshot', 'creating', ?4, ?5, 0, ?6, ?7, ?8, ?8)",
+                                source_sandbox_id, replaces, created_at, updated_at, expires_at)
+         VALUES (?1, ?2, ?3, 'snapshot', 'creating', ?4, ?5, 0, ?6, ?7, ?8, ?8,
+                 coalesce(?9, ?8 + 1000 * (SELECT default_ttl FROM team_retention
+                                           WHERE team_id = ?2)))",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -202,7 +205,8 @@ pub(crate) fn begin_create(
             sandbox.memory_mb,
             sandbox_id,
             replaces,
-            now_ms
+            now_ms,
+            expires_at.map(Timestamp::unix_millis)
         ])
     })?;
     conn.prepare_cached(

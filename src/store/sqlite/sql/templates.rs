@@ -8,7 +8,7 @@ pub(super) const TEMPLATE_COLS: &str =
     "id, team_id, name, type, vcpus, memory_mb, size_bytes, created_at, source_sandbox_id,
      state, (SELECT count(*) FROM placements p
              WHERE p.template_id = templates.id AND p.state = 'present'),
-     compat, last_used_at";
+     compat, last_used_at, expires_at";
 
 /// A `HostInfo` from its stored JSON; anything unreadable is unknown.
 pub(super) fn host_info_col(
@@ -42,6 +42,9 @@ pub(super) fn template_row(row: &Row<'_>) -> rusqlite::Result<Template> {
         compat: host_info_col(row, 11)?,
         last_used_at: row
             .get::<_, Option<i64>>(12)?
+            .map(Timestamp::from_unix_millis),
+        expires_at: row
+            .get::<_, Option<i64>>(13)?
             .map(Timestamp::from_unix_millis),
     })
 }
