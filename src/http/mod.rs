@@ -441,11 +441,16 @@ fn accepted(id: OperationId, kind: OperationKind) -> ApiResult<Response> {
     let location = format!("/v1/operations/{id}");
     let mut response = (
         StatusCode::ACCEPTED,
-        axum::Json(serde_json::json!({
-            "operation_id": id.to_string(),
-            "kind": kind.as_str(),
-            "state": OperationState::Running.as_str(),
-        })),
+        axum::Json(OperationBody {
+            operation_id: id.to_string(),
+            kind: kind.as_str(),
+            state: OperationState::Running.as_str(),
+            created_at: None,
+            finished_at: None,
+            template: None,
+            sandbox: None,
+            error: None,
+        }),
     )
         .into_response();
     let headers = response.headers_mut();
@@ -585,27 +590,39 @@ async fn restore_sandbox(
 
 /// An operation object (SPEC §8): its state, and its template, sandbox or
 /// error once it ended.
-pub(crate) fn operation_json(op: &Operation) -> serde_json::Value {
-    let mut body = serde_json::json!({
-        "operation_id": op.id.to_string(),
-        "kind": op.kind.as_str(),
-        "state": op.state.as_str(),
-        "created_at": op.created_at.to_rfc3339(),
-    });
-    if let Some(at) = op.finished_at {
-        body["finished_at"] = at.to_rfc3339().into();
+#[derive(Serialize)]
+pub(crate) struct OperationBody<'a> {
+    operation_id: String,
+    kind: &'static str,
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    finished_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    template: Option<TemplateBody>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sandbox: Option<SandboxBody>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorDetail<'a>>,
+}
+
+impl<'a> From<&'a Operation> for OperationBody<'a> {
+    fn from(op: &'a Operation) -> Self {
+        Self {
+            operation_id: op.id.to_string(),
+            kind: op.kind.as_str(),
+            state: op.state.as_str(),
+            created_at: Some(op.created_at.to_rfc3339()),
+            finished_at: op.finished_at.map(Timestamp::to_rfc3339),
+            template: op.template.as_ref().map(TemplateBody::from),
+            sandbox: op.sandbox.as_ref().map(SandboxBody::from),
+            error: op.error.as_ref().map(|err| ErrorDetail {
+                code: err.code().as_str(),
+                message: err.message(),
+            }),
+        }
     }
-    if let Some(t) = &op.template {
-        body["template"] = serde_json::to_value(TemplateBody::from(t)).unwrap_or_default();
-    }
-    if let Some(s) = &op.sandbox {
-        body["sandbox"] = serde_json::to_value(SandboxBody::from(s)).unwrap_or_default();
-    }
-    if let Some(err) = &op.error {
-        body["error"] =
-            serde_json::json!({ "code": err.code().as_str(), "message": err.message() });
-    }
-    body
 }
 
 async fn get_operation(
@@ -616,7 +633,7 @@ async fn get_operation(
     // An id that does not parse is unknown like any other.
     let id = OperationId::parse(&id).map_err(|_| Error::not_found("operation not found"))?;
     let op = state.manager.operation(&caller, id).await?;
-    Ok(axum::Json(operation_json(&op)).into_response())
+    Ok(axum::Json(OperationBody::from(&op)).into_response())
 }
 
 async fn get_sandbox(
