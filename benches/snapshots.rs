@@ -27,6 +27,13 @@ use tokio::runtime::Runtime;
 
 type BenchResult<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+/// Whether this is a quick run (`SNAPSHOTS_BENCH_QUICK=1`, as CI runs it so
+/// that no case rots): small sizes and few iterations; the ratios of a quick
+/// run mean little, the cases only have to run.
+fn quick() -> bool {
+    std::env::var("SNAPSHOTS_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
 // ------------------------------------------------------------------ agents
 
 /// A host agent that does no VM work at all.
