@@ -34,6 +34,20 @@ fn quick() -> bool {
     std::env::var("SNAPSHOTS_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
+/// How long a rate is measured: 3 s, or 0.3 s in a quick run.
+fn budget() -> Duration {
+    if quick() {
+        Duration::from_millis(300)
+    } else {
+        Duration::from_secs(3)
+    }
+}
+
+/// `full` iterations, or `small` in a quick run.
+fn iterations(full: usize, small: usize) -> usize {
+    if quick() { small } else { full }
+}
+
 // ------------------------------------------------------------------ agents
 
 /// A host agent that does no VM work at all.
@@ -209,7 +223,7 @@ fn rate(budget: Duration, mut f: impl FnMut() -> BenchResult<()>) -> BenchResult
 /// Create+delete cycles, one task, against raw commits: a cycle needs four
 /// (create: journal + finish; delete: mark + confirm).
 fn cycle(rt: &Runtime, dir: &Path, sync: Synchronous) -> BenchResult<Row> {
-    let budget = Duration::from_secs(3);
+    let budget = budget();
     let ours = rt.block_on(async {
         let f = fleet(
             &dir.join(format!("cycle-{}", sync_pragma(sync))),
@@ -298,7 +312,7 @@ fn concurrent(rt: &Runtime, dir: &Path) -> BenchResult<Vec<Row>> {
 /// sandboxes for 3 s.
 async fn creates(f: Fleet) -> BenchResult<Creates> {
     const TASKS: usize = 64;
-    let budget = Duration::from_secs(3);
+    let budget = budget();
     {
         let f = Arc::new(f);
         // One task, sequential creates.
@@ -470,7 +484,7 @@ mod pg {
     }
 
     pub(super) fn cases(rt: &Runtime, base: &str) -> BenchResult<Vec<Row>> {
-        let budget = Duration::from_secs(3);
+        let budget = budget();
         rt.block_on(async {
             // The cycle: four commits (create: journal + finish; delete:
             // mark + confirm).
@@ -518,10 +532,16 @@ mod pg {
 
 // --------------------------------------------------------- the big store
 
-const TEAMS: usize = 1000;
-const BIG_TEAM: usize = 10_000;
-const PER_TEAM: usize = 990;
-const PLATFORM: usize = 100;
+/// The big store's shape: (teams, the big team's templates, the other
+/// teams' templates each, platform templates). About a million templates;
+/// a quick run uses a store of about 3,000.
+fn shape() -> (usize, usize, usize, usize) {
+    if quick() {
+        (20, 1_000, 99, 100)
+    } else {
+        (1000, 10_000, 990, 100)
+    }
+}
 
 fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-fixtures")
@@ -533,9 +553,10 @@ fn fixture_dir() -> PathBuf {
 fn big_store(rt: &Runtime) -> BenchResult<(PathBuf, TeamId)> {
     let dir = fixture_dir();
     std::fs::create_dir_all(&dir)?;
-    let db = dir.join("million.db");
+    let (teams, big_team, per_team, platform) = shape();
+    let db = dir.join(if quick() { "quick.db" } else { "million.db" });
     let big = TeamId::from_uuid(uuid::Uuid::from_u128(0xb16));
-    let expected = (BIG_TEAM + (TEAMS - 1) * PER_TEAM + PLATFORM) as i64;
+    let expected = (big_team + (teams - 1) * per_team + platform) as i64;
     if db.exists() {
         let conn = Connection::open(&db)?;
         let n: i64 = conn
@@ -581,10 +602,10 @@ fn big_store(rt: &Runtime) -> BenchResult<(PathBuf, TeamId)> {
             }
             Ok(())
         };
-        add(uuid::Uuid::nil(), PLATFORM, "base")?;
-        add(big.as_uuid(), BIG_TEAM, "snapshot")?;
-        for t in 1..TEAMS {
-            add(uuid::Uuid::from_u128(t as u128), PER_TEAM, "snapshot")?;
+        add(uuid::Uuid::nil(), platform, "base")?;
+        add(big.as_uuid(), big_team, "snapshot")?;
+        for t in 1..teams {
+            add(uuid::Uuid::from_u128(t as u128), per_team, "snapshot")?;
         }
     }
     tx.commit()?;
@@ -653,11 +674,20 @@ fn lists(rt: &Runtime) -> BenchResult<Vec<Row>> {
         o.run_janitor = false;
         let manager = Manager::open(&db, Arc::new(InProcessTransport::new()), o).await?;
         let caller = Caller::new(big, Actor::System);
+        let (teams, big_team, per_team, platform) = shape();
+        let scale = if quick() {
+            format!(
+                "{} templates / {teams} teams (quick)",
+                big_team + (teams - 1) * per_team + platform
+            )
+        } else {
+            "1M templates / 1,000 teams".to_owned()
+        };
         for (label, limit, iterations) in [
-            ("first page of 100", Some(100u32), 300),
-            ("whole team of 10,000", None, 30),
+            ("first page of 100", Some(100u32), iterations(300, 20)),
+            ("whole team of 10,000", None, iterations(30, 5)),
         ] {
-            let expected = limit.map_or(BIG_TEAM + PLATFORM, |l| l as usize);
+            let expected = limit.map_or(big_team + platform, |l| l as usize);
             let mut ours = Vec::new();
             let mut raw = Vec::new();
             for i in 0..iterations + 3 {
@@ -683,7 +713,7 @@ fn lists(rt: &Runtime) -> BenchResult<Vec<Row>> {
             let ratio = p50.as_secs_f64() / r50.as_secs_f64();
             let ratio99 = p99.as_secs_f64() / r99.as_secs_f64();
             rows.push(Row {
-                case: format!("list {label}, 1M templates / 1,000 teams"),
+                case: format!("list {label}, {scale}"),
                 ours: format!("p50 {}, p99 {}", ms(p50), ms(p99)),
                 baseline: format!("raw SQL p50 {}, p99 {}", ms(r50), ms(r99)),
                 ratio,
@@ -890,7 +920,7 @@ struct WireCreated {
 /// Create over gRPC on loopback against a raw tonic call of the same
 /// message; the overhead should be at most the two commits a create needs.
 fn grpc_create(rt: &Runtime, dir: &Path) -> BenchResult<Row> {
-    const N: usize = 300;
+    let n = iterations(300, 30);
     rt.block_on(async {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr, _server) = HostAgentServer::new(Arc::new(NoopAgent))
@@ -936,7 +966,7 @@ fn grpc_create(rt: &Runtime, dir: &Path) -> BenchResult<Row> {
         let raw_db = RawCommits::open(&dir.join("pair.db"), Synchronous::Full)?;
 
         let (mut ours, mut raw, mut pair) = (Vec::new(), Vec::new(), Vec::new());
-        for i in 0..N + 20 {
+        for i in 0..n + 20 {
             let name = TemplateName::parse(&format!("g{i}"))?;
             let began = Instant::now();
             manager

@@ -870,8 +870,8 @@ pub(crate) fn replayed<T>(op: Operation, pick: impl FnOnce(Operation) -> Option<
 }
 
 /// Counts a create or restore refused before its task ran (the task
-/// counts its own outcome, see [`Reply`]); a replay's 409 or 422 did no
-/// work and is not counted.
+/// counts its own outcome, see [`Reply`]); a replay, or its 409 or 422,
+/// did no work and is not counted.
 fn count_refusal<T>(kind: &'static str, began: std::time::Instant, result: &Result<T>) {
     if let Err(err) = result
         && !matches!(
@@ -1056,6 +1056,8 @@ impl Manager {
         how: Submission,
     ) -> Result<Submitted<Template>> {
         let began = std::time::Instant::now();
+        // Whether the task ran: it counts its own outcome (see `Reply`).
+        let launched = std::sync::atomic::AtomicBool::new(false);
         let span = tracing::info_span!(
             "snapshot.create",
             team = %caller.team(),
@@ -1098,6 +1100,7 @@ impl Manager {
             // away does not abort it, and its result is still recorded.
             let inner = self.inner.clone();
             let caller = caller.clone();
+            launched.store(true, std::sync::atomic::Ordering::Relaxed);
             self.launch(
                 kind,
                 operation_id,
@@ -1112,7 +1115,9 @@ impl Manager {
         if let Err(err) = &result {
             span.in_scope(|| log_failure("create", err));
         }
-        count_refusal("create", began, &result);
+        if !launched.load(std::sync::atomic::Ordering::Relaxed) {
+            count_refusal("create", began, &result);
+        }
         result
     }
 
@@ -1124,6 +1129,7 @@ impl Manager {
         how: Submission,
     ) -> Result<Submitted<Sandbox>> {
         let began = std::time::Instant::now();
+        let launched = std::sync::atomic::AtomicBool::new(false);
         let span = tracing::info_span!(
             "sandbox.restore",
             team = %caller.team(),
@@ -1160,6 +1166,7 @@ impl Manager {
             // not abort it, and its outcome is still recorded.
             let inner = self.inner.clone();
             let caller = caller.clone();
+            launched.store(true, std::sync::atomic::Ordering::Relaxed);
             self.launch(
                 kind,
                 operation_id,
@@ -1174,7 +1181,9 @@ impl Manager {
         if let Err(err) = &result {
             span.in_scope(|| log_failure("restore", err));
         }
-        count_refusal("restore", began, &result);
+        if !launched.load(std::sync::atomic::Ordering::Relaxed) {
+            count_refusal("restore", began, &result);
+        }
         result
     }
 

@@ -20,6 +20,7 @@ conformance!(
     a_key_is_in_progress_while_its_first_request_runs,
     asynchronous_creates_and_restores_are_polled_to_their_end,
     remembered_requests_expire_and_are_purged,
+    a_lost_answer_is_replayed_as_what_the_journal_decided,
 );
 
 fn key(text: &str) -> IdempotencyKey {
@@ -357,4 +358,62 @@ async fn remembered_requests_expire_and_are_purged(backend: Backend) {
         env.count("SELECT count(*) FROM requests").await == 0
     })
     .await;
+}
+
+/// Against both kinds of agent, a create whose answer was lost (the work
+/// done, the reply gone): the caller is told what the journal decided (a
+/// failure, rolled back with its key queued for deletion: an ambiguous
+/// failure, once reported, never takes effect), and a retry with the key
+/// gets exactly that again, without a second snapshot; an asynchronous
+/// start ends the same way, and what it shows is what happened.
+async fn a_lost_answer_is_replayed_as_what_the_journal_decided(backend: Backend) {
+    for mode in Mode::ALL {
+        let env = Env::on(&backend, fast_options(), mode).await;
+        let team = TeamId::new();
+        let me = caller(team);
+        let sandbox = env.sandbox(team).await;
+        let lost = AgentError::unavailable("connection reset by peer");
+        env.agent
+            .inject_times(AgentOp::CreateSnapshot, Fault::FailAfter(lost.clone()), 2);
+        let first = env
+            .manager
+            .create(&me, snapshot(sandbox, "lost", "k-lost"))
+            .await;
+        let again = env
+            .manager
+            .create(&me, snapshot(sandbox, "lost", "k-lost"))
+            .await;
+        match (&first, &again) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{mode:?}"),
+            (Err(a), Err(b)) => {
+                assert_eq!((a.code(), a.message()), (b.code(), b.message()), "{mode:?}")
+            }
+            _ => panic!("{mode:?}: {first:?} then {again:?}"),
+        }
+        assert_eq!(env.agent.calls(AgentOp::CreateSnapshot), 1, "{mode:?}");
+        assert_eq!(
+            env.manager.get(&me, &name("lost")).await.is_ok(),
+            first.is_ok(),
+            "{mode:?}: what the caller was told is what happened"
+        );
+
+        let started = env
+            .manager
+            .start_create(&me, snapshot(sandbox, "lost-async", "k-lost-async"))
+            .await
+            .unwrap();
+        let done = poll(&env, team, started.id).await;
+        let visible = env.manager.get(&me, &name("lost-async")).await.is_ok();
+        assert_eq!(
+            (
+                done.state == OperationState::Succeeded,
+                done.template.is_some()
+            ),
+            (visible, visible),
+            "{mode:?}: {done:?}"
+        );
+        assert_eq!(env.agent.calls(AgentOp::CreateSnapshot), 2, "{mode:?}");
+        drain(&env).await;
+        assert_invariants(&env, &[team]).await;
+    }
 }
