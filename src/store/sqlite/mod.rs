@@ -603,8 +603,10 @@ mod tests {
     async fn a_store_opened_normal_or_off_is_never_changed() {
         for (sync, expected) in [(Synchronous::Normal, 1), (Synchronous::Off, 0)] {
             let dir = tempfile::tempdir().unwrap();
-            let mut options = StoreOptions::default();
-            options.synchronous = sync;
+            let options = StoreOptions {
+                synchronous: sync,
+                ..StoreOptions::default()
+            };
             let store = SqliteStore::open(dir.path().join("t.db"), options)
                 .await
                 .unwrap();
