@@ -209,7 +209,7 @@ fn rate(budget: Duration, mut f: impl FnMut() -> BenchResult<()>) -> BenchResult
 /// Create+delete cycles, one task, against raw commits: a cycle needs four
 /// (create: journal + finish; delete: mark + confirm).
 fn cycle(rt: &Runtime, dir: &Path, sync: Synchronous) -> BenchResult<Row> {
-    let budget = Duration::from_secs(3);
+    let budget = Duration::from_secs(if quick() { 1 } else { 3 });
     let ours = rt.block_on(async {
         let f = fleet(
             &dir.join(format!("cycle-{}", sync_pragma(sync))),
