@@ -241,13 +241,19 @@ fn cycle(rt: &Runtime, dir: &Path, sync: Synchronous) -> BenchResult<Row> {
         Ok(())
     })?;
     let ratio = ours / baseline;
+    // FULL: a confirmed deletion's record commits without fsync (losing it
+    // only repeats a harmless delete), so a cycle pays three of the four.
+    let goal = match sync {
+        Synchronous::Full => 0.7,
+        _ => 0.5,
+    };
     Ok(Row {
         case: format!("create+delete cycle, synchronous={}", sync_pragma(sync)),
         ours: format!("{ours:.0} cycles/s"),
         baseline: format!("{baseline:.0} (4 raw commits)/s"),
         ratio,
-        goal: "≥ 0.5".into(),
-        met: ratio >= 0.5,
+        goal: format!("≥ {goal}"),
+        met: ratio >= goal,
     })
 }
 
@@ -382,6 +388,10 @@ async fn creates(f: Fleet) -> BenchResult<Creates> {
         })
     }
 }
+
+#[cfg(feature = "server")]
+#[path = "cases/api_load.rs"]
+mod api_load;
 
 // ------------------------------------------------------------ PostgreSQL
 
@@ -1068,6 +1078,17 @@ fn main() -> BenchResult<()> {
         Ok(vec![grpc_create(&rt, dir.path())?])
     })?;
     run("memory", &mut rows, &mut || Ok(vec![memory(&rt)?]))?;
+    run("api", &mut rows, &mut || {
+        #[cfg(feature = "server")]
+        {
+            api_load::cases(&rt, dir.path())
+        }
+        #[cfg(not(feature = "server"))]
+        {
+            eprintln!("skipping the REST API cases: they need --features server");
+            Ok(Vec::new())
+        }
+    })?;
     run("postgres", &mut rows, &mut || {
         #[cfg(feature = "postgres")]
         if let Some(base) = pg::server() {

@@ -7,6 +7,15 @@
 //! to the writer thread; it runs each in its own savepoint and commits the
 //! jobs that arrived together in one transaction (group commit), replying
 //! only after the commit is durable.
+//!
+//! A job may be *relaxed* ([`SqliteStore::write_relaxed`]): one whose loss
+//! in a power cut is harmless, because replaying what came before it
+//! repeats it. A batch of relaxed jobs only commits with
+//! `synchronous=NORMAL` (in WAL mode: no fsync at commit; the frames become
+//! durable with the next synced commit or checkpoint, and the WAL is only
+//! ever recovered as a prefix, so nothing written after them can survive
+//! without them). Any batch holding one ordinary job commits at the
+//! configured level.
 
 pub(crate) mod lock;
 mod migrate;
@@ -87,8 +96,10 @@ type Job = Box<dyn FnOnce(Result<&Connection, StoreError>) -> Option<(bool, Comp
 
 /// What the writer thread is asked to do.
 enum Msg {
-    /// A write, batched with the others that arrive together.
-    Write(Job),
+    /// A write, batched with the others that arrive together; `relaxed`
+    /// when losing its commit in a power cut is harmless (see the module
+    /// docs).
+    Write { job: Job, relaxed: bool },
     /// Move everything in the WAL into the database file and empty the WAL,
     /// outside any transaction, after the writes before it.
     Checkpoint(oneshot::Sender<Result<(), StoreError>>),
@@ -137,7 +148,7 @@ impl SqliteStore {
         let max_batch = options.max_batch.max(1);
         std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
-            .spawn(move || writer_loop(writer, rx, max_batch))
+            .spawn(move || writer_loop(writer, rx, max_batch, options.synchronous))
             .map_err(|e| StoreError::internal(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -152,6 +163,33 @@ impl SqliteStore {
     /// `Err`, everything it wrote is rolled back; `Ok` is returned only after
     /// the commit. The job runs to the end even if this future is dropped.
     pub(crate) async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    {
+        self.submit(f, false).await
+    }
+
+    /// Like [`write`](Self::write), for a job whose commit may be lost in a
+    /// power cut without harm: replaying the state before it repeats it
+    /// (a confirmed deletion's record: the deletion is retried and the host
+    /// answers NotFound, which counts as confirmed). When every job of a
+    /// batch is relaxed, the batch commits without fsync (`synchronous =
+    /// NORMAL`) under a store configured [`Synchronous::Full`]; it is still
+    /// atomic, and survives a process crash. Nothing else may use this:
+    /// creates, failures, the journal and the audit of user actions must
+    /// survive power loss once acknowledged.
+    pub(crate) async fn write_relaxed<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    {
+        self.submit(f, true).await
+    }
+
+    async fn submit<T, E, F>(&self, f: F, relaxed: bool) -> Result<T, E>
     where
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
@@ -183,7 +221,7 @@ impl SqliteStore {
         });
         self.inner
             .writer
-            .send(Msg::Write(job))
+            .send(Msg::Write { job, relaxed })
             .map_err(|_| E::from(StoreError::writer_gone()))?;
         reply_rx
             .await
@@ -279,12 +317,19 @@ fn open_blocking(
 }
 
 /// Takes jobs in batches, runs each in a savepoint of one transaction,
-/// commits, then replies to every job of the batch.
-fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Msg>, max_batch: usize) {
+/// commits, then replies to every job of the batch. `configured` is the
+/// connection's `synchronous` level as opened.
+fn writer_loop(
+    conn: Connection,
+    jobs: mpsc::Receiver<Msg>,
+    max_batch: usize,
+    configured: Synchronous,
+) {
+    let mut level = Level::new(configured);
     let mut pending: Option<Msg> = None;
     while let Some(first) = pending.take().or_else(|| next_job(&jobs)) {
-        let first = match first {
-            Msg::Write(job) => job,
+        let (first, mut relaxed) = match first {
+            Msg::Write { job, relaxed } => (job, relaxed),
             Msg::Checkpoint(reply) => {
                 let _ = reply.send(checkpoint(&conn));
                 continue;
@@ -293,7 +338,10 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Msg>, max_batch: usize) {
         let mut batch = vec![first];
         while batch.len() < max_batch {
             match jobs.try_recv() {
-                Ok(Msg::Write(job)) => batch.push(job),
+                Ok(Msg::Write { job, relaxed: r }) => {
+                    relaxed &= r;
+                    batch.push(job);
+                }
                 // After this batch, in order.
                 Ok(checkpoint) => {
                     pending = Some(checkpoint);
@@ -302,7 +350,69 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Msg>, max_batch: usize) {
                 Err(_) => break,
             }
         }
+        // One ordinary job makes the whole batch ordinary: they share the
+        // commit, and its fsync.
+        if let Err(err) = level.prepare(&conn, relaxed) {
+            for job in batch {
+                job(Err(err.clone()));
+            }
+            continue;
+        }
         run_batch(&conn, batch);
+    }
+}
+
+/// The write connection's `synchronous` level, switched between batches
+/// (SQLite does not change it inside a transaction).
+struct Level {
+    configured: Synchronous,
+    current: Synchronous,
+}
+
+impl Level {
+    fn new(configured: Synchronous) -> Self {
+        Self {
+            configured,
+            current: configured,
+        }
+    }
+
+    /// Sets the level for the next batch: `NORMAL` for a batch of relaxed
+    /// jobs when the store is configured `FULL`, the configured level
+    /// otherwise. A store opened `NORMAL` or `OFF` is never changed.
+    ///
+    /// Failing to relax only leaves the batch stricter, so it runs anyway;
+    /// failing to restore the configured level fails the batch, which must
+    /// not commit less durably than it was promised.
+    fn prepare(&mut self, conn: &Connection, relaxed: bool) -> Result<(), StoreError> {
+        let want = if relaxed && self.configured == Synchronous::Full {
+            Synchronous::Normal
+        } else {
+            self.configured
+        };
+        if want == self.current {
+            return Ok(());
+        }
+        match exec(conn, synchronous_statement(want)) {
+            Ok(()) => {
+                self.current = want;
+                Ok(())
+            }
+            Err(err) if relaxed => {
+                tracing::warn!(error = %err, "cannot relax synchronous for a batch; it commits at the configured level");
+                Ok(())
+            }
+            Err(err) => Err(err),
+        }
+    }
+}
+
+/// The statement that sets `level` (static, for the statement cache).
+fn synchronous_statement(level: Synchronous) -> &'static str {
+    match level {
+        Synchronous::Full => "PRAGMA synchronous = FULL",
+        Synchronous::Normal => "PRAGMA synchronous = NORMAL",
+        Synchronous::Off => "PRAGMA synchronous = OFF",
     }
 }
 
@@ -412,5 +522,100 @@ fn run_batch(conn: &Connection, batch: Vec<Job>) {
     }
     for completion in completions {
         completion(outcome.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// The `synchronous` level a write job runs under (2 FULL, 1 NORMAL).
+    fn level(c: &Connection) -> Result<i64, StoreError> {
+        Ok(c.query_row("PRAGMA synchronous", [], |r| r.get(0))?)
+    }
+
+    async fn store(dir: &Path) -> SqliteStore {
+        SqliteStore::open(dir.join("t.db"), StoreOptions::default())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_lone_relaxed_job_commits_at_normal_and_full_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        store
+            .write(|c| Ok::<_, StoreError>(c.execute_batch("CREATE TABLE t (v INTEGER)")?))
+            .await
+            .unwrap();
+        let seen = store
+            .write_relaxed(|c| {
+                c.execute("INSERT INTO t (v) VALUES (1)", [])?;
+                level(c)
+            })
+            .await
+            .unwrap();
+        assert_eq!(seen, 1, "a batch of relaxed jobs runs at NORMAL");
+        assert_eq!(store.write(level).await.unwrap(), 2, "FULL is restored");
+        // The relaxed commit applied: a reader sees it.
+        let n: i64 = store
+            .read(|c| Ok::<_, StoreError>(c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+
+    #[tokio::test]
+    async fn an_ordinary_job_keeps_its_batch_at_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        // Hold the writer in a first batch until both jobs below are
+        // queued, so that they are taken together as the next batch.
+        let (started_tx, started_rx) = oneshot::channel::<()>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let blocker = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write(move |_| {
+                        let _ = started_tx.send(());
+                        let _ = go_rx.recv();
+                        Ok::<_, StoreError>(())
+                    })
+                    .await
+            }
+        });
+        started_rx.await.unwrap();
+        // `join!` polls in order on its first poll: both jobs are sent
+        // before the writer is let go.
+        let (ordinary, relaxed, ()) =
+            tokio::join!(store.write(level), store.write_relaxed(level), async {
+                go_tx.send(()).unwrap();
+            });
+        blocker.await.unwrap().unwrap();
+        assert_eq!(ordinary.unwrap(), 2);
+        assert_eq!(relaxed.unwrap(), 2, "sharing a commit with an ordinary job");
+    }
+
+    #[tokio::test]
+    async fn a_store_opened_normal_or_off_is_never_changed() {
+        for (sync, expected) in [(Synchronous::Normal, 1), (Synchronous::Off, 0)] {
+            let dir = tempfile::tempdir().unwrap();
+            let options = StoreOptions {
+                synchronous: sync,
+                ..StoreOptions::default()
+            };
+            let store = SqliteStore::open(dir.path().join("t.db"), options)
+                .await
+                .unwrap();
+            assert_eq!(
+                store.write_relaxed(level).await.unwrap(),
+                expected,
+                "{sync:?}"
+            );
+            assert_eq!(store.write(level).await.unwrap(), expected, "{sync:?}");
+        }
     }
 }

@@ -231,13 +231,25 @@ impl Store for SqliteStore {
         result: DeletionResult,
         now: Timestamp,
     ) -> Result<()> {
-        self.write(move |c| match &result {
-            DeletionResult::Confirmed => sql::deletion_confirmed(c, &deletion),
-            DeletionResult::Failed { error, retry_at } => {
-                sql::deletion_failed(c, &deletion, error, *retry_at, now)
+        match result {
+            // A confirmed deletion need not wait for fsync: if a power cut
+            // loses this commit, the placement is still `deleting` with a
+            // lease that the next process voids; the deletion is retried,
+            // the host answers NotFound (the files are gone), which counts
+            // as confirmed, and this record is written again. Losing it
+            // only repeats a harmless delete. (Its audit entry was written
+            // by `begin_delete`, at full durability.)
+            DeletionResult::Confirmed => {
+                self.write_relaxed(move |c| sql::deletion_confirmed(c, &deletion))
+                    .await
             }
-        })
-        .await
+            // A failure schedules a retry and counts an attempt: kept at
+            // the configured durability like every other record.
+            DeletionResult::Failed { error, retry_at } => {
+                self.write(move |c| sql::deletion_failed(c, &deletion, &error, retry_at, now))
+                    .await
+            }
+        }
     }
 
     async fn claim_due_deletions(
