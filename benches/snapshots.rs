@@ -25,6 +25,9 @@ use sandbox_snapshots::agent::{
 use sandbox_snapshots::*;
 use tokio::runtime::Runtime;
 
+#[path = "cases/data_path.rs"]
+mod data_path;
+
 type BenchResult<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Whether this is a quick run (`SNAPSHOTS_BENCH_QUICK=1`, as CI runs it so
@@ -1038,6 +1041,7 @@ fn main() -> BenchResult<()> {
         Ok(vec![grpc_create(&rt, dir.path())?])
     })?;
     run("memory", &mut rows, &mut || Ok(vec![memory(&rt)?]))?;
+    run("datapath", &mut rows, &mut || data_path::cases(&rt))?;
     run("postgres", &mut rows, &mut || {
         #[cfg(feature = "postgres")]
         if let Some(base) = pg::server() {
