@@ -111,7 +111,7 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 }
 
 fn size_name(bytes: u64) -> String {
-    if bytes >= GIB && bytes % GIB == 0 {
+    if bytes >= GIB && bytes.is_multiple_of(GIB) {
         format!("{} GiB", bytes / GIB)
     } else {
         format!("{} MiB", bytes / MIB)
@@ -278,15 +278,15 @@ impl XfsMount {
 
 impl Drop for XfsMount {
     fn drop(&mut self) {
-        if self.mounted {
-            if let Err(e) = run_tool("umount", &[], &self.mount) {
-                eprintln!("datapath: cannot unmount {}: {e}", self.mount.display());
-            }
+        if self.mounted
+            && let Err(e) = run_tool("umount", &[], &self.mount)
+        {
+            eprintln!("datapath: cannot unmount {}: {e}", self.mount.display());
         }
-        if let Some(device) = &self.device {
-            if let Err(e) = run_tool("losetup", &["-d"], Path::new(device)) {
-                eprintln!("datapath: cannot detach {device}: {e}");
-            }
+        if let Some(device) = &self.device
+            && let Err(e) = run_tool("losetup", &["-d"], Path::new(device))
+        {
+            eprintln!("datapath: cannot detach {device}: {e}");
         }
         let _ = fs::remove_file(&self.image);
     }
@@ -589,7 +589,9 @@ fn chart(plain: &Points, reflink: Option<&[(u64, Duration, Duration)]>) -> Bench
 
     let ms = |d: Duration| (d.as_secs_f64() * 1000.0).max(0.01);
     let mib = |b: u64| b as f64 / MIB as f64;
-    let mut series: Vec<(String, RGBColor, Vec<(f64, f64)>)> = vec![
+    // (legend, colour, (MiB, ms) points)
+    type Series = (String, RGBColor, Vec<(f64, f64)>);
+    let mut series: Vec<Series> = vec![
         (
             "ours (DirHostAgent, extent copy)".into(),
             RGBColor(0x1f, 0x77, 0xb4),
