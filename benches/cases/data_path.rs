@@ -320,9 +320,10 @@ fn reflink_fs(dir: &Path, plan: &Plan) -> Result<XfsMount, String> {
             .is_ok_and(|o| o.status.success())
     };
     if !have_mkfs() {
-        eprintln!("datapath: no mkfs.xfs, trying apt-get install -y xfsprogs");
-        let _ = Command::new("apt-get")
-            .args(["install", "-y", "-qq", "xfsprogs"])
+        // Bounded: a machine without package access must not stall the run.
+        eprintln!("datapath: no mkfs.xfs, trying apt-get install -y xfsprogs (20 s at most)");
+        let _ = Command::new("timeout")
+            .args(["20", "apt-get", "install", "-y", "-qq", "xfsprogs"])
             .output();
         if !have_mkfs() {
             return Err("mkfs.xfs is missing and xfsprogs did not install".into());
