@@ -25,6 +25,9 @@ use sandbox_snapshots::agent::{
 use sandbox_snapshots::*;
 use tokio::runtime::Runtime;
 
+#[path = "cases/data_path.rs"]
+mod data_path;
+
 type BenchResult<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Whether this is a quick run (`SNAPSHOTS_BENCH_QUICK=1`, as CI runs it so
@@ -1089,6 +1092,7 @@ fn main() -> BenchResult<()> {
             Ok(Vec::new())
         }
     })?;
+    run("datapath", &mut rows, &mut || data_path::cases(&rt))?;
     run("postgres", &mut rows, &mut || {
         #[cfg(feature = "postgres")]
         if let Some(base) = pg::server() {
