@@ -25,6 +25,9 @@ use sandbox_snapshots::agent::{
 use sandbox_snapshots::*;
 use tokio::runtime::Runtime;
 
+#[path = "cases/backlog.rs"]
+mod backlog;
+
 type BenchResult<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Whether this is a quick run (`SNAPSHOTS_BENCH_QUICK=1`, as CI runs it so
@@ -1000,6 +1003,9 @@ fn main() -> BenchResult<()> {
     if let Ok(db) = std::env::var("SNAPSHOTS_BENCH_PAGE_ALL") {
         return page_all(&db);
     }
+    if let Ok(arg) = std::env::var(backlog::DRAIN_ENV) {
+        return backlog::drain_child(&arg);
+    }
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
@@ -1038,6 +1044,11 @@ fn main() -> BenchResult<()> {
         Ok(vec![grpc_create(&rt, dir.path())?])
     })?;
     run("memory", &mut rows, &mut || Ok(vec![memory(&rt)?]))?;
+    run("backlog", &mut rows, &mut || {
+        let mut rows = backlog::drain(&rt, dir.path())?;
+        rows.extend(backlog::recovery(&rt, dir.path())?);
+        Ok(rows)
+    })?;
     run("postgres", &mut rows, &mut || {
         #[cfg(feature = "postgres")]
         if let Some(base) = pg::server() {
