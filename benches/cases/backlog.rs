@@ -153,6 +153,12 @@ pub(super) fn drain(rt: &Runtime, dir: &Path) -> BenchResult<Vec<Row>> {
             .ok_or_else(|| format!("drain did not report {key}: {text}").into())
     };
     let (drained, secs) = (field("drained=")?, field("secs=")?);
+    let left = field("left=")?;
+    let unfinished = if left > 0.0 {
+        format!("; not drained: {left:.0} left after {secs:.0} s")
+    } else {
+        String::new()
+    };
     let (busy_p99, idle_p99) = (field("busy_p99_ms=")?, field("idle_p99_ms=")?);
     let (busy_n, idle_n) = (field("busy_creates=")?, field("idle_creates=")?);
     let mib = field("peak_rss_kib=")? / 1024.0;
@@ -163,11 +169,11 @@ pub(super) fn drain(rt: &Runtime, dir: &Path) -> BenchResult<Vec<Row>> {
     Ok(vec![
         Row {
             case: format!("drain: {label}"),
-            ours: format!("{ours:.0} deletions/s ({drained:.0} in {secs:.2} s)"),
+            ours: format!("{ours:.0} deletions/s ({drained:.0} in {secs:.2} s{unfinished})"),
             baseline: format!("agent's own deletes, {PER_HOST} at a time: {baseline:.0}/s"),
             ratio,
             goal: "≥ 0.8".into(),
-            met: ratio >= 0.8,
+            met: ratio >= 0.8 && left == 0.0,
         },
         Row {
             case: format!("drain: manager peak RSS, {label}"),
@@ -180,7 +186,9 @@ pub(super) fn drain(rt: &Runtime, dir: &Path) -> BenchResult<Vec<Row>> {
         Row {
             case: format!("drain: create on another host meanwhile, {label}"),
             ours: format!("p99 {busy_p99:.3} ms ({busy_n:.0} creates)"),
-            baseline: format!("same creates, no backlog: p99 {idle_p99:.3} ms ({idle_n:.0})"),
+            baseline: format!(
+                "same creates after it, no drain running: p99 {idle_p99:.3} ms ({idle_n:.0})"
+            ),
             ratio: p99_ratio,
             goal: "≤ 2".into(),
             met: p99_ratio <= 2.0,
@@ -259,25 +267,33 @@ pub(super) fn drain_child(arg: &str) -> BenchResult<()> {
             .set_host_status(busy, HostStatus::Online)
             .await?;
         let during = creates("busy", None);
-        let deadline = Duration::from_secs(if quick() { 30 } else { 600 });
-        loop {
+        // A drain that does not finish in this time is measured as far as
+        // it got (its rate is what it confirmed meanwhile).
+        let window = Duration::from_secs(if quick() { 30 } else { 90 });
+        let mut left = before;
+        while left > 0 && start.elapsed() < window {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            if queued()? == 0 {
-                break;
-            }
-            if start.elapsed() > deadline {
-                return Err(format!("not drained after {deadline:?}: {} left", queued()?).into());
-            }
+            left = queued()?;
         }
         let secs = start.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
         let mut busy_lat = during.await??;
         stop.store(false, Ordering::Relaxed);
+        if left > 0 {
+            // No backlog for the baseline: the host goes away again and
+            // the deletions in hand finish.
+            manager
+                .registry()
+                .set_host_status(busy, HostStatus::Offline)
+                .await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         let mut idle_lat = creates("idle", Some(busy_lat.len().max(200))).await??;
         manager.shutdown().await;
         let p99 = |l: &mut Vec<Duration>| percentile(l, 0.99).as_secs_f64() * 1000.0;
         BenchResult::Ok(format!(
-            "drained={before}\nsecs={secs}\nbusy_creates={}\nbusy_p99_ms={}\nidle_creates={}\nidle_p99_ms={}",
+            "drained={}\nleft={left}\nsecs={secs}\nbusy_creates={}\nbusy_p99_ms={}\nidle_creates={}\nidle_p99_ms={}",
+            before - left,
             busy_lat.len(),
             p99(&mut busy_lat),
             idle_lat.len(),
