@@ -15,7 +15,7 @@
 //! Every step is safe to run twice or concurrently: each transaction
 //! applies only while the journal entry is still in the phase it read.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -415,6 +415,11 @@ async fn dispatch(inner: &Arc<Engine>, wait: bool) -> Result<Dispatched> {
     // Before anything that can fail the pass: a sweep that is due and
     // never runs would keep the worker awake.
     apply_retention(inner, now, wait).await;
+    // Hosts whose work is in hand now: what this pass reads of their
+    // operations may be resolved by that work meanwhile, so their
+    // operations wait for the next pass (which the work's end wakes)
+    // rather than being resolved twice, with their hosts asked twice.
+    let in_hand: HashSet<HostId> = lock_unpoisoned(&inner.worker.busy_hosts).clone();
     let me = inner.instance;
     let started = inner
         .store
@@ -494,7 +499,15 @@ async fn dispatch(inner: &Arc<Engine>, wait: bool) -> Result<Dispatched> {
 
     let mut tasks = JoinSet::new();
     let mut count = 0;
-    for (host, work) in hosts {
+    for (host, mut work) in hosts {
+        if in_hand.contains(&host) {
+            work.started.clear();
+            work.resolving.clear();
+            work.restores.clear();
+            if work.deletions.is_empty() && work.destroys.is_empty() {
+                continue;
+            }
+        }
         let Some(busy) = BusyHost::take(inner, host) else {
             // Its earlier work is in hand; deletions and destroys claimed
             // anyway (in a race with that task) are leased, so run them
