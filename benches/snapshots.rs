@@ -25,6 +25,8 @@ use sandbox_snapshots::agent::{
 use sandbox_snapshots::*;
 use tokio::runtime::Runtime;
 
+#[path = "cases/backlog.rs"]
+mod backlog;
 #[path = "cases/data_path.rs"]
 mod data_path;
 
@@ -1043,6 +1045,9 @@ fn main() -> BenchResult<()> {
     if let Ok(db) = std::env::var("SNAPSHOTS_BENCH_PAGE_ALL") {
         return page_all(&db);
     }
+    if let Ok(arg) = std::env::var(backlog::DRAIN_ENV) {
+        return backlog::drain_child(&arg);
+    }
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
@@ -1093,6 +1098,11 @@ fn main() -> BenchResult<()> {
         }
     })?;
     run("datapath", &mut rows, &mut || data_path::cases(&rt))?;
+    run("backlog", &mut rows, &mut || {
+        let mut rows = backlog::drain(&rt, dir.path())?;
+        rows.extend(backlog::recovery(&rt, dir.path())?);
+        Ok(rows)
+    })?;
     run("postgres", &mut rows, &mut || {
         #[cfg(feature = "postgres")]
         if let Some(base) = pg::server() {

@@ -15,11 +15,12 @@
 //! Every step is safe to run twice or concurrently: each transaction
 //! applies only while the journal entry is still in the phase it read.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use futures_util::stream::{self, StreamExt};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -414,6 +415,11 @@ async fn dispatch(inner: &Arc<Engine>, wait: bool) -> Result<Dispatched> {
     // Before anything that can fail the pass: a sweep that is due and
     // never runs would keep the worker awake.
     apply_retention(inner, now, wait).await;
+    // Hosts whose work is in hand now: what this pass reads of their
+    // operations may be resolved by that work meanwhile, so their
+    // operations wait for the next pass (which the work's end wakes)
+    // rather than being resolved twice, with their hosts asked twice.
+    let in_hand: HashSet<HostId> = lock_unpoisoned(&inner.worker.busy_hosts).clone();
     let me = inner.instance;
     let started = inner
         .store
@@ -493,7 +499,15 @@ async fn dispatch(inner: &Arc<Engine>, wait: bool) -> Result<Dispatched> {
 
     let mut tasks = JoinSet::new();
     let mut count = 0;
-    for (host, work) in hosts {
+    for (host, mut work) in hosts {
+        if in_hand.contains(&host) {
+            work.started.clear();
+            work.resolving.clear();
+            work.restores.clear();
+            if work.deletions.is_empty() && work.destroys.is_empty() {
+                continue;
+            }
+        }
         let Some(busy) = BusyHost::take(inner, host) else {
             // Its earlier work is in hand; deletions and destroys claimed
             // anyway (in a race with that task) are leased, so run them
@@ -587,25 +601,46 @@ pub(crate) async fn tick(inner: &Arc<Engine>) -> Result<WorkReport> {
     dispatch(inner, true).await.map(|d| d.report)
 }
 
+/// Most of one host's interrupted creates (or statuses) resolved at a
+/// time. Their agent questions are asked once and shared (see
+/// [`HostViews`]); what is left per entry is its own store transaction,
+/// and running them together lets the writer commit them together.
+const RESOLVE_CONCURRENCY: usize = 64;
+
 /// One host's operations and deletions, each bounded by its own timeouts.
 async fn host_work(inner: &Arc<Engine>, work: HostWork) -> WorkReport {
     let mut report = WorkReport::default();
-    let mut views = HostViews::default();
-    for op in &work.started {
-        let result = resolve_interrupted(inner, op, &mut views, &mut report).await;
-        settle(
-            inner,
-            op,
-            result,
-            "cannot resolve an interrupted snapshot yet",
-        );
-    }
-    for op in &work.resolving {
-        let result = resolve_status(inner, op, &mut views, &mut report).await;
-        settle(inner, op, result, "cannot resolve a sandbox status yet");
+    let views = &HostViews::default();
+    let reports: Vec<WorkReport> = stream::iter(work.started)
+        .map(|op| async move {
+            let mut report = WorkReport::default();
+            let result = resolve_interrupted(inner, &op, views, &mut report).await;
+            settle(
+                inner,
+                &op,
+                result,
+                "cannot resolve an interrupted snapshot yet",
+            );
+            report
+        })
+        .buffer_unordered(RESOLVE_CONCURRENCY)
+        .collect()
+        .await;
+    let resolved: Vec<WorkReport> = stream::iter(work.resolving)
+        .map(|op| async move {
+            let mut report = WorkReport::default();
+            let result = resolve_status(inner, &op, views, &mut report).await;
+            settle(inner, &op, result, "cannot resolve a sandbox status yet");
+            report
+        })
+        .buffer_unordered(RESOLVE_CONCURRENCY)
+        .collect()
+        .await;
+    for r in reports.iter().chain(&resolved) {
+        report.add(r);
     }
     for op in &work.restores {
-        let result = resolve_interrupted_restore(inner, op, &mut views, &mut report).await;
+        let result = resolve_interrupted_restore(inner, op, views, &mut report).await;
         settle_id(
             inner,
             op.id,
@@ -673,7 +708,7 @@ pub(crate) async fn sweep(inner: &Arc<Engine>, grace: Duration) -> Result<SweepR
             .unix_millis()
             .saturating_sub(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX)),
     );
-    let mut views = HostViews::default();
+    let views = HostViews::default();
     for host in hosts {
         if !matches!(host.status, HostStatus::Online | HostStatus::Draining) {
             report.hosts_skipped += 1;
@@ -683,7 +718,7 @@ pub(crate) async fn sweep(inner: &Arc<Engine>, grace: Duration) -> Result<SweepR
             id: host.id,
             address: host.address.clone(),
         };
-        let snapshots = match views.snapshots(inner, &target).await {
+        let snapshots = match &*views.snapshots(inner, &target).await {
             Ok(list) => list.clone(),
             Err(err) => {
                 tracing::info!(host = %host.id, error = %err, "orphan sweep: cannot list the host's snapshots");

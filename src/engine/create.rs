@@ -309,14 +309,14 @@ async fn postpone(
 pub(crate) async fn resolve_interrupted(
     inner: &Arc<Engine>,
     op: &CreateOp,
-    views: &mut HostViews,
+    views: &HostViews,
     report: &mut WorkReport,
 ) -> Result<()> {
     let outcome = if views.offline(inner, op.host.id).await? {
         SandboxOutcome::Known(SandboxStatus::Missing)
     } else {
         let key = op.template_id.to_string();
-        let held = match views.snapshots(inner, &op.host).await {
+        let held = match &*views.snapshots(inner, &op.host).await {
             Ok(list) => list.iter().find(|s| s.key == key).map(|s| s.size_bytes),
             Err(AgentError::Rejected {
                 code: AgentCode::Unimplemented,
@@ -382,7 +382,7 @@ pub(crate) async fn resolve_interrupted(
 pub(crate) async fn resolve_status(
     inner: &Arc<Engine>,
     op: &CreateOp,
-    views: &mut HostViews,
+    views: &HostViews,
     report: &mut WorkReport,
 ) -> Result<()> {
     let outcome = if views.offline(inner, op.host.id).await? {

@@ -363,17 +363,24 @@ impl WorkReport {
 }
 
 /// What hosts said during one pass, so that each host is asked at most once
-/// per pass however many entries it has.
+/// per pass however many entries it has. Shared by the entries of one host
+/// resolved concurrently: the first to need an answer asks (the others wait
+/// for it), the rest reuse it.
 #[derive(Default)]
-pub(crate) struct HostViews {
+pub(crate) struct HostViews(tokio::sync::Mutex<Views>);
+
+/// The answers a [`HostViews`] holds.
+#[derive(Default)]
+struct Views {
     status: HashMap<HostId, Option<HostStatus>>,
-    sandboxes: HashMap<HostId, Result<SandboxList, AgentError>>,
-    snapshots: HashMap<HostId, Result<Vec<SnapshotInfo>, AgentError>>,
+    sandboxes: HashMap<HostId, Arc<Result<SandboxList, AgentError>>>,
+    snapshots: HashMap<HostId, Arc<Result<Vec<SnapshotInfo>, AgentError>>>,
 }
 
 impl HostViews {
-    pub(crate) async fn offline(&mut self, inner: &Engine, host: HostId) -> Result<bool> {
-        let status = match self.status.entry(host) {
+    pub(crate) async fn offline(&self, inner: &Engine, host: HostId) -> Result<bool> {
+        let mut views = self.0.lock().await;
+        let status = match views.status.entry(host) {
             Entry::Occupied(e) => *e.get(),
             Entry::Vacant(e) => {
                 let status = inner.store.get_host(host).await?;
@@ -384,23 +391,25 @@ impl HostViews {
     }
 
     pub(crate) async fn sandboxes(
-        &mut self,
+        &self,
         inner: &Engine,
         host: &HostTarget,
-    ) -> &Result<SandboxList, AgentError> {
-        match self.sandboxes.entry(host.id) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(inner.list_sandboxes(host).await),
+    ) -> Arc<Result<SandboxList, AgentError>> {
+        let mut views = self.0.lock().await;
+        match views.sandboxes.entry(host.id) {
+            Entry::Occupied(e) => e.get().clone(),
+            Entry::Vacant(e) => e.insert(Arc::new(inner.list_sandboxes(host).await)).clone(),
         }
     }
 
     pub(crate) async fn snapshots(
-        &mut self,
+        &self,
         inner: &Engine,
         host: &HostTarget,
-    ) -> &Result<Vec<SnapshotInfo>, AgentError> {
-        match self.snapshots.entry(host.id) {
-            Entry::Occupied(e) => e.into_mut(),
+    ) -> Arc<Result<Vec<SnapshotInfo>, AgentError>> {
+        let mut views = self.0.lock().await;
+        match views.snapshots.entry(host.id) {
+            Entry::Occupied(e) => e.get().clone(),
             Entry::Vacant(e) => {
                 let answer = async {
                     let agent = inner.transport.agent(host)?;
@@ -409,15 +418,15 @@ impl HostViews {
                         .map_err(|_| AgentError::Timeout)?
                 }
                 .await;
-                e.insert(answer)
+                e.insert(Arc::new(answer)).clone()
             }
         }
     }
 
     /// The sandbox's status per its host, or `Unknown` if it cannot say yet.
-    pub(crate) async fn outcome(&mut self, inner: &Engine, op: &CreateOp) -> SandboxOutcome {
+    pub(crate) async fn outcome(&self, inner: &Engine, op: &CreateOp) -> SandboxOutcome {
         let retry_at = after(Timestamp::now(), backoff(&inner.options, op.attempts));
-        match self.sandboxes(inner, &op.host).await {
+        match &*self.sandboxes(inner, &op.host).await {
             Ok(list) => reported_status(list, op.sandbox_id)
                 .map_or(SandboxOutcome::Unknown { retry_at }, SandboxOutcome::Known),
             Err(_) => SandboxOutcome::Unknown { retry_at },

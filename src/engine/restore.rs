@@ -443,7 +443,7 @@ async fn host_sees(inner: &Engine, op: &RestoreOp) -> Option<Seen> {
 pub(crate) async fn resolve_interrupted_restore(
     inner: &Arc<Engine>,
     op: &RestoreOp,
-    views: &mut HostViews,
+    views: &HostViews,
     report: &mut WorkReport,
 ) -> Result<()> {
     let grace = after(
@@ -465,7 +465,7 @@ pub(crate) async fn resolve_interrupted_restore(
     let end = if views.offline(inner, op.host.id).await? {
         interrupted(grace)
     } else {
-        match views.sandboxes(inner, &op.host).await {
+        match &*views.sandboxes(inner, &op.host).await {
             Ok(list) => match seen(list, op) {
                 Seen::Alive => RestoreEnd::Running,
                 // Not ours: nothing of ours to destroy under that id.
