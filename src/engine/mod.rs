@@ -11,7 +11,6 @@ pub(crate) mod restore;
 
 use std::collections::HashMap;
 use std::collections::HashSet;
-use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -364,30 +363,43 @@ impl WorkReport {
 
 /// What hosts said during one pass, so that each host is asked at most once
 /// per pass however many entries it has. Shared by the entries of one host
-/// resolved concurrently: the first to need an answer asks (the others wait
-/// for it), the rest reuse it.
+/// resolved concurrently: each answer is a cell that the first entry to
+/// need it fills (the others wait on that cell, not on a lock) and the rest
+/// reuse. The map itself is only ever locked for a lookup.
 #[derive(Default)]
-pub(crate) struct HostViews(tokio::sync::Mutex<Views>);
+pub(crate) struct HostViews(Mutex<Views>);
 
-/// The answers a [`HostViews`] holds.
+type Cell<T> = Arc<tokio::sync::OnceCell<Arc<T>>>;
+
+/// The answers a [`HostViews`] holds, one cell per host and question.
 #[derive(Default)]
 struct Views {
-    status: HashMap<HostId, Option<HostStatus>>,
-    sandboxes: HashMap<HostId, Arc<Result<SandboxList, AgentError>>>,
-    snapshots: HashMap<HostId, Arc<Result<Vec<SnapshotInfo>, AgentError>>>,
+    status: HashMap<HostId, Cell<Option<HostStatus>>>,
+    sandboxes: HashMap<HostId, Cell<Result<SandboxList, AgentError>>>,
+    snapshots: HashMap<HostId, Cell<Result<Vec<SnapshotInfo>, AgentError>>>,
 }
 
 impl HostViews {
+    /// The cell of `host` in the map `pick` chooses (created empty).
+    fn cell<T>(
+        &self,
+        host: HostId,
+        pick: impl FnOnce(&mut Views) -> &mut HashMap<HostId, Cell<T>>,
+    ) -> Cell<T> {
+        let mut views = lock_unpoisoned(&self.0);
+        pick(&mut views).entry(host).or_default().clone()
+    }
+
     pub(crate) async fn offline(&self, inner: &Engine, host: HostId) -> Result<bool> {
-        let mut views = self.0.lock().await;
-        let status = match views.status.entry(host) {
-            Entry::Occupied(e) => *e.get(),
-            Entry::Vacant(e) => {
-                let status = inner.store.get_host(host).await?;
-                *e.insert(status.map(|h| h.status))
-            }
-        };
-        Ok(status == Some(HostStatus::Offline))
+        let cell = self.cell(host, |v| &mut v.status);
+        // A store error is not kept: the next entry asks again.
+        let status = cell
+            .get_or_try_init(|| async {
+                let host = inner.store.get_host(host).await?;
+                Ok::<_, Error>(Arc::new(host.map(|h| h.status)))
+            })
+            .await?;
+        Ok(**status == Some(HostStatus::Offline))
     }
 
     pub(crate) async fn sandboxes(
@@ -395,11 +407,10 @@ impl HostViews {
         inner: &Engine,
         host: &HostTarget,
     ) -> Arc<Result<SandboxList, AgentError>> {
-        let mut views = self.0.lock().await;
-        match views.sandboxes.entry(host.id) {
-            Entry::Occupied(e) => e.get().clone(),
-            Entry::Vacant(e) => e.insert(Arc::new(inner.list_sandboxes(host).await)).clone(),
-        }
+        let cell = self.cell(host.id, |v| &mut v.sandboxes);
+        cell.get_or_init(|| async { Arc::new(inner.list_sandboxes(host).await) })
+            .await
+            .clone()
     }
 
     pub(crate) async fn snapshots(
@@ -407,20 +418,19 @@ impl HostViews {
         inner: &Engine,
         host: &HostTarget,
     ) -> Arc<Result<Vec<SnapshotInfo>, AgentError>> {
-        let mut views = self.0.lock().await;
-        match views.snapshots.entry(host.id) {
-            Entry::Occupied(e) => e.get().clone(),
-            Entry::Vacant(e) => {
-                let answer = async {
-                    let agent = inner.transport.agent(host)?;
-                    tokio::time::timeout(inner.options.list_timeout, agent.list_snapshots())
-                        .await
-                        .map_err(|_| AgentError::Timeout)?
-                }
-                .await;
-                e.insert(Arc::new(answer)).clone()
+        let cell = self.cell(host.id, |v| &mut v.snapshots);
+        cell.get_or_init(|| async {
+            let answer = async {
+                let agent = inner.transport.agent(host)?;
+                tokio::time::timeout(inner.options.list_timeout, agent.list_snapshots())
+                    .await
+                    .map_err(|_| AgentError::Timeout)?
             }
-        }
+            .await;
+            Arc::new(answer)
+        })
+        .await
+        .clone()
     }
 
     /// The sandbox's status per its host, or `Unknown` if it cannot say yet.
