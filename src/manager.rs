@@ -869,16 +869,25 @@ pub(crate) fn replayed<T>(op: Operation, pick: impl FnOnce(Operation) -> Option<
     }
 }
 
-/// Counts a create or restore refused before its task ran (the task
-/// counts its own outcome, see [`Reply`]); a replay, or its 409 or 422,
-/// did no work and is not counted.
-fn count_refusal<T>(kind: &'static str, began: std::time::Instant, result: &Result<T>) {
-    if let Err(err) = result
-        && !matches!(
-            err.code(),
-            ErrorCode::IdempotencyInProgress | ErrorCode::IdempotencyKeyReused
-        )
-    {
+/// Logs a submitted create's or restore's failure, and counts one refused
+/// before its task ran (a task that ran counts its own outcome, see
+/// [`Reply`]); a replay, or its 409 or 422, did no work and is not counted.
+fn settle_submission<T>(
+    kind: &'static str,
+    span: &tracing::Span,
+    began: std::time::Instant,
+    launched: &std::sync::atomic::AtomicBool,
+    result: &Result<T>,
+) {
+    let Err(err) = result else {
+        return;
+    };
+    span.in_scope(|| log_failure(kind, err));
+    let replay = matches!(
+        err.code(),
+        ErrorCode::IdempotencyInProgress | ErrorCode::IdempotencyKeyReused
+    );
+    if !launched.load(std::sync::atomic::Ordering::Relaxed) && !replay {
         crate::metrics::operation(kind, began, result);
     }
 }
@@ -1112,12 +1121,7 @@ impl Manager {
         }
         .instrument(span.clone())
         .await;
-        if let Err(err) = &result {
-            span.in_scope(|| log_failure("create", err));
-        }
-        if !launched.load(std::sync::atomic::Ordering::Relaxed) {
-            count_refusal("create", began, &result);
-        }
+        settle_submission("create", &span, began, &launched, &result);
         result
     }
 
@@ -1178,12 +1182,7 @@ impl Manager {
         }
         .instrument(span.clone())
         .await;
-        if let Err(err) = &result {
-            span.in_scope(|| log_failure("restore", err));
-        }
-        if !launched.load(std::sync::atomic::Ordering::Relaxed) {
-            count_refusal("restore", began, &result);
-        }
+        settle_submission("restore", &span, began, &launched, &result);
         result
     }
 

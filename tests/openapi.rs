@@ -32,6 +32,9 @@ use sandbox_snapshots::{
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
+/// The header of an asynchronous start.
+const PREFER_ASYNC: (&str, &str) = ("Prefer", "respond-async");
+
 /// The methods the checks try on every documented path.
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
 
@@ -461,6 +464,58 @@ impl Server {
     async fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> Reply {
         self.send(method, path, Some(self.admin_key.as_str()), body)
             .await
+    }
+
+    /// A request with extra headers (and a JSON body, if any).
+    async fn send_with(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        headers: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Reply {
+        let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .header("X-API-Key", key);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.unwrap();
+        Reply {
+            status: response.status().as_u16(),
+            headers: response.headers().clone(),
+            body: response.bytes().await.unwrap().to_vec(),
+        }
+    }
+
+    /// Registers the agent's host, a team with a key, and a running
+    /// sandbox of it on the host (`vcpus`, `memory_mb`): (team, key,
+    /// sandbox).
+    async fn team_with_sandbox(&self, vcpus: u32, memory_mb: u32) -> (TeamId, String, SandboxId) {
+        let host = self.host.to_string();
+        let reply = self
+            .admin(
+                "post",
+                "/v1/admin/hosts",
+                Some(&json!({ "id": host, "address": "in-process" })),
+            )
+            .await;
+        assert_eq!(reply.status, 201);
+        let (team, key) = self.team_key().await;
+        let sandbox = SandboxId::new();
+        self.agent.add_sandbox(sandbox, "running", vcpus, memory_mb);
+        let body = json!({ "id": sandbox.to_string(), "team_id": team.to_string(),
+                           "host_id": host, "status": "running",
+                           "vcpus": vcpus, "memory_mb": memory_mb });
+        let reply = self.admin("post", "/v1/admin/sandboxes", Some(&body)).await;
+        assert_eq!(reply.status, 201);
+        (team, key, sandbox)
     }
 }
 
@@ -1928,62 +1983,20 @@ async fn asynchronous_and_idempotent_answers_match_the_documented_schemas() {
     let doc = document();
     let ops = operations(&doc);
     let server = Server::start().await;
-    let host = server.host.to_string();
-    let reply = server
-        .admin(
-            "post",
-            "/v1/admin/hosts",
-            Some(&json!({ "id": host, "address": "in-process" })),
-        )
-        .await;
-    assert_eq!(reply.status, 201);
-    let (team, key) = server.team_key().await;
-    let sandbox = SandboxId::new();
-    server.agent.add_sandbox(sandbox, "running", 2, 512);
-    let reply = server
-        .admin(
-            "post",
-            "/v1/admin/sandboxes",
-            Some(
-                &json!({ "id": sandbox.to_string(), "team_id": team.to_string(),
-                          "host_id": host, "vcpus": 2, "memory_mb": 512 }),
-            ),
-        )
-        .await;
-    assert_eq!(reply.status, 201);
-    let post = |path: &str, headers: &[(&str, &str)], body: Value| {
-        let mut request = server
-            .client
-            .post(format!("{}{path}", server.base))
-            .header("X-API-Key", key.as_str())
-            .json(&body);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        async move {
-            let response = request.send().await.unwrap();
-            Reply {
-                status: response.status().as_u16(),
-                headers: response.headers().clone(),
-                body: response.bytes().await.unwrap().to_vec(),
+    let (_, key, sandbox) = server.team_with_sandbox(2, 512).await;
+    let post =
+        |path: &'static str, headers: &'static [(&'static str, &'static str)], body: Value| {
+            let (server, key) = (&server, key.clone());
+            async move {
+                server
+                    .send_with("post", path, &key, headers, Some(&body))
+                    .await
             }
-        }
-    };
+        };
     let get = |path: String| {
-        let request = server
-            .client
-            .get(format!("{}{path}", server.base))
-            .header("X-API-Key", key.as_str());
-        async move {
-            let response = request.send().await.unwrap();
-            Reply {
-                status: response.status().as_u16(),
-                headers: response.headers().clone(),
-                body: response.bytes().await.unwrap().to_vec(),
-            }
-        }
+        let (server, key) = (&server, key.clone());
+        async move { server.send_with("get", &path, &key, &[], None).await }
     };
-    let prefer = ("Prefer", "respond-async");
     let steps = [
         (
             "/v1/snapshots",
@@ -2008,7 +2021,7 @@ async fn asynchronous_and_idempotent_answers_match_the_documented_schemas() {
                 )),
             );
         }
-        let reply = post(path, &[prefer], body).await;
+        let reply = post(path, &[PREFER_ASYNC], body).await;
         assert_eq!(
             reply.status,
             202,
@@ -2063,24 +2076,7 @@ async fn retention_is_set_and_shown_as_documented() {
     let doc = document();
     let ops = operations(&doc);
     let server = Server::start().await;
-    let host = server.host.to_string();
-    let reply = server
-        .admin(
-            "post",
-            "/v1/admin/hosts",
-            Some(&json!({ "id": host, "address": "in-process" })),
-        )
-        .await;
-    assert_eq!(reply.status, 201);
-    let (team, key) = server.team_key().await;
-    let sb = SandboxId::new();
-    server.agent.add_sandbox(sb, "running", 1, 64);
-    let body = json!({ "id": sb.to_string(), "team_id": team.to_string(), "host_id": host,
-                       "status": "running", "vcpus": 1, "memory_mb": 64 });
-    let reply = server
-        .admin("post", "/v1/admin/sandboxes", Some(&body))
-        .await;
-    assert_eq!(reply.status, 201);
+    let (team, key, sb) = server.team_with_sandbox(1, 64).await;
     let create = |name: &str, extra: Value| {
         let mut body = json!({ "sandbox_id": sb.to_string(), "name": name });
         body.as_object_mut()
