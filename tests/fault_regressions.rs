@@ -708,8 +708,21 @@ async fn a_success_the_store_cannot_record_appears_once_it_recovers(backend: Bac
     env.agent.set_list_snapshots_supported(false);
     let team = TeamId::new();
     let sb = env.sandbox(team).await;
-    let (hold, create) = held_create(&env, team, NewSnapshot::new(sb, Some(name("snap"))));
+    // With an idempotency key: "outcome unknown" is no final answer, so a
+    // retry meanwhile is told the request still runs, and once the store
+    // recovers it gets the outcome that was recorded.
+    let keyed = || {
+        NewSnapshot::new(sb, Some(name("snap")))
+            .idempotency_key(IdempotencyKey::parse("unrecorded").unwrap())
+    };
+    let (hold, create) = held_create(&env, team, keyed());
     let lock = answered_while_locked(&env, &hold, create).await;
+    let retry = env
+        .manager
+        .create(&caller(team), keyed())
+        .await
+        .unwrap_err();
+    assert_eq!(retry.code(), ErrorCode::IdempotencyInProgress, "{retry:?}");
     lock.release().await;
 
     eventually("the snapshot appears", || async {
@@ -721,6 +734,9 @@ async fn a_success_the_store_cannot_record_appears_once_it_recovers(backend: Bac
     let t = env.manager.get(&caller(team), &name("snap")).await.unwrap();
     assert_eq!(env.agent.snapshot_keys(), vec![t.id.to_string()]);
     assert_eq!(env.sandbox_status(sb).await, SandboxStatus::Paused);
+    let replayed = env.manager.create(&caller(team), keyed()).await.unwrap();
+    assert_eq!(replayed, t, "the recorded outcome, replayed");
+    assert_eq!(env.agent.calls(AgentOp::CreateSnapshot), 1);
 }
 
 /// A restore whose agent answered while another connection holds the
