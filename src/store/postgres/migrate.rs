@@ -2,7 +2,7 @@
 //! `schema_version` records each section applied, and every pending
 //! section runs in one transaction that first takes an advisory lock, so
 //! that replicas starting together migrate once (the others wait, then
-//! find nothing to do).
+//! find nothing to do). The wait has a bound of its own (`MIGRATION_WAIT`).
 
 use deadpool_postgres::Object;
 
@@ -15,10 +15,15 @@ const SCHEMA: &str = include_str!("../../../schema/postgres.sql");
 /// `schema/postgres.sql`).
 pub(crate) const SCHEMA_VERSION: i64 = crate::store::sections::count(SCHEMA);
 
-/// The advisory lock every migrating process holds (one 64-bit key:
-/// "snapshot" in ASCII). Advisory locks are per database, so replicas on
-/// different schemas of one database take turns too; migrations are rare.
+/// The advisory lock every migrating process holds: this seed ("snapshot"
+/// in ASCII) hashed with the schema migrated, since advisory locks are per
+/// database and deployments on other schemas of it need not wait.
 const MIGRATION_LOCK: i64 = 0x736e_6170_7368_6f74;
+
+/// How long a migration waits for another process's migration of the same
+/// schema (replicas starting together): longer than the store's
+/// `lock_timeout`, which is tuned for the row locks of ordinary requests.
+const MIGRATION_WAIT: &str = "60s";
 
 /// Applies every section newer than the database's version, all in one
 /// transaction. A database with a newer version than this build is
@@ -26,8 +31,13 @@ const MIGRATION_LOCK: i64 = 0x736e_6170_7368_6f74;
 /// an up-to-date database writes nothing.
 pub(super) async fn migrate(client: &mut Object) -> Result<(), StoreError> {
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{MIGRATION_WAIT}'"))
         .await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended(current_schema(), $1))",
+        &[&MIGRATION_LOCK],
+    )
+    .await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_version (
              version    BIGINT NOT NULL PRIMARY KEY,
