@@ -326,3 +326,15 @@ CREATE TABLE requests (
 
 CREATE UNIQUE INDEX requests_key ON requests (team_id, idem_key) WHERE idem_key IS NOT NULL;
 CREATE INDEX requests_expiry ON requests (expires_at);
+
+-- migration: 10
+
+-- The deletion queue by host, for a worker that claims (and a wake-up that
+-- looks for) a few rows per host: with a host back online after a long
+-- outage, a claim reads its next batch, not the whole queue. Rows leased
+-- to an attempt in flight get an index of their own: they are few, and
+-- when the first of them lapses is all the worker's sleep needs of them.
+CREATE INDEX placements_due_by_host ON placements (host_id, next_attempt)
+    WHERE state = 'deleting';
+CREATE INDEX placements_leased ON placements (host_id)
+    WHERE state = 'deleting' AND lease_until IS NOT NULL;

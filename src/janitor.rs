@@ -33,7 +33,7 @@ use crate::error::Result;
 use crate::ids::{HostId, OperationId};
 use crate::model::{HostStatus, Timestamp};
 use crate::options::ManagerOptions;
-use crate::store::{CreateOp, Deletion, Destroy, InHand, Phase, RestoreOp};
+use crate::store::{CreateOp, DELETIONS_PER_HOST, Deletion, Destroy, InHand, Phase, RestoreOp};
 
 /// Most deletions claimed per round.
 const BATCH: u32 = 64;
@@ -368,9 +368,17 @@ pub(crate) struct Dispatched {
     report: WorkReport,
 }
 
-/// Sets the backlog gauges. A store that cannot answer leaves them as they
-/// were (the pass's own reads report the failure).
+/// How often at most the backlog gauges are read: counting a long queue
+/// costs a scan of it, and a pass may follow another at once.
+const BACKLOGS_EVERY: Duration = Duration::from_secs(1);
+
+/// Sets the backlog gauges, at most once per [`BACKLOGS_EVERY`]. A store
+/// that cannot answer leaves them as they were (the pass's own reads
+/// report the failure).
 async fn report_backlogs(inner: &Arc<Engine>, now: Timestamp) {
+    if inner.backlogs_due(BACKLOGS_EVERY).is_some() {
+        return;
+    }
     match inner.store.backlogs().await {
         Ok(((deletions, oldest_deletion), (operations, oldest_operation))) => {
             let age = |oldest: Option<i64>| {
@@ -524,7 +532,7 @@ async fn dispatch(inner: &Arc<Engine>, wait: bool) -> Result<Dispatched> {
         count += 1;
         let inner2 = inner.clone();
         let task = async move {
-            let report = host_work(&inner2, work).await;
+            let report = host_work(&inner2, host, work).await;
             drop(busy);
             // The worker left this host's work out of its sleep while it
             // was in hand: what is left of it may be due now.
@@ -607,8 +615,62 @@ pub(crate) async fn tick(inner: &Arc<Engine>) -> Result<WorkReport> {
 /// and running them together lets the writer commit them together.
 const RESOLVE_CONCURRENCY: usize = 64;
 
+/// Most batches of one host's deletions a task drains before it hands the
+/// host back to a whole pass (which also looks at the host's other work).
+const DRAIN_ROUNDS: u32 = 64;
+
+/// Deletes `batch` on `host`; while batches come back full (a long queue,
+/// as a host back from an outage has), claims the host's next batch while
+/// the current one runs, so the host's deletes follow each other without
+/// a pass between them: a claim reads the front of the host's queue only.
+/// A claim the store refuses ends the drain; the next pass tries again.
+async fn drain_deletions(
+    inner: &Arc<Engine>,
+    host: HostId,
+    mut batch: Vec<Deletion>,
+    report: &mut WorkReport,
+) {
+    let per_host = DELETIONS_PER_HOST as usize;
+    for round in 0..DRAIN_ROUNDS {
+        let more =
+            batch.len() >= per_host && round + 1 < DRAIN_ROUNDS && !inner.shutdown.is_cancelled();
+        let claim_next = async {
+            if more {
+                claim_host_deletions(inner, host, per_host).await
+            } else {
+                Vec::new()
+            }
+        };
+        let ((confirmed, failed), next) = tokio::join!(delete_files(inner, batch), claim_next);
+        report.deletions_confirmed += confirmed.len();
+        report.deletions_failed += failed.len();
+        if next.is_empty() {
+            return;
+        }
+        batch = next;
+    }
+}
+
+/// The next `limit` due deletions of `host`; none if the store refuses.
+async fn claim_host_deletions(inner: &Engine, host: HostId, limit: usize) -> Vec<Deletion> {
+    let now = Timestamp::now();
+    let lease = after(now, inner.options.delete_timeout.saturating_mul(2));
+    let limit = u32::try_from(limit).unwrap_or(DELETIONS_PER_HOST);
+    match inner
+        .store
+        .claim_host_deletions(host, now, lease, limit)
+        .await
+    {
+        Ok(next) => next,
+        Err(err) => {
+            tracing::warn!(%host, error = ?err, "cannot claim a host's next deletions");
+            Vec::new()
+        }
+    }
+}
+
 /// One host's operations and deletions, each bounded by its own timeouts.
-async fn host_work(inner: &Arc<Engine>, work: HostWork) -> WorkReport {
+async fn host_work(inner: &Arc<Engine>, host: HostId, work: HostWork) -> WorkReport {
     let mut report = WorkReport::default();
     let views = &HostViews::default();
     let reports: Vec<WorkReport> = stream::iter(work.started)
@@ -649,9 +711,7 @@ async fn host_work(inner: &Arc<Engine>, work: HostWork) -> WorkReport {
         );
     }
     if !work.deletions.is_empty() {
-        let (confirmed, failed) = delete_files(inner, work.deletions).await;
-        report.deletions_confirmed += confirmed.len();
-        report.deletions_failed += failed.len();
+        drain_deletions(inner, host, work.deletions, &mut report).await;
     }
     if !work.destroys.is_empty() {
         let (confirmed, failed) = destroy_sandboxes(inner, work.destroys).await;

@@ -536,6 +536,7 @@ impl Manager {
                 janitor: Mutex::new(None),
                 last_sweep: Mutex::new(None),
                 last_purge: Mutex::new(None),
+                last_backlogs: Mutex::new(None),
                 retention: Mutex::new(crate::engine::RetentionClock::default()),
                 worker: crate::engine::WorkerState::default(),
                 _lock: lock,

@@ -19,6 +19,7 @@ conformance!(
     platform_templates_are_visible_undeletable_and_reserve_their_names,
     delete_while_the_host_is_down_queues_the_files_until_it_is_back,
     an_offline_host_is_skipped_and_retried_when_it_comes_back_online,
+    a_long_queue_drains_without_a_worker_pass_per_batch,
     delete_talks_to_every_holding_host_in_parallel_and_only_to_them,
     audit_log_pages_by_cursor_and_filters,
 );
@@ -434,6 +435,67 @@ async fn an_offline_host_is_skipped_and_retried_when_it_comes_back_online(backen
         env.count("SELECT count(*) FROM templates").await == 0
     })
     .await;
+}
+
+/// A host back online with a queue many batches long: its task keeps
+/// claiming the host's next batch itself (each claim reads the front of
+/// that host's queue), so the drain takes a few worker passes, not one per
+/// batch of 16, and every key is deleted exactly once.
+async fn a_long_queue_drains_without_a_worker_pass_per_batch(backend: Backend) {
+    const N: usize = 200;
+    let mut options = fast_options();
+    options.retry_base = std::time::Duration::from_secs(3600);
+    options.retry_max = std::time::Duration::from_secs(3600);
+    let env = Env::on(&backend, options, Mode::Ours).await;
+    let team = TeamId::new();
+    let registry = env.manager.registry();
+    for i in 0..N {
+        let t = registry
+            .register_template(
+                NewTemplate::new(team, name(&format!("q-{i}")), TemplateType::Snapshot)
+                    .shape(1, 256)
+                    .size_bytes(1000)
+                    .on_hosts([env.host]),
+            )
+            .await
+            .unwrap();
+        env.agent.put_snapshot(&t.id.to_string(), 1000, None);
+    }
+    // The host fails every delete, then goes offline: the queue waits for
+    // it (an hour's backoff: only its coming back makes the retry prompt).
+    env.agent.set_unavailable(true);
+    for i in 0..N {
+        env.manager
+            .delete(&caller(team), &name(&format!("q-{i}")))
+            .await
+            .unwrap();
+    }
+    registry
+        .set_host_status(env.host, HostStatus::Offline)
+        .await
+        .unwrap();
+    env.agent.set_unavailable(false);
+    assert_eq!(env.manager.pending_deletions().await.unwrap().len(), N);
+    let (calls, passes) = (
+        env.agent.calls(AgentOp::DeleteSnapshot),
+        env.manager.worker_stats().passes,
+    );
+    registry
+        .set_host_status(env.host, HostStatus::Online)
+        .await
+        .unwrap();
+    eventually("the queue is drained", || async {
+        env.manager.pending_deletions().await.unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(env.agent.snapshot_keys().len(), 0);
+    assert_eq!(env.agent.calls(AgentOp::DeleteSnapshot) - calls, N);
+    let passes = env.manager.worker_stats().passes - passes;
+    assert!(
+        passes < N.div_ceil(16) as u64 / 2,
+        "{passes} worker passes for {} batches",
+        N.div_ceil(16)
+    );
 }
 
 async fn delete_talks_to_every_holding_host_in_parallel_and_only_to_them(backend: Backend) {

@@ -48,6 +48,8 @@ pub(crate) struct Engine {
     pub(crate) last_sweep: Mutex<Option<tokio::time::Instant>>,
     /// When remembered requests were last purged.
     pub(crate) last_purge: Mutex<Option<tokio::time::Instant>>,
+    /// When the backlog gauges were last read.
+    pub(crate) last_backlogs: Mutex<Option<tokio::time::Instant>>,
     /// When the retention sweep is due next.
     pub(crate) retention: Mutex<RetentionClock>,
     /// What the background worker keeps in memory between passes.
@@ -136,6 +138,11 @@ impl Engine {
     /// Like [`Engine::sweep_due`], for the purge of expired requests.
     pub(crate) fn purge_due(&self, interval: Duration) -> Option<Duration> {
         due(&self.last_purge, interval)
+    }
+
+    /// Like [`Engine::sweep_due`], for the backlog gauges.
+    pub(crate) fn backlogs_due(&self, interval: Duration) -> Option<Duration> {
+        due(&self.last_backlogs, interval)
     }
 }
 

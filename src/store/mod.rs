@@ -530,6 +530,10 @@ pub struct OpenOperation {
     pub owner: Option<InstanceId>,
 }
 
+/// Most deletions claimed for one host at a time: the deletes the worker
+/// runs on one host at once.
+pub(crate) const DELETIONS_PER_HOST: u32 = 16;
+
 /// The domain transactions the manager, the worker and the HTTP server
 /// need. Every method is one transaction. `now` is passed in (never read
 /// inside) so that one operation's steps agree on the time.
@@ -714,14 +718,26 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
         result: DeletionResult,
         now: Timestamp,
     ) -> Result<()>;
-    /// Claims up to `limit` due deletions (not on `skip_hosts`) until
-    /// `lease_until`; replicas never claim one deletion twice at once.
+    /// Claims up to `limit` due deletions (not on `skip_hosts`), at most
+    /// [`DELETIONS_PER_HOST`] per host, until `lease_until`; replicas never
+    /// claim one deletion twice at once. Costs the rows it claims, not the
+    /// length of the queue.
     async fn claim_due_deletions(
         &self,
         now: Timestamp,
         lease_until: Timestamp,
         limit: u32,
         skip_hosts: Vec<HostId>,
+    ) -> Result<Vec<Deletion>>;
+    /// Claims the next `limit` (at most [`DELETIONS_PER_HOST`]) due
+    /// deletions of `host` alone, as [`Store::claim_due_deletions`] would:
+    /// a worker draining one host's long queue goes on without a pass.
+    async fn claim_host_deletions(
+        &self,
+        host: HostId,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
     ) -> Result<Vec<Deletion>>;
     /// Queued deletions, for operators.
     async fn pending_deletions(&self) -> Result<Vec<PendingDeletion>>;

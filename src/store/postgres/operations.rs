@@ -224,10 +224,21 @@ pub(super) async fn next_due(
     let row = query_one(
         db,
         "SELECT min(t) FROM (
-             SELECT min(greatest(p.next_attempt, coalesce(p.lease_until, 0))) AS t
+             SELECT (SELECT p.next_attempt FROM placements p
+                     WHERE p.host_id = h.id AND p.state = 'deleting' AND p.lease_until IS NULL
+                       AND NOT EXISTS (SELECT 1 FROM operations o
+                                       WHERE o.template_id = p.template_id)
+                       AND NOT EXISTS (SELECT 1 FROM restores r
+                                       WHERE r.template_id = p.template_id
+                                         AND r.host_id = p.host_id)
+                     ORDER BY p.next_attempt LIMIT 1) AS t
+             FROM hosts h
+             WHERE h.status <> 'offline' AND h.id <> ALL ($1::bytea[])
+             UNION ALL
+             SELECT min(greatest(p.next_attempt, p.lease_until))
              FROM placements p JOIN hosts h ON h.id = p.host_id
-             WHERE p.state = 'deleting' AND h.status <> 'offline'
-               AND p.host_id <> ALL ($1::bytea[])
+             WHERE p.state = 'deleting' AND p.lease_until IS NOT NULL
+               AND h.status <> 'offline' AND p.host_id <> ALL ($1::bytea[])
                AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.template_id = p.template_id)
                AND NOT EXISTS (SELECT 1 FROM restores r
                                WHERE r.template_id = p.template_id AND r.host_id = p.host_id)

@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::ids::{HostId, TeamId, TemplateId};
 use crate::model::{Actor, Template, Timestamp};
 use crate::names::TemplateName;
-use crate::store::{Deletion, PendingDeletion, StoreError};
+use crate::store::{DELETIONS_PER_HOST, Deletion, PendingDeletion, StoreError};
 
 const INSERT_PLACEMENT: &str = "INSERT INTO placements
          (template_id, host_id, team_id, state, next_attempt, created_at, updated_at)
@@ -224,47 +224,47 @@ pub(super) async fn deletion_failed(
     Ok(())
 }
 
-/// Most deletions claimed for one host in one batch.
-const PER_HOST: i64 = 16;
-
 /// Takes up to `limit` due deletions (skipping hosts marked offline and
-/// the hosts in `skip_hosts`, whose work is in hand) and leases them until
-/// `lease_until` so nobody else tries them meanwhile. A key whose create is
-/// still unresolved is not due: its host may still be writing it; nor are
-/// a template's files on a host a restore from it is in flight on.
+/// the hosts in `skip_hosts`, whose work is in hand; with `only`, that
+/// host's alone) and leases them until `lease_until` so nobody else tries
+/// them meanwhile. A key whose create is still unresolved is not due: its
+/// host may still be writing it; nor are a template's files on a host a
+/// restore from it is in flight on.
 ///
-/// The due rows are locked `SKIP LOCKED` (another replica claiming at the
-/// same moment gets the others), then ranked per host — Postgres allows no
-/// row lock in a query with a window function, hence the CTEs — and the
-/// chosen ones leased, all in one statement. A row another replica leased
-/// after this statement's snapshot is read again once locked and left out.
+/// At most [`DELETIONS_PER_HOST`] per host, read from the front of each
+/// host's own queue (`placements_due_by_host`, a `LATERAL` per host), so a
+/// claim costs the rows it takes, however long a queue has grown. Those
+/// rows are locked `SKIP LOCKED` (another replica claiming at the same
+/// moment gets the next ones) and leased, all in one statement; a row
+/// another replica leased after this statement's snapshot is read again
+/// once locked and left out.
 pub(super) async fn claim_due_deletions(
     db: &impl GenericClient,
     now: Timestamp,
     lease_until: Timestamp,
     limit: u32,
     skip_hosts: &[HostId],
+    only: Option<HostId>,
 ) -> TxResult<Vec<Deletion>> {
     let claim = uuid::Uuid::new_v4();
     let rows = query(
         db,
-        "WITH due AS (
-             SELECT p.template_id, p.host_id, p.next_attempt
-             FROM placements p JOIN hosts h ON h.id = p.host_id
-             WHERE p.state = 'deleting' AND p.next_attempt <= $1
-               AND coalesce(p.lease_until, 0) <= $1 AND h.status <> 'offline'
-               AND p.host_id <> ALL ($4::bytea[])
-               AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.template_id = p.template_id)
-               AND NOT EXISTS (SELECT 1 FROM restores r
-                               WHERE r.template_id = p.template_id AND r.host_id = p.host_id)
-             FOR UPDATE OF p SKIP LOCKED
-         ), ranked AS (
-             SELECT template_id, host_id, next_attempt,
-                    row_number() OVER (PARTITION BY host_id ORDER BY next_attempt) AS n
-             FROM due
-         ), chosen AS (
-             SELECT template_id, host_id FROM ranked
-             WHERE n <= $3 ORDER BY next_attempt LIMIT $2
+        "WITH chosen AS (
+             SELECT d.template_id, d.host_id
+             FROM hosts h CROSS JOIN LATERAL (
+                 SELECT p.template_id, p.host_id, p.next_attempt FROM placements p
+                 WHERE p.host_id = h.id AND p.state = 'deleting' AND p.next_attempt <= $1
+                   AND coalesce(p.lease_until, 0) <= $1
+                   AND NOT EXISTS (SELECT 1 FROM operations o
+                                   WHERE o.template_id = p.template_id)
+                   AND NOT EXISTS (SELECT 1 FROM restores r
+                                   WHERE r.template_id = p.template_id AND r.host_id = p.host_id)
+                 ORDER BY p.next_attempt LIMIT $3
+                 FOR UPDATE OF p SKIP LOCKED
+             ) d
+             WHERE h.status <> 'offline' AND h.id <> ALL ($4::bytea[])
+               AND ($7::bytea IS NULL OR h.id = $7)
+             ORDER BY d.next_attempt LIMIT $2
          )
          UPDATE placements p SET lease_until = $5, claim = $6
          FROM chosen c, hosts h
@@ -273,10 +273,11 @@ pub(super) async fn claim_due_deletions(
         &[
             &now.unix_millis(),
             &i64::from(limit),
-            &PER_HOST,
+            &i64::from(DELETIONS_PER_HOST),
             &id_array(skip_hosts),
             &lease_until.unix_millis(),
             &&claim.as_bytes()[..],
+            &only.map(|h| h.bytes().to_vec()),
         ],
     )
     .await?;

@@ -392,7 +392,26 @@ impl Store for PostgresStore {
             now,
             lease_until,
             limit,
-            &skip_hosts
+            &skip_hosts,
+            None
+        ))
+    }
+
+    async fn claim_host_deletions(
+        &self,
+        host: HostId,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<Deletion>> {
+        let limit = limit.min(crate::store::DELETIONS_PER_HOST);
+        transaction!(self, |tx| placements::claim_due_deletions(
+            tx,
+            now,
+            lease_until,
+            limit,
+            &[],
+            Some(host)
         ))
     }
 

@@ -16,9 +16,10 @@ use crate::model::{
 };
 use crate::names::TemplateName;
 use crate::store::{
-    Backlog, CreateInput, CreateOp, Deletion, DeletionResult, Destroy, Failure, Finish, HostChange,
-    InHand, KeyRecord, ListPosition, OpenOperation, PendingDeletion, PendingDestroy, Phase,
-    ResolveReason, RestoreCandidate, RestoreEnd, RestoreInput, RestoreOp, SandboxOutcome, Store,
+    Backlog, CreateInput, CreateOp, DELETIONS_PER_HOST, Deletion, DeletionResult, Destroy, Failure,
+    Finish, HostChange, InHand, KeyRecord, ListPosition, OpenOperation, PendingDeletion,
+    PendingDestroy, Phase, ResolveReason, RestoreCandidate, RestoreEnd, RestoreInput, RestoreOp,
+    SandboxOutcome, Store,
 };
 
 #[async_trait]
@@ -259,8 +260,27 @@ impl Store for SqliteStore {
         limit: u32,
         skip_hosts: Vec<HostId>,
     ) -> Result<Vec<Deletion>> {
-        self.write(move |c| sql::claim_due_deletions(c, now, lease_until, limit, &skip_hosts))
-            .await
+        // A claim only leases rows: a lease lost to a power cut is one the
+        // next process voids at open anyway, so it need not wait for fsync.
+        self.write_relaxed(move |c| {
+            sql::claim_due_deletions(c, now, lease_until, limit, &skip_hosts, None)
+        })
+        .await
+    }
+
+    async fn claim_host_deletions(
+        &self,
+        host: HostId,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<Deletion>> {
+        let limit = limit.min(DELETIONS_PER_HOST);
+        // Relaxed, as the claim above.
+        self.write_relaxed(move |c| {
+            sql::claim_due_deletions(c, now, lease_until, limit, &[], Some(host))
+        })
+        .await
     }
 
     async fn pending_deletions(&self) -> Result<Vec<PendingDeletion>> {

@@ -43,10 +43,10 @@ use crate::model::{
 use crate::names::TemplateName;
 
 use crate::store::{
-    Backlog, CreateDone, CreateInput, CreateOp, Deletion, Destroy, Failure, Finish, HostChange,
-    InHand, KeyRecord, ListPosition, OpenOperation, PendingDeletion, PendingDestroy, ResolveReason,
-    RestoreCandidate, RestoreEnd, RestoreInput, RestoreOp, SandboxOutcome, StoreError,
-    actor_from_columns,
+    Backlog, CreateDone, CreateInput, CreateOp, DELETIONS_PER_HOST, Deletion, Destroy, Failure,
+    Finish, HostChange, InHand, KeyRecord, ListPosition, OpenOperation, PendingDeletion,
+    PendingDestroy, ResolveReason, RestoreCandidate, RestoreEnd, RestoreInput, RestoreOp,
+    SandboxOutcome, StoreError, actor_from_columns,
 };
 
 macro_rules! sql_id {

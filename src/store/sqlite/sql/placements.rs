@@ -78,51 +78,66 @@ pub(crate) fn deletion_failed(
     Ok(())
 }
 
-/// Most deletions claimed for one host in one batch.
-pub(super) const PER_HOST: u32 = 16;
-
 /// Takes up to `limit` due deletions (skipping hosts marked offline and
-/// the hosts in `skip_hosts`, whose work is in hand) and leases them until
-/// `lease_until` so nobody else tries them meanwhile. A key whose create is
-/// still unresolved is not due: its host may still be writing it.
+/// the hosts in `skip_hosts`, whose work is in hand; with `only`, that
+/// host's alone) and leases them until `lease_until` so nobody else tries
+/// them meanwhile. A key whose create is still unresolved is not due: its
+/// host may still be writing it; nor are a template's files on a host a
+/// restore from it is in flight on.
+///
+/// At most [`DELETIONS_PER_HOST`] per host, so that one slow host cannot
+/// fill a batch that every other host then waits on; each host's share is
+/// read from the front of its own queue (`placements_due_by_host`), so a
+/// claim costs the rows it takes, however long a host's queue has grown.
 pub(crate) fn claim_due_deletions(
     conn: &Connection,
     now: Timestamp,
     lease_until: Timestamp,
     limit: u32,
     skip_hosts: &[HostId],
+    only: Option<HostId>,
 ) -> Result<Vec<Deletion>> {
-    // At most `PER_HOST` per host, so that one slow host cannot fill a
-    // batch that every other host then waits on.
-    let mut stmt = conn.prepare_cached(
-        "SELECT template_id, team_id, host_id, address, attempts FROM (
-             SELECT p.template_id, p.team_id, p.host_id, h.address, p.attempts, p.next_attempt,
-                    row_number() OVER (PARTITION BY p.host_id ORDER BY p.next_attempt) AS n
-             FROM placements p JOIN hosts h ON h.id = p.host_id
-             WHERE p.state = 'deleting' AND p.next_attempt <= ?1
-               AND coalesce(p.lease_until, 0) <= ?1 AND h.status <> 'offline'
-               AND p.host_id NOT IN (SELECT unhex(value) FROM json_each(?4))
-               AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.template_id = p.template_id)
-               AND NOT EXISTS (SELECT 1 FROM restores r
-                               WHERE r.template_id = p.template_id AND r.host_id = p.host_id))
-         WHERE n <= ?3 ORDER BY next_attempt LIMIT ?2",
-    )?;
-    let mut due = stmt
-        .query_map(
-            params![
-                now.unix_millis(),
-                limit,
-                PER_HOST,
-                hex_blobs(skip_hosts.iter().map(HostId::as_blob))
-            ],
-            deletion_row,
+    let hosts: Vec<HostId> = conn
+        .prepare_cached(
+            "SELECT id FROM hosts
+             WHERE status <> 'offline' AND (?2 IS NULL OR id = ?2)
+               AND id NOT IN (SELECT unhex(value) FROM json_each(?1))",
         )
-        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())?;
+        .and_then(|mut s| {
+            s.query_map(
+                params![hex_blobs(skip_hosts.iter().map(HostId::as_blob)), only],
+                |r| r.get(0),
+            )
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        })?;
+    let mut front = conn.prepare_cached(
+        "SELECT p.template_id, p.team_id, p.host_id, h.address, p.attempts, p.next_attempt
+         FROM placements p INDEXED BY placements_due_by_host JOIN hosts h ON h.id = p.host_id
+         WHERE p.host_id = ?1 AND p.state = 'deleting' AND p.next_attempt <= ?2
+           AND coalesce(p.lease_until, 0) <= ?2
+           AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.template_id = p.template_id)
+           AND NOT EXISTS (SELECT 1 FROM restores r
+                           WHERE r.template_id = p.template_id AND r.host_id = p.host_id)
+         ORDER BY p.next_attempt LIMIT ?3",
+    )?;
+    let mut due: Vec<(i64, Deletion)> = Vec::new();
+    for host in hosts {
+        let rows = front
+            .query_map(params![host, now.unix_millis(), DELETIONS_PER_HOST], |r| {
+                Ok((r.get::<_, i64>(5)?, deletion_row(r)?))
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())?;
+        due.extend(rows);
+    }
+    // The earliest due first, across hosts.
+    due.sort_by_key(|(at, _)| *at);
+    due.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     let claim = uuid::Uuid::new_v4();
     let mut lease = conn.prepare_cached(
         "UPDATE placements SET lease_until = ?3, claim = ?4 WHERE template_id = ?1 AND host_id = ?2",
     )?;
-    for d in &mut due {
+    let mut claimed = Vec::with_capacity(due.len());
+    for (_, mut d) in due {
         lease.execute(params![
             d.template_id,
             d.host.id,
@@ -130,8 +145,9 @@ pub(crate) fn claim_due_deletions(
             &claim.as_bytes()[..]
         ])?;
         d.claim = Some(claim);
+        claimed.push(d);
     }
-    Ok(due)
+    Ok(claimed)
 }
 
 pub(super) fn hex_blobs<'a>(blobs: impl Iterator<Item = &'a [u8; 16]>) -> String {
@@ -145,13 +161,30 @@ pub(super) fn hex_blobs<'a>(blobs: impl Iterator<Item = &'a [u8; 16]>) -> String
 }
 
 /// The earliest time any queued work not in hand becomes due, if any.
+/// Deletions are looked for per host: the front of each host's queue that
+/// no attempt holds, and the leases of those attempts (when they lapse).
 pub(crate) fn next_due(conn: &Connection, in_hand: &InHand) -> Result<Option<Timestamp>> {
     let at: Option<i64> = conn
         .prepare_cached(
             "SELECT min(t) FROM (
-                 SELECT min(max(p.next_attempt, coalesce(p.lease_until, 0))) AS t
-                 FROM placements p JOIN hosts h ON h.id = p.host_id
-                 WHERE p.state = 'deleting' AND h.status <> 'offline'
+                 SELECT (SELECT p.next_attempt
+                         FROM placements p INDEXED BY placements_due_by_host
+                         WHERE p.host_id = h.id AND p.state = 'deleting'
+                           AND p.lease_until IS NULL
+                           AND NOT EXISTS (SELECT 1 FROM operations o
+                                           WHERE o.template_id = p.template_id)
+                           AND NOT EXISTS (SELECT 1 FROM restores r
+                                           WHERE r.template_id = p.template_id
+                                             AND r.host_id = p.host_id)
+                         ORDER BY p.next_attempt LIMIT 1) AS t
+                 FROM hosts h
+                 WHERE h.status <> 'offline'
+                   AND h.id NOT IN (SELECT unhex(value) FROM json_each(?1))
+                 UNION ALL
+                 SELECT min(max(p.next_attempt, p.lease_until))
+                 FROM placements p INDEXED BY placements_leased JOIN hosts h ON h.id = p.host_id
+                 WHERE p.state = 'deleting' AND p.lease_until IS NOT NULL
+                   AND h.status <> 'offline'
                    AND p.host_id NOT IN (SELECT unhex(value) FROM json_each(?1))
                    AND NOT EXISTS (SELECT 1 FROM operations o
                                    WHERE o.template_id = p.template_id)
