@@ -28,12 +28,13 @@ async fn get(env: &Env, team: TeamId, n: &str) -> Result<Template> {
     env.manager.get(&caller(team), &name(n)).await
 }
 
-async fn platform_template(env: &Env, n: &str, kind: TemplateType) -> Template {
+/// A template of `team` registered on the env's host, its files there.
+async fn registered(env: &Env, team: TeamId, n: &str, kind: TemplateType) -> Template {
     let t = env
         .manager
         .registry()
         .register_template(
-            NewTemplate::new(TeamId::PLATFORM, name(n), kind)
+            NewTemplate::new(team, name(n), kind)
                 .shape(1, 256)
                 .size_bytes(1000)
                 .on_hosts([env.host]),
@@ -42,6 +43,10 @@ async fn platform_template(env: &Env, n: &str, kind: TemplateType) -> Template {
         .unwrap();
     env.agent.put_snapshot(&t.id.to_string(), 1000, None);
     t
+}
+
+async fn platform_template(env: &Env, n: &str, kind: TemplateType) -> Template {
+    registered(env, TeamId::PLATFORM, n, kind).await
 }
 
 async fn list_shows_own_and_platform_templates_newest_first(backend: Backend) {
@@ -450,16 +455,7 @@ async fn a_long_queue_drains_without_a_worker_pass_per_batch(backend: Backend) {
     let team = TeamId::new();
     let registry = env.manager.registry();
     for i in 0..N {
-        let t = registry
-            .register_template(
-                NewTemplate::new(team, name(&format!("q-{i}")), TemplateType::Snapshot)
-                    .shape(1, 256)
-                    .size_bytes(1000)
-                    .on_hosts([env.host]),
-            )
-            .await
-            .unwrap();
-        env.agent.put_snapshot(&t.id.to_string(), 1000, None);
+        registered(&env, team, &format!("q-{i}"), TemplateType::Snapshot).await;
     }
     // The host fails every delete, then goes offline: the queue waits for
     // it (an hour's backoff: only its coming back makes the retry prompt).

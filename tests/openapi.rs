@@ -1854,27 +1854,7 @@ async fn open_operations_are_listed_and_resolved_as_documented() {
     let doc = document();
     let ops = operations(&doc);
     let server = Server::start().await;
-    let host = server.host.to_string();
-    let reply = server
-        .admin(
-            "post",
-            "/v1/admin/hosts",
-            Some(&json!({ "id": host, "address": "in-process" })),
-        )
-        .await;
-    assert_eq!(reply.status, 201);
-    let (team, key) = server.team_key().await;
-    let sb = SandboxId::new();
-    server.agent.add_sandbox(sb, "running", 1, 64);
-    let body = json!({ "id": sb.to_string(), "team_id": team.to_string(), "host_id": host,
-                       "status": "running", "vcpus": 1, "memory_mb": 64 });
-    assert_eq!(
-        server
-            .admin("post", "/v1/admin/sandboxes", Some(&body))
-            .await
-            .status,
-        201
-    );
+    let (_, key, sb) = server.team_with_sandbox(1, 64).await;
     // The agent writes the files and fails, and then cannot say what
     // became of the sandbox: the operation stays open.
     server.agent.inject_times(
@@ -2086,6 +2066,22 @@ async fn retention_is_set_and_shown_as_documented() {
     };
     let path = "/v1/admin/teams/{team_id}/retention";
     let retention = format!("/v1/admin/teams/{team}/retention");
+    // A create that must succeed: its documented 201 body.
+    let created = |name: &'static str, extra: Value| {
+        let (server, doc, ops, key, body) = (&server, &doc, &ops, &key, create(name, extra));
+        async move {
+            let reply = server
+                .send("post", "/v1/snapshots", Some(key), Some(&body))
+                .await;
+            assert_eq!(
+                reply.status,
+                201,
+                "{}",
+                String::from_utf8_lossy(&reply.body)
+            );
+            check_reply(doc, ops, "post", "/v1/snapshots", &reply)
+        }
+    };
 
     // ttl_seconds: out of range or not an integer → 400, nothing created.
     let calls = server
@@ -2126,39 +2122,11 @@ async fn retention_is_set_and_shown_as_documented() {
     );
 
     // Without a TTL and without a policy: no expires_at.
-    let reply = server
-        .send(
-            "post",
-            "/v1/snapshots",
-            Some(&key),
-            Some(&create("forever", json!({}))),
-        )
-        .await;
-    assert_eq!(
-        reply.status,
-        201,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let forever = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
+    let forever = created("forever", json!({})).await;
     assert!(forever.get("expires_at").is_none(), "{forever}");
 
     // An explicit TTL: expires_at about an hour ahead.
-    let reply = server
-        .send(
-            "post",
-            "/v1/snapshots",
-            Some(&key),
-            Some(&create("hour", json!({ "ttl_seconds": 3600 }))),
-        )
-        .await;
-    assert_eq!(
-        reply.status,
-        201,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let hour = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
+    let hour = created("hour", json!({ "ttl_seconds": 3600 })).await;
     assert_expires_in(&hour, 3600);
     let reply = server
         .send("get", "/v1/snapshots/hour", Some(&key), None)
@@ -2190,28 +2158,10 @@ async fn retention_is_set_and_shown_as_documented() {
                 "keep_last_per_sandbox": 50 })
     );
     // The default TTL applies to a create without one ...
-    let reply = server
-        .send(
-            "post",
-            "/v1/snapshots",
-            Some(&key),
-            Some(&create("default", json!({}))),
-        )
-        .await;
-    assert_eq!(reply.status, 201);
-    let default = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
+    let default = created("default", json!({})).await;
     assert_expires_in(&default, 7200);
     // ... and a create's own TTL overrides it.
-    let reply = server
-        .send(
-            "post",
-            "/v1/snapshots",
-            Some(&key),
-            Some(&create("own", json!({ "ttl_seconds": 60 }))),
-        )
-        .await;
-    assert_eq!(reply.status, 201);
-    let own = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
+    let own = created("own", json!({ "ttl_seconds": 60 })).await;
     assert_expires_in(&own, 60);
 
     // Bad values → 400, and the stored policy is unchanged.
@@ -2252,16 +2202,7 @@ async fn retention_is_set_and_shown_as_documented() {
     let error = check_reply(&doc, &ops, "put", path, &reply);
     assert_eq!(error["error"]["code"], "forbidden");
     // The refused requests changed nothing: the default TTL still holds.
-    let reply = server
-        .send(
-            "post",
-            "/v1/snapshots",
-            Some(&key),
-            Some(&create("still-default", json!({}))),
-        )
-        .await;
-    assert_eq!(reply.status, 201);
-    let still = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
+    let still = created("still-default", json!({})).await;
     assert_expires_in(&still, 7200);
     // An empty body turns it off.
     let reply = server.admin("put", &retention, Some(&json!({}))).await;
