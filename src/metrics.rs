@@ -105,7 +105,7 @@ pub(crate) struct Backlog {
     pub(crate) oldest_age: Duration,
 }
 
-/// Sets the backlog gauges (the worker, each pass).
+/// Sets the backlog gauges (the worker, on a pass, at most once a second).
 pub(crate) fn backlogs(deletions: Backlog, operations: Backlog) {
     ::metrics::gauge!(QUEUED_DELETIONS).set(deletions.count as f64);
     ::metrics::gauge!(QUEUED_DELETIONS_OLDEST_AGE_SECONDS).set(deletions.oldest_age.as_secs_f64());
