@@ -623,7 +623,9 @@ const DRAIN_ROUNDS: u32 = 64;
 /// as a host back from an outage has), claims the host's next batch while
 /// the current one runs, so the host's deletes follow each other without
 /// a pass between them: a claim reads the front of the host's queue only.
-/// A claim the store refuses ends the drain; the next pass tries again.
+/// A claim the store refuses ends the drain, and so does a batch the host
+/// did not wholly confirm (what was claimed meanwhile still runs: nothing
+/// is left leased); the next pass tries again.
 async fn drain_deletions(
     inner: &Arc<Engine>,
     host: HostId,
@@ -631,9 +633,12 @@ async fn drain_deletions(
     report: &mut WorkReport,
 ) {
     let per_host = DELETIONS_PER_HOST as usize;
+    let mut failing = false;
     for round in 0..DRAIN_ROUNDS {
-        let more =
-            batch.len() >= per_host && round + 1 < DRAIN_ROUNDS && !inner.shutdown.is_cancelled();
+        let more = batch.len() >= per_host
+            && !failing
+            && round + 1 < DRAIN_ROUNDS
+            && !inner.shutdown.is_cancelled();
         let claim_next = async {
             if more {
                 claim_host_deletions(inner, host, per_host).await
@@ -644,6 +649,7 @@ async fn drain_deletions(
         let ((confirmed, failed), next) = tokio::join!(delete_files(inner, batch), claim_next);
         report.deletions_confirmed += confirmed.len();
         report.deletions_failed += failed.len();
+        failing |= !failed.is_empty();
         if next.is_empty() {
             return;
         }

@@ -20,6 +20,7 @@ conformance!(
     delete_while_the_host_is_down_queues_the_files_until_it_is_back,
     an_offline_host_is_skipped_and_retried_when_it_comes_back_online,
     a_long_queue_drains_without_a_worker_pass_per_batch,
+    a_host_failing_its_deletes_is_not_drained_further,
     delete_talks_to_every_holding_host_in_parallel_and_only_to_them,
     audit_log_pages_by_cursor_and_filters,
 );
@@ -442,56 +443,95 @@ async fn an_offline_host_is_skipped_and_retried_when_it_comes_back_online(backen
     .await;
 }
 
+/// An env whose host is offline with `n` queued deletions (an hour's
+/// backoff each: only the host coming back makes a retry prompt), its
+/// agent reachable again.
+async fn queued_on_an_offline_host(backend: &Backend, mode: Mode, n: usize, janitor: bool) -> Env {
+    let mut options = fast_options();
+    options.retry_base = std::time::Duration::from_secs(3600);
+    options.retry_max = std::time::Duration::from_secs(3600);
+    options.run_janitor = janitor;
+    let env = Env::on(backend, options, mode).await;
+    let team = TeamId::new();
+    for i in 0..n {
+        registered(&env, team, &format!("q-{i}"), TemplateType::Snapshot).await;
+    }
+    env.agent.set_unavailable(true);
+    for i in 0..n {
+        env.manager
+            .delete(&caller(team), &name(&format!("q-{i}")))
+            .await
+            .unwrap();
+    }
+    env.manager
+        .registry()
+        .set_host_status(env.host, HostStatus::Offline)
+        .await
+        .unwrap();
+    env.agent.set_unavailable(false);
+    assert_eq!(env.manager.pending_deletions().await.unwrap().len(), n);
+    env
+}
+
 /// A host back online with a queue many batches long: its task keeps
 /// claiming the host's next batch itself (each claim reads the front of
 /// that host's queue), so the drain takes a few worker passes, not one per
 /// batch of 16, and every key is deleted exactly once.
 async fn a_long_queue_drains_without_a_worker_pass_per_batch(backend: Backend) {
     const N: usize = 200;
-    let mut options = fast_options();
-    options.retry_base = std::time::Duration::from_secs(3600);
-    options.retry_max = std::time::Duration::from_secs(3600);
-    let env = Env::on(&backend, options, Mode::Ours).await;
-    let team = TeamId::new();
-    let registry = env.manager.registry();
-    for i in 0..N {
-        registered(&env, team, &format!("q-{i}"), TemplateType::Snapshot).await;
-    }
-    // The host fails every delete, then goes offline: the queue waits for
-    // it (an hour's backoff: only its coming back makes the retry prompt).
-    env.agent.set_unavailable(true);
-    for i in 0..N {
+    for mode in Mode::ALL {
+        let env = queued_on_an_offline_host(&backend, mode, N, true).await;
+        let (calls, passes) = (
+            env.agent.calls(AgentOp::DeleteSnapshot),
+            env.manager.worker_stats().passes,
+        );
         env.manager
-            .delete(&caller(team), &name(&format!("q-{i}")))
+            .registry()
+            .set_host_status(env.host, HostStatus::Online)
             .await
             .unwrap();
+        eventually("the queue is drained", || async {
+            env.manager.pending_deletions().await.unwrap().is_empty()
+        })
+        .await;
+        assert_eq!(env.agent.snapshot_keys().len(), 0, "{mode:?}");
+        assert_eq!(
+            env.agent.calls(AgentOp::DeleteSnapshot) - calls,
+            N,
+            "{mode:?}"
+        );
+        let passes = env.manager.worker_stats().passes - passes;
+        assert!(
+            passes < N.div_ceil(16) as u64 / 2,
+            "{mode:?}: {passes} worker passes for {} batches",
+            N.div_ceil(16)
+        );
     }
-    registry
-        .set_host_status(env.host, HostStatus::Offline)
-        .await
-        .unwrap();
-    env.agent.set_unavailable(false);
-    assert_eq!(env.manager.pending_deletions().await.unwrap().len(), N);
-    let (calls, passes) = (
-        env.agent.calls(AgentOp::DeleteSnapshot),
-        env.manager.worker_stats().passes,
-    );
-    registry
-        .set_host_status(env.host, HostStatus::Online)
-        .await
-        .unwrap();
-    eventually("the queue is drained", || async {
-        env.manager.pending_deletions().await.unwrap().is_empty()
-    })
-    .await;
-    assert_eq!(env.agent.snapshot_keys().len(), 0);
-    assert_eq!(env.agent.calls(AgentOp::DeleteSnapshot) - calls, N);
-    let passes = env.manager.worker_stats().passes - passes;
-    assert!(
-        passes < N.div_ceil(16) as u64 / 2,
-        "{passes} worker passes for {} batches",
-        N.div_ceil(16)
-    );
+}
+
+/// A host that fails the deletes of a batch is not drained further by the
+/// same task: one pass asks it for its first batch and the one claimed
+/// meanwhile (32), not for its whole queue; the rest waits for a pass.
+async fn a_host_failing_its_deletes_is_not_drained_further(backend: Backend) {
+    for mode in Mode::ALL {
+        let env = queued_on_an_offline_host(&backend, mode, 200, false).await;
+        env.manager
+            .registry()
+            .set_host_status(env.host, HostStatus::Online)
+            .await
+            .unwrap();
+        env.agent.set_unavailable(true);
+        let calls = env.agent.calls(AgentOp::DeleteSnapshot);
+        let report = env.manager.run_pending_work().await.unwrap();
+        let asked = env.agent.calls(AgentOp::DeleteSnapshot) - calls;
+        assert!(
+            asked <= 32,
+            "{mode:?}: {asked} deletes asked of a failing host"
+        );
+        assert_eq!(report.deletions_failed, asked, "{mode:?}");
+        assert_eq!(report.deletions_confirmed, 0, "{mode:?}");
+        assert_eq!(env.manager.pending_deletions().await.unwrap().len(), 200);
+    }
 }
 
 async fn delete_talks_to_every_holding_host_in_parallel_and_only_to_them(backend: Backend) {
