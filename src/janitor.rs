@@ -26,14 +26,16 @@ use tokio::time::Instant;
 
 use crate::agent::{HostTarget, SnapshotKey};
 use crate::engine::create::{resolve_interrupted, resolve_status};
-use crate::engine::delete::delete_files;
+use crate::engine::delete::{ask_host, delete_files, record_answers};
 use crate::engine::restore::{destroy_sandboxes, resolve_interrupted_restore};
 use crate::engine::{Engine, HostViews, WorkReport, after, backoff, lock_unpoisoned};
 use crate::error::Result;
 use crate::ids::{HostId, OperationId};
 use crate::model::{HostStatus, Timestamp};
 use crate::options::ManagerOptions;
-use crate::store::{CreateOp, DELETIONS_PER_HOST, Deletion, Destroy, InHand, Phase, RestoreOp};
+use crate::store::{
+    CreateOp, DELETIONS_PER_HOST, Deletion, DeletionResult, Destroy, InHand, Phase, RestoreOp,
+};
 
 /// Most deletions claimed per round.
 const BATCH: u32 = 64;
@@ -621,11 +623,14 @@ const DRAIN_ROUNDS: u32 = 64;
 
 /// Deletes `batch` on `host`; while batches come back full (a long queue,
 /// as a host back from an outage has), claims the host's next batch while
-/// the current one runs, so the host's deletes follow each other without
-/// a pass between them: a claim reads the front of the host's queue only.
-/// A claim the store refuses ends the drain, and so does a batch the host
-/// did not wholly confirm (what was claimed meanwhile still runs: nothing
-/// is left leased); the next pass tries again.
+/// the current one runs, and records a batch's answers (one transaction)
+/// while the host works on the next, so the host's deletes follow each
+/// other without a pass or a commit between them: a claim reads the front
+/// of the host's queue only. At most one batch is being asked, one claimed
+/// and one recorded at a time. A claim or a record the store refuses ends
+/// the drain, and so does a batch the host did not wholly confirm (what
+/// was claimed meanwhile still runs, and every answer is recorded: nothing
+/// is left leased but what the store refused); the next pass tries again.
 async fn drain_deletions(
     inner: &Arc<Engine>,
     host: HostId,
@@ -634,6 +639,7 @@ async fn drain_deletions(
 ) {
     let per_host = DELETIONS_PER_HOST as usize;
     let mut failing = false;
+    let mut answered = Vec::new();
     for round in 0..DRAIN_ROUNDS {
         let more = batch.len() >= per_host
             && !failing
@@ -646,15 +652,27 @@ async fn drain_deletions(
                 Vec::new()
             }
         };
-        let ((confirmed, failed), next) = tokio::join!(delete_files(inner, batch), claim_next);
-        report.deletions_confirmed += confirmed.len();
-        report.deletions_failed += failed.len();
-        failing |= !failed.is_empty();
+        let asked = batch.len();
+        let previous = std::mem::take(&mut answered);
+        let (answers, next, recorded) = tokio::join!(
+            ask_host(inner, batch),
+            claim_next,
+            record_answers(inner, previous)
+        );
+        let confirmed = answers
+            .iter()
+            .filter(|(_, a)| matches!(a, DeletionResult::Confirmed))
+            .count();
+        report.deletions_confirmed += confirmed;
+        report.deletions_failed += asked - confirmed;
+        failing |= confirmed < asked || !recorded;
+        answered = answers;
         if next.is_empty() {
-            return;
+            break;
         }
         batch = next;
     }
+    record_answers(inner, answered).await;
 }
 
 /// The next `limit` due deletions of `host`; none if the store refuses.

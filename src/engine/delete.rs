@@ -83,7 +83,7 @@ pub(crate) async fn delete_files(
             };
             let recorded = inner
                 .store
-                .record_deletion(target.clone(), answer, now)
+                .record_deletions(vec![(target.clone(), answer)], now)
                 .await;
             if let Err(db) = recorded {
                 tracing::error!(error = ?db, "recording a deletion result failed; it will be retried");
@@ -111,6 +111,76 @@ pub(crate) async fn delete_files(
         inner.wake.notify_one();
     }
     (confirmed, pending)
+}
+
+/// A host's answers to `targets`, asked in parallel and not yet recorded
+/// (a drain records them with [`record_answers`] while the host works on
+/// its next batch). An unclaimed target is not asked (see
+/// [`delete_files`]): it answers as a failure, to be tried again.
+pub(crate) async fn ask_host(
+    inner: &Arc<Engine>,
+    targets: Vec<Deletion>,
+) -> Vec<(Deletion, DeletionResult)> {
+    let mut calls = JoinSet::new();
+    let mut answers = Vec::with_capacity(targets.len());
+    for target in targets {
+        if target.claim.is_none() {
+            continue;
+        }
+        let inner = inner.clone();
+        calls.spawn(async move {
+            let result = delete_on_host(&inner, &target).await;
+            let answer = match result {
+                Ok(()) => DeletionResult::Confirmed,
+                Err(err) => {
+                    tracing::warn!(host = %target.host.id, template = %target.template_id, error = %err,
+                        "deleting snapshot files failed; queued for retry");
+                    DeletionResult::Failed {
+                        error: err.to_string(),
+                        retry_at: after(Timestamp::now(), backoff(&inner.options, target.attempts)),
+                    }
+                }
+            };
+            (target, answer)
+        });
+    }
+    while let Some(joined) = calls.join_next().await {
+        // A call that panicked keeps its lease and is retried after it.
+        if let Ok(answer) = joined {
+            answers.push(answer);
+        }
+    }
+    answers
+}
+
+/// Records `answers` in one transaction; false if the store refused (the
+/// leases run out and the deletions are tried again: a host that deleted
+/// already answers NotFound, which counts as confirmed).
+pub(crate) async fn record_answers(
+    inner: &Engine,
+    answers: Vec<(Deletion, DeletionResult)>,
+) -> bool {
+    if answers.is_empty() {
+        return true;
+    }
+    let failed = answers
+        .iter()
+        .any(|(_, answer)| matches!(answer, DeletionResult::Failed { .. }));
+    let recorded = inner
+        .store
+        .record_deletions(answers, Timestamp::now())
+        .await;
+    if failed {
+        // The worker may be asleep past the retry time it must now keep.
+        inner.wake.notify_one();
+    }
+    match recorded {
+        Ok(()) => true,
+        Err(db) => {
+            tracing::error!(error = ?db, "recording deletion results failed; they will be retried");
+            false
+        }
+    }
 }
 
 /// One `DeleteSnapshot` call; NotFound counts as done.

@@ -711,11 +711,11 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
         lease_until: Timestamp,
         now: Timestamp,
     ) -> Result<(Template, Vec<Deletion>)>;
-    /// Records a host's answer to a deletion.
-    async fn record_deletion(
+    /// Records hosts' answers to deletions, all in one transaction (a
+    /// drain records a batch's answers while the host works on the next).
+    async fn record_deletions(
         &self,
-        deletion: Deletion,
-        result: DeletionResult,
+        answers: Vec<(Deletion, DeletionResult)>,
         now: Timestamp,
     ) -> Result<()>;
     /// Claims up to `limit` due deletions (not on `skip_hosts`), at most

@@ -692,12 +692,14 @@ async fn a_lapsed_claimer_s_late_failure_does_not_release_the_next_claim() {
     assert_eq!(by_b.len(), 1, "A's lease lapsed");
     // A resumes: its attempt failed; it schedules a retry soon.
     store
-        .record_deletion(
-            by_a[0].clone(),
-            crate::store::DeletionResult::Failed {
-                error: "timed out".into(),
-                retry_at: later(t0, 30),
-            },
+        .record_deletions(
+            vec![(
+                by_a[0].clone(),
+                crate::store::DeletionResult::Failed {
+                    error: "timed out".into(),
+                    retry_at: later(t0, 30),
+                },
+            )],
             later(t0, 21),
         )
         .await

@@ -364,19 +364,29 @@ impl Store for PostgresStore {
         ))
     }
 
-    async fn record_deletion(
+    async fn record_deletions(
         &self,
-        deletion: Deletion,
-        result: DeletionResult,
+        mut answers: Vec<(Deletion, DeletionResult)>,
         now: Timestamp,
     ) -> Result<()> {
+        if answers.is_empty() {
+            return Ok(());
+        }
+        // A confirmation locks its template row: in one order, so that two
+        // batches sharing templates cannot deadlock.
+        answers.sort_by_key(|(d, _)| (d.template_id, d.host.id));
         transaction!(self, |tx| async {
-            match &result {
-                DeletionResult::Confirmed => placements::deletion_confirmed(tx, &deletion).await,
-                DeletionResult::Failed { error, retry_at } => {
-                    placements::deletion_failed(tx, &deletion, error, *retry_at, now).await
+            for (deletion, result) in &answers {
+                match result {
+                    DeletionResult::Confirmed => {
+                        placements::deletion_confirmed(tx, deletion).await?
+                    }
+                    DeletionResult::Failed { error, retry_at } => {
+                        placements::deletion_failed(tx, deletion, error, *retry_at, now).await?;
+                    }
                 }
             }
+            TxResult::Ok(())
         })
     }
 

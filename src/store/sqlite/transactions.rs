@@ -226,30 +226,41 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn record_deletion(
+    async fn record_deletions(
         &self,
-        deletion: Deletion,
-        result: DeletionResult,
+        answers: Vec<(Deletion, DeletionResult)>,
         now: Timestamp,
     ) -> Result<()> {
-        match result {
-            // A confirmed deletion need not wait for fsync: if a power cut
-            // loses this commit, the placement is still `deleting` with a
-            // lease that the next process voids; the deletion is retried,
-            // the host answers NotFound (the files are gone), which counts
-            // as confirmed, and this record is written again. Losing it
-            // only repeats a harmless delete. (Its audit entry was written
-            // by `begin_delete`, at full durability.)
-            DeletionResult::Confirmed => {
-                self.write_relaxed(move |c| sql::deletion_confirmed(c, &deletion))
-                    .await
+        if answers.is_empty() {
+            return Ok(());
+        }
+        // A confirmed deletion need not wait for fsync: if a power cut
+        // loses this commit, the placement is still `deleting` with a
+        // lease that the next process voids; the deletion is retried,
+        // the host answers NotFound (the files are gone), which counts
+        // as confirmed, and this record is written again. Losing it
+        // only repeats a harmless delete. (Its audit entry was written
+        // by `begin_delete`, at full durability.) A failure schedules a
+        // retry and counts an attempt: one makes the whole record wait
+        // for the configured durability, like every other record.
+        let relaxed = answers
+            .iter()
+            .all(|(_, result)| matches!(result, DeletionResult::Confirmed));
+        let job = move |c: &rusqlite::Connection| {
+            for (deletion, result) in &answers {
+                match result {
+                    DeletionResult::Confirmed => sql::deletion_confirmed(c, deletion)?,
+                    DeletionResult::Failed { error, retry_at } => {
+                        sql::deletion_failed(c, deletion, error, *retry_at, now)?;
+                    }
+                }
             }
-            // A failure schedules a retry and counts an attempt: kept at
-            // the configured durability like every other record.
-            DeletionResult::Failed { error, retry_at } => {
-                self.write(move |c| sql::deletion_failed(c, &deletion, &error, retry_at, now))
-                    .await
-            }
+            Ok(())
+        };
+        if relaxed {
+            self.write_relaxed(job).await
+        } else {
+            self.write(job).await
         }
     }
 
