@@ -145,25 +145,33 @@ fn fill(buf: &mut [u8], seed: u64) {
     }
 }
 
-/// Offsets of the written extents of an image of `apparent` bytes: one
-/// 2 MiB extent in each group of four, at a deterministic position among
-/// the group's first three (so no two extents touch and merge): 25 %.
-fn extents(apparent: u64) -> Vec<u64> {
+/// The number of written extents of the standard image of `apparent`
+/// bytes: one in each 8 MiB, 25 %.
+fn standard_extents(apparent: u64) -> u64 {
+    apparent / (4 * EXTENT)
+}
+
+/// Offsets of `count` written 2 MiB extents spread over an image of
+/// `apparent` bytes: one in each of `count` equal groups, at a
+/// deterministic position among the group's first three extents (so no
+/// two touch and merge).
+fn extents(apparent: u64, count: u64) -> Vec<u64> {
     let mut state = apparent;
-    (0..apparent / (4 * EXTENT))
-        .map(|group| (group * 4 + mix(&mut state) % 3) * EXTENT)
+    let group = (apparent / count.max(1)) / EXTENT * EXTENT;
+    (0..count)
+        .map(|g| g * group + (mix(&mut state) % 3.min(group / EXTENT).max(1)) * EXTENT)
         .collect()
 }
 
 /// Writes a sandbox's state directory at `dir`: `disk.img` of `apparent`
-/// bytes (25 % written, see [`extents`]) and a few small files, all
-/// fsynced.
-fn sandbox_fixture(dir: &Path, apparent: u64) -> BenchResult<()> {
+/// bytes with `count` written extents (see [`extents`]) and a few small
+/// files, all fsynced.
+fn sandbox_fixture(dir: &Path, apparent: u64, count: u64) -> BenchResult<()> {
     fs::create_dir_all(dir.join("logs"))?;
     let disk = File::create_new(dir.join("disk.img"))?;
     disk.set_len(apparent)?;
     let mut buf = vec![0u8; EXTENT as usize];
-    for offset in extents(apparent) {
+    for offset in extents(apparent, count) {
         fill(&mut buf, offset ^ apparent);
         disk.write_all_at(&buf, offset)?;
     }
@@ -377,11 +385,12 @@ impl<'a> Bench<'a> {
         self.target.dir.join(format!("cp-{n}"))
     }
 
-    /// A registered sandbox whose state directory is the fixture.
-    fn sandbox(&mut self, apparent: u64) -> BenchResult<(SandboxId, PathBuf)> {
+    /// A registered sandbox whose state directory is the fixture, with
+    /// `count` written extents.
+    fn sandbox(&mut self, apparent: u64, count: u64) -> BenchResult<(SandboxId, PathBuf)> {
         let id = SandboxId::new();
         let dir = self.agent.root().join("sandboxes").join(id.to_string());
-        sandbox_fixture(&dir, apparent)?;
+        sandbox_fixture(&dir, apparent, count)?;
         Ok((id, dir))
     }
 
@@ -465,7 +474,7 @@ impl<'a> Bench<'a> {
         let mut points = Points::new();
         for &size in &plan.chart {
             let began = Instant::now();
-            let (id, src) = self.sandbox(size)?;
+            let (id, src) = self.sandbox(size, standard_extents(size))?;
             let with_rows = plan.rows.contains(&size);
             let warm = self.snapshot(id, &src, Cache::Warm)?;
             points.push((size, warm.0, warm.1));
@@ -535,10 +544,11 @@ pub(super) fn cases(rt: &Runtime) -> BenchResult<Vec<Row>> {
                 goal: 1.5,
             };
             // On error `mount` is dropped on the way out: unmounted, detached.
-            let (reflink_rows, points) =
-                Bench::open(rt, &reflink, plan.runs)?.cases(&plan, &caches)?;
+            let mut bench = Bench::open(rt, &reflink, plan.runs)?;
+            let (reflink_rows, points) = bench.cases(&plan, &caches)?;
             rows.extend(reflink_rows);
             rows.extend(constant_row(&plan, &points));
+            rows.extend(bench.same_extents_row(&plan, &points)?);
             reflink_points = Some(points);
             drop(mount);
         }
@@ -567,6 +577,40 @@ fn constant_row(plan: &Plan, points: &Points) -> Option<Row> {
         goal: "≤ 1.3".into(),
         met: ratio <= 1.3,
     })
+}
+
+impl Bench<'_> {
+    /// Ours at the largest row size with the smallest's extent count,
+    /// against ours at the smallest (its warm point): what a clone costs
+    /// as the file grows and its extents do not. A clone remaps extent by
+    /// extent, so [`constant_row`], whose larger image also has four times
+    /// the extents, measures the extent count as much as the size.
+    fn same_extents_row(&mut self, plan: &Plan, points: &Points) -> BenchResult<Option<Row>> {
+        let (Some(&small), Some(&large)) = (plan.rows.first(), plan.rows.last()) else {
+            return Ok(None);
+        };
+        let Some(s) = points.iter().find(|p| p.0 == small).map(|p| p.1) else {
+            return Ok(None);
+        };
+        let count = standard_extents(small);
+        let (id, src) = self.sandbox(large, count)?;
+        let (l, _) = self.snapshot(id, &src, Cache::Warm)?;
+        fs::remove_dir_all(&src)?;
+        let ratio = l.as_secs_f64() / s.as_secs_f64();
+        Ok(Some(Row {
+            case: format!(
+                "snapshot, XFS reflink: ours at {} with {count} extents (as {}) against ours at {}, warm cache",
+                size_name(large),
+                size_name(small),
+                size_name(small)
+            ),
+            ours: format!("median {}", secs(l)),
+            baseline: format!("ours at {}: median {}", size_name(small), secs(s)),
+            ratio,
+            goal: "≤ 1.3".into(),
+            met: ratio <= 1.3,
+        }))
+    }
 }
 
 // ------------------------------------------------------------------ chart
