@@ -81,7 +81,13 @@ pub(super) fn cases(rt: &Runtime, dir: &Path) -> BenchResult<Vec<Row>> {
                 listed.count, listed.errors
             ),
             ours: format!("p99 {} under load", ms(listed.loaded)),
-            baseline: format!("p99 {} without load (same server)", ms(listed.idle)),
+            baseline: format!(
+                "p99 {} without load (same server); the floor, `GET /healthz`: p99 {} under load, {} without ({:.1}×)",
+                ms(listed.idle),
+                ms(listed.health_loaded),
+                ms(listed.health_idle),
+                listed.health_loaded.as_secs_f64() / listed.health_idle.as_secs_f64()
+            ),
             ratio: list_ratio,
             goal: "≤ 3".into(),
             met: list_ratio <= 3.0 && listed.errors == 0,
@@ -141,6 +147,9 @@ async fn library_load(dir: &Path, clients: usize, budget: Duration) -> BenchResu
 struct Listed {
     idle: Duration,
     loaded: Duration,
+    /// `GET /healthz`'s p99 on the idle server and under the same load.
+    health_idle: Duration,
+    health_loaded: Duration,
     count: usize,
     /// Failed lists, and failed writes of the load it ran through.
     errors: u64,
@@ -197,15 +206,19 @@ async fn http_load(dir: &Path, clients: usize, budget: Duration) -> BenchResult<
 
     // Case 2's baseline: the same list on the idle server.
     let list_url = format!("{base}/v1/snapshots");
-    let (mut idle, idle_errors) = lists_apart(&list_url, &reader_key, budget).await?;
+    let probe = |probe| lists_apart(&list_url, &reader_key, budget, probe);
+    let (mut idle, idle_errors) = probe(Probe::List).await?;
+    let (mut health_idle, health_idle_errors) = probe(Probe::Health).await?;
 
     // Case 1 alone (the list client's work would be counted against it),
-    // then again with case 2's list client running through it.
+    // then again with case 2's list client running through it, and once
+    // more with `/healthz` asked instead: the floor under that load.
     let load = writes(&base, &writer_key, &sandboxes, budget).await?;
-    let loaded = lists_apart(&list_url, &reader_key, budget);
-    let (during, listed) = tokio::join!(writes(&base, &writer_key, &sandboxes, budget), loaded);
-    let during = during?;
+    let write = || writes(&base, &writer_key, &sandboxes, budget);
+    let (during, listed) = tokio::join!(write(), probe(Probe::List));
     let (mut loaded, loaded_errors) = listed?;
+    let (during_health, health) = tokio::join!(write(), probe(Probe::Health));
+    let (mut health_loaded, health_errors) = health?;
     let _ = stop.send(());
     server.await??;
     f.manager.shutdown().await;
@@ -213,8 +226,15 @@ async fn http_load(dir: &Path, clients: usize, budget: Duration) -> BenchResult<
     let listed = Listed {
         idle: percentile(&mut idle, 0.99),
         loaded: percentile(&mut loaded, 0.99),
+        health_idle: percentile(&mut health_idle, 0.99),
+        health_loaded: percentile(&mut health_loaded, 0.99),
         count,
-        errors: idle_errors + loaded_errors + during.errors,
+        errors: idle_errors
+            + loaded_errors
+            + health_idle_errors
+            + health_errors
+            + during?.errors
+            + during_health?.errors,
     };
     Ok((load, listed))
 }
@@ -280,7 +300,12 @@ async fn writes(
 /// with the server, and a list answer queued behind their tasks would be
 /// the load generator's latency, not the server's. Both the idle and the
 /// loaded lists run this way.
-async fn lists_apart(url: &str, key: &str, budget: Duration) -> BenchResult<(Vec<Duration>, u64)> {
+async fn lists_apart(
+    url: &str,
+    key: &str,
+    budget: Duration,
+    probe: Probe,
+) -> BenchResult<(Vec<Duration>, u64)> {
     let (url, key) = (url.to_owned(), key.to_owned());
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -296,7 +321,7 @@ async fn lists_apart(url: &str, key: &str, budget: Duration) -> BenchResult<(Vec
                             .tcp_nodelay(true)
                             .build()
                             .map_err(|e| e.to_string())?;
-                        Ok(lists(&http, &url, &key, budget).await)
+                        Ok(lists(&http, &url, &key, budget, probe).await)
                     })
                 });
             let _ = tx.send(listed);
@@ -306,26 +331,49 @@ async fn lists_apart(url: &str, key: &str, budget: Duration) -> BenchResult<(Vec
 
 /// Lists `url` back to back for `budget`, checking that each answer is the
 /// whole team: each list's latency, and the errors.
+/// With [`Probe::Health`], `GET /healthz` on the same server instead (no
+/// key, no store: what any request costs there).
 async fn lists(
     http: &reqwest::Client,
     url: &str,
     key: &str,
     budget: Duration,
+    probe: Probe,
 ) -> (Vec<Duration>, u64) {
     let start = Instant::now();
     let (mut latencies, mut errors) = (Vec::new(), 0u64);
     while start.elapsed() < budget || latencies.len() < 20 {
         let began = Instant::now();
-        let listed = match http.get(url).header(API_KEY_HEADER, key).send().await {
-            Ok(r) if r.status() == StatusCode::OK => r.json::<Vec<serde_json::Value>>().await.ok(),
-            _ => None,
+        let ok = match probe {
+            Probe::List => {
+                let listed = match http.get(url).header(API_KEY_HEADER, key).send().await {
+                    Ok(r) if r.status() == StatusCode::OK => {
+                        r.json::<Vec<serde_json::Value>>().await.ok()
+                    }
+                    _ => None,
+                };
+                listed.is_some_and(|items| items.len() == LISTED)
+            }
+            Probe::Health => {
+                let health = url.replace("/v1/snapshots", "/healthz");
+                answer(http.get(health).send().await, StatusCode::OK).await
+            }
         };
-        match listed {
-            Some(items) if items.len() == LISTED => latencies.push(began.elapsed()),
-            _ => errors += 1,
+        match ok {
+            true => latencies.push(began.elapsed()),
+            false => errors += 1,
         }
     }
     (latencies, errors)
+}
+
+/// What the probe client asks for.
+#[derive(Clone, Copy)]
+enum Probe {
+    /// The list of [`LISTED`] templates.
+    List,
+    /// `GET /healthz`: the floor, what the server's scheduling alone costs.
+    Health,
 }
 
 /// Whether `response` has `expected` status; its body is read (and the
