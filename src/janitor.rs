@@ -144,9 +144,14 @@ impl Drop for BusyHost {
 /// Renews this process's instance lease every third of it, so that other
 /// replicas leave its journal entries alone while it lives. A renewal the
 /// store refuses is retried with backoff (each wait at most a third of the
-/// lease); the loop ends when the manager shuts down or is dropped.
-pub(crate) fn spawn_heartbeat(inner: Weak<Engine>) {
-    tokio::spawn(async move {
+/// lease); the loop ends when the manager shuts down or is dropped. It
+/// runs on the manager's task tracker, so that `shutdown` waits for it:
+/// a renewal in hand when the manager goes keeps the engine (and the
+/// SQLite file's lock) alive, and a reopening right after a shutdown must
+/// not find it still held.
+pub(crate) fn spawn_heartbeat(engine: &Arc<Engine>) {
+    let inner = Arc::downgrade(engine);
+    engine.tasks.spawn(async move {
         let mut failures = 0u32;
         loop {
             let Some(strong) = inner.upgrade() else {

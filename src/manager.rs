@@ -542,7 +542,7 @@ impl Manager {
                 _lock: lock,
             }),
         };
-        crate::janitor::spawn_heartbeat(Arc::downgrade(&manager.inner));
+        crate::janitor::spawn_heartbeat(&manager.inner);
         // The worker's first pass, at once, is the start-up recovery.
         if manager.inner.options.run_janitor {
             let handle = crate::janitor::spawn(Arc::downgrade(&manager.inner));
