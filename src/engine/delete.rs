@@ -69,41 +69,27 @@ pub(crate) async fn delete_files(
         }
         let inner = inner.clone();
         calls.spawn(async move {
-            let result = delete_on_host(&inner, &target).await;
+            let answer = ask_one(&inner, &target).await;
             // Each answer is recorded as soon as it arrives, so a slow host
             // does not hold back the others; answers arriving together
             // share a commit through the writer's group commit.
-            let now = Timestamp::now();
-            let answer = match &result {
-                Ok(()) => DeletionResult::Confirmed,
-                Err(err) => DeletionResult::Failed {
-                    error: err.to_string(),
-                    retry_at: after(now, backoff(&inner.options, target.attempts)),
-                },
-            };
             let recorded = inner
                 .store
-                .record_deletions(vec![(target.clone(), answer)], now)
+                .record_deletions(vec![(target.clone(), answer.clone())], Timestamp::now())
                 .await;
             if let Err(db) = recorded {
                 tracing::error!(error = ?db, "recording a deletion result failed; it will be retried");
             }
-            (target, result)
+            (target.host.id, answer)
         });
     }
     let mut confirmed = Vec::new();
     while let Some(joined) = calls.join_next().await {
         // A call that panicked keeps its lease and is retried after it.
-        let Ok((target, result)) = joined else {
-            continue;
-        };
-        match result {
-            Ok(()) => confirmed.push(target.host.id),
-            Err(err) => {
-                tracing::warn!(host = %target.host.id, template = %target.template_id, error = %err,
-                    "deleting snapshot files failed; queued for retry");
-                pending.push(target.host.id);
-            }
+        match joined {
+            Ok((host, DeletionResult::Confirmed)) => confirmed.push(host),
+            Ok((host, DeletionResult::Failed { .. })) => pending.push(host),
+            Err(_) => {}
         }
     }
     if !pending.is_empty() {
@@ -115,35 +101,21 @@ pub(crate) async fn delete_files(
 
 /// A host's answers to `targets`, asked in parallel and not yet recorded
 /// (a drain records them with [`record_answers`] while the host works on
-/// its next batch). An unclaimed target is not asked (see
-/// [`delete_files`]): it answers as a failure, to be tried again.
+/// its next batch). An unclaimed target (see [`delete_files`]) is not
+/// asked and has no answer: it stays queued for the worker.
 pub(crate) async fn ask_host(
     inner: &Arc<Engine>,
     targets: Vec<Deletion>,
 ) -> Vec<(Deletion, DeletionResult)> {
     let mut calls = JoinSet::new();
-    let mut answers = Vec::with_capacity(targets.len());
-    for target in targets {
-        if target.claim.is_none() {
-            continue;
-        }
+    for target in targets.into_iter().filter(|t| t.claim.is_some()) {
         let inner = inner.clone();
         calls.spawn(async move {
-            let result = delete_on_host(&inner, &target).await;
-            let answer = match result {
-                Ok(()) => DeletionResult::Confirmed,
-                Err(err) => {
-                    tracing::warn!(host = %target.host.id, template = %target.template_id, error = %err,
-                        "deleting snapshot files failed; queued for retry");
-                    DeletionResult::Failed {
-                        error: err.to_string(),
-                        retry_at: after(Timestamp::now(), backoff(&inner.options, target.attempts)),
-                    }
-                }
-            };
+            let answer = ask_one(&inner, &target).await;
             (target, answer)
         });
     }
+    let mut answers = Vec::with_capacity(calls.len());
     while let Some(joined) = calls.join_next().await {
         // A call that panicked keeps its lease and is retried after it.
         if let Ok(answer) = joined {
@@ -151,6 +123,22 @@ pub(crate) async fn ask_host(
         }
     }
     answers
+}
+
+/// Asks `target`'s host to delete its files: the answer to record (a
+/// failure is retried after a backoff by its attempts).
+async fn ask_one(inner: &Engine, target: &Deletion) -> DeletionResult {
+    match delete_on_host(inner, target).await {
+        Ok(()) => DeletionResult::Confirmed,
+        Err(err) => {
+            tracing::warn!(host = %target.host.id, template = %target.template_id, error = %err,
+                "deleting snapshot files failed; queued for retry");
+            DeletionResult::Failed {
+                error: err.to_string(),
+                retry_at: after(Timestamp::now(), backoff(&inner.options, target.attempts)),
+            }
+        }
+    }
 }
 
 /// Records `answers` in one transaction; false if the store refused (the
