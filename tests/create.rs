@@ -264,10 +264,7 @@ async fn unknown_host_or_no_address_or_offline_is_503(backend: Backend) {
 
     // An offline host.
     let sb3 = env.sandbox(team).await;
-    registry
-        .set_host_status(env.host, HostStatus::Offline)
-        .await
-        .unwrap();
+    env.host_status(HostStatus::Offline).await;
     assert_err(
         env.create(team, sb3, "x").await,
         ErrorCode::HostUnavailable,

@@ -413,12 +413,8 @@ async fn an_offline_host_is_skipped_and_retried_when_it_comes_back_online(backen
     let t = env.create(team, sb, "x").await.unwrap();
 
     env.agent.set_unavailable(true);
-    let registry = env.manager.registry();
     env.manager.delete(&caller(team), &name("x")).await.unwrap();
-    registry
-        .set_host_status(env.host, HostStatus::Offline)
-        .await
-        .unwrap();
+    env.host_status(HostStatus::Offline).await;
     env.agent.set_unavailable(false);
     let calls = env.agent.calls(AgentOp::DeleteSnapshot);
     let report = env.manager.run_pending_work().await.unwrap();
@@ -429,10 +425,7 @@ async fn an_offline_host_is_skipped_and_retried_when_it_comes_back_online(backen
     );
     assert_eq!(env.agent.calls(AgentOp::DeleteSnapshot), calls);
 
-    registry
-        .set_host_status(env.host, HostStatus::Online)
-        .await
-        .unwrap();
+    env.host_status(HostStatus::Online).await;
     eventually("deleted once the host is online", || async {
         !env.agent.has_snapshot(&t.id.to_string())
     })
@@ -463,11 +456,7 @@ async fn queued_on_an_offline_host(backend: &Backend, mode: Mode, n: usize, jani
             .await
             .unwrap();
     }
-    env.manager
-        .registry()
-        .set_host_status(env.host, HostStatus::Offline)
-        .await
-        .unwrap();
+    env.host_status(HostStatus::Offline).await;
     env.agent.set_unavailable(false);
     assert_eq!(env.manager.pending_deletions().await.unwrap().len(), n);
     env
@@ -485,11 +474,7 @@ async fn a_long_queue_drains_without_a_worker_pass_per_batch(backend: Backend) {
             env.agent.calls(AgentOp::DeleteSnapshot),
             env.manager.worker_stats().passes,
         );
-        env.manager
-            .registry()
-            .set_host_status(env.host, HostStatus::Online)
-            .await
-            .unwrap();
+        env.host_status(HostStatus::Online).await;
         eventually("the queue is drained", || async {
             env.manager.pending_deletions().await.unwrap().is_empty()
         })
@@ -515,11 +500,7 @@ async fn a_long_queue_drains_without_a_worker_pass_per_batch(backend: Backend) {
 async fn a_host_failing_its_deletes_is_not_drained_further(backend: Backend) {
     for mode in Mode::ALL {
         let env = queued_on_an_offline_host(&backend, mode, 200, false).await;
-        env.manager
-            .registry()
-            .set_host_status(env.host, HostStatus::Online)
-            .await
-            .unwrap();
+        env.host_status(HostStatus::Online).await;
         env.agent.set_unavailable(true);
         let calls = env.agent.calls(AgentOp::DeleteSnapshot);
         let report = env.manager.run_pending_work().await.unwrap();

@@ -334,6 +334,16 @@ struct Reply {
 }
 
 impl Reply {
+    /// Asserts the status, showing the body when it is another.
+    fn assert_status(&self, status: u16) {
+        assert_eq!(
+            self.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+    }
+
     fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
             panic!(
@@ -1226,12 +1236,7 @@ async fn real_objects_and_errors_match_the_documented_schemas() {
             Some(&json!({ "id": host, "address": "in-process" })),
         )
         .await;
-    assert_eq!(
-        reply.status,
-        201,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(201);
     let registered = check_reply(&doc, &ops, "post", "/v1/admin/hosts", &reply);
     assert_eq!(registered["status"], "online");
     let reply = server
@@ -1287,12 +1292,7 @@ async fn real_objects_and_errors_match_the_documented_schemas() {
             Some(&json!({ "sandbox_id": SandboxId::new().to_string(), "name": "x" })),
         )
         .await;
-    assert_eq!(
-        reply.status,
-        403,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(403);
     let body = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
     assert_eq!(body["error"]["code"], "forbidden");
 
@@ -1318,12 +1318,7 @@ async fn real_objects_and_errors_match_the_documented_schemas() {
                 })),
             )
             .await;
-        assert_eq!(
-            reply.status,
-            201,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        reply.assert_status(201);
         check_reply(&doc, &ops, "post", "/v1/admin/sandboxes", &reply);
         let path = format!("/v1/admin/sandboxes/{id}");
         let reply = server
@@ -1373,12 +1368,7 @@ async fn real_objects_and_errors_match_the_documented_schemas() {
             Some(&json!({ "sandbox_id": unplaced, "name": "nowhere" })),
         )
         .await;
-    assert_eq!(
-        reply.status,
-        503,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(503);
     let body = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
     assert_eq!(body["error"]["code"], "host_unavailable");
 
@@ -1392,12 +1382,7 @@ async fn real_objects_and_errors_match_the_documented_schemas() {
             Some(&create(&sandboxes[0], "first")),
         )
         .await;
-    assert_eq!(
-        reply.status,
-        201,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(201);
     let first = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
     assert_valid(&doc, &template_schema, &first, "created template");
     assert_eq!(first["vcpus"], 2);
@@ -1413,12 +1398,7 @@ async fn real_objects_and_errors_match_the_documented_schemas() {
             Some(&create(&sandboxes[1], "second")),
         )
         .await;
-    assert_eq!(
-        reply.status,
-        201,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(201);
     let second = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
     assert!(
         second.get("vcpus").is_none() && second.get("memory_mb").is_none(),
@@ -1433,12 +1413,7 @@ async fn real_objects_and_errors_match_the_documented_schemas() {
             Some(&json!({ "sandbox_id": sandboxes[2], "name": "golden" })),
         )
         .await;
-    assert_eq!(
-        reply.status,
-        201,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(201);
     let golden = check_reply(&doc, &ops, "post", "/v1/admin/templates", &reply);
     assert_eq!(golden["platform"], true);
 
@@ -1461,12 +1436,7 @@ async fn real_objects_and_errors_match_the_documented_schemas() {
             Some(&json!({ "template": "first", "timeout_sec": 60 })),
         )
         .await;
-    assert_eq!(
-        reply.status,
-        201,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(201);
     let restored = check_reply(&doc, &ops, "post", "/v1/sandboxes", &reply);
     assert_eq!(restored["status"], "running");
     assert_eq!(restored["template"], "first");
@@ -1518,12 +1488,7 @@ async fn real_objects_and_errors_match_the_documented_schemas() {
     let reply = server
         .admin("put", &limits, Some(&json!({ "max_snapshots": 2 })))
         .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     let usage = check_reply(
         &doc,
         &ops,
@@ -1547,12 +1512,7 @@ async fn real_objects_and_errors_match_the_documented_schemas() {
             Some(&json!({ "sandbox_id": sandboxes[0], "name": "third" })),
         )
         .await;
-    assert_eq!(
-        reply.status,
-        403,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(403);
     let refused = check_reply(&doc, &ops, "post", "/v1/snapshots", &reply);
     assert_eq!(refused["error"]["code"], "quota_exceeded");
     assert_eq!(
@@ -1786,12 +1746,7 @@ async fn real_objects_and_errors_match_the_documented_schemas() {
             Some(&json!({ "template": "golden" })),
         )
         .await;
-    assert_eq!(
-        reply.status,
-        502,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(502);
     check_reply(&doc, &ops, "post", "/v1/sandboxes", &reply);
     let reply = server.admin("get", "/v1/admin/pending", None).await;
     assert_eq!(reply.status, 200);
@@ -1905,12 +1860,7 @@ async fn open_operations_are_listed_and_resolved_as_documented() {
     let reply = server
         .admin("post", &path, Some(&json!({ "sandbox_status": "paused" })))
         .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     let resolved = check_reply(&doc, &ops, "post", documented, &reply);
     assert_eq!(resolved["id"], id.as_str());
     assert_eq!(resolved["sandbox_id"], sb.to_string());
@@ -2002,12 +1952,7 @@ async fn asynchronous_and_idempotent_answers_match_the_documented_schemas() {
             );
         }
         let reply = post(path, &[PREFER_ASYNC], body).await;
-        assert_eq!(
-            reply.status,
-            202,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        reply.assert_status(202);
         let accepted = check_reply(&doc, &ops, "post", path, &reply);
         let id = accepted["operation_id"].as_str().unwrap().to_owned();
         let reply = loop {
@@ -2073,12 +2018,7 @@ async fn retention_is_set_and_shown_as_documented() {
             let reply = server
                 .send("post", "/v1/snapshots", Some(key), Some(&body))
                 .await;
-            assert_eq!(
-                reply.status,
-                201,
-                "{}",
-                String::from_utf8_lossy(&reply.body)
-            );
+            reply.assert_status(201);
             check_reply(doc, ops, "post", "/v1/snapshots", &reply)
         }
     };
@@ -2145,12 +2085,7 @@ async fn retention_is_set_and_shown_as_documented() {
             ),
         )
         .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     let policy = check_reply(&doc, &ops, "put", path, &reply);
     assert_eq!(
         policy,

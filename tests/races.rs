@@ -195,11 +195,7 @@ async fn a_host_marked_offline_settles_an_unknown_sandbox_as_missing(backend: Ba
     let team = TeamId::new();
     let sb = stuck_snapshotting(&env, team).await;
     // The operator takes the host out of service for good.
-    env.manager
-        .registry()
-        .set_host_status(env.host, HostStatus::Offline)
-        .await
-        .unwrap();
+    env.host_status(HostStatus::Offline).await;
     eventually("the sandbox is released as missing", || async {
         env.sandbox_status(sb).await == SandboxStatus::Missing
     })

@@ -147,11 +147,7 @@ async fn sweep_skips_hosts_that_cannot_answer(backend: Backend) {
         (0, 1, 0)
     );
     env.agent.set_list_snapshots_supported(true);
-    env.manager
-        .registry()
-        .set_host_status(env.host, HostStatus::Unreachable)
-        .await
-        .unwrap();
+    env.host_status(HostStatus::Unreachable).await;
     let report = env.manager.sweep_orphans(Duration::ZERO).await.unwrap();
     assert_eq!((report.hosts_skipped, report.orphans_queued), (1, 0));
 }

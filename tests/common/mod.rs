@@ -315,6 +315,15 @@ impl Env {
 
     /// A running sandbox of `team` on the default host, known to both the
     /// registry and the agent.
+    /// Sets the test host's status.
+    pub async fn host_status(&self, status: HostStatus) {
+        self.manager
+            .registry()
+            .set_host_status(self.host, status)
+            .await
+            .unwrap();
+    }
+
     pub async fn sandbox(&self, team: TeamId) -> SandboxId {
         self.sandbox_with(team, SandboxStatus::Running).await
     }
