@@ -30,6 +30,7 @@ conformance!(
     a_failure_the_store_cannot_record_never_takes_effect_later,
     a_success_the_store_cannot_record_appears_once_it_recovers,
     a_restore_the_store_cannot_record_is_told_db_error_then_takes_effect,
+    a_drain_whose_answers_the_store_refuses_stops_and_repeats_them_later,
 );
 
 fn internal() -> AgentError {
@@ -808,5 +809,88 @@ async fn a_restore_the_store_cannot_record_is_told_db_error_then_takes_effect(ba
         .await;
         let on_host = env.agent.sandbox_status(id);
         assert_eq!(on_host.as_deref(), started.then_some("running"), "{case}");
+    }
+}
+
+/// A host back online drains its queue; once it is deleting, another
+/// connection takes the store's writes, so the answers of its batches
+/// cannot be recorded (nor a next batch claimed). The drain stops, leaving
+/// every deletion queued and leased (the pass returns, asking at most the
+/// two batches in hand); once the store recovers and the leases lapse,
+/// each deletion whose answer was lost is asked once more (the host has no
+/// such key any more: done) and the queue drains. Against both agents.
+async fn a_drain_whose_answers_the_store_refuses_stops_and_repeats_them_later(backend: Backend) {
+    const N: usize = 40;
+    for mode in Mode::ALL {
+        let mut options = impatient_options();
+        options.run_janitor = false;
+        // Leases of 2 s: lapsed well within `eventually`.
+        options.delete_timeout = Duration::from_secs(1);
+        let env = Env::on(&backend, options, mode).await;
+        let team = TeamId::new();
+        let sb = env.sandbox(team).await;
+        for i in 0..N {
+            env.create(team, sb, &format!("q-{i}")).await.unwrap();
+        }
+        // Queued while the host is away.
+        env.agent.set_unavailable(true);
+        for i in 0..N {
+            env.manager
+                .delete(&caller(team), &name(&format!("q-{i}")))
+                .await
+                .unwrap();
+        }
+        env.host_status(HostStatus::Offline).await;
+        env.agent.set_unavailable(false);
+        assert_eq!(env.agent.snapshot_keys().len(), N, "{mode:?}");
+
+        let before = env.agent.calls(AgentOp::DeleteSnapshot);
+        let hold = Hold::new();
+        env.agent
+            .inject_times(AgentOp::DeleteSnapshot, Fault::Hold(hold.clone()), 1);
+        env.host_status(HostStatus::Online).await;
+        let pass = {
+            let manager = env.manager.clone();
+            tokio::spawn(async move { manager.run_pending_work().await })
+        };
+        hold.arrived(1).await;
+        let lock = StoreLock::take(&env).await;
+        hold.release();
+        // The pass ends (whatever it reports): no drain goes on against a
+        // store that refuses it.
+        tokio::time::timeout(Duration::from_secs(10), pass)
+            .await
+            .expect("the pass ends while the store refuses its records")
+            .unwrap()
+            .ok();
+        let asked = env.agent.calls(AgentOp::DeleteSnapshot) - before;
+        assert!(
+            (16..=32).contains(&asked),
+            "{mode:?}: {asked} deletes asked"
+        );
+        assert_eq!(
+            env.agent.snapshot_keys().len(),
+            N - asked,
+            "{mode:?}: the host deleted what it was asked"
+        );
+        assert_eq!(
+            env.manager.pending_deletions().await.unwrap().len(),
+            N,
+            "{mode:?}: no answer recorded while the store refused"
+        );
+        lock.release().await;
+
+        eventually("the queue drains once the store recovers", || async {
+            let _ = env.manager.run_pending_work().await;
+            env.manager.pending_deletions().await.unwrap().is_empty()
+        })
+        .await;
+        assert!(env.agent.snapshot_keys().is_empty(), "{mode:?}");
+        assert_eq!(
+            env.agent.calls(AgentOp::DeleteSnapshot) - before,
+            N + asked,
+            "{mode:?}: each lost answer asked once more, nothing else twice"
+        );
+        assert_invariants(&env, &[team]).await;
     }
 }
