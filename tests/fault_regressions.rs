@@ -829,19 +829,11 @@ async fn a_drain_whose_answers_the_store_refuses_stops_and_repeats_them_later(ba
         let env = Env::on(&backend, options, mode).await;
         let team = TeamId::new();
         let sb = env.sandbox(team).await;
-        for i in 0..N {
-            env.create(team, sb, &format!("q-{i}")).await.unwrap();
+        let names: Vec<String> = (0..N).map(|i| format!("q-{i}")).collect();
+        for n in &names {
+            env.create(team, sb, n).await.unwrap();
         }
-        // Queued while the host is away.
-        env.agent.set_unavailable(true);
-        for i in 0..N {
-            env.manager
-                .delete(&caller(team), &name(&format!("q-{i}")))
-                .await
-                .unwrap();
-        }
-        env.host_status(HostStatus::Offline).await;
-        env.agent.set_unavailable(false);
+        env.delete_while_away(team, &names).await;
         assert_eq!(env.agent.snapshot_keys().len(), N, "{mode:?}");
 
         let before = env.agent.calls(AgentOp::DeleteSnapshot);

@@ -446,18 +446,11 @@ async fn queued_on_an_offline_host(backend: &Backend, mode: Mode, n: usize, jani
     options.run_janitor = janitor;
     let env = Env::on(backend, options, mode).await;
     let team = TeamId::new();
-    for i in 0..n {
-        registered(&env, team, &format!("q-{i}"), TemplateType::Snapshot).await;
+    let names: Vec<String> = (0..n).map(|i| format!("q-{i}")).collect();
+    for n in &names {
+        registered(&env, team, n, TemplateType::Snapshot).await;
     }
-    env.agent.set_unavailable(true);
-    for i in 0..n {
-        env.manager
-            .delete(&caller(team), &name(&format!("q-{i}")))
-            .await
-            .unwrap();
-    }
-    env.host_status(HostStatus::Offline).await;
-    env.agent.set_unavailable(false);
+    env.delete_while_away(team, &names).await;
     assert_eq!(env.manager.pending_deletions().await.unwrap().len(), n);
     env
 }

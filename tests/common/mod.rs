@@ -315,6 +315,19 @@ impl Env {
 
     /// A running sandbox of `team` on the default host, known to both the
     /// registry and the agent.
+    /// Deletes `team`'s templates `names` while the host is away (its
+    /// agent unavailable, so each stays queued), then marks the host
+    /// offline and makes its agent reachable again: a queue waiting for
+    /// the host to come back.
+    pub async fn delete_while_away(&self, team: TeamId, names: &[String]) {
+        self.agent.set_unavailable(true);
+        for n in names {
+            self.manager.delete(&caller(team), &name(n)).await.unwrap();
+        }
+        self.host_status(HostStatus::Offline).await;
+        self.agent.set_unavailable(false);
+    }
+
     /// Sets the test host's status.
     pub async fn host_status(&self, status: HostStatus) {
         self.manager
